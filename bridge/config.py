@@ -1,0 +1,274 @@
+"""Startup configuration: the process settings from the environment and the agent from config.json.
+
+Everything here runs once, before the server listens, and either returns a validated value or
+raises ``ConfigError`` carrying one sentence a user can act on. Nothing here does network I/O,
+so a typo in ``.env`` or ``config.json`` fails at startup rather than on the first real call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_AGENT_URL = "wss://agent.deepgram.com/v1/agent/converse"
+
+# The complete key sets of the v1 Settings message (deepgram-sdk 7.17.0). The real server rejects
+# unknown keys with UNPARSABLE_CLIENT_MESSAGE, which would otherwise surface only mid-call.
+SETTINGS_KEYS = frozenset({"type", "tags", "experimental", "flags", "mip_opt_out", "audio", "agent"})
+AGENT_KEYS = frozenset({"language", "context", "listen", "think", "think_live", "speak", "greeting"})
+AUDIO_KEYS = frozenset({"input", "output"})
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigError(Exception):
+    """A startup problem, phrased as one sentence for the user."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Process settings, from the environment (``.env``) and command-line flags."""
+
+    deepgram_api_key: str
+    agent_url: str = DEFAULT_AGENT_URL
+    host: str = "0.0.0.0"
+    port: int = 5000
+    public_url: str | None = None
+    inbound_buffer_bytes: int = 3200
+    log_level: str = "INFO"
+    function_timeout_seconds: float = 10.0
+    agent_connect_timeout_seconds: float = 10.0
+    twilio_auth_token: str | None = None
+    max_calls: int = 200
+    drain_seconds: float = 30.0
+    record_calls: bool = True
+    calls_dir: Path = Path("calls")
+    phone_page: bool = False
+    phone_page_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    # Not from the environment: protocol timings that tests shorten.
+    keepalive_seconds: float = 5.0
+    start_timeout_seconds: float = 10.0
+    agent_reconnect_delays: tuple[float, ...] = (0.25, 0.75, 1.5)
+    hangup_timeout_seconds: float = 10.0
+
+    @property
+    def public_host(self) -> str:
+        """The host Twilio reaches us at, for the TwiML users paste."""
+        if not self.public_url:
+            return "YOUR-NGROK-HOST"
+        return urlsplit(self.public_url).netloc or self.public_url
+
+    @property
+    def stream_url(self) -> str:
+        """The exact URL Twilio is given, which is also what it signs (PROTOCOLS.md section 4)."""
+        return f"wss://{self.public_host}/twilio"
+
+    @property
+    def twiml(self) -> str:
+        return f'<Response><Connect><Stream url="{self.stream_url}"/></Connect></Response>'
+
+
+def _int(environ: Mapping[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}.") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value}.")
+    return value
+
+
+def _float(environ: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}.") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}.")
+    return value
+
+
+def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}.")
+
+
+def load_settings(
+    environ: Mapping[str, str],
+    *,
+    host: str | None = None,
+    port: int | None = None,
+) -> Settings:
+    """Build ``Settings`` from environment variables; flags given here override them."""
+    api_key = environ.get("DEEPGRAM_API_KEY", "").strip()
+    if not api_key:
+        raise ConfigError(
+            "DEEPGRAM_API_KEY is not set: copy .env.example to .env and put your Deepgram API key in it."
+        )
+    agent_url = environ.get("DEEPGRAM_AGENT_URL", "").strip() or DEFAULT_AGENT_URL
+    if urlsplit(agent_url).scheme not in {"ws", "wss"}:
+        raise ConfigError(f"DEEPGRAM_AGENT_URL must start with wss:// or ws://, got {agent_url!r}.")
+    log_level = environ.get("LOG_LEVEL", "").strip().upper() or "INFO"
+    if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}.")
+    public_url = environ.get("PUBLIC_URL", "").strip().rstrip("/") or None
+    if public_url and "://" not in public_url:
+        public_url = "https://" + public_url
+    twilio_auth_token = environ.get("TWILIO_AUTH_TOKEN", "").strip() or None
+    if twilio_auth_token and not public_url:
+        raise ConfigError(
+            "TWILIO_AUTH_TOKEN is set but PUBLIC_URL is not: Twilio signs the public URL "
+            "(e.g. https://abc.ngrok.app), so the bridge needs it to check signatures."
+        )
+    token = environ.get("PHONE_PAGE_TOKEN", "").strip()
+    extra: dict[str, Any] = {"phone_page_token": token} if token else {}
+    return Settings(
+        deepgram_api_key=api_key,
+        agent_url=agent_url,
+        host=host or environ.get("HOST", "").strip() or "0.0.0.0",
+        port=port if port is not None else _int(environ, "PORT", 5000, 0, 65535),
+        public_url=public_url,
+        inbound_buffer_bytes=_int(environ, "INBOUND_BUFFER_BYTES", 3200, 160, 64000),
+        log_level=log_level,
+        function_timeout_seconds=_float(environ, "FUNCTION_TIMEOUT_SECONDS", 10.0, 0.1),
+        agent_connect_timeout_seconds=_float(environ, "AGENT_CONNECT_TIMEOUT_SECONDS", 10.0, 0.5),
+        twilio_auth_token=twilio_auth_token,
+        max_calls=_int(environ, "MAX_CALLS", 200, 1, 100_000),
+        drain_seconds=_float(environ, "DRAIN_SECONDS", 30.0, 0.0),
+        record_calls=_bool(environ, "RECORD_CALLS", True),
+        calls_dir=Path(environ.get("CALLS_DIR", "").strip() or "calls"),
+        phone_page=_bool(environ, "PHONE_PAGE", False),
+        **extra,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """config.json after validation and ``${NAME}`` substitution."""
+
+    settings: dict[str, Any]
+    # Client-side function definitions by name: the ones without an ``endpoint``.
+    client_functions: dict[str, dict[str, Any]]
+
+
+def _substitute(value: Any, environ: Mapping[str, str], path: Path) -> Any:
+    if isinstance(value, str):
+        def replace(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if not environ.get(name):
+                raise ConfigError(f"{path} uses ${{{name}}} but {name} is not set in the environment (.env).")
+            return environ[name]
+
+        return _ENV_REFERENCE.sub(replace, value)
+    if isinstance(value, list):
+        return [_substitute(item, environ, path) for item in value]
+    if isinstance(value, dict):
+        return {key: _substitute(item, environ, path) for key, item in value.items()}
+    return value
+
+
+def _object(value: Any, where: str, path: Path) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: {where} must be a JSON object.")
+    return value
+
+
+def _check_keys(value: dict[str, Any], allowed: frozenset[str], where: str, path: Path) -> None:
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{path}: {where} has unknown key {unknown[0]!r}; "
+            f"the v1 Settings schema allows only {', '.join(sorted(allowed))}."
+        )
+
+
+def _check_audio_format(audio: dict[str, Any], direction: str, path: Path) -> None:
+    fmt = _object(audio.get(direction), f'"audio.{direction}"', path)
+    if fmt.get("encoding") != "mulaw" or fmt.get("sample_rate") != 8000:
+        raise ConfigError(
+            f'{path}: "audio.{direction}" must be encoding "mulaw" with sample_rate 8000 '
+            f"(Twilio's format; the bridge does not transcode), got "
+            f"{fmt.get('encoding')!r} at {fmt.get('sample_rate')!r}."
+        )
+    if direction == "output" and fmt.get("container", "none") != "none":
+        raise ConfigError(
+            f'{path}: "audio.output.container" must be "none": a {fmt["container"]!r} container puts '
+            "headers into the audio stream, heard as clicks on the phone."
+        )
+
+
+def _think_providers(agent: dict[str, Any]) -> list[dict[str, Any]]:
+    # ``think`` is one object, or a list of them as fallbacks.
+    think = agent.get("think")
+    if isinstance(think, list):
+        return [item for item in think if isinstance(item, dict)]
+    return [think] if isinstance(think, dict) else []
+
+
+def parse_agent_config(text: str, path: Path, environ: Mapping[str, str]) -> AgentConfig:
+    """Validate the text of config.json; ``path`` only names the file in errors."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}."
+        ) from None
+    settings = _object(raw, "the top level", path)
+    for key in ("type", "audio", "agent"):
+        if key not in settings:
+            raise ConfigError(f'{path} is missing the "{key}" key of the Settings message.')
+    if settings["type"] != "Settings":
+        raise ConfigError(f'{path}: "type" must be "Settings", got {settings["type"]!r}.')
+    _check_keys(settings, SETTINGS_KEYS, "the top level", path)
+    audio = _object(settings["audio"], '"audio"', path)
+    _check_keys(audio, AUDIO_KEYS, '"audio"', path)
+    _check_audio_format(audio, "input", path)
+    _check_audio_format(audio, "output", path)
+    agent = _object(settings["agent"], '"agent"', path)
+    _check_keys(agent, AGENT_KEYS, '"agent"', path)
+
+    client_functions: dict[str, dict[str, Any]] = {}
+    for think in _think_providers(agent):
+        functions = think.get("functions", [])
+        if not isinstance(functions, list):
+            raise ConfigError(f'{path}: "agent.think.functions" must be a list.')
+        for definition in functions:
+            if not isinstance(definition, dict) or not isinstance(definition.get("name"), str):
+                raise ConfigError(f'{path}: every entry of "agent.think.functions" needs a "name".')
+            if "client_side" in definition:
+                raise ConfigError(
+                    f'{path}: function {definition["name"]!r} must not set "client_side"; '
+                    "Deepgram sets it (a function without an endpoint runs here)."
+                )
+            if "endpoint" not in definition:
+                client_functions[definition["name"]] = definition
+    return AgentConfig(settings=_substitute(settings, environ, path), client_functions=client_functions)
+
+
+def load_agent_config(path: Path, environ: Mapping[str, str]) -> AgentConfig:
+    """Read and validate config.json."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"Cannot read the agent config {path}: {exc.strerror or exc}.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text.") from None
+    return parse_agent_config(text, path, environ)

@@ -1,0 +1,139 @@
+"""Running the business functions the agent asks for, and checking them against config.json.
+
+The contract: every client-side function call gets exactly one answer, a JSON string. A failure
+of any kind (unknown name, bad arguments, an exception, a result JSON can't encode, a timeout)
+is answered with ``{"error": "<short reason the agent can say>"}``; the traceback goes to the log
+only. Plain ``def`` functions run in a worker thread, ``async def`` ones on the event loop, so a
+slow function never holds up the call's audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ConfigError
+
+# Functions the bridge implements itself; config.json declares them like any other.
+BUILTIN_FUNCTIONS = frozenset({"end_call"})
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionOutcome:
+    content: str  # what goes into FunctionCallResponse.content
+    result: Any  # the decoded result, for records and the browser page
+    error: str | None
+    duration_seconds: float
+
+
+def check_function_map(
+    function_map: Mapping[str, Callable[..., Any]],
+    declared: Mapping[str, Mapping[str, Any]],
+) -> list[str]:
+    """Check config.json's client-side functions against ``function_map``; returns warnings.
+
+    Raises ``ConfigError`` for a declared function that doesn't exist or whose Python signature
+    doesn't accept a parameter the declaration marks as required.
+    """
+    for name, definition in declared.items():
+        if name in BUILTIN_FUNCTIONS:
+            continue
+        function = function_map.get(name)
+        if function is None:
+            raise ConfigError(
+                f"config.json declares function {name!r} but pharmacy_functions.function_map has no such entry."
+            )
+        parameters = definition.get("parameters") or {}
+        required = parameters.get("required") or [] if isinstance(parameters, dict) else []
+        signature = inspect.signature(function)
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+        for parameter in required:
+            accepted = signature.parameters.get(parameter)
+            if not takes_any and (
+                accepted is None or accepted.kind not in (accepted.POSITIONAL_OR_KEYWORD, accepted.KEYWORD_ONLY)
+            ):
+                raise ConfigError(
+                    f"config.json marks parameter {parameter!r} of function {name!r} as required, "
+                    f"but the Python function {name}() does not accept it."
+                )
+    return [
+        f"function_map entry {name!r} is not declared in config.json, so the agent cannot call it."
+        for name in function_map
+        if name not in declared
+    ]
+
+
+def _error(reason: str, started: float) -> FunctionOutcome:
+    return FunctionOutcome(json.dumps({"error": reason}), None, reason, time.monotonic() - started)
+
+
+class FunctionRunner:
+    """Calls functions from ``function_map`` for every call of one server process."""
+
+    def __init__(
+        self,
+        function_map: Mapping[str, Callable[..., Any]],
+        timeout_seconds: float,
+        max_threads: int = 32,
+    ) -> None:
+        self.function_map = dict(function_map)
+        self.timeout_seconds = timeout_seconds
+        # A pool of our own: slow business functions must not starve the loop's default executor.
+        self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="function")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def run(self, name: str, arguments_text: str, log: logging.LoggerAdapter[Any]) -> FunctionOutcome:
+        """Run one call and return its answer. Cancelling the awaiting task cancels the call."""
+        started = time.monotonic()
+        function = self.function_map.get(name)
+        if function is None:
+            log.warning("agent called unknown function %r", name)
+            return _error(f"There is no function called {name}.", started)
+        try:
+            arguments = json.loads(arguments_text) if arguments_text.strip() else {}
+        except json.JSONDecodeError:
+            log.warning("function %s: arguments are not JSON", name)
+            return _error(f"The arguments for {name} were not valid JSON.", started)
+        if not isinstance(arguments, dict):
+            log.warning("function %s: arguments are not a JSON object", name)
+            return _error(f"The arguments for {name} must be a JSON object.", started)
+        try:
+            inspect.signature(function).bind(**arguments)
+        except TypeError as exc:
+            log.warning("function %s: bad arguments: %s", name, exc)
+            return _error(f"Bad arguments for {name}: {exc}.", started)
+
+        try:
+            if inspect.iscoroutinefunction(function):
+                result = await asyncio.wait_for(function(**arguments), self.timeout_seconds)
+            else:
+                loop = asyncio.get_running_loop()
+                job = loop.run_in_executor(self._executor, functools.partial(function, **arguments))
+                # A thread can't be stopped: on timeout the answer goes out and the thread finishes alone.
+                result = await asyncio.wait_for(job, self.timeout_seconds)
+        except TimeoutError:
+            log.warning("function %s timed out after %.1f s", name, self.timeout_seconds)
+            return _error(f"{name} took too long to answer.", started)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("function %s raised", name)
+            return _error(f"{name} failed with an internal error.", started)
+
+        try:
+            content = json.dumps(result)
+        except (TypeError, ValueError):
+            log.error("function %s returned a %s, which is not JSON-serialisable", name, type(result).__name__)
+            return _error(f"{name} returned a result that could not be read.", started)
+        error = result.get("error") if isinstance(result, dict) and isinstance(result.get("error"), str) else None
+        return FunctionOutcome(content, result, error, time.monotonic() - started)

@@ -1,0 +1,122 @@
+"""The Twilio Media Streams protocol, as plain functions with no I/O.
+
+Parsing what Twilio sends (PROTOCOLS.md section 1), building what we send back (section 2), and
+the request signature (section 4). The call session calls these; tests call them directly.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class TwilioProtocolError(ValueError):
+    """A frame from Twilio we cannot use. ``kind`` groups errors so each is logged once per call."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStart:
+    """What the ``start`` event tells us about the call."""
+
+    stream_sid: str
+    call_sid: str
+    account_sid: str
+    custom_parameters: dict[str, str] = field(default_factory=dict)
+
+
+def parse_event(text: str) -> tuple[str, dict[str, Any]]:
+    """Parse one text frame from Twilio into ``(event name, message)``."""
+    try:
+        message = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise TwilioProtocolError("not-json", "a text frame from Twilio is not JSON") from None
+    if not isinstance(message, dict):
+        raise TwilioProtocolError("not-object", "a frame from Twilio is JSON but not an object")
+    event = message.get("event")
+    if not isinstance(event, str):
+        raise TwilioProtocolError("no-event", "a frame from Twilio has no \"event\" name")
+    return event, message
+
+
+def media_payload(message: dict[str, Any]) -> bytes:
+    """The caller audio (raw mulaw) carried by a ``media`` event."""
+    media = message.get("media")
+    payload = media.get("payload") if isinstance(media, dict) else None
+    if not isinstance(payload, str):
+        raise TwilioProtocolError("bad-media", "a media event has no payload string")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise TwilioProtocolError("bad-base64", "a media event's payload is not valid base64") from None
+
+
+def parse_start(message: dict[str, Any]) -> StreamStart:
+    """The stream and call identifiers of a ``start`` event."""
+    start = message.get("start")
+    if not isinstance(start, dict):
+        start = {}
+    stream_sid = start.get("streamSid") or message.get("streamSid")
+    if not isinstance(stream_sid, str) or not stream_sid:
+        raise TwilioProtocolError("bad-start", "a start event has no streamSid")
+    call_sid = start.get("callSid")
+    account_sid = start.get("accountSid")
+    params = start.get("customParameters")
+    return StreamStart(
+        stream_sid=stream_sid,
+        call_sid=call_sid if isinstance(call_sid, str) and call_sid else stream_sid,
+        account_sid=account_sid if isinstance(account_sid, str) else "",
+        custom_parameters=(
+            {str(key): str(value) for key, value in params.items()} if isinstance(params, dict) else {}
+        ),
+    )
+
+
+def mark_name(message: dict[str, Any]) -> str | None:
+    """The name of an echoed ``mark``, or None if the event carries none."""
+    mark = message.get("mark")
+    name = mark.get("name") if isinstance(mark, dict) else None
+    return name if isinstance(name, str) else None
+
+
+class TwilioOutbound:
+    """Builds the frames we send on one stream. The streamSid is JSON-encoded once, not per frame."""
+
+    __slots__ = ("_media_prefix", "_clear", "_mark_prefix", "stream_sid")
+
+    def __init__(self, stream_sid: str) -> None:
+        self.stream_sid = stream_sid
+        sid = json.dumps(stream_sid)
+        self._media_prefix = '{"event":"media","streamSid":' + sid + ',"media":{"payload":"'
+        self._clear = '{"event":"clear","streamSid":' + sid + "}"
+        self._mark_prefix = '{"event":"mark","streamSid":' + sid + ',"mark":{"name":'
+
+    def media(self, audio: bytes) -> str:
+        # Agent audio is the hottest outbound path: a template and base64, no json.dumps.
+        return self._media_prefix + base64.b64encode(audio).decode("ascii") + '"}}'
+
+    def clear(self) -> str:
+        return self._clear
+
+    def mark(self, name: str) -> str:
+        return self._mark_prefix + json.dumps(name) + "}}"
+
+
+def expected_signature(auth_token: str, url: str) -> str:
+    """X-Twilio-Signature for a WebSocket request: base64(HMAC-SHA1(auth token, URL)), no params."""
+    digest = hmac.new(auth_token.encode("utf-8"), url.encode("utf-8"), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def signature_is_valid(auth_token: str, url: str, signature: str | None) -> bool:
+    if not signature:
+        return False
+    return hmac.compare_digest(expected_signature(auth_token, url), signature.strip())

@@ -1,0 +1,139 @@
+"""Run the Twilio <-> Deepgram Voice Agent bridge.
+
+    python main.py [--host HOST] [--port PORT] [--config config.json] [--workers N]
+
+Loads ``.env``, validates the settings, config.json and pharmacy_functions.function_map, then
+serves WebSocket ``/twilio`` and ``GET /health`` until SIGTERM/SIGINT, draining live calls first.
+With ``--workers N`` it runs N server processes sharing the port (SO_REUSEPORT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from dotenv import load_dotenv
+
+from bridge.config import AgentConfig, ConfigError, Settings, load_agent_config, load_settings
+from bridge.functions import check_function_map
+from bridge.server import BridgeServer
+
+HERE = Path(__file__).resolve().parent
+logger = logging.getLogger("bridge")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Bridge Twilio phone calls to the Deepgram Voice Agent API.")
+    parser.add_argument("--host", help="address to listen on (env HOST, default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port to listen on (env PORT, default 5000)")
+    parser.add_argument("--config", type=Path, default=HERE / "config.json", help="the agent (default config.json)")
+    parser.add_argument("--env-file", type=Path, default=HERE / ".env", help="settings file (default .env)")
+    parser.add_argument("--workers", type=int, default=1, help="server processes sharing the port (default 1)")
+    parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    return args
+
+
+def load(args: argparse.Namespace) -> tuple[Settings, AgentConfig, dict[str, Callable[..., Any]], list[str]]:
+    """Everything startup validates; raises ConfigError with one sentence."""
+    load_dotenv(args.env_file, override=False)  # real environment variables win over .env
+    settings = load_settings(os.environ, host=args.host, port=args.port)
+    agent_config = load_agent_config(args.config, os.environ)
+    try:
+        from pharmacy_functions import function_map
+    except Exception as exc:  # an error in the user's own functions file
+        raise ConfigError(f"pharmacy_functions.py failed to import: {type(exc).__name__}: {exc}.") from None
+    warnings = check_function_map(function_map, agent_config.client_functions)
+    return settings, agent_config, function_map, warnings
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s %(message)s")
+    # websockets logs each failed handshake with a traceback at ERROR; ours say it in one line.
+    logging.getLogger("websockets").setLevel(max(logging.getLevelName(level), logging.WARNING))
+
+
+def announce(settings: Settings, workers: int) -> None:
+    where = f"http://{settings.host}:{settings.port}"
+    logger.info("serving on %s (WebSocket /twilio, GET /health)%s", where, f" with {workers} workers" if workers > 1 else "")
+    print("\nPaste this TwiML into a TwiML Bin and attach the Bin to your number's incoming calls:\n")
+    print(f"    {settings.twiml}\n", flush=True)
+    if not settings.public_url:
+        logger.warning("PUBLIC_URL is not set: replace YOUR-NGROK-HOST above with your ngrok host")
+    if not settings.twilio_auth_token:
+        logger.warning("TWILIO_AUTH_TOKEN is not set: calls are not authenticated; anyone who finds the URL can connect")
+    if settings.phone_page:
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        print(f"Browser phone: http://{host}:{settings.port}/phone?token={settings.phone_page_token}\n", flush=True)
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop  # optional: about a third less CPU per message
+    except ImportError:
+        asyncio.run(main)
+    else:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main)
+
+
+async def serve(settings: Settings, agent_config: AgentConfig, function_map: dict[str, Callable[..., Any]], reuse_port: bool) -> None:
+    server = BridgeServer(settings, agent_config, function_map, reuse_port=reuse_port)
+    await server.start()
+    await server.serve_until_signalled()
+
+
+def run_workers(argv: Sequence[str], workers: int) -> int:
+    """Start N copies of this program on one port and pass signals on to them."""
+    children = [
+        subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv, "--worker-index", str(index)])
+        for index in range(workers)
+    ]
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, key=abs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        settings, agent_config, function_map, warnings = load(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    for warning in warnings:
+        logger.warning(warning)
+    if args.workers > 1 and args.worker_index is None:
+        announce(settings, args.workers)
+        return run_workers(argv, args.workers)
+    if args.worker_index is None:
+        announce(settings, 1)
+    try:
+        run_loop(serve(settings, agent_config, function_map, reuse_port=args.worker_index is not None))
+    except OSError as exc:
+        print(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}.", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

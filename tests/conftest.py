@@ -1,0 +1,78 @@
+"""Shared fixtures: a fake Deepgram agent and the real bridge server, both on 127.0.0.1."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from bridge.config import Settings, load_agent_config  # noqa: E402
+from bridge.server import BridgeServer  # noqa: E402
+from fakes import FakeAgent  # noqa: E402
+
+BridgeFactory = Callable[..., AbstractAsyncContextManager[BridgeServer]]
+
+
+@pytest.fixture(autouse=True)
+def pharmacy_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own pharmacy database file."""
+    path = tmp_path / "pharmacy.db"
+    monkeypatch.setenv("PHARMACY_DB", str(path))
+    return path
+
+
+@pytest.fixture
+async def fake_agent() -> AsyncIterator[FakeAgent]:
+    async with FakeAgent() as agent:
+        yield agent
+
+
+def bridge_settings(agent_url: str, tmp_path: Path, **overrides: Any) -> Settings:
+    base = Settings(
+        deepgram_api_key="test-key-not-secret",
+        agent_url=agent_url,
+        host="127.0.0.1",
+        port=0,
+        calls_dir=tmp_path / "calls",
+        record_calls=True,
+        agent_connect_timeout_seconds=2.0,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+@pytest.fixture
+def make_bridge(tmp_path: Path) -> BridgeFactory:
+    """``async with make_bridge(agent, **settings_overrides) as server``: the real server."""
+
+    @asynccontextmanager
+    async def factory(
+        agent: FakeAgent | None = None,
+        *,
+        function_map: dict[str, Callable[..., Any]] | None = None,
+        config_path: Path = ROOT / "config.json",
+        **overrides: Any,
+    ) -> AsyncIterator[BridgeServer]:
+        if function_map is None:
+            from pharmacy_functions import function_map as pharmacy_map
+
+            function_map = pharmacy_map
+        settings = bridge_settings(agent.url if agent else "ws://127.0.0.1:9/unused", tmp_path, **overrides)
+        server = BridgeServer(settings, load_agent_config(config_path, os.environ), function_map)
+        async with server:
+            yield server
+
+    return factory
+
+
+def twilio_url(server: BridgeServer, query: str = "") -> str:
+    return f"ws://127.0.0.1:{server.port}/twilio{query}"
