@@ -1,0 +1,1 @@
+"""Load benchmark of the bridge: `python -m bench --help`."""
