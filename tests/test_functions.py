@@ -1,0 +1,253 @@
+"""Function calls through the real server: dispatch, the error contract, cancellation, end_call."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deepgram.agent.v1 import AgentV1SendFunctionCallResponse
+
+import main
+from bridge.config import ConfigError, parse_agent_config
+from bridge.functions import check_function_map
+from conftest import ROOT, BridgeFactory, twilio_url
+from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually
+
+
+def request(*calls: tuple[str, str, Any], client_side: bool = True) -> dict[str, Any]:
+    return {
+        "type": "FunctionCallRequest",
+        "functions": [
+            {
+                "id": call_id,
+                "name": name,
+                "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments),
+                "client_side": client_side,
+            }
+            for call_id, name, arguments in calls
+        ],
+    }
+
+
+def responses(session: FakeAgentSession) -> dict[str, dict[str, Any]]:
+    """FunctionCallResponses by id, each checked against the official SDK model."""
+    found = {}
+    for message in session.of_type("FunctionCallResponse"):
+        model = AgentV1SendFunctionCallResponse.model_validate(message)
+        assert not model.model_extra, f"unknown keys in {message}"
+        assert isinstance(message["content"], str)
+        assert message["id"] not in found, f"two responses for {message['id']}"
+        found[message["id"]] = {"name": message["name"], **json.loads(message["content"])}
+    return found
+
+
+def boom(**_: Any) -> dict[str, Any]:
+    raise RuntimeError("database on fire")
+
+
+def unserialisable() -> Any:
+    return {"when": object()}
+
+
+def slow(seconds: float = 2.0) -> dict[str, Any]:
+    time.sleep(seconds)
+    return {"slept": seconds}
+
+
+async def async_slow(seconds: float = 2.0) -> dict[str, Any]:
+    await asyncio.sleep(seconds)
+    return {"slept": seconds}
+
+
+def greet(name: str) -> dict[str, Any]:
+    return {"greeting": f"Hello {name}"}
+
+
+TEST_FUNCTIONS = {
+    "boom": boom,
+    "unserialisable": unserialisable,
+    "slow": slow,
+    "async_slow": async_slow,
+    "greet": greet,
+}
+
+
+async def open_call(agent: FakeAgent, server: Any, **caller_options: Any) -> tuple[FakeTwilioCaller, FakeAgentSession]:
+    index = len(agent.sessions)
+    caller = FakeTwilioCaller(twilio_url(server), **caller_options)
+    await caller.__aenter__()
+    await caller.start()
+    session = await agent.session(index)
+    await eventually(lambda: session.settings is not None)
+    return caller, session
+
+
+async def test_every_failure_is_an_answer_with_the_right_id(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    async with make_bridge(fake_agent, function_map=TEST_FUNCTIONS, function_timeout_seconds=0.3) as server:
+        caller, session = await open_call(fake_agent, server)
+        await session.send_json(
+            request(
+                ("ok", "greet", {"name": "Ann"}),
+                ("unknown", "no_such_function", {}),
+                ("notjson", "greet", "{name: Ann"),
+                ("notobject", "greet", "[1, 2]"),
+                ("missing", "greet", {}),
+                ("unexpected", "greet", {"name": "Ann", "age": 3}),
+                ("raises", "boom", {}),
+                ("unserialisable", "unserialisable", {}),
+                ("timeout", "slow", {"seconds": 1.0}),
+                ("async-timeout", "async_slow", {"seconds": 1.0}),
+            )
+        )
+        await session.send_json(request(("server-side", "greet", {"name": "Bo"}), client_side=False))
+        await eventually(lambda: len(session.of_type("FunctionCallResponse")) >= 10, 3, "ten responses")
+        await asyncio.sleep(0.2)
+        await caller.__aexit__(None, None, None)
+    found = responses(session)
+    assert set(found) == {
+        "ok", "unknown", "notjson", "notobject", "missing", "unexpected",
+        "raises", "unserialisable", "timeout", "async-timeout",
+    }  # and nothing for the server-side call
+    assert found["ok"] == {"name": "greet", "greeting": "Hello Ann"}
+    for call_id, fragment in {
+        "unknown": "no function called no_such_function",
+        "notjson": "not valid JSON",
+        "notobject": "must be a JSON object",
+        "missing": "missing a required argument: 'name'",
+        "unexpected": "unexpected keyword argument 'age'",
+        "raises": "internal error",
+        "unserialisable": "could not be read",
+        "timeout": "took too long",
+        "async-timeout": "took too long",
+    }.items():
+        assert set(found[call_id]) == {"name", "error"}, found[call_id]
+        assert fragment in found[call_id]["error"], (call_id, found[call_id])
+    assert "database on fire" not in json.dumps(found)  # the traceback stays in the log
+
+
+async def test_a_slow_function_does_not_stall_audio(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    async with make_bridge(fake_agent, function_map=TEST_FUNCTIONS, inbound_buffer_bytes=160) as server:
+        caller, session = await open_call(fake_agent, server)
+        await session.send_json(request(("sync", "slow", {"seconds": 2.0}), ("async", "async_slow", {"seconds": 2.0})))
+        started = time.monotonic()
+        # Agent speech and caller speech both keep flowing, 20 ms at a time, while both functions sleep.
+        answered = None
+        while time.monotonic() - started < 3.0:
+            await session.send_audio(b"\x55" * 160)
+            await caller.send_audio(b"\x66" * 160)
+            await asyncio.sleep(0.02)
+            if answered is None and len(session.of_type("FunctionCallResponse")) == 2:
+                answered = time.monotonic()
+        await caller.__aexit__(None, None, None)
+    assert answered is not None and answered - started >= 1.9, "the functions did not run for their 2 s"
+    arrivals = [t for t, _ in caller.media_arrivals if t <= answered]
+    assert len(arrivals) > 60
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert max(gaps) < 0.25, f"agent audio stalled for {max(gaps):.3f} s while a function ran"
+    assert len(session.audio) >= 60 * 160
+    assert responses(session)["sync"] == {"name": "slow", "slept": 2.0}
+    assert responses(session)["async"] == {"name": "async_slow", "slept": 2.0}
+
+
+async def test_cancelled_call_gets_no_response(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    async with make_bridge(fake_agent, function_map=TEST_FUNCTIONS) as server:
+        caller, session = await open_call(fake_agent, server)
+        await session.send_json(request(("cancel-me", "async_slow", {"seconds": 0.5}), ("keep", "async_slow", {"seconds": 0.5})))
+        await asyncio.sleep(0.1)
+        await session.send_json({"type": "FunctionCallCancelled", "functions": [{"id": "cancel-me", "name": "async_slow"}]})
+        await eventually(lambda: session.of_type("FunctionCallResponse"), 2, "the other answer")
+        await asyncio.sleep(0.7)
+        await caller.__aexit__(None, None, None)
+    assert set(responses(session)) == {"keep"}
+
+
+async def test_end_call_hangs_up_only_after_the_goodbye_mark_is_echoed(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory
+) -> None:
+    async with make_bridge(fake_agent) as server:
+        caller, session = await open_call(fake_agent, server, echo_marks=False)
+        await session.send_json(request(("bye", "end_call", {})))
+        await eventually(lambda: session.of_type("FunctionCallResponse"), 2, "end_call's answer")
+        await session.send_audio(b"\x10" * 4000)  # "Goodbye!"
+        await session.send_json({"type": "AgentAudioDone"})
+        mark = await eventually(lambda: caller.of_event("mark"), 2, "the hang-up mark")
+        await asyncio.sleep(0.5)
+        assert not caller.closed.is_set(), "hung up before the caller heard the goodbye"
+        assert len(caller.audio) == 4000
+        await caller.echo_mark(mark[0]["mark"]["name"])
+        await asyncio.wait_for(caller.closed.wait(), 1.0)
+        await asyncio.wait_for(session.closed.wait(), 1.0)
+        await caller.__aexit__(None, None, None)
+    assert responses(session)["bye"]["name"] == "end_call"
+
+
+async def test_end_call_without_echo_hangs_up_after_a_bounded_wait(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    async with make_bridge(fake_agent, hangup_timeout_seconds=0.5) as server:
+        caller, session = await open_call(fake_agent, server, echo_marks=False)
+        await session.send_json(request(("bye", "end_call", {})))
+        await session.send_json({"type": "AgentAudioDone"})
+        await asyncio.wait_for(caller.closed.wait(), 2.0)
+        await caller.__aexit__(None, None, None)
+
+
+async def test_fifty_concurrent_orders_through_the_bridge(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    async with make_bridge(fake_agent) as server:
+        calls = [await open_call(fake_agent, server) for _ in range(5)]
+        for index, (_, session) in enumerate(calls):
+            await session.send_json(
+                request(*[(f"o{index}-{n}", "place_order", {"customer_name": f"C{index}{n}", "drug_name": "Ibuprofen"}) for n in range(10)])
+            )
+        for _, session in calls:
+            await eventually(lambda s=session: len(s.of_type("FunctionCallResponse")) == 10, 5, "ten orders")
+        for caller, _ in calls:
+            await caller.__aexit__(None, None, None)
+    ids = [answer["order_id"] for _, session in calls for answer in responses(session).values()]
+    assert len(ids) == 50 and len(set(ids)) == 50
+
+
+async def test_orders_survive_a_restart(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    async with make_bridge(fake_agent) as server:
+        caller, session = await open_call(fake_agent, server)
+        await session.send_json(request(("p", "place_order", {"customer_name": "Ann Lee", "drug_name": " ibuprofen ", "quantity": 2})))
+        await eventually(lambda: session.of_type("FunctionCallResponse"), 3)
+        await caller.__aexit__(None, None, None)
+    placed = responses(session)["p"]
+    assert placed["drug_name"].lower() == "ibuprofen" and placed["quantity"] == 2
+    # A new server process opens the same file (PHARMACY_DB): the order is still there.
+    import pharmacy_functions
+
+    reopened = pharmacy_functions.PharmacyStore(Path(pharmacy_functions.os.environ["PHARMACY_DB"]))
+    assert reopened.lookup_order(str(placed["order_id"]))["customer_name"] == "Ann Lee"
+
+
+def test_startup_check_of_declared_functions() -> None:
+    config = json.loads((ROOT / "config.json").read_text())
+    declared = parse_agent_config(json.dumps(config), Path("config.json"), {}).client_functions
+    assert set(declared) == {"get_drug_info", "place_order", "lookup_order", "end_call"}
+    import pharmacy_functions
+
+    assert check_function_map(pharmacy_functions.function_map, declared) == []
+    with pytest.raises(ConfigError, match="declares function 'get_drug_info' but pharmacy_functions.function_map has no"):
+        check_function_map({k: v for k, v in pharmacy_functions.function_map.items() if k != "get_drug_info"}, declared)
+    with pytest.raises(ConfigError, match="parameter 'drug_name' of function 'get_drug_info'.*does not accept it"):
+        check_function_map({**pharmacy_functions.function_map, "get_drug_info": lambda name: {}}, declared)
+    warnings = check_function_map({**pharmacy_functions.function_map, "refill": lambda: {}}, declared)
+    assert warnings == ["function_map entry 'refill' is not declared in config.json, so the agent cannot call it."]
+
+
+def test_startup_refuses_a_declared_function_that_does_not_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = json.loads((ROOT / "config.json").read_text())
+    config["agent"]["think"]["functions"].append(
+        {"name": "refill_prescription", "description": "x", "parameters": {"type": "object", "properties": {}}}
+    )
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    monkeypatch.setenv("DEEPGRAM_API_KEY", "k")
+    assert main.main(["--config", str(path), "--env-file", str(tmp_path / "none.env")]) == 2
+    assert "refill_prescription" in capsys.readouterr().err
