@@ -63,8 +63,8 @@ def configure_logging(level: str) -> None:
     logging.getLogger("websockets").setLevel(max(logging.getLevelName(level), logging.WARNING))
 
 
-def announce(settings: Settings, workers: int) -> None:
-    where = f"http://{settings.host}:{settings.port}"
+def announce(settings: Settings, workers: int, port: int) -> None:
+    where = f"http://{settings.host}:{port}"
     logger.info("serving on %s (WebSocket /twilio, GET /health)%s", where, f" with {workers} workers" if workers > 1 else "")
     print("\nPaste this TwiML into a TwiML Bin and attach the Bin to your number's incoming calls:\n")
     print(f"    {settings.twiml}\n", flush=True)
@@ -74,7 +74,7 @@ def announce(settings: Settings, workers: int) -> None:
         logger.warning("TWILIO_AUTH_TOKEN is not set: calls are not authenticated; anyone who finds the URL can connect")
     if settings.phone_page:
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-        print(f"Browser phone: http://{host}:{settings.port}/phone?token={settings.phone_page_token}\n", flush=True)
+        print(f"Browser phone: http://{host}:{port}/phone?token={settings.phone_page_token}\n", flush=True)
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -87,9 +87,18 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
             runner.run(main)
 
 
-async def serve(settings: Settings, agent_config: AgentConfig, function_map: dict[str, Callable[..., Any]], reuse_port: bool) -> None:
+async def serve(
+    settings: Settings,
+    agent_config: AgentConfig,
+    function_map: dict[str, Callable[..., Any]],
+    *,
+    reuse_port: bool,
+    announce_startup: bool,
+) -> None:
     server = BridgeServer(settings, agent_config, function_map, reuse_port=reuse_port)
     await server.start()
+    if announce_startup:
+        announce(settings, 1, server.port)
     await server.serve_until_signalled()
 
 
@@ -123,12 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for warning in warnings:
         logger.warning(warning)
     if args.workers > 1 and args.worker_index is None:
-        announce(settings, args.workers)
+        announce(settings, args.workers, settings.port)
         return run_workers(argv, args.workers)
-    if args.worker_index is None:
-        announce(settings, 1)
+    worker = args.worker_index is not None
     try:
-        run_loop(serve(settings, agent_config, function_map, reuse_port=args.worker_index is not None))
+        run_loop(serve(settings, agent_config, function_map, reuse_port=worker, announce_startup=not worker))
     except OSError as exc:
         print(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}.", file=sys.stderr)
         return 2

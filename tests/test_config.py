@@ -1,0 +1,178 @@
+"""Startup validation: every problem is one sentence naming the file and what is wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deepgram.agent.v1 import AgentV1Settings
+from pydantic import BaseModel
+
+import main
+from bridge.agent_protocol import history_function_call, history_text, settings_message, FunctionCall
+from bridge.config import load_settings, parse_agent_config
+from conftest import ROOT
+
+CONFIG = json.loads((ROOT / "config.json").read_text())
+
+
+def unknown_keys(value: Any, where: str = "Settings") -> list[str]:
+    """Walk a validated SDK model: pydantic lets unknown keys through into model_extra."""
+    found: list[str] = []
+    if isinstance(value, BaseModel):
+        found += [f"{where}.{key}" for key in (value.model_extra or {})]
+        for name in type(value).model_fields:
+            found += unknown_keys(getattr(value, name), f"{where}.{name}")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found += unknown_keys(item, f"{where}[{index}]")
+    return found
+
+
+def validate_settings(message: str | dict[str, Any]) -> AgentV1Settings:
+    data = json.loads(message) if isinstance(message, str) else message
+    model = AgentV1Settings.model_validate(data)
+    assert unknown_keys(model) == [], unknown_keys(model)
+    return model
+
+
+def test_config_json_is_a_valid_v1_settings_message() -> None:
+    model = validate_settings(CONFIG)
+    assert model.audio.input.encoding == "mulaw" and model.audio.input.sample_rate == 8000
+    assert model.audio.output.container == "none"
+
+
+def test_the_model_walk_catches_unknown_keys() -> None:
+    broken = json.loads(json.dumps(CONFIG))
+    broken["agent"]["think"]["provider"]["temprature"] = 0.5
+    with pytest.raises(AssertionError, match="temprature"):
+        validate_settings(broken)
+
+
+def test_resumed_settings_with_history_are_valid() -> None:
+    call = FunctionCall(id="f1", name="get_drug_info", arguments='{"drug_name": "ibuprofen"}')
+    history = [history_text("user", "Do you have ibuprofen?"), history_function_call(call, '{"price": 8.99}')]
+    message = settings_message(CONFIG, history)
+    validate_settings(message)
+    assert json.loads(message)["agent"]["context"]["messages"] == history
+    assert "context" not in CONFIG["agent"], "the loaded config must not be mutated"
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    return path
+
+
+def edited(edit: Any) -> str:
+    config = json.loads(json.dumps(CONFIG))
+    edit(config)
+    return json.dumps(config, indent=2)
+
+
+STARTUP_ERRORS = {
+    "invalid json": ('{"type": "Settings",\n  "audio": }', "is not valid JSON: Expecting value at line 2, column 12."),
+    "missing type": (edited(lambda c: c.pop("type")), 'is missing the "type" key'),
+    "missing audio": (edited(lambda c: c.pop("audio")), 'is missing the "audio" key'),
+    "missing agent": (edited(lambda c: c.pop("agent")), 'is missing the "agent" key'),
+    "linear16 input": (
+        edited(lambda c: c["audio"]["input"].update(encoding="linear16", sample_rate=16000)),
+        '"audio.input" must be encoding "mulaw" with sample_rate 8000',
+    ),
+    "wav output": (edited(lambda c: c["audio"]["output"].update(container="wav")), '"audio.output.container" must be "none"'),
+    "unknown top-level key": (edited(lambda c: c.update(voice="x")), "the top level has unknown key 'voice'"),
+    "old agent key": (edited(lambda c: c["agent"].update(speaking={})), "\"agent\" has unknown key 'speaking'"),
+    "unset variable": (
+        edited(lambda c: c["agent"]["think"].update(endpoint={"url": "https://llm.example", "headers": {"authorization": "Bearer ${LLM_API_KEY}"}})),
+        "uses ${LLM_API_KEY} but LLM_API_KEY is not set in the environment (.env).",
+    ),
+    "client_side set": (
+        edited(lambda c: c["agent"]["think"]["functions"][0].update(client_side=True)),
+        "must not set \"client_side\"",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STARTUP_ERRORS))
+def test_startup_refuses_a_bad_config_in_one_sentence(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text, expected = STARTUP_ERRORS[case]
+    path = write_config(tmp_path, text)
+    monkeypatch.setenv("DEEPGRAM_API_KEY", "k")
+    monkeypatch.delenv("LLM_API_KEY", raising=False)
+    assert main.main(["--config", str(path), "--env-file", str(tmp_path / "none.env")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}") and expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_api_key_says_to_copy_env_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("DEEPGRAM_API_KEY", raising=False)
+    assert main.main(["--env-file", str(tmp_path / "none.env")]) == 2
+    assert capsys.readouterr().err == (
+        "error: DEEPGRAM_API_KEY is not set: copy .env.example to .env and put your Deepgram API key in it.\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"INBOUND_BUFFER_BYTES": "lots"}, "INBOUND_BUFFER_BYTES must be a whole number, got 'lots'."),
+        ({"MAX_CALLS": "0"}, "MAX_CALLS must be between 1 and 100000, got 0."),
+        ({"RECORD_CALLS": "maybe"}, "RECORD_CALLS must be true or false, got 'maybe'."),
+        ({"TWILIO_AUTH_TOKEN": "t"}, "TWILIO_AUTH_TOKEN is set but PUBLIC_URL is not"),
+        ({"DEEPGRAM_AGENT_URL": "https://x"}, "DEEPGRAM_AGENT_URL must start with wss:// or ws://"),
+    ],
+)
+def test_bad_environment_values(env: dict[str, str], expected: str) -> None:
+    with pytest.raises(Exception, match="^" + expected.replace("(", r"\(").replace(")", r"\)")[:40]):
+        load_settings({"DEEPGRAM_API_KEY": "k", **env})
+
+
+def test_variables_are_substituted_from_the_environment() -> None:
+    text = edited(lambda c: c["agent"]["think"].update(endpoint={"url": "https://llm.example/v1", "headers": {"authorization": "Bearer ${LLM_API_KEY}"}}))
+    config = parse_agent_config(text, Path("config.json"), {"LLM_API_KEY": "sk-123"})
+    assert config.settings["agent"]["think"]["endpoint"]["headers"]["authorization"] == "Bearer sk-123"
+
+
+def test_settings_defaults_and_twiml() -> None:
+    settings = load_settings({"DEEPGRAM_API_KEY": "k", "PUBLIC_URL": "https://abc.ngrok.app/"})
+    assert (settings.host, settings.port, settings.inbound_buffer_bytes, settings.max_calls) == ("0.0.0.0", 5000, 3200, 200)
+    assert settings.twiml == '<Response><Connect><Stream url="wss://abc.ngrok.app/twilio"/></Connect></Response>'
+    assert load_settings({"DEEPGRAM_API_KEY": "k"}, host="127.0.0.1", port=6000).port == 6000
+
+
+def test_main_starts_prints_twiml_and_serves_health(tmp_path: Path) -> None:
+    """The real program: .env is loaded, TwiML printed, /health answers, SIGTERM exits 0."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("DEEPGRAM_API_KEY=from-dotenv\nPUBLIC_URL=https://abc.ngrok.app\nRECORD_CALLS=false\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("DEEPGRAM_API_KEY", "PUBLIC_URL")}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", "0", "--env-file", str(env_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+    )
+    try:
+        lines = []
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if "serving on" in line:
+                break
+        output = "".join(lines)
+        assert "serving on http://127.0.0.1:" in output
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    output += process.stdout.read()
+    assert '<Response><Connect><Stream url="wss://abc.ngrok.app/twilio"/></Connect></Response>' in output
+    assert process.returncode == 0
+    assert "from-dotenv" not in output
