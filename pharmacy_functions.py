@@ -1,0 +1,436 @@
+"""The pharmacy's business functions, and the SQLite store behind them.
+
+This module owns everything the voice agent can *do* for a caller:
+
+* ``get_drug_info``  - describe a drug from the catalogue (use, dosage, side
+  effects, price, whether a prescription is needed);
+* ``place_order``    - record an order for a drug;
+* ``lookup_order``   - read an order back by its number.
+
+They are exposed to the bridge through ``function_map``, a fixed contract:
+the bridge imports that dict, looks up the function the LLM asked for, calls it
+with keyword arguments parsed from the LLM's JSON, in a worker thread, and
+sends the returned dict back to the agent. Every result is therefore a plain,
+JSON-serialisable dict worded so the agent can read it aloud; failures the
+caller can fix (unknown drug, bad quantity, unknown order number) come back as
+``{"error": "..."}`` rather than exceptions.
+
+Storage is a SQLite file (``PharmacyStore``), so orders survive a restart. It
+uses only the standard library.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Final
+
+CURRENCY: Final = "USD"
+MIN_QUANTITY: Final = 1
+MAX_QUANTITY: Final = 100
+ORDER_STATUS_PLACED: Final = "placed"
+
+# Seconds a connection waits for another writer's lock before giving up.
+# Many calls can place orders at the same moment; they must queue, not fail.
+BUSY_TIMEOUT_SECONDS: Final = 10.0
+
+# Relative to this file rather than the working directory, so the bridge finds
+# the same orders however it is started. PHARMACY_DB overrides it.
+DEFAULT_DB_PATH: Final = Path(__file__).resolve().parent / "data" / "pharmacy.db"
+
+# The catalogue seeded into an empty database. Wording is for speech: units are
+# spelled out ("milligrams", not "mg") because the agent reads these aloud.
+# This is demo data, not medical advice.
+SEED_DRUGS: Final[tuple[dict[str, Any], ...]] = (
+    {
+        "name": "Ibuprofen",
+        "description": "A pain reliever and fever reducer that also eases inflammation, such as headaches, muscle aches and menstrual cramps.",
+        "dosage": "200 to 400 milligrams every 4 to 6 hours as needed with food, no more than 1,200 milligrams a day unless a doctor advises otherwise.",
+        "side_effects": "Upset stomach, heartburn, nausea and dizziness.",
+        "price": 8.99,
+        "prescription_required": False,
+    },
+    {
+        "name": "Acetaminophen",
+        "description": "A pain reliever and fever reducer for headaches, aches and colds.",
+        "dosage": "500 to 1,000 milligrams every 4 to 6 hours as needed, no more than 3,000 milligrams a day unless a doctor advises otherwise.",
+        "side_effects": "Rare at normal doses; too much can cause serious liver damage, especially with alcohol.",
+        "price": 7.49,
+        "prescription_required": False,
+    },
+    {
+        "name": "Amoxicillin",
+        "description": "An antibiotic for bacterial infections such as ear, throat and urinary tract infections.",
+        "dosage": "500 milligrams every 8 hours or 875 milligrams every 12 hours, taking the full course prescribed.",
+        "side_effects": "Diarrhea, nausea and skin rash.",
+        "price": 12.50,
+        "prescription_required": True,
+    },
+    {
+        "name": "Lisinopril",
+        "description": "A blood pressure medicine used for high blood pressure and heart failure.",
+        "dosage": "10 milligrams once a day to start, usually 20 to 40 milligrams once a day.",
+        "side_effects": "Dry cough, dizziness, headache and raised potassium.",
+        "price": 10.00,
+        "prescription_required": True,
+    },
+    {
+        "name": "Metformin",
+        "description": "A medicine that lowers blood sugar in type 2 diabetes.",
+        "dosage": "500 milligrams twice a day with meals to start, up to 2,000 milligrams a day.",
+        "side_effects": "Diarrhea, nausea, stomach upset and a metallic taste.",
+        "price": 9.00,
+        "prescription_required": True,
+    },
+    {
+        "name": "Atorvastatin",
+        "description": "A statin that lowers cholesterol and the risk of heart attack and stroke.",
+        "dosage": "10 to 20 milligrams once a day, up to 80 milligrams a day.",
+        "side_effects": "Muscle aches, joint pain and diarrhea.",
+        "price": 15.00,
+        "prescription_required": True,
+    },
+    {
+        "name": "Omeprazole",
+        "description": "An acid reducer for frequent heartburn and acid reflux.",
+        "dosage": "20 milligrams once a day before breakfast for up to 14 days.",
+        "side_effects": "Headache, stomach pain, nausea and diarrhea.",
+        "price": 14.99,
+        "prescription_required": False,
+    },
+    {
+        "name": "Cetirizine",
+        "description": "An antihistamine for allergy symptoms such as sneezing, runny nose, itchy eyes and hives.",
+        "dosage": "10 milligrams once a day.",
+        "side_effects": "Drowsiness, dry mouth and tiredness.",
+        "price": 11.99,
+        "prescription_required": False,
+    },
+    {
+        "name": "Loratadine",
+        "description": "A non-drowsy antihistamine for hay fever and other allergy symptoms.",
+        "dosage": "10 milligrams once a day.",
+        "side_effects": "Headache, dry mouth and, rarely, drowsiness.",
+        "price": 10.99,
+        "prescription_required": False,
+    },
+)
+
+# NOCASE on the key makes "IBUPROFEN" and "ibuprofen" the same drug both for
+# lookups and for the primary key, so a reseed can never add a case-variant.
+_SCHEMA: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE IF NOT EXISTS drugs (
+        name                  TEXT PRIMARY KEY COLLATE NOCASE,
+        description           TEXT NOT NULL,
+        dosage                TEXT NOT NULL,
+        side_effects          TEXT NOT NULL,
+        price                 REAL NOT NULL CHECK (price >= 0),
+        prescription_required INTEGER NOT NULL CHECK (prescription_required IN (0, 1))
+    )
+    """,
+    # AUTOINCREMENT so an order number is never reused, even after the newest
+    # order is deleted: a caller may read an old number back to us.
+    """
+    CREATE TABLE IF NOT EXISTS orders (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        customer_name TEXT NOT NULL,
+        drug_name     TEXT NOT NULL,
+        quantity      INTEGER NOT NULL CHECK (quantity BETWEEN 1 AND 100),
+        total         REAL NOT NULL,
+        status        TEXT NOT NULL,
+        created_at    TEXT NOT NULL
+    )
+    """,
+)
+
+_ORDER_COLUMNS: Final = "id, customer_name, drug_name, quantity, total, status, created_at"
+
+
+def _normalise_name(value: object) -> str:
+    """Trim and collapse whitespace; speech-to-text often pads or doubles spaces."""
+    if value is None:
+        return ""
+    return " ".join(str(value).split())
+
+
+def _parse_quantity(value: object) -> int | None:
+    """Return ``value`` as an int in 1..100, or None if it is not one.
+
+    LLMs send numbers as JSON ints, floats ("2.0") or strings ("2"), so all of
+    those are accepted when they denote a whole number.
+    """
+    # bool is an int subclass; "True" pills is never what the caller meant.
+    if isinstance(value, bool):
+        return None
+    number: int
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if not value.is_integer():
+            return None
+        number = int(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if not (text.isascii() and text.isdigit()):
+            return None
+        number = int(text)
+    else:
+        return None
+    return number if MIN_QUANTITY <= number <= MAX_QUANTITY else None
+
+
+def _parse_order_id(value: object) -> int | None:
+    """Return an order id from 12, "12", " 12 " or "#12"; None if not a number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        text = value.strip().lstrip("#").strip()
+        if text.isascii() and text.isdigit():
+            return int(text)
+    return None
+
+
+def _order_dict(row: sqlite3.Row) -> dict[str, Any]:
+    """Shape an orders row as the dict both place_order and lookup_order return."""
+    return {
+        "order_id": row["id"],
+        "customer_name": row["customer_name"],
+        "drug_name": row["drug_name"],
+        "quantity": row["quantity"],
+        "total": row["total"],
+        "currency": CURRENCY,
+        "status": row["status"],
+        "created_at": row["created_at"],
+    }
+
+
+class PharmacyStore:
+    """The drug catalogue and orders, kept in one SQLite file.
+
+    Every operation opens its own connection: the bridge runs functions in
+    worker threads, and a sqlite3 connection must not be shared across
+    threads. Connections are cheap next to a phone call's latency. The file
+    must be a real path (not ``:memory:``), since each connection would
+    otherwise see its own empty database.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path: Path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._initialise()
+
+    @contextmanager
+    def _connect(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """Yield a fresh connection; with ``write``, inside one committed transaction.
+
+        isolation_level=None turns off the sqlite3 module's implicit
+        transactions so we control them. Writes use BEGIN IMMEDIATE, which takes
+        the write lock up front (waiting up to the busy timeout): a deferred
+        transaction that reads and then writes can fail at once with "database
+        is locked" when another writer got in between, instead of waiting.
+        """
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            if not write:
+                yield conn
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def _initialise(self) -> None:
+        """Create the tables and seed the catalogue once, safely across processes."""
+        self._enable_wal()
+        with self._connect(write=True) as conn:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            # Seed only an empty catalogue, so drugs an operator removed or
+            # repriced stay that way. The check and the insert share one
+            # IMMEDIATE transaction, so two processes starting together cannot
+            # both seed; OR IGNORE is a second guard against duplicates.
+            (count,) = conn.execute("SELECT COUNT(*) FROM drugs").fetchone()
+            if count == 0:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO drugs "
+                    "(name, description, dosage, side_effects, price, prescription_required) "
+                    "VALUES (:name, :description, :dosage, :side_effects, :price, :prescription_required)",
+                    [{**drug, "prescription_required": int(drug["prescription_required"])} for drug in SEED_DRUGS],
+                )
+
+    def _enable_wal(self) -> None:
+        """Switch the file to WAL, retrying while other openers hold it.
+
+        WAL lets readers carry on while an order is being written. The mode is
+        stored in the file, so once set it covers every later connection, in
+        this process or another. Switching needs an exclusive lock, and SQLite
+        may report "database is locked" at once rather than wait the busy
+        timeout when several connections open a new file together, so retry
+        here until the same deadline.
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+        delay = 0.005
+        while True:
+            try:
+                with self._connect() as conn:
+                    (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+                if str(mode).lower() == "wal":
+                    return
+                error: Exception = sqlite3.OperationalError(f"journal mode stayed {mode!r}")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                error = exc
+            if time.monotonic() >= deadline:
+                raise sqlite3.OperationalError(f"could not enable WAL on {self.path}: {error}")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    # -- lower-level queries ------------------------------------------------
+
+    def drug_names(self) -> list[str]:
+        """All catalogue names, sorted, for the agent to offer alternatives."""
+        with self._connect() as conn:
+            rows = conn.execute("SELECT name FROM drugs ORDER BY name COLLATE NOCASE").fetchall()
+        return [row["name"] for row in rows]
+
+    def find_drug(self, drug_name: str) -> dict[str, Any] | None:
+        """The catalogue entry for ``drug_name`` (any case/spacing), or None."""
+        name = _normalise_name(drug_name)
+        if not name:
+            return None
+        with self._connect() as conn:
+            row = conn.execute("SELECT * FROM drugs WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        return {
+            "name": row["name"],
+            "description": row["description"],
+            "dosage": row["dosage"],
+            "side_effects": row["side_effects"],
+            "price": row["price"],
+            "currency": CURRENCY,
+            "prescription_required": bool(row["prescription_required"]),
+        }
+
+    def _unknown_drug(self, drug_name: object) -> dict[str, Any]:
+        """The error for a drug we don't stock, with the list to choose from."""
+        name = _normalise_name(drug_name)
+        message = f"We don't carry {name}." if name else "Please say which drug you mean."
+        return {"error": message, "available": self.drug_names()}
+
+    # -- business operations (the module-level functions delegate here) -----
+
+    def get_drug_info(self, drug_name: str) -> dict[str, Any]:
+        """Describe a drug, or list what we carry if we don't have it."""
+        drug = self.find_drug(drug_name)
+        return drug if drug is not None else self._unknown_drug(drug_name)
+
+    def place_order(self, customer_name: str, drug_name: str, quantity: int | str = 1) -> dict[str, Any]:
+        """Record an order and return it with its new order number."""
+        customer = _normalise_name(customer_name)
+        if not customer:
+            return {"error": "I need the customer's name to place the order."}
+        count = _parse_quantity(quantity)
+        if count is None:
+            return {
+                "error": f"The quantity must be a whole number from {MIN_QUANTITY} to {MAX_QUANTITY}."
+            }
+        name = _normalise_name(drug_name)
+        created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        row: sqlite3.Row | None = None
+        with self._connect(write=True) as conn:
+            # Price and insert in one transaction, so the total matches the
+            # price at the moment the order was written.
+            drug = conn.execute("SELECT name, price FROM drugs WHERE name = ?", (name,)).fetchone() if name else None
+            if drug is not None:
+                cursor = conn.execute(
+                    "INSERT INTO orders (customer_name, drug_name, quantity, total, status, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    # Round to cents: 3 x 0.1 must read aloud as 0.30, not 0.30000000000000004.
+                    (customer, drug["name"], count, round(drug["price"] * count, 2), ORDER_STATUS_PLACED, created_at),
+                )
+                # lastrowid is per connection, and this connection is ours
+                # alone, so it is this insert's id even with writers racing.
+                row = conn.execute(
+                    f"SELECT {_ORDER_COLUMNS} FROM orders WHERE id = ?", (cursor.lastrowid,)
+                ).fetchone()
+        if row is None:
+            # Built after the write transaction ends, so listing the catalogue
+            # does not hold the write lock.
+            return self._unknown_drug(drug_name)
+        return _order_dict(row)
+
+    def lookup_order(self, order_id: int | str) -> dict[str, Any]:
+        """Read an order back by its number (12, "12", " 12 " or "#12")."""
+        number = _parse_order_id(order_id)
+        if number is None:
+            return {"error": "Order IDs are numbers, like 12. Please read me the order number."}
+        with self._connect() as conn:
+            row = conn.execute(f"SELECT {_ORDER_COLUMNS} FROM orders WHERE id = ?", (number,)).fetchone()
+        if row is None:
+            return {"error": f"There is no order {number}."}
+        return _order_dict(row)
+
+
+# -- the store the module-level functions use ---------------------------------
+
+_stores: dict[Path, PharmacyStore] = {}
+_stores_lock = threading.Lock()
+
+
+def get_store() -> PharmacyStore:
+    """The store at $PHARMACY_DB (default data/pharmacy.db beside this file).
+
+    Read on every call, not at import, so tests and deployments can set
+    PHARMACY_DB any time before use, and a changed value takes effect. Stores
+    are cached per path so the schema/seed work happens once per file; the lock
+    stops two worker threads building the same store at once.
+    """
+    raw = os.environ.get("PHARMACY_DB", "").strip()
+    path = Path(raw).resolve() if raw else DEFAULT_DB_PATH
+    with _stores_lock:
+        store = _stores.get(path)
+        if store is None:
+            store = _stores[path] = PharmacyStore(path)
+        return store
+
+
+def get_drug_info(drug_name: str) -> dict[str, Any]:
+    """Describe a drug: what it's for, dosage, side effects, price, prescription."""
+    return get_store().get_drug_info(drug_name)
+
+
+def place_order(customer_name: str, drug_name: str, quantity: int = 1) -> dict[str, Any]:
+    """Place an order for ``quantity`` (1-100) of a drug; returns the order number."""
+    return get_store().place_order(customer_name, drug_name, quantity)
+
+
+def lookup_order(order_id: int | str) -> dict[str, Any]:
+    """Look up an order by its number."""
+    return get_store().lookup_order(order_id)
+
+
+# Fixed contract with the bridge: function name the LLM calls -> implementation.
+function_map: dict[str, Callable[..., Any]] = {
+    "get_drug_info": get_drug_info,
+    "place_order": place_order,
+    "lookup_order": lookup_order,
+}
