@@ -96,6 +96,7 @@ async def serve(
     announce_startup: bool,
 ) -> None:
     server = BridgeServer(settings, agent_config, function_map, reuse_port=reuse_port)
+    server.handle_signals()
     await server.start()
     if announce_startup:
         announce(settings, 1, server.port)

@@ -67,6 +67,7 @@ class BridgeServer:
         self._connection_ids = itertools.count(1)
         self.draining = False
         self._server: Server | None = None
+        self._stop_signal: asyncio.Future[int] | None = None
         self._phone_html = PHONE_PAGE.read_text(encoding="utf-8") if settings.phone_page else ""
 
     @property
@@ -177,22 +178,26 @@ class BridgeServer:
             await self._server.wait_closed()
         self.functions.close()
 
-    async def serve_until_signalled(self) -> None:
-        """Serve until SIGTERM or SIGINT, then drain; a second signal exits at once."""
+    def handle_signals(self) -> None:
+        """Route SIGTERM/SIGINT to a drain; a second signal exits at once. Call before serving."""
         loop = asyncio.get_running_loop()
-        stop: asyncio.Future[int] = loop.create_future()
+        self._stop_signal = loop.create_future()
 
         def on_signal(signum: int) -> None:
-            if stop.done():
+            if self._stop_signal.done():
                 logger.warning("second signal: exiting now without draining")
                 os._exit(1)
             logger.info("received %s: no new calls; draining", signal.Signals(signum).name)
             self.draining = True
-            stop.set_result(signum)
+            self._stop_signal.set_result(signum)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
-        await stop
+
+    async def serve_until_signalled(self) -> None:
+        """Serve until a signal arrives (see ``handle_signals``), then drain and close."""
+        assert self._stop_signal is not None, "call handle_signals() first"
+        await self._stop_signal
         await self.shutdown(self.settings.drain_seconds)
         logger.info("drained; exiting")
 
