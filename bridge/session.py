@@ -223,6 +223,9 @@ class CallSession:
                     break
         except ConnectionClosed:
             pass  # the caller's socket dropped without a close frame: same as a hang-up
+        except Exception:
+            self.log.exception("the Twilio side failed unexpectedly")
+            self.end("internal error")
         finally:
             # Every byte the caller sent reaches the agent, the partial buffer included.
             if self._buffer:
@@ -468,13 +471,12 @@ class CallSession:
             pass
         if self.caller_gone or self._ended.done():
             return "done"
-        close = socket.close_rcvd
-        code = close.code if close is not None else 1006
+        code = socket.close_code or 1006  # 1006: the connection was lost without a close frame
         if code in RESUMABLE_CLOSE_CODES:
             self.log.warning("the agent connection dropped (close code %d); resuming", code)
             self.record.error("deepgram", code, "connection dropped")
             return "dropped"
-        reason = close.reason if close is not None else ""
+        reason = socket.close_reason
         self.log.info("Deepgram closed the session (code %d%s)", code, f": {reason}" if reason else "")
         self.end(f"Deepgram closed the session (code {code})")
         return "done"

@@ -37,10 +37,9 @@ async def fake_agent() -> AsyncIterator[FakeAgent]:
         yield agent
 
 
-def bridge_settings(agent_url: str, tmp_path: Path, **overrides: Any) -> Settings:
+def bridge_settings(tmp_path: Path, **overrides: Any) -> Settings:
     base = Settings(
         deepgram_api_key="test-key-not-secret",
-        agent_url=agent_url,
         host="127.0.0.1",
         port=0,
         calls_dir=tmp_path / "calls",
@@ -66,7 +65,8 @@ def make_bridge(tmp_path: Path) -> BridgeFactory:
             from pharmacy_functions import function_map as pharmacy_map
 
             function_map = pharmacy_map
-        settings = bridge_settings(agent.url if agent else "ws://127.0.0.1:9/unused", tmp_path, **overrides)
+        overrides.setdefault("agent_url", agent.url if agent else "ws://127.0.0.1:9/unused")
+        settings = bridge_settings(tmp_path, **overrides)
         server = BridgeServer(settings, load_agent_config(config_path, os.environ), function_map)
         async with server:
             yield server

@@ -1,0 +1,343 @@
+"""Production hardening through the real server: admission, Deepgram faults, resume, records, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twilio.request_validator import RequestValidator
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from bridge.twilio import expected_signature
+from conftest import ROOT, BridgeFactory, twilio_url
+from fakes import FakeAgent, FakeTwilioCaller, eventually
+from test_config import validate_settings
+
+TOKEN = "twilio-auth-token-for-tests"
+PUBLIC = "https://bridge.example.ngrok.app"
+
+
+def http_get(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}") if exc.headers.get("Content-Type") == "application/json" else {}
+
+
+# ------------------------------------------------------------------------------------ signature
+
+
+def test_our_signature_matches_twilios_own_validator() -> None:
+    url = f"wss://bridge.example.ngrok.app/twilio"
+    signature = expected_signature(TOKEN, url)
+    assert RequestValidator(TOKEN).validate(url, {}, signature)
+    assert not RequestValidator(TOKEN).validate(url, {}, expected_signature("other", url))
+
+
+async def test_signature_is_required_when_auth_token_is_set(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    async with make_bridge(fake_agent, twilio_auth_token=TOKEN, public_url=PUBLIC) as server:
+        for headers in ({}, {"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"}, {"X-Twilio-Signature": expected_signature("wrong", f"wss://bridge.example.ngrok.app/twilio")}):
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(twilio_url(server), additional_headers=headers)
+            assert refused.value.response.status_code == 403
+        assert fake_agent.handshakes == 0, "a refused call must not open a Deepgram session"
+        # Twilio's own library computes the header a real Twilio would send.
+        good = RequestValidator(TOKEN).compute_signature("wss://bridge.example.ngrok.app/twilio", {})
+        async with FakeTwilioCaller(twilio_url(server), headers={"X-Twilio-Signature": good}) as caller:
+            await caller.start()
+            session = await fake_agent.session()
+            await eventually(lambda: session.settings is not None)
+
+
+# ---------------------------------------------------------------------------------------- limits
+
+
+async def test_calls_past_max_calls_get_503(fake_agent: FakeAgent, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture) -> None:
+    async with make_bridge(fake_agent, max_calls=2) as server:
+        async with FakeTwilioCaller(twilio_url(server)) as one, FakeTwilioCaller(twilio_url(server)) as two:
+            await one.start()
+            await two.start()
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(twilio_url(server))
+            assert refused.value.response.status_code == 503
+            assert any("MAX_CALLS is 2" in r.getMessage() for r in caplog.records)
+        await eventually(lambda: not server.calls)
+        async with FakeTwilioCaller(twilio_url(server)) as three:  # room again once they hung up
+            await three.start()
+            await eventually(lambda: len(fake_agent.sessions) == 3)
+
+
+async def test_oversize_frame_ends_only_that_call(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    async with make_bridge(fake_agent) as server:
+        async with FakeTwilioCaller(twilio_url(server)) as good, FakeTwilioCaller(twilio_url(server)) as bad:
+            await good.start()
+            await bad.start()
+            await bad.send_raw("x" * (256 * 1024))
+            await asyncio.wait_for(bad.closed.wait(), 2)
+            assert bad.socket is not None and bad.socket.close_code == 1009
+            await good.send_audio(b"\x42" * 3200)
+            sessions = await eventually(lambda: [s for s in fake_agent.sessions if len(s.audio) == 3200], what="good audio")
+            assert len(sessions) == 1
+
+
+# ------------------------------------------------------------------------------- Deepgram faults
+
+
+async def expect_prompt_end(server: Any, caplog: pytest.LogCaptureFixture, reason: str, within: float = 2.0) -> None:
+    started = time.monotonic()
+    async with FakeTwilioCaller(twilio_url(server)) as caller:
+        await caller.start()
+        await caller.send_audio(b"\x00" * 1600)
+        await asyncio.wait_for(caller.closed.wait(), within)
+    assert time.monotonic() - started < within
+    await eventually(lambda: not server.calls)
+    failures = [r.getMessage() for r in caplog.records if "could not start the agent session" in r.getMessage()]
+    assert len(failures) == 1 and reason in failures[0], failures
+
+
+async def test_agent_refusing_the_key_ends_the_call(make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture) -> None:
+    async with FakeAgent(refuse_status=401) as agent, make_bridge(agent) as server:
+        await expect_prompt_end(server, caplog, "HTTP 401 (check DEEPGRAM_API_KEY)")
+
+
+async def test_agent_unreachable_ends_the_call(make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with make_bridge(None, agent_url=f"ws://127.0.0.1:{port}/") as server:
+        await expect_prompt_end(server, caplog, "cannot reach Deepgram")
+
+
+async def test_no_settings_applied_in_time_ends_the_call(make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture) -> None:
+    async with FakeAgent(settings_mode="ignore") as agent, make_bridge(agent, agent_connect_timeout_seconds=0.5) as server:
+        await expect_prompt_end(server, caplog, "timed out after 0.5 s waiting for SettingsApplied")
+
+
+async def test_settings_refused_ends_the_call(make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture) -> None:
+    async with FakeAgent(settings_mode="error") as agent, make_bridge(agent) as server:
+        await expect_prompt_end(server, caplog, "Deepgram refused the session: INVALID_SETTINGS: bad settings")
+
+
+async def test_bad_agent_messages_are_survived(fake_agent: FakeAgent, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture) -> None:
+    async with make_bridge(fake_agent) as server, FakeTwilioCaller(twilio_url(server)) as caller:
+        await caller.start()
+        session = await fake_agent.session()
+        await eventually(lambda: session.settings is not None)
+        for frame in ["not json", "[1,2]", '{"type": 5}', "{}", '{"type":"FunctionCallRequest","functions":"x"}',
+                      '{"type":"FunctionCallRequest","functions":[{"id":1}]}', '{"type":"ConversationText","role":null}',
+                      '{"type":"FunctionCallCancelled","functions":[null]}', "not json either"]:
+            await session.socket.send(frame)
+        await session.send_audio(b"\x33" * 999)
+        await caller.send_audio(b"\x44" * 3200)
+        await eventually(lambda: len(caller.audio) == 999 and len(session.audio) == 3200)
+        assert not caller.closed.is_set()
+    assert sum("not JSON" in r.getMessage() for r in caplog.records) == 1, "logged once per call, not per frame"
+
+
+async def test_keepalive_when_no_audio_flows(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    async with make_bridge(fake_agent, keepalive_seconds=0.2) as server, FakeTwilioCaller(twilio_url(server)) as caller:
+        await caller.start()
+        session = await fake_agent.session()
+        await eventually(lambda: len(session.of_type("KeepAlive")) >= 2, 2, "KeepAlives while idle")
+        # While audio flows there are none.
+        count = len(session.of_type("KeepAlive"))
+        for _ in range(30):
+            await caller.send_audio(b"\x01" * 3200)
+            await asyncio.sleep(0.02)
+        assert len(session.of_type("KeepAlive")) <= count + 1
+
+
+# --------------------------------------------------------------------------------- resume
+
+
+async def test_mid_call_drop_resumes_with_history(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    async with make_bridge(fake_agent, inbound_buffer_bytes=160) as server, FakeTwilioCaller(twilio_url(server)) as caller:
+        await caller.start()
+        first = await fake_agent.session(0)
+        await eventually(lambda: first.settings is not None)
+        await first.send_json({"type": "ConversationText", "role": "user", "content": "Is ibuprofen in stock?"})
+        await first.send_json({"type": "FunctionCallRequest", "functions": [
+            {"id": "f1", "name": "get_drug_info", "arguments": '{"drug_name": "ibuprofen"}', "client_side": True}]})
+        await eventually(lambda: first.of_type("FunctionCallResponse"))
+        await first.send_json({"type": "ConversationText", "role": "assistant", "content": "Yes, it is."})
+        await caller.send_audio(b"\x01" * 320)
+        await eventually(lambda: len(first.audio) == 320 and any(len(c.history) == 3 for c in server.calls))
+        first.drop()
+        second = await fake_agent.session(1, timeout=3)
+        await eventually(lambda: second.settings is not None)
+        validate_settings(second.settings_raw)
+        history = second.settings["agent"]["context"]["messages"]
+        assert history[0] == {"type": "History", "role": "user", "content": "Is ibuprofen in stock?"}
+        assert history[1]["function_calls"][0]["id"] == "f1"
+        assert json.loads(history[1]["function_calls"][0]["response"])["name"] == "Ibuprofen"
+        assert history[2] == {"type": "History", "role": "assistant", "content": "Yes, it is."}
+        # The conversation carries on in both directions on the new session.
+        await second.send_audio(b"\x02" * 640)
+        await caller.send_audio(b"\x03" * 480)
+        await eventually(lambda: caller.audio.endswith(b"\x02" * 640) and len(second.audio) == 480)
+        assert bytes(second.audio) == b"\x03" * 480, "no stale audio replayed into the new session"
+        assert not caller.closed.is_set()
+
+
+async def test_gap_audio_is_not_replayed(make_bridge: BridgeFactory) -> None:
+    async with FakeAgent() as agent, make_bridge(agent, inbound_buffer_bytes=160) as server:
+        async with FakeTwilioCaller(twilio_url(server)) as caller:
+            await caller.start()
+            first = await agent.session(0)
+            await eventually(lambda: first.settings is not None)
+            agent.settings_delay = 0.3  # the resumed session takes a while to apply
+            first.drop()
+            second = await agent.session(1, timeout=3)
+            await caller.send_audio(b"\x09" * 800)  # spoken during the gap
+            await eventually(lambda: second.settings is not None)
+            await asyncio.sleep(0.4)
+            await caller.send_audio(b"\x0a" * 160)
+            await eventually(lambda: len(second.audio) >= 160)
+            assert bytes(second.audio) == b"\x0a" * 160
+
+
+async def test_failed_resume_ends_the_call(make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture) -> None:
+    async with FakeAgent() as agent, make_bridge(agent, agent_reconnect_delays=(0.05, 0.05)) as server:
+        async with FakeTwilioCaller(twilio_url(server)) as caller:
+            await caller.start()
+            first = await agent.session(0)
+            await eventually(lambda: first.settings is not None)
+            agent.refuse_status = 503
+            first.drop()
+            await asyncio.wait_for(caller.closed.wait(), 3)
+    assert agent.handshakes == 4  # the first session and three attempts
+    assert any("could not resume the agent session after 3 attempts" in r.getMessage() for r in caplog.records)
+
+
+# -------------------------------------------------------------------------------- call records
+
+
+def read_record(directory: Path) -> list[dict[str, Any]]:
+    files = list(directory.glob("*.jsonl"))
+    assert len(files) == 1, files
+    return [json.loads(line) for line in files[0].read_text().splitlines()]
+
+
+async def test_call_record_has_the_whole_call(fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path) -> None:
+    async with make_bridge(fake_agent) as server:
+        async with FakeTwilioCaller(twilio_url(server)) as caller:
+            await caller.start({"campaign": "spring"})
+            session = await fake_agent.session()
+            await eventually(lambda: session.settings is not None)
+            await caller.send_audio(b"\x01" * 4000)
+            for message in (
+                {"type": "ConversationText", "role": "user", "content": "How much is ibuprofen?"},
+                {"type": "FunctionCallRequest", "functions": [{"id": "a", "name": "get_drug_info", "arguments": '{"drug_name":"ibuprofen"}', "client_side": True}]},
+                {"type": "AgentStartedSpeaking", "total_latency": 0.9, "tts_latency": 0.3, "ttt_latency": 0.6},
+                {"type": "ConversationText", "role": "assistant", "content": "It is 8.99."},
+                {"type": "UserStartedSpeaking"},
+                {"type": "AgentStartedSpeaking", "total_latency": 1.1, "tts_latency": 0.3, "ttt_latency": 0.8},
+                {"type": "Warning", "code": "W1", "description": "careful"},
+            ):
+                await session.send_json(message)
+            await session.send_audio(b"\x02" * 2000)
+            await eventually(lambda: session.of_type("FunctionCallResponse") and len(caller.audio) == 2000)
+            await caller.stop()
+            await asyncio.wait_for(session.closed.wait(), 2)
+        await eventually(lambda: not server.calls)
+    events = read_record(tmp_path / "calls")
+    kinds = [e["event"] for e in events]
+    assert kinds.count("transcript") == 2 and "barge_in" in kinds and "warning" in kinds
+    function = next(e for e in events if e["event"] == "function_call")
+    assert function["name"] == "get_drug_info" and function["result"]["price"] == 8.99 and function["error"] is None
+    assert function["duration_seconds"] >= 0
+    summary = events[-1]
+    assert summary["event"] == "summary"
+    assert summary["call_sid"] == caller.call_sid and summary["stream_sid"] == caller.stream_sid
+    assert summary["custom_parameters"] == {"campaign": "spring"}
+    assert summary["ended_by"] == "caller hung up"
+    assert (summary["turns"], summary["barge_ins"], summary["function_calls"], summary["function_errors"]) == (2, 1, 1, 0)
+    assert summary["agent_latency_p50"] == pytest.approx(1.0) and 1.0 < summary["agent_latency_p95"] <= 1.1
+    assert (summary["audio_bytes_from_caller"], summary["audio_bytes_to_agent"], summary["audio_bytes_to_caller"]) == (4000, 4000, 2000)
+    assert summary["duration_seconds"] > 0 and summary["started_at"] < summary["ended_at"]
+
+
+async def test_record_is_complete_when_the_call_ends_by_a_fault(fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path) -> None:
+    async with make_bridge(fake_agent) as server, FakeTwilioCaller(twilio_url(server)) as caller:
+        await caller.start()
+        session = await fake_agent.session()
+        await eventually(lambda: session.settings is not None)
+        await session.send_json({"type": "ConversationText", "role": "user", "content": "hello"})
+        await session.send_json({"type": "Error", "code": "CLIENT_MESSAGE_TIMEOUT", "description": "no audio"})
+        await asyncio.wait_for(caller.closed.wait(), 2)
+        await eventually(lambda: not server.calls)
+    events = read_record(tmp_path / "calls")
+    assert events[0]["event"] == "start" and events[1]["event"] == "transcript"
+    assert events[-2] == {**events[-2], "event": "error", "code": "CLIENT_MESSAGE_TIMEOUT"}
+    assert events[-1]["ended_by"] == "Deepgram error CLIENT_MESSAGE_TIMEOUT" and events[-1]["errors"] == 1
+
+
+async def test_record_calls_false_writes_nothing(fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path) -> None:
+    async with make_bridge(fake_agent, record_calls=False) as server, FakeTwilioCaller(twilio_url(server)) as caller:
+        await caller.start()
+        session = await fake_agent.session()
+        await session.send_json({"type": "ConversationText", "role": "user", "content": "private"})
+        await caller.stop()
+        await eventually(lambda: not server.calls)
+    assert not (tmp_path / "calls").exists()
+
+
+# -------------------------------------------------------------------------------- draining
+
+
+async def test_sigterm_drains_a_live_call_then_exits_zero(fake_agent: FakeAgent, tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "DEEPGRAM_API_KEY": "k", "DEEPGRAM_AGENT_URL": fake_agent.url, "DRAIN_SECONDS": "20",
+           "CALLS_DIR": str(tmp_path / "calls"), "LOG_LEVEL": "INFO"}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port), "--env-file", str(tmp_path / "none")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        await eventually(lambda: _health(port)[0] == 200, 10, "the server to start")
+        async with FakeTwilioCaller(f"ws://127.0.0.1:{port}/twilio") as caller:
+            await caller.start()
+            session = await fake_agent.session()
+            await eventually(lambda: session.settings is not None)
+            process.send_signal(signal.SIGTERM)
+            await eventually(lambda: _health(port) == (503, {"status": "draining", "calls": 1}), 5, "health to say draining")
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(f"ws://127.0.0.1:{port}/twilio")
+            assert refused.value.response.status_code == 503
+            # The live call carries on both ways while draining.
+            await caller.send_audio(b"\x05" * 3200)
+            await session.send_audio(b"\x06" * 800)
+            await eventually(lambda: len(session.audio) == 3200 and len(caller.audio) == 800)
+            assert process.poll() is None
+            await caller.stop()
+        code = await asyncio.to_thread(process.wait, 10)
+        assert code == 0
+        assert len(list((tmp_path / "calls").glob("*.jsonl"))) == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+        _, stderr = process.communicate()
+    assert "draining" in stderr
+
+
+def _health(port: int) -> tuple[int, dict[str, Any]]:
+    try:
+        return http_get(port, "/health")
+    except OSError:
+        return 0, {}
