@@ -96,7 +96,7 @@ async def serve(
     announce_startup: bool,
 ) -> None:
     server = BridgeServer(settings, agent_config, function_map, reuse_port=reuse_port)
-    server.handle_signals()
+    server.handle_signals(EARLY_SIGNALS[0] if EARLY_SIGNALS else None)
     await server.start()
     if announce_startup:
         announce(settings, 1, server.port)
@@ -121,6 +121,15 @@ def run_workers(argv: Sequence[str], workers: int) -> int:
     return max(codes, key=abs)
 
 
+# A signal that arrives while we are still starting (a worker stopped right after its launch)
+# is remembered here and replayed once the server's own handlers are in place.
+EARLY_SIGNALS: list[int] = []
+
+
+def remember_signal(signum: int, _frame: object) -> None:
+    EARLY_SIGNALS.append(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -129,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.worker_index is not None or args.workers == 1:
+        signal.signal(signal.SIGTERM, remember_signal)
+        signal.signal(signal.SIGINT, remember_signal)
     configure_logging(settings.log_level)
     for warning in warnings:
         logger.warning(warning)

@@ -112,7 +112,7 @@ class BridgeServer:
         return connection.respond(404, "Not found.\n")
 
     def _phone_token_ok(self, query: str) -> bool:
-        tokens = parse_qs(query).get("token")
+        tokens = parse_qs(query, keep_blank_values=True).get("token")
         return bool(tokens) and hmac.compare_digest(tokens[0].encode(), self.settings.phone_page_token.encode())
 
     def _admit_call(self, connection: ServerConnection, request: Request, query: str) -> Response | None:
@@ -126,7 +126,8 @@ class BridgeServer:
         if live >= self.settings.max_calls:
             logger.warning("refused a call: %d calls are live and MAX_CALLS is %d", live, self.settings.max_calls)
             return connection.respond(503, "Too many calls; try again later.\n")
-        browser = self.settings.phone_page and "token" in parse_qs(query)
+        # Any token at all (even an empty one) claims a browser session and must be the right one.
+        browser = self.settings.phone_page and "token" in parse_qs(query, keep_blank_values=True)
         if browser:
             if not self._phone_token_ok(query):
                 logger.warning("refused a browser phone session with a wrong token")
@@ -178,8 +179,11 @@ class BridgeServer:
             await self._server.wait_closed()
         self.functions.close()
 
-    def handle_signals(self) -> None:
-        """Route SIGTERM/SIGINT to a drain; a second signal exits at once. Call before serving."""
+    def handle_signals(self, already_received: int | None = None) -> None:
+        """Route SIGTERM/SIGINT to a drain; a second signal exits at once. Call before serving.
+
+        ``already_received`` is a signal that arrived during startup, before the loop existed.
+        """
         loop = asyncio.get_running_loop()
         self._stop_signal = loop.create_future()
 
@@ -193,6 +197,8 @@ class BridgeServer:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
+        if already_received is not None:
+            on_signal(already_received)
 
     async def serve_until_signalled(self) -> None:
         """Serve until a signal arrives (see ``handle_signals``), then drain and close."""

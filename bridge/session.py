@@ -17,6 +17,7 @@ in ``twilio.py`` and ``agent_protocol.py``; this module only moves things betwee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -164,6 +165,10 @@ class CallSession:
         for timer in (self._keepalive_timer, self._hangup_timer):
             if timer is not None:
                 timer.cancel()
+        if self.browser:
+            # The page shows why the call ended; a stuck socket must not hold up the hang-up.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._to_browser({"event": "call_ended", "reason": self.end_reason}), 0.5)
         # Close both sockets at once; each close is bounded by its close_timeout.
         sockets = [self.twilio_socket.close()]
         if self.agent_socket is not None:

@@ -197,3 +197,34 @@ def test_library_debug_logs_which_show_headers_stay_off() -> None:
 
     main.configure_logging("DEBUG")
     assert logging.getLogger("websockets").getEffectiveLevel() >= logging.WARNING
+
+
+async def test_browser_events_go_to_browser_sessions_only(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    async with make_bridge(fake_agent, phone_page=True, phone_page_token="tok") as server:
+        async with FakeTwilioCaller(twilio_url(server)) as phone_call, FakeTwilioCaller(twilio_url(server, "?token=tok")) as browser:
+            for index, caller in enumerate((phone_call, browser)):
+                await caller.start()
+                session = await fake_agent.session(index)
+                await eventually(lambda s=session: s.settings is not None)
+                for message in (
+                    {"type": "ConversationText", "role": "user", "content": "Hi"},
+                    {"type": "AgentStartedSpeaking", "total_latency": 0.5, "tts_latency": 0.1, "ttt_latency": 0.4},
+                    {"type": "FunctionCallRequest", "functions": [
+                        {"id": "f", "name": "get_drug_info", "arguments": '{"drug_name": "ibuprofen"}', "client_side": True}]},
+                ):
+                    await session.send_json(message)
+                await eventually(lambda s=session: s.of_type("FunctionCallResponse"))
+                await session.close()
+                await asyncio.wait_for(caller.closed.wait(), 2)
+        for refused_query in ("?token=", "?token=nope"):
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(twilio_url(server, refused_query))
+            assert refused.value.response.status_code == 403
+    twilio_kinds = {event["event"] for event in phone_call.events}
+    assert twilio_kinds <= {"media", "mark", "clear"}, twilio_kinds
+    browser_events = {event["event"]: event for event in browser.events}
+    assert browser_events["transcript"] == {"event": "transcript", "role": "user", "content": "Hi"}
+    assert browser_events["agent_latency"]["total_latency"] == 0.5
+    assert browser_events["function_call"]["name"] == "get_drug_info"
+    assert browser_events["function_call"]["result"]["price"] == 8.99
+    assert browser_events["call_ended"]["reason"] == "Deepgram closed the session (code 1000)"

@@ -176,3 +176,40 @@ def test_main_starts_prints_twiml_and_serves_health(tmp_path: Path) -> None:
     assert '<Response><Connect><Stream url="wss://abc.ngrok.app/twilio"/></Connect></Response>' in output
     assert process.returncode == 0
     assert "from-dotenv" not in output
+
+
+def test_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
+    import socket as socketlib
+    import time
+
+    with socketlib.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "DEEPGRAM_API_KEY": "k", "RECORD_CALLS": "false"}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+         "--env-file", str(tmp_path / "none")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        workers: set[int] = set()
+        while time.monotonic() < deadline and len(workers) < 2:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    assert json.loads(response.read()) == {"status": "ok", "calls": 0}
+                    workers.add(1)
+                # Two live listening sockets on the port: the kernel spreads connections over both.
+                children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+                if len(children) == 2:
+                    workers = {int(pid) for pid in children}
+            except OSError:
+                time.sleep(0.1)
+        assert len(workers) == 2
+        process.send_signal(__import__("signal").SIGTERM)
+        assert process.wait(timeout=10) == 0
+        for pid in workers:
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -209,7 +209,7 @@ def test_phone_page_needs_the_token(server):
 
 
 async def test_twilio_socket_with_wrong_token_is_refused(server):
-    for token in ("wrong", TOKEN + "x", TOKEN[:-1]):
+    for token in ("", "wrong", TOKEN + "x", TOKEN[:-1]):
         with pytest.raises(websockets.InvalidStatus) as info:
             async with websockets.connect(f"ws://127.0.0.1:{server}/twilio?token={token}", open_timeout=5):
                 pass
