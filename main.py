@@ -105,6 +105,9 @@ async def serve(
 
 def run_workers(argv: Sequence[str], workers: int) -> int:
     """Start N copies of this program on one port and pass signals on to them."""
+    # Children inherit a blocked mask and unblock once their handlers exist, so a signal sent
+    # while one is still importing waits for it instead of killing it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     children = [
         subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv, "--worker-index", str(index)])
         for index in range(workers)
@@ -117,6 +120,7 @@ def run_workers(argv: Sequence[str], workers: int) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     codes = [child.wait() for child in children]
     return max(codes, key=abs)
 
@@ -124,6 +128,7 @@ def run_workers(argv: Sequence[str], workers: int) -> int:
 # A signal that arrives while we are still starting (a worker stopped right after its launch)
 # is remembered here and replayed once the server's own handlers are in place.
 EARLY_SIGNALS: list[int] = []
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def remember_signal(signum: int, _frame: object) -> None:
@@ -141,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker_index is not None or args.workers == 1:
         signal.signal(signal.SIGTERM, remember_signal)
         signal.signal(signal.SIGINT, remember_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     configure_logging(settings.log_level)
     for warning in warnings:
         logger.warning(warning)
