@@ -81,8 +81,14 @@ def print_result(r: dict) -> None:
           f"  -> {srv['rss_per_call_kb']:.0f} KB per call   (/health calls mid-window: "
           f"{srv['health_calls_mid_window']})")
     lag = gen["tick_lag_ms"]
-    print(f"  generator CPU   {gen['cpu_percent']:6.1f} % (with the fake agent); tick lag p99 "
-          f"{_fmt(lag['p99'], 0)} ms" + ("   ** INCONCLUSIVE: generator above 80% **" if gen["inconclusive"] else ""))
+    m = r["machine"]
+    print(f"  generator CPU   {gen['cpu_percent']:6.1f} % (with the fake agent); tick lag p99 {_fmt(lag['p99'], 0)} ms")
+    cores = (f" (CPU 0 {m['other_programs_cpu0_percent']} %, CPU 1 {m['other_programs_cpu1_percent']} %)"
+             if "other_programs_cpu0_percent" in m else "")
+    print(f"  other programs  {m['other_programs_percent']:6.1f} % of a core{cores}; interrupts (loopback "
+          f"networking) {m['interrupts_percent']:.1f} %")
+    if r["inconclusive"]:
+        print(f"  ** INCONCLUSIVE: {'; '.join(r['inconclusive'])} **")
     print(f"  added latency (ms)                      {'p50':>8} {'p99':>8} {'max':>8} {'samples':>9}")
     rows = [("a caller -> agent (completing frame)", "caller_to_agent"),
             ("b agent -> caller", "agent_to_caller"),

@@ -16,13 +16,15 @@ from . import report
 from .agent import FakeAgent
 from .caller import PERIOD, Caller, Phase
 from .model import Plan, Run
-from .server import REPO, Bridge, cpu_seconds, rss_kb
+from .server import REPO, Bridge, cpu_seconds, machine_busy_seconds, rss_kb
 
 SWEEP_BUFFERS = (160, 800, 3200)
 WARM = 2.0  # s between the last call dialling and the window
 DRAIN = 2.5  # s between the window's end (no new agent speech) and the first hang-up
 CLOSE_TIMEOUT = 15.0  # s for every socket to close after the hang-ups
 GENERATOR_CPU_LIMIT = 80.0  # % of a core above which the generator's own queueing taints the run
+TICK_LAG_LIMIT = 20.0  # ms: p99 lateness of the generator's 20 ms ticks above which it was starved
+OTHER_LOAD_LIMIT = 20.0  # % of a core used by other programs on the machine during the window
 
 DEFAULT_SETTINGS = {
     "type": "Settings",
@@ -60,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--record", action="store_true", help="run the bridge with RECORD_CALLS=true")
     p.add_argument("--config", type=Path, help="Settings file for the bridge (default: the repo's config.json)")
     p.add_argument("--main", type=Path, default=REPO / "main.py", help="the bridge's entry script")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="first wait up to this long for other programs to use under "
+                        f"{OTHER_LOAD_LIMIT:.0f}%% of a core (default: don't wait)")
     p.add_argument("--log-level", default="WARNING", help="the bridge's LOG_LEVEL (default WARNING)")
     args = p.parse_args(argv)
     if args.calls < 1 or args.seconds <= 0 or args.workers < 1 or args.buffer < 1 or args.phases < 1:
@@ -77,6 +82,24 @@ def pin_self(pin: bool) -> bool:
         return False
     os.sched_setaffinity(0, {1})
     return True
+
+
+async def wait_quiet(limit_s: float, quiet_for: int = 3) -> None:
+    """Wait (up to limit_s) for `quiet_for` seconds in a row in which other programs are nearly idle."""
+    deadline = time.monotonic() + limit_s
+    quiet = 0
+    said = False
+    while quiet < quiet_for and time.monotonic() < deadline:
+        b0 = machine_busy_seconds()["cpu"]
+        await asyncio.sleep(1.0)
+        busy = 100.0 * (machine_busy_seconds()["cpu"] - b0)
+        quiet = quiet + 1 if busy <= OTHER_LOAD_LIMIT else 0
+        if not quiet and not said:
+            print(f"bench: other programs use {busy:.0f}% of a core; waiting up to {limit_s:.0f} s for quiet",
+                  file=sys.stderr)
+            said = True
+    if quiet < quiet_for:
+        print("bench: the machine is still busy; measuring anyway", file=sys.stderr)
 
 
 async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) -> dict:
@@ -100,6 +123,8 @@ async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) ->
     result: dict = {}
     try:
         await bridge.wait_ready()
+        print(f"bench: bridge pid {bridge.pid} on port {bridge.port} (attach a profiler to it: "
+              f"py-spy record --pid {bridge.pid})", file=sys.stderr, flush=True)
         await asyncio.sleep(1.0)
         pids = bridge.pids()
         rss_idle = rss_kb(pids)
@@ -136,6 +161,7 @@ async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) ->
         await until(lo)
         pids = bridge.pids()
         cpu0, gen0, wall0 = cpu_seconds(pids), time.process_time(), time.monotonic()
+        busy0 = machine_busy_seconds()
         rss_peak = rss_kb(pids)
         health_calls = None
         mid = lo + (hi - lo) // 2
@@ -150,6 +176,7 @@ async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) ->
                     health_calls = "unreachable"
         await until(hi)
         cpu1, gen1, wall1 = cpu_seconds(pids), time.process_time(), time.monotonic()
+        busy1 = machine_busy_seconds()
         rss_peak = max(rss_peak, rss_kb(pids))
         window = wall1 - wall0
 
@@ -178,6 +205,24 @@ async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) ->
 
         server_cpu = cpu1 - cpu0
         gen_cpu = 100.0 * (gen1 - gen0) / window
+
+        def pct(key: str, less: float = 0.0) -> float:
+            return round(100.0 * max(0.0, busy1[key] - busy0[key] - less) / window, 1)
+
+        other = pct("cpu", server_cpu + (gen1 - gen0))
+        machine = {"other_programs_percent": other, "interrupts_percent": pct("irq_cpu")}
+        if pinned:  # the bridge has CPU 0 to itself, the generator CPU 1: who else ran there?
+            machine.update({"other_programs_cpu0_percent": pct("cpu0", server_cpu),
+                            "other_programs_cpu1_percent": pct("cpu1", gen1 - gen0),
+                            "interrupts_cpu0_percent": pct("irq_cpu0"), "interrupts_cpu1_percent": pct("irq_cpu1")})
+        tick_lag = report.percentiles(run.tick_lag)
+        inconclusive = []
+        if gen_cpu > GENERATOR_CPU_LIMIT:
+            inconclusive.append(f"generator CPU {gen_cpu:.0f}% > {GENERATOR_CPU_LIMIT:.0f}%")
+        if (tick_lag["p99"] or 0) > TICK_LAG_LIMIT:
+            inconclusive.append(f"generator ticks late (p99 {tick_lag['p99']:.0f} ms > {TICK_LAG_LIMIT:.0f} ms)")
+        if other > OTHER_LOAD_LIMIT:
+            inconclusive.append(f"other programs used {other:.0f}% of a core > {OTHER_LOAD_LIMIT:.0f}%")
         result = {
             "config": {
                 "calls": n, "seconds": round(window, 3), "workers": args.workers,
@@ -193,8 +238,8 @@ async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) ->
             },
             "generator": {
                 "cpu_percent": round(gen_cpu, 2),
-                "inconclusive": gen_cpu > GENERATOR_CPU_LIMIT,
-                "tick_lag_ms": report.percentiles(run.tick_lag),
+                "tick_lag_ms": tick_lag,
+
                 "note": "the generator's CPU includes the fake agent (same process)",
             },
             "latency_ms": {
@@ -204,6 +249,8 @@ async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) ->
                 "function_call": report.percentiles(run.fc),
                 "caller_to_agent_incl_buffering": report.percentiles(run.up_incl),
             },
+            "machine": machine,
+            "inconclusive": inconclusive,
             "integrity": report.integrity(run),
             "events": report.events(run),
         }
@@ -227,6 +274,8 @@ async def amain(args: argparse.Namespace) -> int:
     buffers = SWEEP_BUFFERS if args.buffer_sweep else (args.buffer,)
     results = []
     for b in buffers:
+        if args.wait_quiet > 0:
+            await wait_quiet(args.wait_quiet)
         try:
             res = await run_once(args, b, pinned)
         except RuntimeError as e:

@@ -53,6 +53,22 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def machine_busy_seconds() -> dict[str, float]:
+    """CPU seconds since boot from /proc/stat: busy in processes (user, nice, system, steal) as "cpu"
+    (all cores) and "cpuN", and in interrupts (irq, softirq: loopback networking, charged to no
+    process) as "irq_cpu" and "irq_cpuN"."""
+    busy = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if not line.startswith("cpu"):
+                break
+            name, *rest = line.split()
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in rest[:8])
+            busy[name] = (user + nice + system + steal) / CLK_TCK
+            busy["irq_" + name] = (irq + softirq) / CLK_TCK
+    return busy
+
+
 def rss_kb(pids: list[int]) -> int:
     total = 0
     for pid in pids:
