@@ -65,7 +65,6 @@ class Session:
         self.up: StreamChecker | None = None
         self.script: asyncio.Task | None = None
         self.fc_pending: dict[str, tuple[int, asyncio.Future]] = {}
-        self.n_audio = 0
         self.odd_sizes = 0  # audio messages not of INBOUND_BUFFER_BYTES (one, the flush at stop, is fine)
         self.last_odd = False
 
@@ -93,7 +92,6 @@ class Session:
             self.call = call
             self.up = call.up = StreamChecker(MAGIC_UP, cid, run.up_incl, run.plan.lo, run.plan.hi)
             self.script = asyncio.get_running_loop().create_task(self.play(random.Random(cid)))
-        self.n_audio += 1
         t = self.up.feed(data, now)
         if len(data) == run.buffer_bytes:
             self.last_odd = False

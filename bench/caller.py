@@ -64,7 +64,6 @@ class Caller(asyncio.Protocol):
         self.media_tmpl = _MEDIA.replace("SID", call.sid)
         self.play_end = 0.0  # loop.time() at which queued audio finishes playing
         self.marks: collections.deque = collections.deque()  # (name, TimerHandle) not yet echoed
-        self.closed = asyncio.get_running_loop().create_future()
         self.sent_close = False
 
     # --- sending -----------------------------------------------------------------------------
@@ -147,8 +146,6 @@ class Caller(asyncio.Protocol):
             handle.cancel()
         if not self.opened.done():
             self.opened.set_exception(ConnectionError(f"closed during handshake: {exc}"))
-        if not self.closed.done():
-            self.closed.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         buf = self.rbuf

@@ -13,12 +13,9 @@ from .frames import MAGIC_DOWN, StreamChecker
 class Plan:
     """The run's timeline, all in time.monotonic_ns()."""
 
-    start: int  # first call dials
-    ramp: int  # calls dial spread over this
     lo: int  # measuring window start
     hi: int  # measuring window end; the agent starts no new speech after it
-    hangup: int  # hang-ups begin (spread over `hangup_spread`)
-    hangup_spread: int
+    hangup: int  # hang-ups begin
 
 
 @dataclass

@@ -18,8 +18,9 @@ def percentiles(samples: array) -> dict:
     return {"n": n, "p50": pick(0.50), "p99": pick(0.99), "max": round(s[-1] / 1e6, 3)}
 
 
-def integrity(run: Run) -> dict:
-    """Per call: every byte sent arrived, in order, unchanged, both ways; and no protocol errors."""
+def integrity(run: Run, agent_connections: int) -> dict:
+    """Per call: every byte sent arrived, in order, unchanged, both ways; and no protocol errors.
+    The bridge must also open exactly one agent connection per call."""
     failed = []
     up_sent = up_recv = down_sent = down_recv = 0
     for c in sorted(run.calls.values(), key=lambda c: c.cid):
@@ -46,7 +47,8 @@ def integrity(run: Run) -> dict:
         down_sent += c.down_sent
         down_recv += c.down.nbytes
     return {
-        "ok": not failed and bool(run.calls),
+        "ok": not failed and bool(run.calls) and agent_connections == len(run.calls),
+        "agent_connections": agent_connections,
         "calls": len(run.calls),
         "calls_ok": len(run.calls) - len(failed),
         "caller_to_agent_bytes": {"sent": up_sent, "received": up_recv},
@@ -102,6 +104,8 @@ def print_result(r: dict) -> None:
     status = "OK" if integ["ok"] else "FAILED"
     print(f"  integrity {status}: {integ['calls_ok']}/{integ['calls']} calls byte-exact both ways, no protocol "
           f"errors (caller->agent {up['received']}/{up['sent']} B, agent->caller {down['received']}/{down['sent']} B)")
+    if integ["agent_connections"] != integ["calls"]:
+        print(f"    the bridge opened {integ['agent_connections']} agent connections for {integ['calls']} calls")
     for f in integ["failed"][:5]:
         print(f"    call {f['call']}: {'; '.join(f['problems'][:3])}")
     if integ["run_notes"]:
@@ -120,4 +124,4 @@ def print_sweep(results: list[dict]) -> None:
         inc, exc = r["latency_ms"]["caller_to_agent_incl_buffering"], r["latency_ms"]["caller_to_agent"]
         print(f"  {b:>7} {b / 8:>5.0f}ms {_fmt(inc['p50'], 9)} {_fmt(inc['p99'], 9)} {_fmt(exc['p50'], 10)}"
               f" {_fmt(exc['p99'], 10)} {r['server']['cpu_percent']:>13.1f}"
-              f" {r['server']['cpu_us_per_call_second']:>10.0f}")
+              f" {r['server']['cpu_us_per_call_second']:>10.0f}" + ("  (inconclusive)" if r["inconclusive"] else ""))

@@ -134,8 +134,7 @@ async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) ->
         lo = t0 + int((args.ramp + WARM) * ns)
         hi = lo + int(args.seconds * ns)
         spread = min(1.0, args.ramp)
-        run.plan = Plan(start=t0, ramp=int(args.ramp * ns), lo=lo, hi=hi,
-                        hangup=hi + int(DRAIN * ns), hangup_spread=int(spread * ns))
+        run.plan = Plan(lo=lo, hi=hi, hangup=hi + int(DRAIN * ns))
         lt0 = loop.time() + 0.2
         phases = [Phase(run, lt0 + PERIOD * i / args.phases) for i in range(args.phases)]
 
@@ -150,15 +149,20 @@ async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) ->
             except Exception as e:  # noqa: BLE001 - any failure to dial is reported per call
                 call.error(f"dial failed: {e!r}")
 
-        dials = []
-        for i in range(n):
-            dials.append(loop.call_later(0.2 + args.ramp * i / n,
-                                         lambda cid=i + 1: loop.create_task(dial(cid))))
+        dialling: set[asyncio.Task] = set()  # a reference to each task until it ends
+
+        def start_dial(cid: int) -> None:
+            task = loop.create_task(dial(cid))
+            dialling.add(task)
+            task.add_done_callback(dialling.discard)
+
+        dials = [loop.call_later(0.2 + args.ramp * i / n, start_dial, i + 1) for i in range(n)]
 
         async def until(t_ns: int) -> None:
             await asyncio.sleep(max(0.0, (t_ns - time.monotonic_ns()) / ns))
 
         await until(lo)
+        live_at_start = sum(c.connected and c.up is not None and not c.caller_closed for c in run.calls.values())
         pids = bridge.pids()
         cpu0, gen0, wall0 = cpu_seconds(pids), time.process_time(), time.monotonic()
         busy0 = machine_busy_seconds()
@@ -221,6 +225,8 @@ async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) ->
             inconclusive.append(f"generator CPU {gen_cpu:.0f}% > {GENERATOR_CPU_LIMIT:.0f}%")
         if (tick_lag["p99"] or 0) > TICK_LAG_LIMIT:
             inconclusive.append(f"generator ticks late (p99 {tick_lag['p99']:.0f} ms > {TICK_LAG_LIMIT:.0f} ms)")
+        if live_at_start < n:
+            inconclusive.append(f"only {live_at_start} of {n} calls were up when the window opened")
         if other > OTHER_LOAD_LIMIT:
             inconclusive.append(f"other programs used {other:.0f}% of a core > {OTHER_LOAD_LIMIT:.0f}%")
         result = {
@@ -251,7 +257,7 @@ async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) ->
             },
             "machine": machine,
             "inconclusive": inconclusive,
-            "integrity": report.integrity(run),
+            "integrity": report.integrity(run, agent.connections),
             "events": report.events(run),
         }
     finally:
