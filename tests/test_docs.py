@@ -1,0 +1,503 @@
+"""The documentation agrees with the code: README.md, .env.example, the Dockerfile, deploy/kubernetes.yaml.
+
+Fast and offline. Each check reads what the code actually does (the settings it reads, the TwiML it
+prints, the answers it gives, the records it writes) and fails when the docs drift from it.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import re
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.config import load_settings
+from bridge.functions import FunctionRunner, check_function_map
+from bridge.records import CallRecord
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+ENV_EXAMPLE = (ROOT / ".env.example").read_text(encoding="utf-8")
+DOCKERFILE = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+DOCKERIGNORE = (ROOT / ".dockerignore").read_text(encoding="utf-8")
+KUBERNETES = (ROOT / "deploy" / "kubernetes.yaml").read_text(encoding="utf-8")
+SAMPLE_PUBLIC_URL = "https://abc123.ngrok-free.app"
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+def section(title: str, level: int = 2) -> str:
+    """The README text under the heading ``title``, up to the next heading of the same level."""
+    marker = "#" * level + " "
+    lines = README.splitlines()
+    try:
+        start = lines.index(marker + title)
+    except ValueError:
+        raise AssertionError(f"README has no heading {marker + title!r}") from None
+    body = []
+    for line in lines[start + 1:]:
+        if re.match(rf"#{{1,{level}}} ", line):
+            break
+        body.append(line)
+    return "\n".join(body)
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    """The fenced code blocks of ``language`` (also those indented inside list items), dedented."""
+    blocks = re.findall(rf"^([ \t]*)```{language}\n(.*?)^\1```", text, flags=re.S | re.M)
+    return [textwrap.dedent(body) for _, body in blocks]
+
+
+def table_first_cells(text: str) -> list[str]:
+    """The first cell of every body row (not header) of the Markdown tables in ``text``."""
+    cells, in_body = [], False
+    for line in text.splitlines():
+        if re.fullmatch(r"\|[-:| ]+\|", line.strip()):
+            in_body = True
+        elif in_body and line.startswith("|"):
+            cells.append(line.split("|")[1].strip())
+        else:
+            in_body = False
+    return cells
+
+
+def config_env_names() -> set[str]:
+    """The variables bridge/config.py reads, by regex over its source."""
+    source = (ROOT / "bridge" / "config.py").read_text(encoding="utf-8")
+    names = set(re.findall(r'(?:environ\.get|_int|_float|_bool)\(\s*(?:environ\s*,\s*)?"([A-Z][A-Z0-9_]*)"', source))
+    assert {"DEEPGRAM_API_KEY", "PORT", "MAX_CALLS", "RECORD_CALLS"} <= names, f"the regex found only {names}"
+    return names
+
+
+class RecordingEnviron(dict[str, str]):
+    """An environment that remembers every name looked up in it."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(str(key))
+        return super().__contains__(key)
+
+
+def documented_names() -> set[str]:
+    return config_env_names() | {"PHARMACY_DB"}
+
+
+def env_example_entries() -> dict[str, str]:
+    return dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", ENV_EXAMPLE, flags=re.M))
+
+
+def readme_settings_table() -> dict[str, str]:
+    """``NAME -> default cell`` from the README's settings table."""
+    rows = re.findall(r"^\| `([A-Z][A-Z0-9_]*)` \| ([^|]*) \|", section("Settings (`.env`)"), flags=re.M)
+    return {name: default.strip() for name, default in rows}
+
+
+# -------------------------------------------------------------------------------- settings
+
+def test_the_regex_finds_every_variable_load_settings_reads() -> None:
+    environ = RecordingEnviron({"DEEPGRAM_API_KEY": "k"})
+    load_settings(environ)
+    assert environ.read == config_env_names()
+
+
+def test_pharmacy_functions_reads_pharmacy_db() -> None:
+    source = (ROOT / "pharmacy_functions.py").read_text(encoding="utf-8")
+    assert 'environ.get("PHARMACY_DB"' in source
+
+
+def test_env_example_lists_every_variable_under_a_comment() -> None:
+    entries = env_example_entries()
+    assert set(entries) == documented_names(), "`.env.example` must list exactly the variables the code reads"
+    lines = ENV_EXAMPLE.splitlines()
+    for index, line in enumerate(lines):
+        if not line.strip() or line.startswith("#"):
+            continue
+        assert re.match(r"^[A-Z][A-Z0-9_]*=", line), f".env.example line {index + 1} is not NAME=value: {line!r}"
+        # Walk up through this group of lines (no blank line between) to its comment.
+        above = index - 1
+        while above >= 0 and lines[above].strip() and not lines[above].startswith("#"):
+            above -= 1
+        assert above >= 0 and lines[above].startswith("#"), f"{line.split('=')[0]} in .env.example has no comment above it"
+
+
+def test_env_example_changes_no_default() -> None:
+    """Copying .env.example to .env must give the documented defaults, not stale copies of them."""
+    entries = env_example_entries()
+    from_example = load_settings(entries)
+    defaults = load_settings({"DEEPGRAM_API_KEY": entries["DEEPGRAM_API_KEY"]})
+    for field in from_example.__dataclass_fields__:
+        if field != "phone_page_token":  # random at each start
+            assert getattr(from_example, field) == getattr(defaults, field), f"{field} in .env.example is not the default"
+
+
+def test_readme_settings_table_is_exactly_the_variables_with_their_defaults() -> None:
+    table = readme_settings_table()
+    assert set(table) == documented_names(), "README's settings table must list exactly the variables the code reads"
+    defaults = load_settings({"DEEPGRAM_API_KEY": "k"})
+    attribute = {"DEEPGRAM_API_KEY": "deepgram_api_key", "DEEPGRAM_AGENT_URL": "agent_url"}
+    for name, cell in table.items():
+        if name == "PHARMACY_DB":
+            assert cell == "`data/pharmacy.db`"
+            continue
+        value = getattr(defaults, attribute.get(name, name.lower()))
+        literal = re.fullmatch(r"`([^`]*)`", cell)
+        if literal is None:
+            # "(required)", "(unset)", "(random at each start)": no fixed default.
+            assert name in {"DEEPGRAM_API_KEY", "PHONE_PAGE_TOKEN"} or value is None, f"{name}: README gives no default"
+            continue
+        text = literal.group(1)
+        if isinstance(value, bool):
+            assert text == str(value).lower(), name
+        elif isinstance(value, int | float):
+            assert float(text) == value, name
+        else:
+            assert text == str(value), name
+
+
+def test_readme_documents_every_command_line_flag() -> None:
+    source = (ROOT / "main.py").read_text(encoding="utf-8")
+    flags = [flag for flag, rest in re.findall(r'add_argument\("(--[a-z-]+)"(.*)', source) if "SUPPRESS" not in rest]
+    assert {"--host", "--port", "--config", "--env-file", "--workers"} <= set(flags)
+    for flag in flags:
+        assert f"`{flag}" in README, f"README does not document {flag}"
+
+
+# ------------------------------------------------------------------------- quick start, TwiML
+
+def test_quick_start_commands() -> None:
+    quick = section("Quick start")
+    for command in (
+        "cp .env.example .env",
+        "pip install -r requirements.txt && python main.py",
+        "pip install -r requirements-dev.txt && pytest",
+    ):
+        assert command in quick, f"Quick start lacks {command!r}"
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "pytest" in [line.strip() for line in ci.splitlines()], ".ci/run must run the README's test command"
+
+
+def test_readme_twiml_is_what_main_prints() -> None:
+    twiml = load_settings({"DEEPGRAM_API_KEY": "k", "PUBLIC_URL": SAMPLE_PUBLIC_URL}).twiml
+    assert twiml in code_blocks(section("Twilio setup"), "xml")[0]
+
+
+def test_every_twiml_in_readme_streams_both_ways_and_ends_with_connect() -> None:
+    documents = re.findall(r"<Response>.*?</Response>", README)
+    assert documents
+    for document in documents:
+        response = ET.fromstring(document)
+        assert [child.tag for child in response][-1] == "Connect", f"<Connect> must be the last verb: {document}"
+        stream = response.find("Connect/Stream")
+        assert stream is not None, document
+        url = stream.get("url", "")
+        assert url.startswith("wss://") and url.endswith("/twilio") and "?" not in url, document
+
+
+def test_readme_internal_links_point_at_headings() -> None:
+    slugs = {
+        re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        for heading in re.findall(r"^#+ (.*)$", README, flags=re.M)
+    }
+    for anchor in re.findall(r"\]\(#([^)]+)\)", README):
+        assert anchor in slugs, f"README links to #{anchor}, which is no heading"
+
+
+def test_performance_section_names_real_bench_flags() -> None:
+    performance = section("Performance")
+    assert "python -m bench" in performance
+    bench = (ROOT / "bench" / "runner.py").read_text(encoding="utf-8")
+    for flag in set(re.findall(r"(--[a-z][a-z-]*)", performance)) - {"--help"}:
+        assert f'"{flag}"' in bench, f"README's Performance section names {flag}, which python -m bench lacks"
+
+
+# -------------------------------------------------------------------------------- functions
+
+def readme_example_function() -> tuple[Any, dict[str, Any]]:
+    adding = section("Adding your own function")
+    python = next(block for block in code_blocks(adding, "python") if "def get_opening_hours" in block)
+    namespace: dict[str, Any] = {}
+    exec(compile(python, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    declaration = json.loads(next(block for block in code_blocks(adding, "json") if "get_opening_hours" in block))
+    return namespace["get_opening_hours"], declaration
+
+
+def test_readme_example_function_passes_the_startup_check_and_answers() -> None:
+    function, declaration = readme_example_function()
+    assert declaration["name"] == "get_opening_hours"
+    assert check_function_map({"get_opening_hours": function}, {"get_opening_hours": declaration}) == []
+    json.dumps(function("Saturday"))
+    json.dumps(function())
+    assert "error" in function("someday")
+
+
+def test_readme_function_map_example_keeps_the_real_entries() -> None:
+    from pharmacy_functions import function_map
+
+    block = next(b for b in code_blocks(section("Adding your own function"), "python") if "function_map" in b)
+    keys = set(re.findall(r'^\s+"(\w+)":', block, flags=re.M))
+    assert keys == set(function_map) | {"get_opening_hours"}
+
+
+def test_readme_pharmacy_table_lists_the_function_map() -> None:
+    from pharmacy_functions import function_map
+
+    names = {cell.strip("`") for cell in table_first_cells(section("The pharmacy store"))}
+    assert names == set(function_map)
+
+
+def _raises() -> None:
+    raise RuntimeError("boom")
+
+
+async def _slow() -> None:
+    import asyncio
+
+    await asyncio.sleep(5)
+
+
+def _drug(drug_name: str) -> dict[str, str]:
+    return {"drug": drug_name}
+
+
+# First column of the README's error table (a distinctive part of it) -> how to cause that case.
+ERROR_CASES: dict[str, tuple[dict[str, Any], str]] = {
+    "No such function": ({}, "{}"),
+    "is not JSON": ({"X": _drug}, "{"),
+    "is not a JSON object": ({"X": _drug}, "[1]"),
+    "missing or unexpected": ({"X": _drug}, "{}"),
+    "raised an exception": ({"X": _raises}, "{}"),
+    "isn't JSON-serialisable": ({"X": lambda: object()}, "{}"),
+    "FUNCTION_TIMEOUT_SECONDS": ({"X": _slow}, "{}"),
+}
+
+
+def readme_error_table() -> dict[str, str]:
+    rows = re.findall(r'^\| ([^|]+) \| `(\{"error": .*?\})` \|', section("Adding your own function"), flags=re.M)
+    return {case.strip(): answer for case, answer in rows}
+
+
+def test_readme_error_table_covers_every_case() -> None:
+    table = readme_error_table()
+    assert len(table) == len(ERROR_CASES)
+    for key in ERROR_CASES:
+        assert any(key in case for case in table), f"README's error table has no row for {key!r}"
+
+
+@pytest.mark.parametrize("key", sorted(ERROR_CASES))
+async def test_readme_error_table_matches_the_real_answers(key: str) -> None:
+    function_map, arguments = ERROR_CASES[key]
+    documented = next(answer for case, answer in readme_error_table().items() if key in case)
+    runner = FunctionRunner(function_map, timeout_seconds=0.1)
+    try:
+        outcome = await runner.run("X", arguments, logging.LoggerAdapter(logging.getLogger("test_docs")))
+    finally:
+        runner.close()
+    assert json.loads(outcome.content) == json.loads(documented)
+
+
+# ---------------------------------------------------------------------------------- records
+
+def test_readme_lists_every_record_event() -> None:
+    sources = [(ROOT / "bridge" / name).read_text(encoding="utf-8") for name in ("session.py", "records.py")]
+    emitted = {event for source in sources for event in re.findall(r'\.add\(\s*"(\w+)"', source)}
+    assert {"transcript", "function_call", "barge_in", "agent_started_speaking"} <= emitted
+    documented = {cell.strip("`") for cell in table_first_cells(section("Call records", 3))}
+    assert documented == emitted
+
+
+def test_readme_lists_every_summary_field() -> None:
+    tree = ast.parse((ROOT / "bridge" / "session.py").read_text(encoding="utf-8"))
+    from_session = {
+        keyword.arg
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "summary"
+        for keyword in node.keywords
+    }
+    assert "call_sid" in from_session
+    fields = set(CallRecord(Path("unused"), False).summary()) | from_session
+    records = section("Call records", 3)
+    for field in fields - {"event"}:
+        assert f"`{field}`" in records, f"README's call records section does not mention the summary field {field}"
+
+
+# ----------------------------------------------------------------------------------- Docker
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    joined = re.sub(r"\\\n", " ", DOCKERFILE)
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
+        for line in joined.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+
+
+def test_dockerfile_runs_as_a_non_root_user_with_a_healthcheck() -> None:
+    instructions = dockerfile_instructions()
+    base = next(args for op, args in instructions if op == "FROM")
+    assert re.fullmatch(r"python:3\.(1[1-9])-slim", base.strip()), base
+    users = [args.strip() for op, args in instructions if op == "USER"]
+    assert users and users[-1].split(":")[0] not in {"root", "0"}, "the image must run as a non-root user"
+    healthchecks = [args for op, args in instructions if op == "HEALTHCHECK"]
+    assert len(healthchecks) == 1 and "/health" in healthchecks[0]
+    # The check runs python -c "...": that code must at least compile.
+    command = json.loads(healthchecks[0][healthchecks[0].index("CMD") + 3:].strip())
+    assert command[:2] == ["python", "-c"]
+    compile(command[2], "HEALTHCHECK", "exec")
+    assert ("EXPOSE", "5000") in instructions
+    assert ("STOPSIGNAL", "SIGTERM") in instructions
+    assert json.loads(next(args for op, args in instructions if op == "CMD")) == ["python", "main.py"]
+
+
+def test_dockerfile_installs_and_copies_what_the_bridge_needs() -> None:
+    runs = " ".join(args for op, args in dockerfile_instructions() if op == "RUN")
+    assert "pip install --no-cache-dir -r requirements.txt" in runs
+    uvloop_pin = re.search(r"^uvloop==([\d.]+)", (ROOT / "requirements-dev.txt").read_text(), flags=re.M)
+    assert uvloop_pin and f"uvloop=={uvloop_pin.group(1)}" in runs, "the image's uvloop should match requirements-dev.txt"
+    copied = " ".join(args for op, args in dockerfile_instructions() if op == "COPY")
+    for needed in ("requirements.txt", "main.py", "config.json", "pharmacy_functions.py", "bridge/"):
+        assert needed in copied, f"the Dockerfile does not copy {needed}"
+    ignored = {line.strip().rstrip("/") for line in DOCKERIGNORE.splitlines() if line.strip() and not line.startswith("#")}
+    assert {".env", ".venv", ".ci-venv", ".git", "calls", "data"} <= ignored
+    assert not ignored & {"requirements.txt", "main.py", "config.json", "pharmacy_functions.py", "bridge"}
+
+
+# ------------------------------------------------------------------------------- Kubernetes
+
+def parse_yaml_subset(text: str) -> list[Any]:
+    """A tiny YAML reader for the subset deploy/kubernetes.yaml uses: block mappings and lists,
+    full-line comments, ``---`` between documents, and scalars (quoted, int, bool, flow JSON)."""
+
+    def scalar(raw: str) -> Any:
+        raw = raw.strip()
+        if raw[:1] in {'"', "[", "{"}:
+            return json.loads(raw)
+        if re.fullmatch(r"-?\d+", raw):
+            return int(raw)
+        return {"true": True, "false": False}.get(raw, raw)
+
+    def block(lines: list[tuple[int, str, int]], i: int, indent: int) -> tuple[Any, int]:
+        if lines[i][1].startswith("- ") or lines[i][1] == "-":
+            return sequence(lines, i, indent)
+        return mapping(lines, i, indent)
+
+    def mapping(lines: list[tuple[int, str, int]], i: int, indent: int) -> tuple[dict[str, Any], int]:
+        result: dict[str, Any] = {}
+        while i < len(lines) and lines[i][0] == indent and not lines[i][1].startswith("-"):
+            _, content, number = lines[i]
+            match = re.fullmatch(r"([^\s:\"'#]+):(?:\s+(.*))?", content)
+            assert match, f"kubernetes.yaml line {number}: expected 'key: value', got {content!r}"
+            key, rest = match.group(1), match.group(2)
+            assert key not in result, f"kubernetes.yaml line {number}: duplicate key {key!r}"
+            i += 1
+            if rest:
+                result[key] = scalar(rest)
+            elif i < len(lines) and lines[i][0] > indent:
+                result[key], i = block(lines, i, lines[i][0])
+            else:
+                result[key] = None
+        return result, i
+
+    def sequence(lines: list[tuple[int, str, int]], i: int, indent: int) -> tuple[list[Any], int]:
+        result: list[Any] = []
+        while i < len(lines) and lines[i][0] == indent and lines[i][1].startswith("-"):
+            _, content, number = lines[i]
+            item = content[1:].strip()
+            if re.match(r"[^\s:\"'#\[{]+:(\s|$)", item):
+                lines[i] = (indent + 2, item, number)  # "- key: value" opens a mapping
+                value, i = mapping(lines, i, indent + 2)
+            elif item:
+                value, i = scalar(item), i + 1
+            else:
+                value, i = block(lines, i + 1, lines[i + 1][0])
+            result.append(value)
+        return result, i
+
+    documents = []
+    for chunk in re.split(r"^---\s*$", text, flags=re.M):
+        lines = []
+        for number, line in enumerate(chunk.splitlines(), start=1):
+            assert "\t" not in line, f"kubernetes.yaml line {number}: tabs are not allowed in YAML"
+            if line.strip() and not line.lstrip().startswith("#"):
+                lines.append((len(line) - len(line.lstrip(" ")), line.strip(), number))
+        if not lines:
+            continue
+        value, end = block(lines, 0, lines[0][0])
+        assert end == len(lines), f"kubernetes.yaml: unexpected indentation at {lines[end][1]!r}"
+        documents.append(value)
+    return documents
+
+
+def test_the_yaml_reader_reads_what_it_claims() -> None:
+    text = 'a:\n  b: 1\n  c:\n    - name: x\n      v: "5"\n    - y\n  d: ["sleep", "10"]\n  e: {}\n---\nf: true\n'
+    assert parse_yaml_subset(text) == [
+        {"a": {"b": 1, "c": [{"name": "x", "v": "5"}, "y"], "d": ["sleep", "10"], "e": {}}},
+        {"f": True},
+    ]
+    with pytest.raises(AssertionError):
+        parse_yaml_subset("a:\n  b: 1\n c: 2\n")
+
+
+def test_kubernetes_example_drains_before_it_is_killed() -> None:
+    documents = {doc["kind"]: doc for doc in parse_yaml_subset(KUBERNETES)}
+    assert set(documents) == {"Deployment", "Service"}
+    deployment, service = documents["Deployment"], documents["Service"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    env = {item["name"]: item["value"] for item in container.get("env", [])}
+    port = int(env.get("PORT", 5000))
+    assert port in ports.values()
+
+    for probe in ("readinessProbe", "livenessProbe"):
+        check = container[probe]["httpGet"]
+        assert check["path"] == "/health", probe
+        assert ports.get(check["port"], check["port"]) == port, probe
+
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop = int(command[1])
+    drain = float(env.get("DRAIN_SECONDS", load_settings({"DEEPGRAM_API_KEY": "k"}).drain_seconds))
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace >= 30 and grace >= pre_stop + drain + 5, "terminationGracePeriodSeconds must cover preStop + DRAIN_SECONDS"
+
+    assert any("secretRef" in source for source in container["envFrom"]), "keys come from a Secret"
+    assert "DEEPGRAM_API_KEY" not in env and "TWILIO_AUTH_TOKEN" not in env, "keys belong in the Secret"
+    # The manifest's values (with the Secret's keys) must be settings the bridge accepts.
+    load_settings({"DEEPGRAM_API_KEY": "k", "TWILIO_AUTH_TOKEN": "t", **env})
+
+    user = next(args for op, args in dockerfile_instructions() if op == "USER").split(":")[0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert str(pod["securityContext"]["runAsUser"]) == user, "runAsUser should be the image's user"
+
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    (service_port,) = service["spec"]["ports"]
+    assert ports.get(service_port["targetPort"], service_port["targetPort"]) == port
+
+
+def test_readme_summarises_the_kubernetes_example() -> None:
+    kubernetes = section("Kubernetes", 3)
+    grace = re.search(r"terminationGracePeriodSeconds: (\d+)", KUBERNETES)
+    sleep = re.search(r'command: \["sleep", "(\d+)"\]', KUBERNETES)
+    assert grace and f"terminationGracePeriodSeconds: {grace.group(1)}" in kubernetes
+    assert sleep and f"sleeps {sleep.group(1)} s" in kubernetes
+    for term in ("readiness probe", "liveness probe", "preStop", "Secret", "Service", "deploy/kubernetes.yaml"):
+        assert term in kubernetes, term
