@@ -103,13 +103,15 @@ async def serve(
     await server.serve_until_signalled()
 
 
-def run_workers(argv: Sequence[str], workers: int) -> int:
+def run_workers(argv: Sequence[str], workers: int, phone_page_token: str) -> int:
     """Start N copies of this program on one port and pass signals on to them."""
     # Children inherit a blocked mask and unblock once their handlers exist, so a signal sent
     # while one is still importing waits for it instead of killing it.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    # Every worker must accept the one phone-page token the parent printed.
+    env = {**os.environ, "PHONE_PAGE_TOKEN": phone_page_token}
     children = [
-        subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv, "--worker-index", str(index)])
+        subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv, "--worker-index", str(index)], env=env)
         for index in range(workers)
     ]
 
@@ -152,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.warning(warning)
     if args.workers > 1 and args.worker_index is None:
         announce(settings, args.workers, settings.port)
-        return run_workers(argv, args.workers)
+        return run_workers(argv, args.workers, settings.phone_page_token)
     worker = args.worker_index is not None
     try:
         run_loop(serve(settings, agent_config, function_map, reuse_port=worker, announce_startup=not worker))

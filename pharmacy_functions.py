@@ -405,7 +405,9 @@ def get_store() -> PharmacyStore:
     stops two worker threads building the same store at once.
     """
     raw = os.environ.get("PHARMACY_DB", "").strip()
-    path = Path(raw).resolve() if raw else DEFAULT_DB_PATH
+    # A relative PHARMACY_DB is taken from this project's folder, like the default, so the same
+    # orders are found whichever directory the bridge is started from.
+    path = (DEFAULT_DB_PATH.parent.parent / raw).resolve() if raw else DEFAULT_DB_PATH
     with _stores_lock:
         store = _stores.get(path)
         if store is None:

@@ -47,6 +47,8 @@ def settings_message(settings: dict[str, Any], history: list[dict[str, Any]]) ->
     if not history:
         return json.dumps(settings)
     resumed = copy.deepcopy(settings)
+    # The caller has been greeted already; a resumed session carries on mid-conversation.
+    resumed["agent"].pop("greeting", None)
     context = resumed["agent"].setdefault("context", {})
     context["messages"] = list(context.get("messages", [])) + history
     return json.dumps(resumed)

@@ -44,6 +44,7 @@ TAIL_FLUSH_SECONDS = 1.0
 # Reconnecting must be quick or the caller hears dead air; cap each attempt's handshake.
 RECONNECT_HANDSHAKE_SECONDS = 3.0
 CLOSE_TIMEOUT_SECONDS = 1.0
+FUNCTION_GRACE_SECONDS = 2.0
 HANGUP_MARK = "end-call"
 
 AgentConnector = Callable[[], Awaitable[ClientConnection]]
@@ -174,6 +175,10 @@ class CallSession:
         if self.agent_socket is not None:
             sockets.append(self.agent_socket.close())
         await asyncio.gather(*sockets, return_exceptions=True)
+        if self.function_tasks:
+            # A function already running (an order being placed) gets a moment to finish so the
+            # record says what it did; nobody is left to hear its answer.
+            await asyncio.wait(list(self.function_tasks.values()), timeout=FUNCTION_GRACE_SECONDS)
         pending = [*tasks, *self.function_tasks.values()]
         for task in pending:
             task.cancel()
@@ -449,6 +454,8 @@ class CallSession:
         self.queue.put_nowait(message)
 
     def _schedule_keepalive(self, delay: float) -> None:
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()  # a resumed session must not start a second chain
         self._keepalive_timer = self._loop.call_later(delay, self._keepalive_due)
 
     def _keepalive_due(self) -> None:

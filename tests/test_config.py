@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,8 @@ def test_resumed_settings_with_history_are_valid() -> None:
     message = settings_message(CONFIG, history)
     validate_settings(message)
     assert json.loads(message)["agent"]["context"]["messages"] == history
+    assert "greeting" not in json.loads(message)["agent"], "a resumed call must not be greeted again"
+    assert "greeting" in json.loads(settings_message(CONFIG, []))["agent"]
     assert "context" not in CONFIG["agent"], "the loaded config must not be mutated"
 
 
@@ -179,36 +182,49 @@ def test_main_starts_prints_twiml_and_serves_health(tmp_path: Path) -> None:
 
 
 def test_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
+    import re
     import socket as socketlib
     import time
 
     with socketlib.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "DEEPGRAM_API_KEY": "k", "RECORD_CALLS": "false"}
+    env = {**os.environ, "DEEPGRAM_API_KEY": "k", "RECORD_CALLS": "false", "PHONE_PAGE": "true"}
+    env.pop("PHONE_PAGE_TOKEN", None)
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
          "--env-file", str(tmp_path / "none")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     try:
+        assert process.stdout is not None
+        token = None
+        for line in process.stdout:
+            found = re.search(r"/phone\?token=(\S+)", line)
+            if found:
+                token = found.group(1)
+                break
+        assert token
         deadline = time.monotonic() + 15
-        workers: set[int] = set()
-        while time.monotonic() < deadline and len(workers) < 2:
+        children: list[str] = []
+        while time.monotonic() < deadline and len(children) < 2:
+            children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+            time.sleep(0.1)
+        assert len(children) == 2
+        # Both workers accept the one printed token (each new connection may land on either).
+        statuses = set()
+        while time.monotonic() < deadline and len(statuses) < 20:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    assert json.loads(response.read()) == {"status": "ok", "calls": 0}
-                    workers.add(1)
-                # Two live listening sockets on the port: the kernel spreads connections over both.
-                children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
-                if len(children) == 2:
-                    workers = {int(pid) for pid in children}
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/phone?token={token}", timeout=2) as response:
+                    statuses.add((response.status, len(statuses)))
+            except urllib.error.HTTPError as exc:
+                raise AssertionError(f"a worker refused the printed token: {exc.code}") from None
             except OSError:
                 time.sleep(0.1)
-        assert len(workers) == 2
+        assert len(statuses) == 20
         process.send_signal(__import__("signal").SIGTERM)
         assert process.wait(timeout=10) == 0
-        for pid in workers:
+        for pid in children:
             assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
     finally:
         if process.poll() is None:

@@ -372,3 +372,18 @@ def test_get_store_follows_changes_to_pharmacy_db(tmp_path: Path, monkeypatch: p
 
     assert _rows(first, "SELECT COUNT(*) FROM orders") == [(1,)]
     assert _rows(second, "SELECT COUNT(*) FROM orders") == [(0,)]
+
+
+def test_relative_pharmacy_db_is_taken_from_the_project_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import pharmacy_functions
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PHARMACY_DB", "data/test-relative.db")
+    expected = Path(pharmacy_functions.__file__).resolve().parent / "data" / "test-relative.db"
+    try:
+        assert pharmacy_functions.get_store().path == expected
+        assert not (tmp_path / "data").exists()
+    finally:
+        expected.unlink(missing_ok=True)
+        for suffix in ("-wal", "-shm"):
+            Path(str(expected) + suffix).unlink(missing_ok=True)
