@@ -65,6 +65,7 @@ class Caller(asyncio.Protocol):
         self.play_end = 0.0  # loop.time() at which queued audio finishes playing
         self.marks: collections.deque = collections.deque()  # (name, TimerHandle) not yet echoed
         self.sent_close = False
+        self.rx_ns = 0
 
     # --- sending -----------------------------------------------------------------------------
 
@@ -101,13 +102,7 @@ class Caller(asyncio.Protocol):
         c = self.call
         if c.stopped or self.transport is None or self.transport.is_closing():
             return
-        try:
-            self.phases[c.phase].calls.remove(self)
-        except ValueError:
-            pass
-        for _, handle in self.marks:
-            handle.cancel()
-        self.marks.clear()
+        self._leave()
         seq = self.up_seq
         self.up_seq += 1
         tail = (_pack(MAGIC_UP, c.cid, seq, _monotonic_ns()) + FILLS[seq & 0xFF])[:TAIL]
@@ -117,6 +112,16 @@ class Caller(asyncio.Protocol):
         self.send_event("stop", stop={"accountSid": "AC" + "0" * 32, "callSid": f"CA{c.cid:032x}"})
         c.stopped = True
         self.close()
+
+    def _leave(self) -> None:
+        """No more media frames, no more mark echoes."""
+        try:
+            self.phases[self.call.phase].calls.remove(self)
+        except ValueError:
+            pass
+        for _, handle in self.marks:
+            handle.cancel()
+        self.marks.clear()
 
     def close(self) -> None:
         if not self.sent_close and self.transport is not None and not self.transport.is_closing():
@@ -138,16 +143,12 @@ class Caller(asyncio.Protocol):
         c.caller_closed = True
         if not c.stopped:
             c.error("the bridge closed the Twilio socket before `stop`")
-        try:
-            self.phases[c.phase].calls.remove(self)
-        except ValueError:
-            pass
-        for _, handle in self.marks:
-            handle.cancel()
+        self._leave()
         if not self.opened.done():
             self.opened.set_exception(ConnectionError(f"closed during handshake: {exc}"))
 
     def data_received(self, data: bytes) -> None:
+        self.rx_ns = _monotonic_ns()  # arrival time of everything in `data`
         buf = self.rbuf
         buf += data
         if self.handshaking:
@@ -236,7 +237,7 @@ class Caller(asyncio.Protocol):
             except (KeyError, TypeError, ValueError):
                 c.error("media without a valid base64 payload")
                 return
-            c.down.feed(audio, _monotonic_ns())
+            c.down.feed(audio, self.rx_ns)
             now = self.loop.time()
             self.play_end = max(now, self.play_end) + len(audio) / 8000
             c.counts["media_out"] += 1
@@ -250,12 +251,11 @@ class Caller(asyncio.Protocol):
             delay = max(0.0, self.play_end - self.loop.time())
             self.marks.append((name, self.loop.call_later(delay, self.echo_mark)))
         elif event == "clear":
-            now = _monotonic_ns()
             c.counts["clears"] += 1
             if c.uss_sent:
                 t = c.uss_sent.popleft()
                 if self.run.in_window(t):
-                    self.run.clear.append(now - t)
+                    self.run.clear.append(self.rx_ns - t)
             else:
                 c.error("clear without UserStartedSpeaking")
             self.play_end = 0.0
