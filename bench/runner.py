@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import shutil
@@ -74,6 +75,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def reference_op_us() -> float:
+    """The speed of this core now: µs for json.loads + b64decode of one Twilio media message (best of 5).
+
+    Shared virtual machines change speed from minute to minute; compare runs only when this agrees.
+    """
+    msg = json.dumps({"event": "media", "sequenceNumber": "3", "streamSid": "MZ" + "0" * 32,
+                      "media": {"track": "inbound", "chunk": "2", "timestamp": "40",
+                                "payload": base64.b64encode(bytes(160)).decode()}})
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(10000):
+            base64.b64decode(json.loads(msg)["media"]["payload"])
+        best = min(best, (time.perf_counter() - t) / 10000 * 1e6)
+    return round(best, 3)
+
+
 def pin_self(pin: bool) -> bool:
     """Generator and fake agent on CPU 1, away from the bridge on CPU 0."""
     if not pin or not shutil.which("taskset") or not hasattr(os, "sched_setaffinity"):
@@ -111,6 +129,7 @@ async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) ->
         if not config.exists():
             config = workdir / "config.json"
             config.write_text(json.dumps(DEFAULT_SETTINGS, indent=2))
+    ref_op = reference_op_us()
     run = Run(plan=None, buffer_bytes=buffer_bytes)
     agent = FakeAgent(run)
     await agent.start()
@@ -214,7 +233,7 @@ async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) ->
             return round(100.0 * max(0.0, busy1[key] - busy0[key] - less) / window, 1)
 
         other = pct("cpu", server_cpu + (gen1 - gen0))
-        machine = {"other_programs_percent": other, "interrupts_percent": pct("irq_cpu")}
+        machine = {"reference_op_us": ref_op, "other_programs_percent": other, "interrupts_percent": pct("irq_cpu")}
         if pinned:  # the bridge has CPU 0 to itself, the generator CPU 1: who else ran there?
             machine.update({"other_programs_cpu0_percent": pct("cpu0", server_cpu),
                             "other_programs_cpu1_percent": pct("cpu1", gen1 - gen0),
