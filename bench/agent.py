@@ -31,6 +31,17 @@ DRUGS = ["ibuprofen", "amoxicillin", "metformin", "lisinopril", "atorvastatin"]
 _monotonic_ns = time.monotonic_ns
 
 
+def _is_json_text(content: object) -> bool:
+    """FunctionCallResponse.content must be a string; the bridge puts a JSON document in it."""
+    if not isinstance(content, str):
+        return False
+    try:
+        json.loads(content)
+    except ValueError:
+        return False
+    return True
+
+
 class TtsStream:
     """The agent's audio for one call: an endless run of tagged frames, cut anywhere."""
 
@@ -57,9 +68,8 @@ class TtsStream:
 
 
 class Session:
-    def __init__(self, agent: "FakeAgent", ws: ServerConnection):
-        self.agent = agent
-        self.run: Run = agent.run
+    def __init__(self, run: Run, ws: ServerConnection):
+        self.run = run
         self.ws = ws
         self.call: Call | None = None
         self.up: StreamChecker | None = None
@@ -115,7 +125,7 @@ class Session:
                 self.note(f"FunctionCallResponse for unknown id {msg.get('id')!r}")
                 return
             t0, fut = entry
-            if msg.get("name") != "get_drug_info" or not isinstance(msg.get("content"), str):
+            if msg.get("name") != "get_drug_info" or not _is_json_text(msg.get("content")):
                 self.note(f"bad FunctionCallResponse {text[:120]}")
             if self.run.in_window(t0):
                 self.run.fc.append(now - t0)
@@ -236,7 +246,7 @@ class FakeAgent:
             run.notes["agent: connection without Authorization: Token"] += 1
         if "permessage-deflate" in ws.request.headers.get("Sec-WebSocket-Extensions", ""):
             run.notes["agent: bridge offered compression"] += 1
-        session = Session(self, ws)
+        session = Session(run, ws)
         try:
             await ws.send(json.dumps({"type": "Welcome", "request_id": str(uuid.uuid4())}))
             settings = await ws.recv()
