@@ -248,6 +248,10 @@ class CallSession:
 
     def _on_twilio_text(self, text: str) -> bool:
         """Handle one Twilio event; False when the stream has stopped."""
+        audio = twilio.fast_media_payload(text)
+        if audio is not None:
+            self._on_caller_audio(audio)
+            return True
         try:
             event, message = twilio.parse_event(text)
             if event == "media":
