@@ -83,6 +83,9 @@ def print_result(r: dict) -> None:
           f"  -> {srv['rss_per_call_kb']:.0f} KB per call   (/health calls mid-window: "
           f"{srv['health_calls_mid_window']})")
     lag = gen["tick_lag_ms"]
+    if srv["saturated"]:
+        print(f"  ** SATURATED: the bridge used all of its {srv['cores']} CPU(s); µs per call-second is a floor, "
+              "and latency is its backlog **")
     m = r["machine"]
     print(f"  generator CPU   {gen['cpu_percent']:6.1f} % (with the fake agent); tick lag p99 {_fmt(lag['p99'], 0)} ms")
     cores = (f" (CPU 0 {m['other_programs_cpu0_percent']} %, CPU 1 {m['other_programs_cpu1_percent']} %)"

@@ -26,6 +26,7 @@ CLOSE_TIMEOUT = 15.0  # s for every socket to close after the hang-ups
 GENERATOR_CPU_LIMIT = 80.0  # % of a core above which the generator's own queueing taints the run
 TICK_LAG_LIMIT = 20.0  # ms: p99 lateness of the generator's 20 ms ticks above which it was starved
 OTHER_LOAD_LIMIT = 20.0  # % of a core used by other programs on the machine during the window
+SATURATED = 0.95  # share of the bridge's CPUs above which it is saturated
 
 DEFAULT_SETTINGS = {
     "type": "Settings",
@@ -227,6 +228,11 @@ async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) ->
             h.cancel()
 
         server_cpu = cpu1 - cpu0
+        try:
+            bridge_cores = len(os.sched_getaffinity(bridge.pid))
+        except OSError:
+            bridge_cores = os.cpu_count() or 1
+        saturated = server_cpu / window >= SATURATED * bridge_cores
         gen_cpu = 100.0 * (gen1 - gen0) / window
 
         def pct(key: str, less: float = 0.0) -> float:
@@ -260,6 +266,10 @@ async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) ->
                 "rss_idle_kb": rss_idle, "rss_peak_kb": rss_peak,
                 "rss_per_call_kb": round((rss_peak - rss_idle) / n, 1),
                 "health_calls_mid_window": health_calls,
+                "cores": bridge_cores,
+                # At saturation the CPU is capped, so µs per call-second is a floor, not the cost,
+                # and latency measures the bridge's backlog.
+                "saturated": saturated,
             },
             "generator": {
                 "cpu_percent": round(gen_cpu, 2),

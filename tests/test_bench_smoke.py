@@ -71,7 +71,8 @@ def test_bench_smoke_run_is_byte_exact(tmp_path):
     r = json.loads(out.read_text())
     assert set(r) == {"config", "server", "generator", "machine", "inconclusive", "latency_ms", "integrity",
                       "events"}
-    assert {"cpu_percent", "cpu_us_per_call_second", "rss_idle_kb", "rss_peak_kb", "rss_per_call_kb"} <= set(r["server"])
+    assert {"cpu_percent", "cpu_us_per_call_second", "rss_idle_kb", "rss_peak_kb", "rss_per_call_kb",
+            "saturated"} <= set(r["server"])
     assert {"cpu_percent", "tick_lag_ms"} <= set(r["generator"])
     assert isinstance(r["inconclusive"], list)
     assert set(r["latency_ms"]) == {"caller_to_agent", "agent_to_caller", "barge_in_to_clear", "function_call",
