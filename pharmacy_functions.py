@@ -392,7 +392,7 @@ class PharmacyStore:
 
 # -- the store the module-level functions use ---------------------------------
 
-_stores: dict[Path, PharmacyStore] = {}
+_stores: dict[str, PharmacyStore] = {}
 _stores_lock = threading.Lock()
 
 
@@ -405,13 +405,14 @@ def get_store() -> PharmacyStore:
     stops two worker threads building the same store at once.
     """
     raw = os.environ.get("PHARMACY_DB", "").strip()
-    # A relative PHARMACY_DB is taken from this project's folder, like the default, so the same
-    # orders are found whichever directory the bridge is started from.
-    path = (DEFAULT_DB_PATH.parent.parent / raw).resolve() if raw else DEFAULT_DB_PATH
     with _stores_lock:
-        store = _stores.get(path)
+        # Keyed by the raw setting so the common case costs a dict lookup, not a path resolution.
+        store = _stores.get(raw)
         if store is None:
-            store = _stores[path] = PharmacyStore(path)
+            # A relative PHARMACY_DB is taken from this project's folder, like the default, so
+            # the same orders are found whichever directory the bridge is started from.
+            path = (DEFAULT_DB_PATH.parent.parent / raw).resolve() if raw else DEFAULT_DB_PATH
+            store = _stores[raw] = PharmacyStore(path)
         return store
 
 

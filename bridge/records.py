@@ -1,15 +1,20 @@
 """The record of one call: a JSON Lines file in ``CALLS_DIR``, events first, a summary line last.
 
-Events are kept in memory while the call runs (a call's events are a few kilobytes) and written
-in a worker thread when it ends, whatever ended it, so the event loop never waits on the disk.
+Each event is written as it happens by one writer thread per process, so the event loop never
+waits on the disk, a call's memory doesn't grow with its length, and a process that dies
+mid-call still leaves the call's events so far. The summary line is written when the call
+ends, whatever ended it, and ``CallRecord.finish`` returns once it is on disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import re
 import statistics
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,14 +34,53 @@ def _percentile(values: list[float], fraction: float) -> float | None:
     return round(cuts[int(fraction * 100) - 1], 4)
 
 
-class CallRecord:
-    """Collects a call's events and writes them when the call ends (a no-op when disabled)."""
+class RecordWriter:
+    """Appends lines to record files from one thread, in the order they were given."""
 
-    def __init__(self, directory: Path, enabled: bool) -> None:
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Path, str, Callable[[OSError | None], None] | None] | None]
+        self._queue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def append(self, path: Path, text: str, done: Callable[[OSError | None], None] | None = None) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="call-records", daemon=True)
+                self._thread.start()
+        self._queue.put((path, text, done))
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Finish what is queued and stop the thread."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            path, text, done = item
+            error: OSError | None = None
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("a", encoding="utf-8") as file:
+                    file.write(text)
+            except OSError as exc:
+                error = exc
+            if done is not None:
+                done(error)
+
+
+class CallRecord:
+    """One call's record file (nothing at all when recording is off)."""
+
+    def __init__(self, directory: Path, enabled: bool, writer: RecordWriter) -> None:
         self.directory = directory
         self.enabled = enabled
+        self.writer = writer
         self.started_at = _now()
-        self.events: list[dict[str, Any]] = []
+        self.path: Path | None = None
+        self._early: list[str] = []  # events before the callSid names the file
         self.agent_latencies: list[float] = []
         self.turns = 0
         self.barge_ins = 0
@@ -45,9 +89,25 @@ class CallRecord:
         self.warnings = 0
         self.errors = 0
 
+    def name_after(self, call_sid: str) -> None:
+        """Name the file after the call, once Twilio has said which call this is."""
+        if not self.enabled or self.path is not None:
+            return
+        safe_sid = re.sub(r"[^A-Za-z0-9_-]", "_", call_sid)[:64] or "unknown"
+        stamp = self.started_at.replace(":", "").replace("-", "").split(".")[0]
+        self.path = self.directory / f"{stamp}_{safe_sid}.jsonl"
+        if self._early:
+            self.writer.append(self.path, "".join(self._early))
+            self._early.clear()
+
     def add(self, event: str, **fields: Any) -> None:
-        if self.enabled:
-            self.events.append({"time": _now(), "event": event, **fields})
+        if not self.enabled:
+            return
+        line = json.dumps({"time": _now(), "event": event, **fields}, default=str) + "\n"
+        if self.path is None:
+            self._early.append(line)
+        else:
+            self.writer.append(self.path, line)
 
     def turn(self, role: str, content: str) -> None:
         self.turns += 1
@@ -103,20 +163,20 @@ class CallRecord:
             "agent_latency_p95": _percentile(self.agent_latencies, 0.95),
         }
 
-    async def write(self, call_sid: str, summary: dict[str, Any]) -> Path | None:
-        """Write the events and the summary; returns the file, or None when recording is off."""
+    async def finish(self, call_sid: str, summary: dict[str, Any]) -> Path | None:
+        """Write the summary line and return the file once all of it is on disk (None when off)."""
         if not self.enabled:
             return None
-        lines = [json.dumps(event, default=str) for event in self.events]
-        lines.append(json.dumps(summary, default=str))
-        safe_sid = re.sub(r"[^A-Za-z0-9_-]", "_", call_sid)[:64] or "unknown"
-        stamp = self.started_at.replace(":", "").replace("-", "").split(".")[0]
-        path = self.directory / f"{stamp}_{safe_sid}.jsonl"
-        await asyncio.to_thread(_write_lines, path, lines)
-        return path
+        self.name_after(call_sid)
+        assert self.path is not None
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[OSError | None] = loop.create_future()
 
+        def done(error: OSError | None) -> None:
+            loop.call_soon_threadsafe(written.set_result, error)
 
-def _write_lines(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as file:
-        file.write("\n".join(lines) + "\n")
+        self.writer.append(self.path, json.dumps(summary, default=str) + "\n", done)
+        error = await written
+        if error is not None:
+            raise error
+        return self.path

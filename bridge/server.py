@@ -28,6 +28,7 @@ from . import twilio
 from .agent_protocol import settings_message
 from .config import AgentConfig, Settings
 from .functions import FunctionRunner
+from .records import RecordWriter
 from .session import AgentConnector, CallServices, CallSession, websocket_agent_connector
 
 logger = logging.getLogger("bridge.server")
@@ -58,6 +59,7 @@ class BridgeServer:
             functions=self.functions,
             connect_agent=connect_agent or websocket_agent_connector(settings.agent_url, settings.deepgram_api_key),
             settings_json=settings_message(agent_config.settings, []),
+            records=RecordWriter(),
         )
         self.reuse_port = reuse_port
         self.calls: set[CallSession] = set()
@@ -178,6 +180,7 @@ class BridgeServer:
             self._server.close()
             await self._server.wait_closed()
         self.functions.close()
+        self.services.records.close()
 
     def handle_signals(self, already_received: int | None = None) -> None:
         """Route SIGTERM/SIGINT to a drain; a second signal exits at once. Call before serving.

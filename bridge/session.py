@@ -32,7 +32,7 @@ from . import agent_protocol as agent
 from . import twilio
 from .config import AgentConfig, Settings
 from .functions import FunctionRunner
-from .records import CallRecord
+from .records import CallRecord, RecordWriter
 
 logger = logging.getLogger("bridge.call")
 
@@ -75,6 +75,7 @@ class CallServices:
     functions: FunctionRunner
     connect_agent: AgentConnector
     settings_json: str  # the Settings message, encoded once for every fresh session
+    records: RecordWriter
 
 
 class AgentUnavailable(Exception):
@@ -104,7 +105,7 @@ class CallSession:
         self.settings = services.settings
         self.browser = browser
         self.log = CallLog(logger, {"call": connection_id})
-        self.record = CallRecord(self.settings.calls_dir, self.settings.record_calls)
+        self.record = CallRecord(self.settings.calls_dir, self.settings.record_calls, services.records)
         loop = asyncio.get_running_loop()
         self._loop = loop
 
@@ -206,7 +207,7 @@ class CallSession:
             bad_input=self._bad_input,
         )
         try:
-            path = await self.record.write(stream.call_sid if stream else str(self.log.extra["call"]), summary)  # type: ignore[index]
+            path = await self.record.finish(stream.call_sid if stream else str(self.log.extra["call"]), summary)  # type: ignore[index]
         except OSError as exc:
             self.log.error("could not write the call record: %s", exc)
             return
@@ -294,6 +295,7 @@ class CallSession:
         self.stream = stream
         self._outbound = twilio.TwilioOutbound(stream.stream_sid)
         self.log.extra["call"] = stream.call_sid  # type: ignore[index]
+        self.record.name_after(stream.call_sid)
         self.log.info(
             "stream %s started%s",
             stream.stream_sid,

@@ -19,7 +19,7 @@ import pytest
 
 from bridge.config import load_settings
 from bridge.functions import FunctionRunner, check_function_map
-from bridge.records import CallRecord
+from bridge.records import CallRecord, RecordWriter
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -331,7 +331,7 @@ def test_readme_lists_every_summary_field() -> None:
         for keyword in node.keywords
     }
     assert "call_sid" in from_session
-    fields = set(CallRecord(Path("unused"), False).summary()) | from_session
+    fields = set(CallRecord(Path("unused"), False, RecordWriter()).summary()) | from_session
     records = section("Call records", 3)
     for field in fields - {"event"}:
         assert f"`{field}`" in records, f"README's call records section does not mention the summary field {field}"

@@ -341,3 +341,18 @@ def _health(port: int) -> tuple[int, dict[str, Any]]:
         return http_get(port, "/health")
     except OSError:
         return 0, {}
+
+
+async def test_record_events_reach_disk_while_the_call_is_live(fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path) -> None:
+    async with make_bridge(fake_agent) as server, FakeTwilioCaller(twilio_url(server)) as caller:
+        await caller.start()
+        session = await fake_agent.session()
+        await eventually(lambda: session.settings is not None)
+        await session.send_json({"type": "ConversationText", "role": "user", "content": "still here"})
+
+        def transcript_on_disk() -> bool:
+            files = list((tmp_path / "calls").glob("*.jsonl"))
+            return bool(files) and "still here" in files[0].read_text()
+
+        await eventually(transcript_on_disk, 3, "the transcript line on disk mid-call")
+        assert len(server.calls) == 1 and not caller.closed.is_set()
