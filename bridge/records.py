@@ -1,9 +1,10 @@
 """The record of one call: a JSON Lines file in ``CALLS_DIR``, events first, a summary line last.
 
-Each event is written as it happens by one writer thread per process, so the event loop never
-waits on the disk, a call's memory doesn't grow with its length, and a process that dies
-mid-call still leaves the call's events so far. The summary line is written when the call
-ends, whatever ended it, and ``CallRecord.finish`` returns once it is on disk.
+Events are kept as encoded JSON lines (about 150 bytes each) and handed to one writer thread
+per process when the call ends, whatever ended it, or every ``FLUSH_LINES`` events on a long
+call, so memory stays bounded. The event loop never waits on the disk, and the writer wakes
+rarely: a thread woken for every event would fight the loop for the GIL under load.
+``CallRecord.finish`` returns once the summary line is on disk.
 """
 
 from __future__ import annotations
@@ -14,10 +15,17 @@ import queue
 import re
 import statistics
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+
+# How long the writer thread gathers work before writing it.
+BATCH_SECONDS = 0.25
+# A call's events are handed to the writer at the latest every this many lines.
+FLUSH_LINES = 25
 
 
 def _now() -> str:
@@ -58,17 +66,40 @@ class RecordWriter:
             self._thread = None
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            path, text, done = item
-            error: OSError | None = None
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with path.open("a", encoding="utf-8") as file:
-                    file.write(text)
-            except OSError as exc:
-                error = exc
-            if done is not None:
-                done(error)
+        stopping = False
+        while not stopping:
+            batch = [self._queue.get()]
+            # Gather for a moment: waking this thread per event would make it fight the event
+            # loop for the GIL hundreds of times a second under load.
+            time.sleep(BATCH_SECONDS)
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = None in batch
+            by_file: dict[Path, list[str]] = {}
+            callbacks: list[tuple[Path, Callable[[OSError | None], None]]] = []
+            for item in batch:
+                if item is None:
+                    continue
+                path, text, done = item
+                by_file.setdefault(path, []).append(text)
+                if done is not None:
+                    callbacks.append((path, done))
+            errors = {path: _append(path, "".join(texts)) for path, texts in by_file.items()}
+            for path, done in callbacks:
+                done(errors[path])
+
+
+def _append(path: Path, text: str) -> OSError | None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as file:
+            file.write(text)
+    except OSError as exc:
+        return exc
+    return None
 
 
 class CallRecord:
@@ -80,7 +111,7 @@ class CallRecord:
         self.writer = writer
         self.started_at = _now()
         self.path: Path | None = None
-        self._early: list[str] = []  # events before the callSid names the file
+        self._lines: list[str] = []  # encoded events not yet handed to the writer
         self.agent_latencies: list[float] = []
         self.turns = 0
         self.barge_ins = 0
@@ -96,18 +127,14 @@ class CallRecord:
         safe_sid = re.sub(r"[^A-Za-z0-9_-]", "_", call_sid)[:64] or "unknown"
         stamp = self.started_at.replace(":", "").replace("-", "").split(".")[0]
         self.path = self.directory / f"{stamp}_{safe_sid}.jsonl"
-        if self._early:
-            self.writer.append(self.path, "".join(self._early))
-            self._early.clear()
 
     def add(self, event: str, **fields: Any) -> None:
         if not self.enabled:
             return
-        line = json.dumps({"time": _now(), "event": event, **fields}, default=str) + "\n"
-        if self.path is None:
-            self._early.append(line)
-        else:
-            self.writer.append(self.path, line)
+        self._lines.append(json.dumps({"time": _now(), "event": event, **fields}, default=str) + "\n")
+        if len(self._lines) >= FLUSH_LINES and self.path is not None:
+            self.writer.append(self.path, "".join(self._lines))
+            self._lines.clear()
 
     def turn(self, role: str, content: str) -> None:
         self.turns += 1
@@ -175,7 +202,9 @@ class CallRecord:
         def done(error: OSError | None) -> None:
             loop.call_soon_threadsafe(written.set_result, error)
 
-        self.writer.append(self.path, json.dumps(summary, default=str) + "\n", done)
+        self._lines.append(json.dumps(summary, default=str) + "\n")
+        self.writer.append(self.path, "".join(self._lines), done)
+        self._lines.clear()
         error = await written
         if error is not None:
             raise error

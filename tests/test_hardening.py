@@ -343,16 +343,24 @@ def _health(port: int) -> tuple[int, dict[str, Any]]:
         return 0, {}
 
 
-async def test_record_events_reach_disk_while_the_call_is_live(fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path) -> None:
+async def test_a_long_calls_events_reach_disk_before_it_ends(fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path) -> None:
+    from bridge.records import FLUSH_LINES
+
     async with make_bridge(fake_agent) as server, FakeTwilioCaller(twilio_url(server)) as caller:
         await caller.start()
         session = await fake_agent.session()
         await eventually(lambda: session.settings is not None)
-        await session.send_json({"type": "ConversationText", "role": "user", "content": "still here"})
+        for turn in range(FLUSH_LINES + 5):
+            await session.send_json({"type": "ConversationText", "role": "user", "content": f"turn {turn}"})
 
-        def transcript_on_disk() -> bool:
+        def early_turns_on_disk() -> bool:
             files = list((tmp_path / "calls").glob("*.jsonl"))
-            return bool(files) and "still here" in files[0].read_text()
+            return bool(files) and f'"turn {FLUSH_LINES - 5}"' in files[0].read_text()
 
-        await eventually(transcript_on_disk, 3, "the transcript line on disk mid-call")
+        await eventually(early_turns_on_disk, 3, "the first events on disk mid-call")
         assert len(server.calls) == 1 and not caller.closed.is_set()
+        await caller.stop()
+        await eventually(lambda: not server.calls)
+    events = read_record(tmp_path / "calls")
+    assert [e["content"] for e in events if e["event"] == "transcript"] == [f"turn {n}" for n in range(FLUSH_LINES + 5)]
+    assert events[-1]["event"] == "summary" and events[-1]["turns"] == FLUSH_LINES + 5
