@@ -11,15 +11,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import ProtocolError
+
 KEEPALIVE = '{"type":"KeepAlive"}'
 
 
-class AgentProtocolError(ValueError):
-    """A text frame from the agent we cannot use; ``kind`` groups errors for once-per-call logging."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(detail)
-        self.kind = kind
+class AgentProtocolError(ProtocolError):
+    """A text frame from the Deepgram agent we cannot use."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,8 +51,8 @@ def check_function_map(
             raise ConfigError(
                 f"config.json declares function {name!r} but pharmacy_functions.function_map has no such entry."
             )
-        parameters = definition.get("parameters") or {}
-        required = parameters.get("required") or [] if isinstance(parameters, dict) else []
+        parameters = definition.get("parameters")
+        required = (parameters.get("required") or []) if isinstance(parameters, dict) else []
         signature = inspect.signature(function)
         takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
         for parameter in required:

@@ -27,6 +27,7 @@ from websockets.protocol import State
 from . import twilio
 from .agent_protocol import settings_message
 from .config import AgentConfig, Settings
+from .connection import TwilioConnection
 from .functions import FunctionRunner
 from .records import RecordWriter
 from .session import AgentConnector, CallServices, CallSession, websocket_agent_connector
@@ -83,6 +84,7 @@ class BridgeServer:
             self.settings.host,
             self.settings.port,
             process_request=self._route,
+            create_connection=TwilioConnection,
             compression=None,  # audio doesn't compress; permessage-deflate costs CPU and ~64 KB a call
             max_size=TWILIO_MAX_MESSAGE_BYTES,
             close_timeout=1.0,

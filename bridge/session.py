@@ -31,6 +31,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from . import agent_protocol as agent
 from . import twilio
 from .config import AgentConfig, Settings
+from .connection import TwilioConnection
 from .functions import FunctionRunner
 from .records import CallRecord, RecordWriter
 
@@ -116,6 +117,7 @@ class CallSession:
         self._outbound: twilio.TwilioOutbound | None = None
         self._started: asyncio.Future[None] = loop.create_future()
         self._ended: asyncio.Future[None] = loop.create_future()
+        self._caller_done: asyncio.Future[None] = loop.create_future()
         self.end_reason: str | None = None
         self.caller_gone = False
 
@@ -153,10 +155,10 @@ class CallSession:
         twilio_task = asyncio.create_task(self._receive_from_twilio())
         agent_task = asyncio.create_task(self._run_agent())
         try:
-            done, _ = await asyncio.wait(
-                (twilio_task, agent_task, self._ended), return_when=asyncio.FIRST_COMPLETED
+            await asyncio.wait(
+                (twilio_task, agent_task, self._ended, self._caller_done), return_when=asyncio.FIRST_COMPLETED
             )
-            if twilio_task in done and not self._ended.done():
+            if self.caller_gone and not self._ended.done():
                 # The caller is gone and the tail of their audio is queued: let the sender deliver it.
                 await asyncio.wait((agent_task,), timeout=TAIL_FLUSH_SECONDS)
         finally:
@@ -225,27 +227,49 @@ class CallSession:
     # ---------------------------------------------------------------------- 1. Twilio receiver
 
     async def _receive_from_twilio(self) -> None:
+        socket = self.twilio_socket
+        if isinstance(socket, TwilioConnection):
+            # Whole text frames (all of Twilio's) now arrive through _on_twilio_frame directly;
+            # this loop still owns the socket's life and gets binary and fragmented messages.
+            socket.on_text = self._on_twilio_frame
         try:
-            async for message in self.twilio_socket:
+            async for message in socket:
                 if type(message) is not str:
                     self._reject("twilio", "binary", "Twilio sent a binary frame; Media Streams frames are JSON text")
                     continue
-                if not self._on_twilio_text(message):
+                self._on_twilio_frame(message)
+                if self.caller_gone:
                     break
         except ConnectionClosed:
             pass  # the caller's socket dropped without a close frame: same as a hang-up
+        finally:
+            if isinstance(socket, TwilioConnection):
+                socket.on_text = None
+            self._caller_finished()
+
+    def _on_twilio_frame(self, text: str) -> None:
+        if self.caller_gone:
+            return  # after stop, nothing Twilio sends matters
+        try:
+            if not self._on_twilio_text(text):
+                self._caller_finished()
         except Exception:
             self.log.exception("the Twilio side failed unexpectedly")
             self.end("internal error")
-        finally:
-            # Every byte the caller sent reaches the agent, the partial buffer included.
-            if self._buffer:
-                self.queue.put_nowait(bytes(self._buffer))
-                self._buffer.clear()
-            self.queue.put_nowait(None)
-            self.caller_gone = True
-            if self.end_reason is None:
-                self.end_reason = "caller hung up"
+
+    def _caller_finished(self) -> None:
+        """The caller is gone (stop or close): flush their audio and let the agent side finish."""
+        if self.caller_gone:
+            return
+        self.caller_gone = True
+        # Every byte the caller sent reaches the agent, the partial buffer included.
+        if self._buffer:
+            self.queue.put_nowait(bytes(self._buffer))
+            self._buffer.clear()
+        self.queue.put_nowait(None)
+        if self.end_reason is None:
+            self.end_reason = "caller hung up"
+        self._caller_done.set_result(None)
 
     def _on_twilio_text(self, text: str) -> bool:
         """Handle one Twilio event; False when the stream has stopped."""

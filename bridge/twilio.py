@@ -14,13 +14,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ProtocolError
 
-class TwilioProtocolError(ValueError):
-    """A frame from Twilio we cannot use. ``kind`` groups errors so each is logged once per call."""
 
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(detail)
-        self.kind = kind
+class TwilioProtocolError(ProtocolError):
+    """A frame from Twilio we cannot use."""
 
 
 @dataclass(frozen=True, slots=True)

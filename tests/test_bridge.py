@@ -228,3 +228,24 @@ async def test_browser_events_go_to_browser_sessions_only(fake_agent: FakeAgent,
     assert browser_events["function_call"]["name"] == "get_drug_info"
     assert browser_events["function_call"]["result"]["price"] == 8.99
     assert browser_events["call_ended"]["reason"] == "Deepgram closed the session (code 1000)"
+
+
+async def test_fragmented_and_direct_frames_are_handled_alike(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    """Whole text frames take the direct path, fragmented messages websockets' usual one."""
+    from fakes import media_event
+
+    audio = noise(640, seed=20)
+    async with make_bridge(fake_agent, inbound_buffer_bytes=160) as server, FakeTwilioCaller(twilio_url(server)) as caller:
+        await caller.start()
+        session = await fake_agent.session()
+        await eventually(lambda: session.settings is not None)
+        assert caller.socket is not None
+        for index in range(4):
+            text = media_event(caller.stream_sid, index + 3, index + 1, audio[index * 160 : (index + 1) * 160])
+            if index % 2:
+                await caller.socket.send(iter([text[:50], text[50:120], text[120:]]))  # three fragments
+            else:
+                await caller.socket.send(text)
+        await caller.socket.send(iter(['{"event":', '"stop"}']))
+        await asyncio.wait_for(session.closed.wait(), 2)
+    assert bytes(session.audio) == audio
