@@ -7,6 +7,7 @@ prints, the answers it gives, the records it writes) and fails when the docs dri
 from __future__ import annotations
 
 import ast
+import os
 import json
 import logging
 import re
@@ -501,3 +502,24 @@ def test_readme_summarises_the_kubernetes_example() -> None:
     assert sleep and f"sleeps {sleep.group(1)} s" in kubernetes
     for term in ("readiness probe", "liveness probe", "preStop", "Secret", "Service", "deploy/kubernetes.yaml"):
         assert term in kubernetes, term
+
+
+async def test_dockerfile_healthcheck_command_really_checks_health(fake_agent: Any, make_bridge: Any) -> None:
+    """No Docker engine here, so run the HEALTHCHECK's own command against a live server."""
+    import asyncio
+    import subprocess
+    import sys
+
+    match = re.search(r"HEALTHCHECK[^\n]*\\\n\s*CMD (\[.*\])", DOCKERFILE)
+    assert match, "HEALTHCHECK ... CMD [...] not found"
+    command = json.loads(match.group(1))
+    assert command[0] == "python"
+
+    def run(port: int) -> int:
+        env = {**os.environ, "PORT": str(port)}
+        return subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=10).returncode
+
+    async with make_bridge(fake_agent) as server:
+        assert await asyncio.to_thread(run, server.port) == 0
+        server.draining = True  # /health answers 503 while draining: the check must fail
+        assert await asyncio.to_thread(run, server.port) != 0
