@@ -79,7 +79,7 @@ def announce(settings: Settings, workers: int, port: int) -> None:
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
     try:
-        import uvloop  # optional: about a third less CPU per message
+        import uvloop  # optional: a faster event loop, used when installed
     except ImportError:
         asyncio.run(main)
     else:
