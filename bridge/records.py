@@ -25,7 +25,7 @@ from typing import Any
 # How long the writer thread gathers work before writing it.
 BATCH_SECONDS = 0.25
 # A call's events are handed to the writer at the latest every this many lines.
-FLUSH_LINES = 25
+FLUSH_LINES = 10
 
 
 def _now() -> str:

@@ -364,3 +364,30 @@ async def test_a_long_calls_events_reach_disk_before_it_ends(fake_agent: FakeAge
     events = read_record(tmp_path / "calls")
     assert [e["content"] for e in events if e["event"] == "transcript"] == [f"turn {n}" for n in range(FLUSH_LINES + 5)]
     assert events[-1]["event"] == "summary" and events[-1]["turns"] == FLUSH_LINES + 5
+
+
+async def test_a_second_signal_exits_at_once(fake_agent: FakeAgent, tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "DEEPGRAM_API_KEY": "k", "DEEPGRAM_AGENT_URL": fake_agent.url, "DRAIN_SECONDS": "30",
+           "RECORD_CALLS": "false"}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port), "--env-file", str(tmp_path / "none")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        await eventually(lambda: _health(port)[0] == 200, 10, "the server to start")
+        async with FakeTwilioCaller(f"ws://127.0.0.1:{port}/twilio") as caller:
+            await caller.start()
+            await eventually(lambda: fake_agent.sessions and fake_agent.sessions[0].settings is not None)
+            process.send_signal(signal.SIGTERM)
+            await eventually(lambda: _health(port)[0] == 503, 5, "draining")
+            started = time.monotonic()
+            process.send_signal(signal.SIGINT)
+            code = await asyncio.to_thread(process.wait, 5)
+            assert time.monotonic() - started < 2, "the second signal must not wait for the drain"
+            assert code == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
