@@ -651,16 +651,16 @@ class CallSession:
                 "event": "function_call",
                 "name": call.name,
                 "arguments": _json_or_text(call.arguments),
-                "result": outcome.result if outcome.error is None or outcome.result else {"error": outcome.error},
+                "result": json.loads(outcome.content),  # exactly what the agent was told
                 "duration_ms": round(outcome.duration_seconds * 1000, 1),
             }
         )
 
     def _on_end_call(self, call: agent.FunctionCall) -> None:
         self.log.info("agent asked to end the call; hanging up after its goodbye has played")
-        content = json.dumps({"result": "The call will end after your goodbye has played."})
-        self._send_control(agent.function_call_response(call, content))
-        self.record.function_call(call.name, call.arguments, json.loads(content), None, 0.0)
+        answer = {"result": "The call will end after your goodbye has played."}
+        self._send_control(agent.function_call_response(call, json.dumps(answer)))
+        self.record.function_call(call.name, call.arguments, answer, None, 0.0)
         self._hangup_requested = True
         # If no AgentAudioDone follows (nothing more to say), hang up anyway.
         self._arm_hangup_timer(self.settings.hangup_timeout_seconds)
