@@ -1,30 +1,247 @@
-"""The server side of a Twilio WebSocket, with a direct path for Twilio's frames.
+"""WebSocket connections with a direct path for the frames a call is made of.
 
-Twilio sends about 50 small text frames a second per call. websockets' usual path queues each
-frame in a message assembler and wakes the task awaiting ``recv`` for it; measured on this
-project's benchmark, handing a complete text frame to the call's handler from the protocol
-callback instead costs about a quarter less CPU per frame. Everything else (the handshake,
-control frames, closing, binary and fragmented messages) stays websockets' own.
+A call is hundreds of small frames a second: Twilio sends a 160-byte ``media`` frame every
+20 ms and we answer with agent audio; the agent gets a binary chunk every few hundred ms and
+answers with audio. websockets parses each frame through a chain of generators, queues it in
+a message assembler and wakes a task, and each ``send`` goes through an async context manager
+and a ``Frame`` object. On this project's benchmark that machinery was most of the bridge's CPU.
+
+``DirectFrames`` keeps websockets for everything it is good at (the handshake, control frames,
+closing, fragmentation, errors, flow control, limits) and takes only the common case:
+
+- receiving: whole frames are cut out of the byte stream here; a complete, unfragmented text or
+  binary frame within the size limit is unmasked and delivered at once. Any other frame is
+  handed to websockets whole, so its parser always stands at a frame boundary and can take
+  over at any point. Parsing only starts once websockets' parser is idle at a frame boundary.
+- sending: an unfragmented message on an open connection with room in the write buffer is
+  framed and written in one call; otherwise ``send`` is websockets' own, which waits for room.
+
+Nothing here changes what goes over the wire: the frames are the ones RFC 6455 describes and
+websockets itself would produce (server frames unmasked, client frames masked with a fresh
+random key each).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import DATA_OPCODES, Frame, Opcode
+from websockets.protocol import Event, State
+from websockets.streams import StreamReader
 from websockets.typing import Data
-from websockets.protocol import Event
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    from websockets.utils import apply_mask
+
+OPEN = State.OPEN
+FIN_TEXT = 0x81  # first header byte of a whole text frame: FIN, no RSV bits, opcode 1
+FIN_BINARY = 0x82
+_AT_EOF = StreamReader.at_eof.__code__
 
 
-class TwilioConnection(ServerConnection):
-    """A ``ServerConnection`` that gives whole text frames to ``on_text`` once it is set.
+def frame_header(first_byte: int, length: int, *, masked: bool) -> bytes:
+    """The header of a frame whose payload is ``length`` bytes (RFC 6455 section 5.2)."""
+    mask_bit = 0x80 if masked else 0
+    if length < 126:
+        return bytes((first_byte, mask_bit | length))
+    if length < 65536:
+        return bytes((first_byte, mask_bit | 126)) + length.to_bytes(2, "big")
+    return bytes((first_byte, mask_bit | 127)) + length.to_bytes(8, "big")
+
+
+def frame_extent(data: bytes, pos: int, masked: bool) -> tuple[int, int] | None:
+    """Where the payload of the frame starting at ``pos`` begins, and its length.
+
+    None when the header isn't complete yet. ``masked`` says whether the header carries a
+    4-byte key (client-to-server frames); the key is included in the header's size.
+    """
+    available = len(data) - pos
+    if available < 2:
+        return None
+    length = data[pos + 1] & 0x7F
+    start = pos + 2
+    if length == 126:
+        if available < 4:
+            return None
+        length = int.from_bytes(data[start : start + 2], "big")
+        start += 2
+    elif length == 127:
+        if available < 10:
+            return None
+        length = int.from_bytes(data[start : start + 8], "big")
+        start += 8
+    if masked:
+        start += 4
+        if len(data) < start:
+            return None
+    return start, length
+
+
+def _parser_idle(connection: Connection) -> bool:
+    """True when websockets' parser waits at a frame boundary with nothing buffered."""
+    protocol = connection.protocol
+    if protocol.reader.buffer or protocol.state is not OPEN:
+        return False
+    generator: Any = protocol.parser
+    while (inner := getattr(generator, "gi_yieldfrom", None)) is not None:
+        generator = inner
+    return getattr(generator, "gi_code", None) is _AT_EOF
+
+
+def _frame_size_limit(connection: Connection) -> int | None | bool:
+    """The largest unfragmented frame websockets would accept, None for no limit.
+
+    False when this websockets version keeps its limits in attributes we don't know, in which
+    case its own parser is left to do all the work.
+    """
+    protocol = connection.protocol
+    try:
+        limits = [protocol.max_message_size, protocol.max_fragment_size]  # type: ignore[attr-defined]
+        protocol.current_size  # type: ignore[attr-defined]  # noqa: B018 - checks the attribute exists
+    except AttributeError:
+        return False
+    given = [limit for limit in limits if limit is not None]
+    return min(given) if given else None
+
+
+class DirectFrames(Connection):
+    """The direct receive and send paths, shared by both ends of a call."""
+
+    # Which side's frames carry a mask: a server receives masked frames and sends plain ones.
+    receives_masked: bool
+    sends_masked: bool
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parsing = False  # whether data_received cuts frames here instead of websockets
+        self._unparsed = b""  # the start of a frame whose end hasn't arrived yet
+        self._size_limit: int | None = None
+        # websockets versions that track a fragmented send differently keep their own send path.
+        self._direct_send = hasattr(self, "send_in_progress")
+
+    # ------------------------------------------------------------------------------ receiving
+
+    def data_received(self, data: bytes) -> None:
+        if not self._parsing and not self._start_parsing():
+            super().data_received(data)
+            return
+        if self._unparsed:
+            data = self._unparsed + data
+            self._unparsed = b""
+        masked = self.receives_masked
+        limit = self._size_limit
+        protocol = self.protocol
+        pos = 0
+        end = len(data)
+        while pos < end:
+            extent = frame_extent(data, pos, masked)
+            if extent is None:
+                break
+            start, length = extent
+            if limit is not None and length > limit:
+                # websockets answers an oversize frame with 1009; it parses from here on.
+                self._parsing = False
+                super().data_received(data[pos:])
+                return
+            frame_end = start + length
+            if frame_end > end:
+                break
+            first = data[pos]
+            if (
+                (first == FIN_TEXT or first == FIN_BINARY)
+                and bool(data[pos + 1] & 0x80) == masked
+                and protocol.current_size is None  # type: ignore[attr-defined]
+            ):
+                payload = data[start:frame_end]
+                if masked:
+                    payload = apply_mask(payload, data[start - 4 : start])
+                self.message_received(first == FIN_TEXT, payload)
+            else:
+                # Control frames, fragments, bad masking or RSV bits: websockets' own, whole.
+                super().data_received(data[pos:frame_end])
+                if protocol.state is not OPEN:
+                    self._parsing = False
+                    if frame_end < end:
+                        super().data_received(data[frame_end:])
+                    return
+            pos = frame_end
+        if pos < end:
+            self._unparsed = data[pos:]
+
+    def _start_parsing(self) -> bool:
+        if not _parser_idle(self):
+            return False
+        limit = _frame_size_limit(self)
+        if limit is False:
+            return False
+        self._size_limit = limit  # type: ignore[assignment]
+        self._parsing = True
+        return True
+
+    def eof_received(self) -> None:
+        if self._unparsed:
+            # websockets fails a frame cut short by EOF with 1006, as it would unaided.
+            self._parsing = False
+            unparsed, self._unparsed = self._unparsed, b""
+            super().data_received(unparsed)
+        return super().eof_received()
+
+    def message_received(self, is_text: bool, payload: bytes) -> None:
+        """A whole message cut out here; by default into websockets' queue for ``recv``."""
+        self.process_event(Frame(Opcode.TEXT if is_text else Opcode.BINARY, payload))
+
+    # -------------------------------------------------------------------------------- sending
+
+    async def send(self, message: Any, *, text: bool | None = None) -> None:  # type: ignore[override]
+        message_type = type(message)
+        if (
+            (message_type is str or message_type is bytes)
+            and text is None
+            and self.protocol.state is OPEN
+            and self._direct_send
+            and self.send_in_progress is None
+            and not self.paused
+        ):
+            if message_type is str:
+                first, payload = FIN_TEXT, message.encode()
+            else:
+                first, payload = FIN_BINARY, message
+            if self.sends_masked:
+                mask = os.urandom(4)
+                frame = frame_header(first, len(payload), masked=True) + mask + apply_mask(payload, mask)
+            else:
+                frame = frame_header(first, len(payload), masked=False) + payload
+            self.transport.write(frame)
+            return
+        # Closing, paused by a full write buffer, or an unusual message: websockets' own path.
+        await super().send(message, text=text)
+
+
+class AgentConnection(DirectFrames, ClientConnection):
+    """The client side of the Deepgram agent socket."""
+
+    receives_masked = False
+    sends_masked = True
+
+
+class TwilioConnection(DirectFrames, ServerConnection):
+    """The server side of a Twilio socket, which gives whole text frames to ``on_text`` once set.
 
     ``on_text`` runs inside the transport's data callback, so it must not raise and must not
     block; the call session's handler does neither. Order is kept: while any message waits in
-    websockets' queue for ``recv`` (a binary or fragmented one), later frames queue behind it.
+    websockets' queue for ``recv`` (a binary or fragmented one, or one that came before
+    ``on_text`` was set), later frames queue behind it.
     """
+
+    receives_masked = True
+    sends_masked = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -32,21 +249,20 @@ class TwilioConnection(ServerConnection):
         self._queued_messages = 0  # whole messages handed to websockets' queue, not yet received
         self._in_fragmented_message = False
 
+    def message_received(self, is_text: bool, payload: bytes) -> None:
+        on_text = self.on_text
+        if is_text and on_text is not None and not self._queued_messages and not self._in_fragmented_message:
+            try:
+                text = payload.decode()
+            except UnicodeDecodeError:
+                pass  # websockets' own path fails the connection with 1007, as usual
+            else:
+                on_text(text)
+                return
+        super().message_received(is_text, payload)
+
     def process_event(self, event: Event) -> None:
         if type(event) is Frame and event.opcode in DATA_OPCODES:
-            on_text = self.on_text
-            if (
-                on_text is not None
-                and event.fin
-                and event.opcode is Opcode.TEXT
-                and not self._queued_messages
-                and not self._in_fragmented_message
-            ):
-                try:
-                    on_text(event.data.decode())
-                    return
-                except UnicodeDecodeError:
-                    pass  # websockets' own path fails the connection with 1007, as usual
             if event.fin:
                 self._queued_messages += 1
             self._in_fragmented_message = not event.fin

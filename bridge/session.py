@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from . import agent_protocol as agent
 from . import twilio
 from .config import AgentConfig, Settings
-from .connection import TwilioConnection
+from .connection import AgentConnection, TwilioConnection
 from .functions import FunctionRunner
 from .records import CallRecord, RecordWriter
 
@@ -58,6 +58,7 @@ def websocket_agent_connector(url: str, api_key: str) -> AgentConnector:
         return await connect(
             url,
             additional_headers={"Authorization": f"Token {api_key}"},
+            create_connection=AgentConnection,
             compression=None,  # audio doesn't compress; deflate would only cost CPU and memory
             max_size=2**22,  # TTS chunks have no fixed size
             open_timeout=None,  # the caller bounds the whole handshake
