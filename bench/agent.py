@@ -17,8 +17,9 @@ import random
 import time
 import uuid
 
-from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import apply_mask
+from websockets.utils import accept_key
 
 from .frames import FILLS, FRAME, HDR, HEADER, MAGIC_DOWN, MAGIC_UP, StreamChecker
 from .model import Call, Run
@@ -68,7 +69,7 @@ class TtsStream:
 
 
 class Session:
-    def __init__(self, run: Run, ws: ServerConnection):
+    def __init__(self, run: Run, ws: AgentSocket):
         self.run = run
         self.ws = ws
         self.call: Call | None = None
@@ -188,22 +189,22 @@ class Session:
         call = self.call
         total = int(seconds * 8000)
         barge_at = int(total * barge) if barge else None
-        await ws.send('{"type":"AgentStartedSpeaking","total_latency":0.4,"tts_latency":0.1,'
+        ws.send('{"type":"AgentStartedSpeaking","total_latency":0.4,"tts_latency":0.1,'
                       '"ttt_latency":0.3}')
-        await ws.send(json.dumps({"type": "ConversationText", "role": "assistant", "content": words}))
+        ws.send(json.dumps({"type": "ConversationText", "role": "assistant", "content": words}))
         sent = 0
         while sent < total:
             chunk = tts.take(min(rng.randint(240, 2400), total - sent))
-            await ws.send(chunk)
+            ws.send(chunk)
             sent += len(chunk)
             call.down_sent += len(chunk)
             if barge_at is not None and sent >= barge_at:
                 call.uss_sent.append(_monotonic_ns())
-                await ws.send('{"type":"UserStartedSpeaking"}')
+                ws.send('{"type":"UserStartedSpeaking"}')
                 call.counts["uss"] += 1
                 return
             await asyncio.sleep(len(chunk) / 8000 / TTS_SPEED)
-        await ws.send('{"type":"AgentAudioDone"}')
+        ws.send('{"type":"AgentAudioDone"}')
         call.counts["audio_done"] += 1
 
     async def function_call(self, rng: random.Random) -> None:
@@ -215,65 +216,212 @@ class Session:
             "id": fid, "name": "get_drug_info",
             "arguments": json.dumps({"drug_name": rng.choice(DRUGS)}), "client_side": True}]})
         self.fc_pending[fid] = (_monotonic_ns(), fut)
-        await self.ws.send(msg)
+        self.ws.send(msg)
         try:
             await asyncio.wait_for(asyncio.shield(fut), FC_WAIT)
         except asyncio.TimeoutError:
             call.counts["fc_slow"] += 1
 
 
+class AgentSocket(asyncio.Protocol):
+    """The server side of one agent WebSocket, spoken directly: the handshake, then frames.
+
+    websockets' server costs about as much per message as the bridge does; the generator shares
+    one core with the fake agent, so both speak the framing themselves. Frames to the bridge are
+    unmasked (server frames); frames from it must be masked, and are unmasked here.
+    """
+
+    def __init__(self, agent: "FakeAgent"):
+        self.agent = agent
+        self.run = agent.run
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.handshaking = True
+        self.fragments: list[bytes] | None = None
+        self.fragment_opcode = 0
+        self.session: Session | None = None
+        self.stage = "settings"  # then "early" (Settings taken, SettingsApplied not yet sent), "live"
+        self.early_audio = 0
+        self.closed = False
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def send(self, message: str | bytes) -> None:
+        """One unmasked frame; raises ConnectionClosed once the connection is going."""
+        if self.closed:
+            raise ConnectionClosed(None, None)
+        if type(message) is str:
+            data, first = message.encode(), 0x81
+        else:
+            data, first = message, 0x82
+        n = len(data)
+        if n < 126:
+            head = bytes((first, n))
+        elif n < 65536:
+            head = bytes((first, 126)) + n.to_bytes(2, "big")
+        else:
+            head = bytes((first, 127)) + n.to_bytes(8, "big")
+        self.transport.write(head + data)
+
+    def close(self, code: int = 1000) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.write(b"\x88\x02" + code.to_bytes(2, "big"))
+            self.transport.close()
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.agent.connections += 1
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        if self.session is not None:
+            self.session.finish()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if self.handshaking:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            request = bytes(buf[:end]).decode("latin-1")
+            del buf[:end + 4]
+            self.handshaking = False
+            if not self.handshake(request):
+                return
+        n = len(buf)
+        off = 0
+        while n - off >= 2 and not self.closed:
+            b0 = buf[off]
+            b1 = buf[off + 1]
+            ln = b1 & 0x7F
+            h = 2
+            if ln == 126:
+                if n - off < 4:
+                    break
+                ln = (buf[off + 2] << 8) | buf[off + 3]
+                h = 4
+            elif ln == 127:
+                if n - off < 10:
+                    break
+                ln = int.from_bytes(buf[off + 2:off + 10], "big")
+                h = 10
+            if not b1 & 0x80:
+                self.note("unmasked frame from the bridge")
+                self.close(1002)
+                return
+            end = off + h + 4 + ln
+            if end > n:
+                break
+            self.on_frame(b0, apply_mask(bytes(buf[off + h + 4:end]), bytes(buf[off + h:off + h + 4])))
+            off = end
+        if off:
+            del buf[:off]
+
+    def handshake(self, request: str) -> bool:
+        lines = request.split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        key = headers.get("sec-websocket-key")
+        if not lines[0].startswith("GET ") or key is None:
+            self.note("not a WebSocket handshake")
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+            self.transport.close()
+            self.closed = True
+            return False
+        if not headers.get("authorization", "").startswith("Token "):
+            self.note("connection without Authorization: Token")
+        if "permessage-deflate" in headers.get("sec-websocket-extensions", ""):
+            self.note("bridge offered compression")
+        accept = accept_key(key)
+        self.transport.write((
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode())
+        self.session = Session(self.run, self)
+        self.send(json.dumps({"type": "Welcome", "request_id": str(uuid.uuid4())}))
+        return True
+
+    def note(self, what: str) -> None:
+        self.run.notes["agent: " + what] += 1
+
+    def on_frame(self, b0: int, payload: bytes) -> None:
+        opcode = b0 & 0x0F
+        if opcode == 0x8:
+            self.close()
+            return
+        if opcode == 0x9:
+            self.transport.write(bytes((0x8A, len(payload))) + payload)
+            return
+        if opcode == 0xA:
+            return
+        if opcode == 0x0:
+            if self.fragments is None:
+                self.note("stray continuation frame")
+                return
+            self.fragments.append(payload)
+            if not b0 & 0x80:
+                return
+            opcode, payload, self.fragments = self.fragment_opcode, b"".join(self.fragments), None
+        elif not b0 & 0x80:
+            self.fragments, self.fragment_opcode = [payload], opcode
+            return
+        if opcode == 0x1:
+            self.on_message(payload.decode())
+        elif opcode == 0x2:
+            self.on_message(payload)
+        else:
+            self.note(f"unknown opcode {opcode}")
+
+    def on_message(self, msg: str | bytes) -> None:
+        session = self.session
+        if self.stage == "live":
+            if type(msg) is bytes:
+                session.on_audio(msg)
+            else:
+                session.on_text(msg)
+        elif self.stage == "settings":
+            try:
+                is_settings = type(msg) is str and json.loads(msg).get("type") == "Settings"
+            except ValueError:
+                is_settings = False
+            if not is_settings:
+                self.note("first message was not Settings")
+            self.stage = "early"
+            asyncio.get_running_loop().call_later(SETTINGS_DELAY, self.settings_applied)
+        else:  # "early": anything arriving before SettingsApplied is read; audio would be an error
+            if type(msg) is bytes:
+                self.early_audio += 1
+                session.on_audio(msg)
+            else:
+                session.on_text(msg)
+
+    def settings_applied(self) -> None:
+        if self.closed:
+            return
+        if self.early_audio:
+            self.session.note(f"{self.early_audio} audio messages before SettingsApplied")
+        self.stage = "live"
+        self.send('{"type":"SettingsApplied"}')
+
+
 class FakeAgent:
     def __init__(self, run: Run):
         self.run = run
-        self.server = None
+        self.server: asyncio.Server | None = None
         self.port = 0
         self.connections = 0
 
     async def start(self) -> None:
-        self.server = await serve(self.handler, "127.0.0.1", 0, compression=None, ping_interval=None,
-                                  max_size=None)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: AgentSocket(self), "127.0.0.1", 0, backlog=1024)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
-
-    async def handler(self, ws: ServerConnection) -> None:
-        self.connections += 1
-        run = self.run
-        if not ws.request.headers.get("Authorization", "").startswith("Token "):
-            run.notes["agent: connection without Authorization: Token"] += 1
-        if "permessage-deflate" in ws.request.headers.get("Sec-WebSocket-Extensions", ""):
-            run.notes["agent: bridge offered compression"] += 1
-        session = Session(run, ws)
-        try:
-            await ws.send(json.dumps({"type": "Welcome", "request_id": str(uuid.uuid4())}))
-            settings = await ws.recv()
-            if isinstance(settings, bytes) or json.loads(settings).get("type") != "Settings":
-                run.notes["agent: first message was not Settings"] += 1
-            # Anything arriving before SettingsApplied is read here: audio would be an error.
-            deadline = asyncio.get_running_loop().time() + SETTINGS_DELAY
-            early_audio = 0
-            while (left := deadline - asyncio.get_running_loop().time()) > 0:
-                try:
-                    msg = await asyncio.wait_for(ws.recv(), left)
-                except asyncio.TimeoutError:
-                    break
-                if isinstance(msg, bytes):
-                    early_audio += 1
-                    session.on_audio(msg)
-                else:
-                    session.on_text(msg)
-            if early_audio:
-                session.note(f"{early_audio} audio messages before SettingsApplied")
-            await ws.send('{"type":"SettingsApplied"}')
-            async for msg in ws:
-                if isinstance(msg, bytes):
-                    session.on_audio(msg)
-                else:
-                    session.on_text(msg)
-        except ConnectionClosed:
-            pass
-        finally:
-            session.finish()
