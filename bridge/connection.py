@@ -112,7 +112,13 @@ def _frame_size_limit(connection: Connection) -> int | None | bool:
 
 
 class DirectFrames(Connection):
-    """The direct receive and send paths, shared by both ends of a call."""
+    """The direct receive and send paths, shared by both ends of a call.
+
+    A subclass may take whole messages as they are cut out (``take_message``), in the transport's
+    data callback. Order is kept: while any message waits in websockets' queue for ``recv`` (one
+    the subclass declined, a fragmented one, or one that came before the subclass was ready),
+    later ones queue behind it.
+    """
 
     # Which side's frames carry a mask: a server receives masked frames and sends plain ones.
     receives_masked: bool
@@ -123,6 +129,8 @@ class DirectFrames(Connection):
         self._parsing = False  # whether data_received cuts frames here instead of websockets
         self._unparsed = b""  # the start of a frame whose end hasn't arrived yet
         self._size_limit: int | None = None
+        self._queued_messages = 0  # whole messages handed to websockets' queue, not yet received
+        self._in_fragmented_message = False
         # websockets versions that track a fragmented send differently keep their own send path.
         self._direct_send = hasattr(self, "send_in_progress")
 
@@ -162,7 +170,9 @@ class DirectFrames(Connection):
                 payload = data[start:frame_end]
                 if masked:
                     payload = apply_mask(payload, data[start - 4 : start])
-                self.message_received(first == FIN_TEXT, payload)
+                is_text = first == FIN_TEXT
+                if self._queued_messages or self._in_fragmented_message or not self.take_message(is_text, payload):
+                    self.process_event(Frame(Opcode.TEXT if is_text else Opcode.BINARY, payload))
             else:
                 # Control frames, fragments, bad masking or RSV bits: websockets' own, whole.
                 super().data_received(data[pos:frame_end])
@@ -193,73 +203,9 @@ class DirectFrames(Connection):
             super().data_received(unparsed)
         return super().eof_received()
 
-    def message_received(self, is_text: bool, payload: bytes) -> None:
-        """A whole message cut out here; by default into websockets' queue for ``recv``."""
-        self.process_event(Frame(Opcode.TEXT if is_text else Opcode.BINARY, payload))
-
-    # -------------------------------------------------------------------------------- sending
-
-    async def send(self, message: Any, *, text: bool | None = None) -> None:  # type: ignore[override]
-        message_type = type(message)
-        if (
-            (message_type is str or message_type is bytes)
-            and text is None
-            and self.protocol.state is OPEN
-            and self._direct_send
-            and self.send_in_progress is None
-            and not self.paused
-        ):
-            if message_type is str:
-                first, payload = FIN_TEXT, message.encode()
-            else:
-                first, payload = FIN_BINARY, message
-            if self.sends_masked:
-                mask = os.urandom(4)
-                frame = frame_header(first, len(payload), masked=True) + mask + apply_mask(payload, mask)
-            else:
-                frame = frame_header(first, len(payload), masked=False) + payload
-            self.transport.write(frame)
-            return
-        # Closing, paused by a full write buffer, or an unusual message: websockets' own path.
-        await super().send(message, text=text)
-
-
-class AgentConnection(DirectFrames, ClientConnection):
-    """The client side of the Deepgram agent socket."""
-
-    receives_masked = False
-    sends_masked = True
-
-
-class TwilioConnection(DirectFrames, ServerConnection):
-    """The server side of a Twilio socket, which gives whole text frames to ``on_text`` once set.
-
-    ``on_text`` runs inside the transport's data callback, so it must not raise and must not
-    block; the call session's handler does neither. Order is kept: while any message waits in
-    websockets' queue for ``recv`` (a binary or fragmented one, or one that came before
-    ``on_text`` was set), later frames queue behind it.
-    """
-
-    receives_masked = True
-    sends_masked = False
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.on_text: Callable[[str], None] | None = None
-        self._queued_messages = 0  # whole messages handed to websockets' queue, not yet received
-        self._in_fragmented_message = False
-
-    def message_received(self, is_text: bool, payload: bytes) -> None:
-        on_text = self.on_text
-        if is_text and on_text is not None and not self._queued_messages and not self._in_fragmented_message:
-            try:
-                text = payload.decode()
-            except UnicodeDecodeError:
-                pass  # websockets' own path fails the connection with 1007, as usual
-            else:
-                on_text(text)
-                return
-        super().message_received(is_text, payload)
+    def take_message(self, is_text: bool, payload: bytes) -> bool:
+        """Take a whole message at once; False leaves it to websockets' queue and ``recv``."""
+        return False
 
     def process_event(self, event: Event) -> None:
         if type(event) is Frame and event.opcode in DATA_OPCODES:
@@ -272,3 +218,77 @@ class TwilioConnection(DirectFrames, ServerConnection):
         message = await super().recv(decode)
         self._queued_messages -= 1
         return message
+
+    # -------------------------------------------------------------------------------- sending
+
+    def send_now(self, message: str | bytes) -> bool:
+        """Write one whole message now if nothing stands in the way; False if ``send`` must wait.
+
+        Something stands in the way while the connection is closing, while a fragmented message
+        is going out, and while the write buffer is over its high-water mark (flow control).
+        """
+        if not (
+            self.protocol.state is OPEN and self._direct_send and self.send_in_progress is None and not self.paused
+        ):
+            return False
+        if type(message) is str:
+            first, payload = FIN_TEXT, message.encode()
+        else:
+            first, payload = FIN_BINARY, message
+        if self.sends_masked:
+            mask = os.urandom(4)
+            frame = frame_header(first, len(payload), masked=True) + mask + apply_mask(payload, mask)
+        else:
+            frame = frame_header(first, len(payload), masked=False) + payload
+        self.transport.write(frame)
+        return True
+
+    async def send(self, message: Any, *, text: bool | None = None) -> None:  # type: ignore[override]
+        if text is None and type(message) in (str, bytes) and self.send_now(message):
+            return
+        await super().send(message, text=text)
+
+
+class AgentConnection(DirectFrames, ClientConnection):
+    """The client side of the Deepgram agent socket, which can give agent audio to ``on_audio``.
+
+    ``on_audio`` runs inside the transport's data callback and returns whether it played the
+    audio; when it can't (the caller's socket is busy), the audio waits in order for ``recv``.
+    """
+
+    receives_masked = False
+    sends_masked = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_audio: Callable[[bytes], bool] | None = None
+
+    def take_message(self, is_text: bool, payload: bytes) -> bool:
+        on_audio = self.on_audio
+        return not is_text and on_audio is not None and on_audio(payload)
+
+
+class TwilioConnection(DirectFrames, ServerConnection):
+    """The server side of a Twilio socket, which gives whole text frames to ``on_text`` once set.
+
+    ``on_text`` runs inside the transport's data callback, so it must not raise and must not
+    block; the call session's handler does neither.
+    """
+
+    receives_masked = True
+    sends_masked = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_text: Callable[[str], None] | None = None
+
+    def take_message(self, is_text: bool, payload: bytes) -> bool:
+        on_text = self.on_text
+        if not is_text or on_text is None:
+            return False
+        try:
+            text = payload.decode()
+        except UnicodeDecodeError:
+            return False  # websockets' own path fails the connection with 1007, as usual
+        on_text(text)
+        return True

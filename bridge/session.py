@@ -114,6 +114,7 @@ class CallSession:
         # Caller audio chunks (bytes), control messages (str), and None once the caller is gone.
         self.queue: asyncio.Queue[bytes | str | None] = asyncio.Queue()
         self._buffer = bytearray()
+        self._chunk_bytes = self.settings.inbound_buffer_bytes
         self.stream: twilio.StreamStart | None = None
         self._outbound: twilio.TwilioOutbound | None = None
         self._started: asyncio.Future[None] = loop.create_future()
@@ -252,7 +253,11 @@ class CallSession:
         if self.caller_gone:
             return  # after stop, nothing Twilio sends matters
         try:
-            if not self._on_twilio_text(text):
+            # The hot path, 50 times a second per call: caller audio once the stream has started.
+            audio = twilio.fast_media_payload(text)
+            if audio is not None and self._outbound is not None:
+                self._on_caller_audio(audio)
+            elif not self._on_twilio_text(text):
                 self._caller_finished()
         except Exception:
             self.log.exception("the Twilio side failed unexpectedly")
@@ -274,10 +279,6 @@ class CallSession:
 
     def _on_twilio_text(self, text: str) -> bool:
         """Handle one Twilio event; False when the stream has stopped."""
-        audio = twilio.fast_media_payload(text)
-        if audio is not None:
-            self._on_caller_audio(audio)
-            return True
         try:
             event, message = twilio.parse_event(text)
             if event == "media":
@@ -308,7 +309,7 @@ class CallSession:
         buffer = self._buffer
         buffer += audio
         self.bytes_from_caller += len(audio)
-        size = self.settings.inbound_buffer_bytes
+        size = self._chunk_bytes
         while len(buffer) >= size:
             self.queue.put_nowait(bytes(buffer[:size]))
             del buffer[:size]
@@ -504,6 +505,11 @@ class CallSession:
     # --------------------------------------------------------------------- 3. Deepgram receiver
 
     async def _receive_from_agent(self, socket: ClientConnection) -> str:
+        direct = isinstance(socket, AgentConnection) and isinstance(self.twilio_socket, TwilioConnection)
+        if direct:
+            # Agent audio now goes to the caller from the socket's data callback (_play_now);
+            # this loop gets the JSON messages, and audio only while the caller's socket is busy.
+            socket.on_audio = self._play_now  # type: ignore[union-attr]
         try:
             async for frame in socket:
                 if type(frame) is bytes:
@@ -512,6 +518,9 @@ class CallSession:
                     return "done"
         except ConnectionClosed:
             pass
+        finally:
+            if direct:
+                socket.on_audio = None  # type: ignore[union-attr]
         if self.caller_gone or self._ended.done():
             return "done"
         code = socket.close_code or 1006  # 1006: the connection was lost without a close frame
@@ -523,6 +532,16 @@ class CallSession:
         self.log.info("Deepgram closed the session (code %d%s)", code, f": {reason}" if reason else "")
         self.end(f"Deepgram closed the session (code {code})")
         return "done"
+
+    def _play_now(self, audio: bytes) -> bool:
+        """Agent audio to the caller at once; False when the caller's socket makes it wait."""
+        outbound = self._outbound
+        if outbound is not None:
+            if not self.twilio_socket.send_now(outbound.media(audio)):  # type: ignore[attr-defined]
+                return False
+            self.bytes_to_caller += len(audio)
+            self._audio_since_mark += len(audio)
+        return True
 
     async def _play(self, audio: bytes) -> None:
         outbound = self._outbound

@@ -72,14 +72,19 @@ def fast_media_payload(text: str) -> bytes | None:
     if not text.startswith(_MEDIA_PREFIXES) or not text.endswith("}"):
         return None
     key = text.find('"payload":')
-    if key < 0 or text.find('"payload"', key + 10) >= 0:
+    if key < 0:
         return None
-    opening = text.find('"', key + 10)
+    opening = key + 10
+    if not text.startswith('"', opening):
+        opening = text.find('"', opening)
+        if opening < 0 or not text[key + 10 : opening].isspace():
+            return None
     closing = text.find('"', opening + 1)
-    if opening < 0 or closing < 0 or not text[key + 10 : opening].isspace() and opening != key + 10:
+    # A second "payload" key would win in a JSON parser; only the full parse may judge that.
+    if closing < 0 or text.find('"payload"', closing) >= 0:
         return None
     try:
-        return base64.b64decode(text[opening + 1 : closing], validate=True)
+        return binascii.a2b_base64(text[opening + 1 : closing], strict_mode=True)
     except (binascii.Error, ValueError):
         return None
 
