@@ -1,0 +1,238 @@
+"""The direct frame paths of bridge/connection.py, checked against websockets' own framing.
+
+Frames are cut, coalesced and interleaved with control and fragmented frames as TCP may deliver
+them; the bytes must come out whole and in order on the far side either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+import socket
+from typing import Any
+
+import pytest
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.uri import parse_uri
+
+from bridge.connection import AgentConnection, TwilioConnection, frame_extent, frame_header
+from bridge.server import BridgeServer
+from conftest import BridgeFactory, twilio_url
+from fakes import FakeAgent, FakeTwilioCaller, eventually, media_event
+
+SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70000]
+
+
+@pytest.mark.parametrize("length", SIZES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_frame_header_is_the_header_websockets_writes(length: int, masked: bool) -> None:
+    serialized = Frame(Opcode.BINARY, b"x" * length).serialize(mask=masked)
+    header = frame_header(0x82, length, masked=masked)
+    assert serialized.startswith(header)
+    assert len(serialized) == len(header) + (4 if masked else 0) + length
+
+
+@pytest.mark.parametrize("length", SIZES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_frame_extent_waits_for_the_whole_header(length: int, masked: bool) -> None:
+    serialized = b"junk" + Frame(Opcode.TEXT, b"y" * length).serialize(mask=masked)
+    payload_start = len(serialized) - length
+    for cut in range(4, payload_start):
+        assert frame_extent(serialized[:cut], 4, masked) is None
+    assert frame_extent(serialized[:payload_start], 4, masked) == (payload_start, length)
+    assert frame_extent(serialized, 4, masked) == (payload_start, length)
+
+
+def only_call(server: BridgeServer) -> Any:
+    assert len(server.calls) == 1
+    return next(iter(server.calls))
+
+
+class RawTwilio:
+    """A Twilio client that writes frame bytes itself, cut wherever the test likes.
+
+    websockets' sans-I/O client does the handshake and reads the bridge's frames, so what this
+    client sees is judged by websockets, not by the code under test.
+    """
+
+    def __init__(self, url: str, stream_sid: str = "MZraw") -> None:
+        self.url = url
+        self.stream_sid = stream_sid
+        self.uri = parse_uri(url)
+        self.protocol = ClientProtocol(self.uri)
+        self.events: list[dict[str, Any]] = []
+        self.pongs: list[bytes] = []
+        self.audio = bytearray()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.receive_buffer: int | None = None
+
+    async def open(self, receive_buffer: int | None = None) -> None:
+        sock = socket.socket()
+        if receive_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.setblocking(False)
+        host, port = self.uri.host, self.uri.port
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        self.reader, self.writer = await asyncio.open_connection(sock=sock, limit=2**16)
+        self.protocol.send_request(self.protocol.connect())
+        await self.flush()
+        while self.protocol.handshake_exc is None and self.protocol.state.name == "CONNECTING":
+            await self.read_some()
+        assert self.protocol.handshake_exc is None
+
+    async def flush(self) -> None:
+        assert self.writer is not None
+        for data in self.protocol.data_to_send():
+            self.writer.write(data)
+        await self.writer.drain()
+
+    async def write(self, data: bytes, cut: random.Random | None = None) -> None:
+        """Write raw frame bytes, in random pieces when ``cut`` is given."""
+        assert self.writer is not None
+        pos = 0
+        while pos < len(data):
+            step = cut.randint(1, 40) if cut else len(data)
+            self.writer.write(data[pos : pos + step])
+            await self.writer.drain()
+            pos += step
+            if cut:
+                await asyncio.sleep(0)
+
+    async def read_some(self) -> bool:
+        assert self.reader is not None
+        data = await self.reader.read(65536)
+        if not data:
+            self.protocol.receive_eof()
+        else:
+            self.protocol.receive_data(data)
+        for event in self.protocol.events_received():
+            if isinstance(event, Frame) and event.opcode is Opcode.PONG:
+                self.pongs.append(bytes(event.data))
+            elif isinstance(event, Frame) and event.opcode is Opcode.TEXT:
+                message = json.loads(event.data)
+                self.events.append(message)
+                if message.get("event") == "media":
+                    self.audio += base64.b64decode(message["media"]["payload"])
+        await self.flush()
+        return bool(data)
+
+    async def read_until(self, condition: Any, timeout: float = 5.0) -> None:
+        async def loop() -> None:
+            while not condition():
+                if not await self.read_some():
+                    raise AssertionError("the bridge closed the connection")
+
+        await asyncio.wait_for(loop(), timeout)
+
+    def text(self, message: dict[str, Any] | str) -> bytes:
+        data = message if isinstance(message, str) else json.dumps(message)
+        return Frame(Opcode.TEXT, data.encode()).serialize(mask=True)
+
+    def opening(self) -> bytes:
+        start = {"streamSid": self.stream_sid, "callSid": "CAraw", "accountSid": "AC" + "0" * 32, "tracks": ["inbound"]}
+        return self.text({"event": "connected", "protocol": "Call", "version": "1.0.0"}) + self.text(
+            {"event": "start", "sequenceNumber": "1", "streamSid": self.stream_sid, "start": start}
+        )
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def test_twilio_frames_cut_anywhere_and_mixed_with_others_arrive_whole_and_in_order(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory
+) -> None:
+    rng = random.Random(7)
+    audio = bytes(rng.randrange(256) for _ in range(160 * 40))
+    async with make_bridge(fake_agent, inbound_buffer_bytes=160) as server:
+        caller = RawTwilio(twilio_url(server))
+        await caller.open()
+        try:
+            await caller.write(caller.opening())
+            agent = await fake_agent.session()
+            await eventually(lambda: agent.settings is not None)
+            connection = only_call(server).twilio_socket
+            assert isinstance(connection, TwilioConnection)
+
+            frames = [caller.text(media_event(caller.stream_sid, i, i, audio[i * 160 : (i + 1) * 160])) for i in range(40)]
+            # A ping, and one media event sent as two fragments, in the middle of the stream.
+            frames.insert(10, Frame(Opcode.PING, b"are you there").serialize(mask=True))
+            twentieth = media_event(caller.stream_sid, 20, 20, audio[20 * 160 : 21 * 160]).encode()
+            frames[21] = Frame(Opcode.TEXT, twentieth[:50], fin=False).serialize(mask=True) + Frame(
+                Opcode.CONT, twentieth[50:]
+            ).serialize(mask=True)
+            everything = b"".join(frames)
+            await caller.write(everything[: len(everything) // 2])  # half in one write: many frames per read
+            await caller.write(everything[len(everything) // 2 :], cut=rng)  # the rest in 1-40 byte pieces
+
+            await eventually(lambda: len(agent.audio) >= len(audio), what="all caller audio at the agent")
+            assert bytes(agent.audio) == audio
+            assert connection._parsing  # the direct path carried the stream, not websockets' parser
+            await caller.read_until(lambda: caller.pongs)
+            assert caller.pongs == [b"are you there"]
+        finally:
+            caller.close()
+
+
+async def test_agent_frames_cut_anywhere_reach_the_caller_in_order_with_their_events(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory
+) -> None:
+    rng = random.Random(11)
+    chunks = [bytes(rng.randrange(256) for _ in range(rng.randint(1, 3000))) for _ in range(30)]
+    async with make_bridge(fake_agent) as server:
+        async with FakeTwilioCaller(twilio_url(server), echo_marks=False) as caller:
+            await caller.start()
+            agent = await fake_agent.session()
+            await eventually(lambda: agent.settings is not None)
+            connection = only_call(server).agent_socket
+            assert isinstance(connection, AgentConnection)
+
+            # Raw server frames: all the audio, then AgentAudioDone, coalesced and cut at random.
+            raw = b"".join(Frame(Opcode.BINARY, chunk).serialize(mask=False) for chunk in chunks)
+            raw += Frame(Opcode.TEXT, b'{"type":"AgentAudioDone"}').serialize(mask=False)
+            pos = 0
+            while pos < len(raw):
+                step = rng.randint(1, 5000)
+                agent.socket.transport.write(raw[pos : pos + step])
+                pos += step
+                await asyncio.sleep(0)
+            pong = await agent.socket.ping(b"ping from the agent")
+            await asyncio.wait_for(pong, 2)
+
+            await eventually(lambda: caller.of_event("mark"), what="the mark after the audio")
+            assert bytes(caller.audio) == b"".join(chunks)
+            media_and_marks = [e["event"] for e in caller.events if e.get("event") in ("media", "mark")]
+            assert media_and_marks == ["media"] * len(chunks) + ["mark"]  # the mark follows all of the audio
+            assert connection._parsing
+
+
+async def test_a_caller_who_reads_slowly_still_gets_every_byte_in_order(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory
+) -> None:
+    """Flow control: while the caller's socket is full, agent audio waits in order, then flows."""
+    rng = random.Random(5)
+    chunks = [bytes(rng.randrange(256) for _ in range(4000)) for _ in range(120)]  # 480 KB of audio
+    async with make_bridge(fake_agent) as server:
+        caller = RawTwilio(twilio_url(server))
+        await caller.open(receive_buffer=4096)
+        try:
+            await caller.write(caller.opening())
+            agent = await fake_agent.session()
+            await eventually(lambda: agent.settings is not None)
+            connection = only_call(server).twilio_socket
+            assert isinstance(connection, TwilioConnection)
+            connection.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+            for chunk in chunks:
+                await agent.send_audio(chunk)
+            await agent.send_json({"type": "AgentAudioDone"})
+            await eventually(lambda: connection.paused, what="the bridge pausing writes to the slow caller")
+            await caller.read_until(lambda: any(e.get("event") == "mark" for e in caller.events), timeout=20)
+            assert bytes(caller.audio) == b"".join(chunks)
+            assert caller.events[-1]["event"] == "mark"
+        finally:
+            caller.close()
