@@ -92,8 +92,9 @@ def print_result(r: dict) -> None:
              if "other_programs_cpu0_percent" in m else "")
     print(f"  other programs  {m['other_programs_percent']:6.1f} % of a core{cores}; interrupts (loopback "
           f"networking) {m['interrupts_percent']:.1f} %")
-    print(f"  machine speed   {m['reference_op_us']:.2f} µs per reference op (json.loads + b64decode of a media "
-          "message); compare runs only when this agrees")
+    print(f"  machine speed   {m['reference_op_us']:.2f} µs per reference op before the run, "
+          f"{m['reference_op_us_after']:.2f} after (json.loads + b64decode of a media message); compare runs only "
+          "when these agree")
     if r["inconclusive"]:
         print(f"  ** INCONCLUSIVE: {'; '.join(r['inconclusive'])} **")
     print(f"  added latency (ms)                      {'p50':>8} {'p99':>8} {'max':>8} {'samples':>9}")

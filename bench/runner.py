@@ -26,6 +26,7 @@ CLOSE_TIMEOUT = 15.0  # s for every socket to close after the hang-ups
 GENERATOR_CPU_LIMIT = 80.0  # % of a core above which the generator's own queueing taints the run
 TICK_LAG_LIMIT = 20.0  # ms: p99 lateness of the generator's 20 ms ticks above which it was starved
 OTHER_LOAD_LIMIT = 20.0  # % of a core used by other programs on the machine during the window
+SPEED_DRIFT_LIMIT = 0.2  # the reference op may differ by this fraction between before and after the run
 SATURATED = 0.95  # share of the bridge's CPUs above which it is saturated
 
 DEFAULT_SETTINGS = {
@@ -227,6 +228,7 @@ async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) ->
         for h in dials:
             h.cancel()
 
+        ref_op_after = reference_op_us()
         server_cpu = cpu1 - cpu0
         try:
             bridge_cores = len(os.sched_getaffinity(bridge.pid))
@@ -239,7 +241,8 @@ async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) ->
             return round(100.0 * max(0.0, busy1[key] - busy0[key] - less) / window, 1)
 
         other = pct("cpu", server_cpu + (gen1 - gen0))
-        machine = {"reference_op_us": ref_op, "other_programs_percent": other, "interrupts_percent": pct("irq_cpu")}
+        machine = {"reference_op_us": ref_op, "reference_op_us_after": ref_op_after, "other_programs_percent": other,
+                   "interrupts_percent": pct("irq_cpu")}
         if pinned:  # the bridge has CPU 0 to itself, the generator CPU 1: who else ran there?
             machine.update({"other_programs_cpu0_percent": pct("cpu0", server_cpu),
                             "other_programs_cpu1_percent": pct("cpu1", gen1 - gen0),
@@ -254,6 +257,9 @@ async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) ->
             inconclusive.append(f"only {live_at_start} of {n} calls were up when the window opened")
         if other > OTHER_LOAD_LIMIT:
             inconclusive.append(f"other programs used {other:.0f}% of a core > {OTHER_LOAD_LIMIT:.0f}%")
+        if abs(ref_op_after - ref_op) > SPEED_DRIFT_LIMIT * min(ref_op, ref_op_after):
+            inconclusive.append(f"the machine's speed changed during the run (reference op {ref_op:.2f} -> "
+                                f"{ref_op_after:.2f} µs)")
         result = {
             "config": {
                 "calls": n, "seconds": round(window, 3), "workers": args.workers,
