@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import apply_mask
 from websockets.utils import accept_key
 
-from .frames import FILLS, FRAME, HDR, HEADER, MAGIC_DOWN, MAGIC_UP, StreamChecker
+from .frames import FILLS, FRAME, HDR, HEADER, MAGIC_DOWN, MAGIC_UP, StreamChecker, ws_frame_at
 from .model import Call, Run
 
 TTS_SPEED = 4.0  # TTS is sent this many times faster than real time
@@ -292,31 +292,14 @@ class AgentSocket(asyncio.Protocol):
             self.handshaking = False
             if not self.handshake(request):
                 return
-        n = len(buf)
         off = 0
-        while n - off >= 2 and not self.closed:
-            b0 = buf[off]
-            b1 = buf[off + 1]
-            ln = b1 & 0x7F
-            h = 2
-            if ln == 126:
-                if n - off < 4:
-                    break
-                ln = (buf[off + 2] << 8) | buf[off + 3]
-                h = 4
-            elif ln == 127:
-                if n - off < 10:
-                    break
-                ln = int.from_bytes(buf[off + 2:off + 10], "big")
-                h = 10
-            if not b1 & 0x80:
+        while not self.closed and (found := ws_frame_at(buf, off)) is not None:
+            b0, start, end = found
+            if not buf[off + 1] & 0x80:
                 self.note("unmasked frame from the bridge")
                 self.close(1002)
                 return
-            end = off + h + 4 + ln
-            if end > n:
-                break
-            self.on_frame(b0, apply_mask(bytes(buf[off + h + 4:end]), bytes(buf[off + h:off + h + 4])))
+            self.on_frame(b0, apply_mask(bytes(buf[start:end]), bytes(buf[start - 4:start])))
             off = end
         if off:
             del buf[:off]

@@ -16,7 +16,7 @@ import json
 import os
 import time
 
-from .frames import FILLS, FILLS_B64, FRAME, HEADER, MAGIC_UP
+from .frames import FILLS, FILLS_B64, FRAME, HEADER, MAGIC_UP, ws_frame_at
 from .model import Call, Run
 
 PERIOD = 0.020  # s between a call's media frames
@@ -175,31 +175,14 @@ class Caller(asyncio.Protocol):
             self.call.connected = True
             self.opened.set_result(None)
             self.start()
-        n = len(buf)
         off = 0
-        while n - off >= 2:
-            b0 = buf[off]
-            b1 = buf[off + 1]
-            ln = b1 & 0x7F
-            h = 2
-            if ln == 126:
-                if n - off < 4:
-                    break
-                ln = (buf[off + 2] << 8) | buf[off + 3]
-                h = 4
-            elif ln == 127:
-                if n - off < 10:
-                    break
-                ln = int.from_bytes(buf[off + 2:off + 10], "big")
-                h = 10
-            if b1 & 0x80:
+        while (found := ws_frame_at(buf, off)) is not None:
+            b0, start, end = found
+            if buf[off + 1] & 0x80:
                 self.call.error("masked frame from the bridge")
                 self.transport.close()
                 return
-            end = off + h + ln
-            if end > n:
-                break
-            self.on_frame(b0, bytes(buf[off + h:end]))
+            self.on_frame(b0, bytes(buf[start:end]))
             off = end
         if off:
             del buf[:off]

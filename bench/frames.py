@@ -32,6 +32,31 @@ _pack = HEADER.pack
 _unpack_from = HEADER.unpack_from
 
 
+def ws_frame_at(buf: bytearray, off: int) -> tuple[int, int, int] | None:
+    """(first header byte, payload start, frame end) of the WebSocket frame at ``off``, or None
+    while it is incomplete. A masked frame's key is the 4 bytes before the payload."""
+    n = len(buf) - off
+    if n < 2:
+        return None
+    b1 = buf[off + 1]
+    ln = b1 & 0x7F
+    start = off + 2
+    if ln == 126:
+        if n < 4:
+            return None
+        ln = (buf[off + 2] << 8) | buf[off + 3]
+        start += 2
+    elif ln == 127:
+        if n < 10:
+            return None
+        ln = int.from_bytes(buf[off + 2:off + 10], "big")
+        start += 8
+    if b1 & 0x80:
+        start += 4
+    end = start + ln
+    return None if end > len(buf) else (buf[off], start, end)
+
+
 def frame(magic: int, call_id: int, seq: int, t_ns: int) -> bytes:
     return _pack(magic, call_id, seq, t_ns) + FILLS[seq & 0xFF]
 

@@ -11,6 +11,8 @@ import base64
 import json
 import random
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -21,7 +23,7 @@ from websockets.uri import parse_uri
 from bridge.connection import AgentConnection, TwilioConnection, frame_extent, frame_header
 from bridge.server import BridgeServer
 from conftest import BridgeFactory, twilio_url
-from fakes import FakeAgent, FakeTwilioCaller, eventually, media_event
+from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually, media_event
 
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70000]
 
@@ -68,7 +70,6 @@ class RawTwilio:
         self.audio = bytearray()
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
-        self.receive_buffer: int | None = None
 
     async def open(self, receive_buffer: int | None = None) -> None:
         sock = socket.socket()
@@ -143,39 +144,50 @@ class RawTwilio:
             self.writer.close()
 
 
+@asynccontextmanager
+async def raw_call(
+    server: BridgeServer, fake_agent: FakeAgent, receive_buffer: int | None = None
+) -> AsyncIterator[tuple[RawTwilio, FakeAgentSession, TwilioConnection]]:
+    """A started call from a RawTwilio caller, once the agent has its Settings."""
+    caller = RawTwilio(twilio_url(server))
+    await caller.open(receive_buffer)
+    try:
+        await caller.write(caller.opening())
+        agent = await fake_agent.session()
+        await eventually(lambda: agent.settings is not None)
+        connection = only_call(server).twilio_socket
+        assert isinstance(connection, TwilioConnection)
+        yield caller, agent, connection
+    finally:
+        caller.close()
+
+
 async def test_twilio_frames_cut_anywhere_and_mixed_with_others_arrive_whole_and_in_order(
     fake_agent: FakeAgent, make_bridge: BridgeFactory
 ) -> None:
     rng = random.Random(7)
     audio = bytes(rng.randrange(256) for _ in range(160 * 40))
-    async with make_bridge(fake_agent, inbound_buffer_bytes=160) as server:
-        caller = RawTwilio(twilio_url(server))
-        await caller.open()
-        try:
-            await caller.write(caller.opening())
-            agent = await fake_agent.session()
-            await eventually(lambda: agent.settings is not None)
-            connection = only_call(server).twilio_socket
-            assert isinstance(connection, TwilioConnection)
+    async with make_bridge(fake_agent, inbound_buffer_bytes=160) as server, raw_call(server, fake_agent) as (
+        caller,
+        agent,
+        connection,
+    ):
+        frames = [caller.text(media_event(caller.stream_sid, i, i, audio[i * 160 : (i + 1) * 160])) for i in range(40)]
+        # A ping, and one media event sent as two fragments, in the middle of the stream.
+        frames.insert(10, Frame(Opcode.PING, b"are you there").serialize(mask=True))
+        twentieth = media_event(caller.stream_sid, 20, 20, audio[20 * 160 : 21 * 160]).encode()
+        frames[21] = Frame(Opcode.TEXT, twentieth[:50], fin=False).serialize(mask=True) + Frame(
+            Opcode.CONT, twentieth[50:]
+        ).serialize(mask=True)
+        everything = b"".join(frames)
+        await caller.write(everything[: len(everything) // 2])  # half in one write: many frames per read
+        await caller.write(everything[len(everything) // 2 :], cut=rng)  # the rest in 1-40 byte pieces
 
-            frames = [caller.text(media_event(caller.stream_sid, i, i, audio[i * 160 : (i + 1) * 160])) for i in range(40)]
-            # A ping, and one media event sent as two fragments, in the middle of the stream.
-            frames.insert(10, Frame(Opcode.PING, b"are you there").serialize(mask=True))
-            twentieth = media_event(caller.stream_sid, 20, 20, audio[20 * 160 : 21 * 160]).encode()
-            frames[21] = Frame(Opcode.TEXT, twentieth[:50], fin=False).serialize(mask=True) + Frame(
-                Opcode.CONT, twentieth[50:]
-            ).serialize(mask=True)
-            everything = b"".join(frames)
-            await caller.write(everything[: len(everything) // 2])  # half in one write: many frames per read
-            await caller.write(everything[len(everything) // 2 :], cut=rng)  # the rest in 1-40 byte pieces
-
-            await eventually(lambda: len(agent.audio) >= len(audio), what="all caller audio at the agent")
-            assert bytes(agent.audio) == audio
-            assert connection._parsing  # the direct path carried the stream, not websockets' parser
-            await caller.read_until(lambda: caller.pongs)
-            assert caller.pongs == [b"are you there"]
-        finally:
-            caller.close()
+        await eventually(lambda: len(agent.audio) >= len(audio), what="all caller audio at the agent")
+        assert bytes(agent.audio) == audio
+        assert connection._parsing  # the direct path carried the stream, not websockets' parser
+        await caller.read_until(lambda: caller.pongs)
+        assert caller.pongs == [b"are you there"]
 
 
 async def test_agent_frames_cut_anywhere_reach_the_caller_in_order_with_their_events(
@@ -216,23 +228,17 @@ async def test_a_caller_who_reads_slowly_still_gets_every_byte_in_order(
     """Flow control: while the caller's socket is full, agent audio waits in order, then flows."""
     rng = random.Random(5)
     chunks = [bytes(rng.randrange(256) for _ in range(4000)) for _ in range(120)]  # 480 KB of audio
-    async with make_bridge(fake_agent) as server:
-        caller = RawTwilio(twilio_url(server))
-        await caller.open(receive_buffer=4096)
-        try:
-            await caller.write(caller.opening())
-            agent = await fake_agent.session()
-            await eventually(lambda: agent.settings is not None)
-            connection = only_call(server).twilio_socket
-            assert isinstance(connection, TwilioConnection)
-            connection.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    async with make_bridge(fake_agent) as server, raw_call(server, fake_agent, receive_buffer=4096) as (
+        caller,
+        agent,
+        connection,
+    ):
+        connection.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
 
-            for chunk in chunks:
-                await agent.send_audio(chunk)
-            await agent.send_json({"type": "AgentAudioDone"})
-            await eventually(lambda: connection.paused, what="the bridge pausing writes to the slow caller")
-            await caller.read_until(lambda: any(e.get("event") == "mark" for e in caller.events), timeout=20)
-            assert bytes(caller.audio) == b"".join(chunks)
-            assert caller.events[-1]["event"] == "mark"
-        finally:
-            caller.close()
+        for chunk in chunks:
+            await agent.send_audio(chunk)
+        await agent.send_json({"type": "AgentAudioDone"})
+        await eventually(lambda: connection.paused, what="the bridge pausing writes to the slow caller")
+        await caller.read_until(lambda: any(e.get("event") == "mark" for e in caller.events), timeout=20)
+        assert bytes(caller.audio) == b"".join(chunks)
+        assert caller.events[-1]["event"] == "mark"
