@@ -129,6 +129,7 @@ class DirectFrames(Connection):
         self._parsing = False  # whether data_received cuts frames here instead of websockets
         self._unparsed = b""  # the start of a frame whose end hasn't arrived yet
         self._size_limit: int | None = None
+        self._length16_byte = (0x80 if self.receives_masked else 0) | 126  # header byte 2 of a 16-bit length
         self._queued_messages = 0  # whole messages handed to websockets' queue, not yet received
         self._in_fragmented_message = False
         # websockets versions that track a fragmented send differently keep their own send path.
@@ -140,6 +141,19 @@ class DirectFrames(Connection):
         if not self._parsing and not self._start_parsing():
             super().data_received(data)
             return
+        # By far the most common read: exactly one whole data frame of 126 to 65535 bytes (a
+        # Twilio media frame, a chunk of agent audio). Handled here without the general loop.
+        if not self._unparsed and len(data) >= 8 and data[1] == self._length16_byte:
+            first = data[0]
+            if (first == FIN_TEXT or first == FIN_BINARY) and not self._in_fragmented_message:
+                start = 8 if self.receives_masked else 4
+                length = (data[2] << 8) | data[3]
+                if start + length == len(data) and (self._size_limit is None or length <= self._size_limit):
+                    payload = data[start:]
+                    if start == 8:
+                        payload = apply_mask(payload, data[4:8])
+                    self._whole_message(first == FIN_TEXT, payload)
+                    return
         if self._unparsed:
             data = self._unparsed + data
             self._unparsed = b""
@@ -170,9 +184,7 @@ class DirectFrames(Connection):
                 payload = data[start:frame_end]
                 if masked:
                     payload = apply_mask(payload, data[start - 4 : start])
-                is_text = first == FIN_TEXT
-                if self._queued_messages or self._in_fragmented_message or not self.take_message(is_text, payload):
-                    self.process_event(Frame(Opcode.TEXT if is_text else Opcode.BINARY, payload))
+                self._whole_message(first == FIN_TEXT, payload)
             else:
                 # Control frames, fragments, bad masking or RSV bits: websockets' own, whole.
                 super().data_received(data[pos:frame_end])
@@ -202,6 +214,11 @@ class DirectFrames(Connection):
             unparsed, self._unparsed = self._unparsed, b""
             super().data_received(unparsed)
         return super().eof_received()
+
+    def _whole_message(self, is_text: bool, payload: bytes) -> None:
+        """Deliver an unfragmented message cut out here, in order with those websockets queued."""
+        if self._queued_messages or self._in_fragmented_message or not self.take_message(is_text, payload):
+            self.process_event(Frame(Opcode.TEXT if is_text else Opcode.BINARY, payload))
 
     def take_message(self, is_text: bool, payload: bytes) -> bool:
         """Take a whole message at once; False leaves it to websockets' queue and ``recv``."""

@@ -242,3 +242,14 @@ async def test_a_caller_who_reads_slowly_still_gets_every_byte_in_order(
         await caller.read_until(lambda: any(e.get("event") == "mark" for e in caller.events), timeout=20)
         assert bytes(caller.audio) == b"".join(chunks)
         assert caller.events[-1]["event"] == "mark"
+
+
+async def test_a_new_message_inside_a_fragmented_one_is_a_protocol_error(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory
+) -> None:
+    async with make_bridge(fake_agent) as server, raw_call(server, fake_agent) as (caller, _, _):
+        await caller.write(Frame(Opcode.TEXT, b'{"event":', fin=False).serialize(mask=True))
+        await caller.write(caller.text({"event": "mark", "mark": {"name": "x" * 200}}))  # not a continuation
+        await caller.read_until(lambda: caller.protocol.close_rcvd is not None)
+        assert caller.protocol.close_rcvd is not None and caller.protocol.close_rcvd.code == 1002, caller.protocol.close_rcvd
+        assert "continuation" in caller.protocol.close_rcvd.reason, caller.protocol.close_rcvd
