@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import random
 import socket
@@ -16,6 +17,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
@@ -253,3 +256,52 @@ async def test_a_new_message_inside_a_fragmented_one_is_a_protocol_error(
         await caller.read_until(lambda: caller.protocol.close_rcvd is not None)
         assert caller.protocol.close_rcvd is not None and caller.protocol.close_rcvd.code == 1002, caller.protocol.close_rcvd
         assert "continuation" in caller.protocol.close_rcvd.reason, caller.protocol.close_rcvd
+
+
+async def test_keepalive_pings_on_a_timer_and_fails_a_silent_peer_with_1011() -> None:
+    closed: list[TwilioConnection] = []
+    live: list[TwilioConnection] = []
+
+    async def handler(connection: TwilioConnection) -> None:
+        live.append(connection)
+        await connection.wait_closed()
+        closed.append(connection)
+
+    async with serve(
+        handler,  # type: ignore[arg-type]
+        "127.0.0.1",
+        0,
+        create_connection=TwilioConnection,
+        ping_interval=0.1,
+        ping_timeout=0.1,
+        close_timeout=0.2,
+    ) as server:
+        port = server.sockets[0].getsockname()[1]
+        # A peer that answers pings stays connected over many intervals, and no task waits
+        # between pings (websockets' own keepalive keeps one sleeping for the whole call).
+        async with connect(f"ws://127.0.0.1:{port}", ping_interval=None):
+            await eventually(lambda: live)
+            idle_checks = 0
+            for _ in range(10):
+                await asyncio.sleep(0.05)
+                task = live[0].keepalive_task
+                idle_checks += task is None or task.done()
+            assert not closed
+            assert idle_checks >= 3  # the ping task ends once its pong is in
+        await eventually(lambda: closed)
+
+        # A peer that never reads can't answer: the connection fails with 1011, as websockets'.
+        silent = RawTwilio(f"ws://127.0.0.1:{port}")
+        await silent.open()
+        try:
+            received = bytearray()  # read, but never answer: the bytes are parsed only afterwards
+            with contextlib.suppress(ConnectionResetError):
+                assert silent.reader is not None
+                while chunk := await asyncio.wait_for(silent.reader.read(65536), 3):
+                    received += chunk
+            await eventually(lambda: len(closed) == 2, what="the silent connection to be failed")
+            silent.protocol.receive_data(bytes(received))
+            assert silent.protocol.close_rcvd is not None
+            assert (silent.protocol.close_rcvd.code, silent.protocol.close_rcvd.reason) == (1011, "keepalive ping timeout")
+        finally:
+            silent.close()
