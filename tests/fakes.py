@@ -41,7 +41,7 @@ class FakeAgentSession:
     def __init__(self, socket: ServerConnection) -> None:
         self.socket = socket
         self.headers = socket.request.headers if socket.request else None
-        self.settings: dict[str, Any] | None = None
+        self.settings: dict[str, Any] | None = None  # the Settings message, set once it has been answered
         self.settings_raw: str | None = None
         self.audio = bytearray()
         self.audio_frames: list[int] = []  # sizes of the binary frames, in order
@@ -134,7 +134,6 @@ class FakeAgent:
                     continue
                 message = json.loads(frame)
                 if session.settings is None and message.get("type") == "Settings":
-                    session.settings, session.settings_raw = message, frame
                     if self.settings_mode == "apply":
                         await asyncio.sleep(self.settings_delay)
                         applied = True
@@ -143,6 +142,9 @@ class FakeAgent:
                         await session.send_json(
                             {"type": "Error", "code": "INVALID_SETTINGS", "description": "bad settings"}
                         )
+                    # Exposed only once answered: whatever a test sends after seeing ``settings``
+                    # then reaches the bridge after SettingsApplied, as it would from Deepgram.
+                    session.settings, session.settings_raw = message, frame
                     continue
                 session.messages.append(message)
         except ConnectionClosed:

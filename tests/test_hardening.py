@@ -21,6 +21,7 @@ from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from bridge.server import BridgeServer
 from bridge.twilio import expected_signature
 from conftest import ROOT, BridgeFactory, twilio_url
 from fakes import FakeAgent, FakeTwilioCaller, eventually
@@ -164,11 +165,16 @@ async def test_keepalive_when_no_audio_flows(fake_agent: FakeAgent, make_bridge:
 # --------------------------------------------------------------------------------- resume
 
 
+def agent_ready(server: BridgeServer, sessions: int = 1) -> bool:
+    """The bridge has taken SettingsApplied on its ``sessions``-th agent session (not just connected)."""
+    return bool(server.calls) and all(call._generation >= sessions and call._agent_ready for call in server.calls)
+
+
 async def test_mid_call_drop_resumes_with_history(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
     async with make_bridge(fake_agent, inbound_buffer_bytes=160) as server, FakeTwilioCaller(twilio_url(server)) as caller:
         await caller.start()
         first = await fake_agent.session(0)
-        await eventually(lambda: first.settings is not None)
+        await eventually(lambda: agent_ready(server), what="the first agent session to be ready")
         await first.send_json({"type": "ConversationText", "role": "user", "content": "Is ibuprofen in stock?"})
         await first.send_json({"type": "FunctionCallRequest", "functions": [
             {"id": "f1", "name": "get_drug_info", "arguments": '{"drug_name": "ibuprofen"}', "client_side": True}]})
@@ -177,8 +183,9 @@ async def test_mid_call_drop_resumes_with_history(fake_agent: FakeAgent, make_br
         await caller.send_audio(b"\x01" * 320)
         await eventually(lambda: len(first.audio) == 320 and any(len(c.history) == 3 for c in server.calls))
         first.drop()
-        second = await fake_agent.session(1, timeout=3)
+        second = await fake_agent.session(1, timeout=5)
         await eventually(lambda: second.settings is not None)
+        await eventually(lambda: agent_ready(server, 2), what="the bridge to have SettingsApplied again")
         validate_settings(second.settings_raw)
         history = second.settings["agent"]["context"]["messages"]
         assert history[0] == {"type": "History", "role": "user", "content": "Is ibuprofen in stock?"}
@@ -198,13 +205,13 @@ async def test_gap_audio_is_not_replayed(make_bridge: BridgeFactory) -> None:
         async with FakeTwilioCaller(twilio_url(server)) as caller:
             await caller.start()
             first = await agent.session(0)
-            await eventually(lambda: first.settings is not None)
+            await eventually(lambda: agent_ready(server), what="the first agent session to be ready")
             agent.settings_delay = 0.3  # the resumed session takes a while to apply
             first.drop()
-            second = await agent.session(1, timeout=3)
+            second = await agent.session(1, timeout=5)
             await caller.send_audio(b"\x09" * 800)  # spoken during the gap
             await eventually(lambda: second.settings is not None)
-            await asyncio.sleep(0.4)
+            await eventually(lambda: agent_ready(server, 2), what="the bridge to have SettingsApplied again")
             await caller.send_audio(b"\x0a" * 160)
             await eventually(lambda: len(second.audio) >= 160)
             assert bytes(second.audio) == b"\x0a" * 160
@@ -215,7 +222,7 @@ async def test_failed_resume_ends_the_call(make_bridge: BridgeFactory, caplog: p
         async with FakeTwilioCaller(twilio_url(server)) as caller:
             await caller.start()
             first = await agent.session(0)
-            await eventually(lambda: first.settings is not None)
+            await eventually(lambda: agent_ready(server), what="the first agent session to be ready")
             agent.refuse_status = 503
             first.drop()
             await asyncio.wait_for(caller.closed.wait(), 3)
