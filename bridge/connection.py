@@ -251,7 +251,8 @@ class DirectFrames(Connection):
     def _keepalive_due(self) -> None:
         if self.protocol.state is not OPEN:
             return
-        self._keepalive_timer = self.loop.call_later(self.ping_interval or 0.0, self._keepalive_due)
+        assert self.ping_interval is not None  # only scheduled when pings are on
+        self._keepalive_timer = self.loop.call_later(self.ping_interval, self._keepalive_due)
         if self.keepalive_task is None or self.keepalive_task.done():
             # connection_lost() cancels keepalive_task, as it does websockets' own.
             self.keepalive_task = self.loop.create_task(self._keepalive_ping())

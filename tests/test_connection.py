@@ -13,7 +13,6 @@ import json
 import random
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -147,7 +146,7 @@ class RawTwilio:
             self.writer.close()
 
 
-@asynccontextmanager
+@contextlib.asynccontextmanager
 async def raw_call(
     server: BridgeServer, fake_agent: FakeAgent, receive_buffer: int | None = None
 ) -> AsyncIterator[tuple[RawTwilio, FakeAgentSession, TwilioConnection]]:
