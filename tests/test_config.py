@@ -181,6 +181,37 @@ def test_main_starts_prints_twiml_and_serves_health(tmp_path: Path) -> None:
     assert "from-dotenv" not in output
 
 
+def test_serving_freezes_what_startup_built(tmp_path: Path) -> None:
+    """Startup's objects are moved out of the collector's sight once the server listens."""
+    probe = f"""
+import asyncio, gc, os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+import main
+settings, agent_config, function_map, _ = main.load(main.parse_args(["--host", "127.0.0.1", "--port", "0", "--env-file", {str(tmp_path / "none")!r}]))
+gc.collect()
+assert gc.get_freeze_count() == 0
+
+async def probe():
+    serving = asyncio.create_task(main.serve(settings, agent_config, function_map, reuse_port=False, announce_startup=False))
+    for _ in range(500):  # up to 5 s
+        if gc.get_freeze_count() or serving.done():
+            break
+        await asyncio.sleep(0.01)
+    tracked = {{id(o) for o in gc.get_objects()}}
+    print(gc.get_freeze_count(), id(sys.modules["bridge.session"].__dict__) in tracked, id(function_map) in tracked)
+    os.kill(os.getpid(), signal.SIGTERM)
+    await serving
+
+asyncio.run(probe())
+"""
+    env = {**os.environ, "DEEPGRAM_API_KEY": "k", "RECORD_CALLS": "false"}
+    result = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    frozen, module_tracked, functions_tracked = result.stdout.split()
+    assert int(frozen) > 10_000
+    assert (module_tracked, functions_tracked) == ("False", "False")
+
+
 def test_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
     import re
     import socket as socketlib
