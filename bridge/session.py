@@ -133,8 +133,12 @@ class CallSession:
         self._last_agent_send = loop.time()
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._hangup_requested = False
+        self._hangup_call_id: str | None = None
         self._hangup_timer: asyncio.TimerHandle | None = None
         self._marks_sent = 0
+        # Marks sent and not yet echoed; and those a clear made Twilio echo without playing them.
+        self._marks_out: set[str] = set()
+        self._marks_cleared: set[str] = set()
         self._audio_since_mark = 0
         self._bad_input: dict[str, int] = {}
 
@@ -168,17 +172,16 @@ class CallSession:
 
     async def _shutdown(self, *tasks: asyncio.Task[None]) -> None:
         self.end("call ended")
-        for timer in (self._keepalive_timer, self._hangup_timer):
-            if timer is not None:
-                timer.cancel()
+        self._cancel_timers()
         if self.browser:
             # The page shows why the call ended; a stuck socket must not hold up the hang-up.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._to_browser({"event": "call_ended", "reason": self.end_reason}), 0.5)
         # Close both sockets at once; each close is bounded by its close_timeout.
         sockets = [self.twilio_socket.close()]
-        if self.agent_socket is not None:
-            sockets.append(self.agent_socket.close())
+        agent_socket = self.agent_socket
+        if agent_socket is not None:
+            sockets.append(agent_socket.close())
         await asyncio.gather(*sockets, return_exceptions=True)
         if self.function_tasks:
             # A function already running (an order being placed) gets a moment to finish so the
@@ -188,6 +191,10 @@ class CallSession:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        if self.agent_socket is not agent_socket and self.agent_socket is not None:
+            # An agent handshake finished while the sockets above were closing: close that one too.
+            await self.agent_socket.close()
+        self._cancel_timers()
         await self._write_record()
         self.log.info(
             "call ended: %s; audio from caller %d bytes, to agent %d, to caller %d",
@@ -196,6 +203,11 @@ class CallSession:
             self.bytes_to_agent,
             self.bytes_to_caller,
         )
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._keepalive_timer, self._hangup_timer):
+            if timer is not None:
+                timer.cancel()
 
     async def _write_record(self) -> None:
         stream = self.stream
@@ -331,8 +343,14 @@ class CallSession:
         self._started.set_result(None)
 
     def _on_mark_echo(self, name: str | None) -> None:
+        if name in self._marks_cleared:
+            # A clear makes Twilio echo every pending mark at once: that audio was never heard.
+            self._marks_cleared.discard(name)  # type: ignore[arg-type]
+            self.record.add("mark_cleared", name=name)
+            return
+        self._marks_out.discard(name)  # type: ignore[arg-type]
         self.record.add("mark_played", name=name)
-        if name == HANGUP_MARK and self._hangup_requested:
+        if self._hangup_requested and name is not None and name.startswith(HANGUP_MARK):
             self.log.info("the agent's goodbye has played; hanging up")
             self.end("agent ended the call")
 
@@ -492,6 +510,8 @@ class CallSession:
 
     def _keepalive_due(self) -> None:
         # A timer, not a task per call: it costs nothing while audio flows.
+        if self._ended.done():
+            return  # the chain ends with the call
         interval = self.settings.keepalive_seconds
         idle = self._loop.time() - self._last_agent_send
         if idle >= interval - 0.01:
@@ -575,9 +595,12 @@ class CallSession:
         kind = message["type"]
         if kind == "UserStartedSpeaking":
             assert self._outbound is not None
+            self._marks_cleared |= self._marks_out
+            self._marks_out.clear()
             await self._send_to_caller(self._outbound.clear())
             self.record.barge_in()
             self.log.debug("barge-in: cleared the caller's playback")
+            self._cancel_hangup("the caller spoke during the goodbye")
         elif kind == "ConversationText":
             await self._on_conversation_text(message)
         elif kind == "AgentAudioDone":
@@ -622,14 +645,15 @@ class CallSession:
     async def _on_agent_audio_done(self) -> None:
         # A mark tells when the caller has actually heard the turn: AgentAudioDone only means sent.
         assert self._outbound is not None
+        self._marks_sent += 1
         if self._hangup_requested:
-            name = HANGUP_MARK
+            name = f"{HANGUP_MARK}-{self._marks_sent}"
             # Twilio plays in real time what it was sent faster: allow for what is still queued there.
             self._arm_hangup_timer(self.settings.hangup_timeout_seconds + self._audio_since_mark / 8000)
         else:
-            self._marks_sent += 1
             name = f"agent-turn-{self._marks_sent}"
         self._audio_since_mark = 0
+        self._marks_out.add(name)
         await self._send_to_caller(self._outbound.mark(name))
 
     # ------------------------------------------------------------------------------- functions
@@ -647,6 +671,8 @@ class CallSession:
 
     def _on_function_call_cancelled(self, message: dict[str, Any]) -> None:
         for call_id in agent.cancelled_ids(message):
+            if call_id == self._hangup_call_id:
+                self._cancel_hangup("the agent cancelled end_call")
             task = self.function_tasks.pop(call_id, None)
             if task is not None:
                 task.cancel()
@@ -682,8 +708,21 @@ class CallSession:
         self._send_control(agent.function_call_response(call, json.dumps(answer)))
         self.record.function_call(call.name, call.arguments, answer, None, 0.0)
         self._hangup_requested = True
+        self._hangup_call_id = call.id
         # If no AgentAudioDone follows (nothing more to say), hang up anyway.
         self._arm_hangup_timer(self.settings.hangup_timeout_seconds)
+
+    def _cancel_hangup(self, why: str) -> None:
+        """The conversation goes on after end_call: the caller spoke, or the agent took it back."""
+        if not self._hangup_requested or self._ended.done():
+            return
+        self._hangup_requested = False
+        self._hangup_call_id = None
+        if self._hangup_timer is not None:
+            self._hangup_timer.cancel()
+            self._hangup_timer = None
+        self.log.info("not hanging up: %s", why)
+        self.record.add("hangup_cancelled", reason=why)
 
     def _arm_hangup_timer(self, seconds: float) -> None:
         if self._hangup_timer is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -76,3 +77,10 @@ def make_bridge(tmp_path: Path) -> BridgeFactory:
 
 def twilio_url(server: BridgeServer, query: str = "") -> str:
     return f"ws://127.0.0.1:{server.port}/twilio{query}"
+
+
+def read_record(directory: Path) -> list[dict[str, Any]]:
+    """The lines of the one call record in ``directory``."""
+    files = list(directory.glob("*.jsonl"))
+    assert len(files) == 1, files
+    return [json.loads(line) for line in files[0].read_text().splitlines()]

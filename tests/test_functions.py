@@ -14,7 +14,7 @@ from deepgram.agent.v1 import AgentV1SendFunctionCallResponse
 import main
 from bridge.config import ConfigError, parse_agent_config
 from bridge.functions import check_function_map
-from conftest import ROOT, BridgeFactory, twilio_url
+from conftest import ROOT, BridgeFactory, read_record, twilio_url
 from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually
 
 
@@ -191,6 +191,47 @@ async def test_end_call_without_echo_hangs_up_after_a_bounded_wait(fake_agent: F
         await session.send_json(request(("bye", "end_call", {})))
         await session.send_json({"type": "AgentAudioDone"})
         await asyncio.wait_for(caller.closed.wait(), 2.0)
+        await caller.__aexit__(None, None, None)
+
+
+async def test_caller_speaking_during_the_goodbye_keeps_the_call_up(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """Barge-in after end_call: the clear makes Twilio echo the goodbye's mark, unplayed."""
+    async with make_bridge(fake_agent, hangup_timeout_seconds=0.5) as server:
+        caller, session = await open_call(fake_agent, server, echo_marks=False)
+        await session.send_json(request(("bye", "end_call", {})))
+        await eventually(lambda: session.of_type("FunctionCallResponse"), 2, "end_call's answer")
+        await session.send_audio(b"\x10" * 4000)  # "Goodbye!"
+        await session.send_json({"type": "AgentAudioDone"})
+        mark = (await eventually(lambda: caller.of_event("mark"), 2, "the hang-up mark"))[0]["mark"]["name"]
+        await session.send_json({"type": "UserStartedSpeaking"})  # "wait, one more thing"
+        await eventually(lambda: caller.of_event("clear"), 2, "the clear")
+        await caller.echo_mark(mark)  # what Twilio does with every pending mark on a clear
+        await asyncio.sleep(1.0)  # past the hang-up timer as well
+        assert not caller.closed.is_set(), "hung up on a caller who was still talking"
+        await session.send_audio(b"\x20" * 800)  # the agent answers the new question
+        await session.send_json({"type": "AgentAudioDone"})
+        await eventually(lambda: len(caller.of_event("mark")) == 2, 2, "the next turn's mark")
+        await caller.echo_mark(caller.of_event("mark")[1]["mark"]["name"])
+        await asyncio.sleep(0.2)
+        assert not caller.closed.is_set(), "an ordinary turn's mark hung up"
+        await caller.__aexit__(None, None, None)
+    events = [line for line in read_record(tmp_path / "calls") if line["event"] in ("mark_played", "mark_cleared", "hangup_cancelled")]
+    assert [(e["event"], e.get("name")) for e in events] == [
+        ("hangup_cancelled", None), ("mark_cleared", mark), ("mark_played", caller.of_event("mark")[1]["mark"]["name"])
+    ]
+    assert events[0]["reason"] == "the caller spoke during the goodbye"
+
+
+async def test_a_cancelled_end_call_does_not_hang_up(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    async with make_bridge(fake_agent, hangup_timeout_seconds=0.3) as server:
+        caller, session = await open_call(fake_agent, server, echo_marks=False)
+        await session.send_json(request(("bye", "end_call", {})))
+        await eventually(lambda: session.of_type("FunctionCallResponse"), 2, "end_call's answer")
+        await session.send_json({"type": "FunctionCallCancelled", "functions": [{"id": "bye", "name": "end_call"}]})
+        await asyncio.sleep(0.8)
+        assert not caller.closed.is_set(), "hung up although the agent took end_call back"
         await caller.__aexit__(None, None, None)
 
 

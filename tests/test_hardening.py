@@ -22,7 +22,7 @@ from websockets.exceptions import InvalidStatus
 
 from bridge.server import BridgeServer
 from bridge.twilio import expected_signature
-from conftest import ROOT, BridgeFactory, twilio_url
+from conftest import ROOT, BridgeFactory, read_record, twilio_url
 from fakes import FakeAgent, FakeTwilioCaller, eventually
 from test_config import validate_settings
 
@@ -232,12 +232,6 @@ async def test_failed_resume_ends_the_call(make_bridge: BridgeFactory, caplog: p
 # -------------------------------------------------------------------------------- call records
 
 
-def read_record(directory: Path) -> list[dict[str, Any]]:
-    files = list(directory.glob("*.jsonl"))
-    assert len(files) == 1, files
-    return [json.loads(line) for line in files[0].read_text().splitlines()]
-
-
 async def test_call_record_has_the_whole_call(fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path) -> None:
     async with make_bridge(fake_agent) as server:
         async with FakeTwilioCaller(twilio_url(server)) as caller:
@@ -397,3 +391,25 @@ async def test_a_second_signal_exits_at_once(fake_agent: FakeAgent, tmp_path: Pa
     finally:
         if process.poll() is None:
             process.kill()
+
+
+async def test_an_agent_session_that_opens_while_the_call_closes_is_closed_too(make_bridge: BridgeFactory) -> None:
+    """A call ended mid-handshake (a drain, say) whose handshake completes during the shutdown.
+
+    The session it opened must not outlive the call: its socket closes and its KeepAlive timer
+    chain stops (the chain used to reschedule itself forever, keeping the session in memory).
+    """
+    async with FakeAgent(settings_delay=0.3) as agent, make_bridge(agent) as server:
+        async with FakeTwilioCaller(twilio_url(server)) as caller:
+            await caller.start()
+            seen = await agent.session(0)
+            call = next(iter(server.calls))
+            assert not call._agent_ready
+            assert caller.socket is not None
+            caller.socket.transport.pause_reading()  # closing the caller's socket now takes its full timeout
+            call.end("test: ended during the agent handshake")
+            await eventually(lambda: not server.calls, 5, "the call to end")
+            assert call._generation == 1, "the handshake was meant to finish during the shutdown"
+            await asyncio.wait_for(seen.closed.wait(), 2)
+            assert call._keepalive_timer is not None and call._keepalive_timer.cancelled()
+            caller.socket.transport.resume_reading()
