@@ -95,8 +95,20 @@ class FunctionRunner:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def run(self, name: str, arguments_text: str, log: logging.LoggerAdapter[Any]) -> FunctionOutcome:
-        """Run one call and return its answer. Cancelling the awaiting task cancels the call."""
+    async def run(
+        self,
+        name: str,
+        arguments_text: str,
+        log: logging.LoggerAdapter[Any],
+        on_late: Callable[[FunctionOutcome], None] | None = None,
+    ) -> FunctionOutcome:
+        """Run one call and return its answer.
+
+        Cancelling the awaiting task cancels an ``async def``. A plain ``def`` can't be stopped: if
+        it is abandoned (timed out, or its task cancelled) it runs on in its thread, and when it
+        returns its outcome is logged and given to ``on_late``, because it may have done something
+        (placed an order) that must not go unrecorded.
+        """
         started = time.monotonic()
         function = self.function_map.get(name)
         if function is None:
@@ -122,8 +134,12 @@ class FunctionRunner:
             else:
                 loop = asyncio.get_running_loop()
                 job = loop.run_in_executor(self._executor, functools.partial(function, **arguments))
-                # A thread can't be stopped: on timeout the answer goes out and the thread finishes alone.
-                result = await asyncio.wait_for(job, self.timeout_seconds)
+                try:
+                    # Shielded: the thread runs on whatever happens here, and its result is wanted.
+                    result = await asyncio.wait_for(asyncio.shield(job), self.timeout_seconds)
+                except (TimeoutError, asyncio.CancelledError):
+                    job.add_done_callback(functools.partial(self._finished_late, name, started, log, on_late))
+                    raise
         except TimeoutError:
             log.warning("function %s timed out after %.1f s", name, self.timeout_seconds)
             return _error(f"{name} took too long to answer.", started)
@@ -132,11 +148,40 @@ class FunctionRunner:
         except Exception:
             log.exception("function %s raised", name)
             return _error(f"{name} failed with an internal error.", started)
+        return _outcome(name, result, started, log)
 
-        try:
-            content = json.dumps(result)
-        except (TypeError, ValueError):
-            log.error("function %s returned a %s, which is not JSON-serialisable", name, type(result).__name__)
-            return _error(f"{name} returned a result that could not be read.", started)
-        error = result.get("error") if isinstance(result, dict) and isinstance(result.get("error"), str) else None
-        return FunctionOutcome(content, result, error, time.monotonic() - started)
+    @staticmethod
+    def _finished_late(
+        name: str,
+        started: float,
+        log: logging.LoggerAdapter[Any],
+        on_late: Callable[[FunctionOutcome], None] | None,
+        job: asyncio.Future[Any],
+    ) -> None:
+        if job.cancelled():
+            return  # it never started: the pool was shut down
+        exc = job.exception()
+        if exc is not None:
+            log.error("function %s failed after it was abandoned", name, exc_info=exc)
+            outcome = _error(f"{name} failed with an internal error.", started)
+        else:
+            outcome = _outcome(name, job.result(), started, log)
+            log.warning(
+                "function %s returned %.1f s after it was abandoned (its answer was not sent): %s",
+                name,
+                outcome.duration_seconds,
+                outcome.content[:300],
+            )
+        if on_late is not None:
+            on_late(outcome)
+
+
+def _outcome(name: str, result: Any, started: float, log: logging.LoggerAdapter[Any]) -> FunctionOutcome:
+    """A function's return value as the answer the agent gets."""
+    try:
+        content = json.dumps(result)
+    except (TypeError, ValueError):
+        log.error("function %s returned a %s, which is not JSON-serialisable", name, type(result).__name__)
+        return _error(f"{name} returned a result that could not be read.", started)
+    error = result.get("error") if isinstance(result, dict) and isinstance(result.get("error"), str) else None
+    return FunctionOutcome(content, result, error, time.monotonic() - started)

@@ -112,6 +112,7 @@ class CallRecord:
         self.started_at = _now()
         self.path: Path | None = None
         self._lines: list[str] = []  # encoded events not yet handed to the writer
+        self._finished = False  # the summary is written: the file takes no more lines
         self.agent_latencies: list[float] = []
         self.turns = 0
         self.barge_ins = 0
@@ -129,7 +130,7 @@ class CallRecord:
         self.path = self.directory / f"{stamp}_{safe_sid}.jsonl"
 
     def add(self, event: str, **fields: Any) -> None:
-        if not self.enabled:
+        if not self.enabled or self._finished:
             return
         self._lines.append(json.dumps({"time": _now(), "event": event, **fields}, default=str) + "\n")
         if len(self._lines) >= FLUSH_LINES and self.path is not None:
@@ -150,7 +151,9 @@ class CallRecord:
             self.agent_latencies.append(float(latencies["total_latency"]))
         self.add("agent_started_speaking", **latencies)
 
-    def function_call(self, name: str, arguments: str, result: Any, error: str | None, duration: float) -> None:
+    def function_call(
+        self, name: str, arguments: str, result: Any, error: str | None, duration: float, *, withdrawn: bool = False
+    ) -> None:
         self.function_calls += 1
         if error is not None:
             self.function_errors += 1
@@ -161,6 +164,7 @@ class CallRecord:
             result=result,
             error=error,
             duration_seconds=round(duration, 4),
+            withdrawn=withdrawn,
         )
 
     def warning(self, code: Any, description: Any) -> None:
@@ -205,6 +209,7 @@ class CallRecord:
         self._lines.append(json.dumps(summary, default=str) + "\n")
         self.writer.append(self.path, "".join(self._lines), done)
         self._lines.clear()
+        self._finished = True
         error = await written
         if error is not None:
             raise error

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -32,7 +33,7 @@ from . import agent_protocol as agent
 from . import twilio
 from .config import AgentConfig, Settings
 from .connection import AgentConnection, TwilioConnection
-from .functions import FunctionRunner
+from .functions import FunctionOutcome, FunctionRunner
 from .records import CallRecord, RecordWriter
 
 logger = logging.getLogger("bridge.call")
@@ -129,6 +130,7 @@ class CallSession:
         self._generation = 0
         self.history: list[dict[str, Any]] = []
         self.function_tasks: dict[str, asyncio.Task[None]] = {}
+        self._withdrawn_calls: set[str] = set()  # FunctionCallCancelled: run on, but send no answer
 
         self._last_agent_send = loop.time()
         self._keepalive_timer: asyncio.TimerHandle | None = None
@@ -384,6 +386,11 @@ class CallSession:
 
     async def _resume_agent(self) -> bool:
         """Reconnect after a drop, with the conversation so far; False when it can't be done."""
+        if self.function_tasks:
+            # A function still running (an order being placed) must be in the history the new
+            # session starts from, or the agent never learns its result and may ask again.
+            # The runner's own timeout bounds this wait.
+            await asyncio.wait(list(self.function_tasks.values()), timeout=self.settings.function_timeout_seconds + 1)
         delays = (0.0, *self.settings.agent_reconnect_delays)
         for attempt, delay in enumerate(delays, start=1):
             await asyncio.sleep(delay)
@@ -673,20 +680,36 @@ class CallSession:
         for call_id in agent.cancelled_ids(message):
             if call_id == self._hangup_call_id:
                 self._cancel_hangup("the agent cancelled end_call")
-            task = self.function_tasks.pop(call_id, None)
-            if task is not None:
-                task.cancel()
-                self.log.info("agent cancelled function call %s", call_id)
+            if call_id in self.function_tasks:
+                # Only the answer is withdrawn. The function may already be placing an order, and
+                # stopping it halfway could leave it half-done: it finishes and is recorded.
+                self._withdrawn_calls.add(call_id)
+                self.log.info("agent cancelled function call %s; it finishes, unanswered", call_id)
                 self.record.add("function_cancelled", id=call_id)
 
     async def _run_function(self, call: agent.FunctionCall, generation: int) -> None:
+        started = self._loop.time()
         try:
-            outcome = await self.services.functions.run(call.name, call.arguments, self.log)
+            outcome = await self.services.functions.run(
+                call.name, call.arguments, self.log, functools.partial(self._on_function_late, call)
+            )
+        except asyncio.CancelledError:
+            # The call ended while it ran (after the grace period): the record still says so.
+            self.record.function_call(
+                call.name, call.arguments, None, "the call ended before it finished", self._loop.time() - started
+            )
+            raise
         finally:
             if self.function_tasks.get(call.id) is asyncio.current_task():
                 del self.function_tasks[call.id]
-        self.record.function_call(call.name, call.arguments, outcome.result, outcome.error, outcome.duration_seconds)
+        withdrawn = call.id in self._withdrawn_calls
+        self._withdrawn_calls.discard(call.id)
+        self.record.function_call(
+            call.name, call.arguments, outcome.result, outcome.error, outcome.duration_seconds, withdrawn=withdrawn
+        )
         self.history.append(agent.history_function_call(call, outcome.content))
+        if withdrawn:
+            return
         if generation == self._generation and self._agent_ready:
             self._send_control(agent.function_call_response(call, outcome.content))
         else:
@@ -700,6 +723,18 @@ class CallSession:
                 "result": json.loads(outcome.content),  # exactly what the agent was told
                 "duration_ms": round(outcome.duration_seconds * 1000, 1),
             }
+        )
+
+    def _on_function_late(self, call: agent.FunctionCall, outcome: FunctionOutcome) -> None:
+        """A function abandoned after its timeout has returned after all (the runner logged it)."""
+        # Dropped if the record is already written; the runner's log line remains.
+        self.record.add(
+            "function_finished_late",
+            id=call.id,
+            name=call.name,
+            result=outcome.result,
+            error=outcome.error,
+            duration_seconds=round(outcome.duration_seconds, 4),
         )
 
     def _on_end_call(self, call: agent.FunctionCall) -> None:

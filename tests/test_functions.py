@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from deepgram.agent.v1 import AgentV1SendFunctionCallResponse
 
+import bridge.session
 import main
 from bridge.config import ConfigError, parse_agent_config
 from bridge.functions import check_function_map
@@ -153,16 +154,43 @@ async def test_a_slow_function_does_not_stall_audio(fake_agent: FakeAgent, make_
     assert responses(session)["async"] == {"name": "async_slow", "slept": 2.0}
 
 
-async def test_cancelled_call_gets_no_response(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+async def test_cancelled_call_gets_no_response_but_finishes_and_is_recorded(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
     async with make_bridge(fake_agent, function_map=TEST_FUNCTIONS) as server:
         caller, session = await open_call(fake_agent, server)
-        await session.send_json(request(("cancel-me", "async_slow", {"seconds": 0.5}), ("keep", "async_slow", {"seconds": 0.5})))
+        await session.send_json(request(
+            ("cancel-me", "async_slow", {"seconds": 0.5}), ("keep", "async_slow", {"seconds": 0.5}),
+            ("cancel-thread", "slow", {"seconds": 0.5})))
         await asyncio.sleep(0.1)
-        await session.send_json({"type": "FunctionCallCancelled", "functions": [{"id": "cancel-me", "name": "async_slow"}]})
+        await session.send_json({"type": "FunctionCallCancelled", "functions": [
+            {"id": "cancel-me", "name": "async_slow"}, {"id": "cancel-thread", "name": "slow"}]})
         await eventually(lambda: session.of_type("FunctionCallResponse"), 2, "the other answer")
         await asyncio.sleep(0.7)
         await caller.__aexit__(None, None, None)
     assert set(responses(session)) == {"keep"}
+    finished = [line for line in read_record(tmp_path / "calls") if line["event"] == "function_call"]
+    assert sorted((c["name"], c["withdrawn"], c["result"] == {"slept": 0.5}) for c in finished) == [
+        ("async_slow", False, True), ("async_slow", True, True), ("slow", True, True)
+    ]
+
+
+async def test_a_thread_that_outlives_its_timeout_is_recorded_when_it_returns(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The agent hears "took too long"; the thread may still have placed the order."""
+    async with make_bridge(fake_agent, function_map=TEST_FUNCTIONS, function_timeout_seconds=0.2) as server:
+        caller, session = await open_call(fake_agent, server)
+        await session.send_json(request(("late", "slow", {"seconds": 0.6})))
+        await eventually(lambda: session.of_type("FunctionCallResponse"), 2, "the timeout answer")
+        assert responses(session)["late"] == {"name": "slow", "error": "slow took too long to answer."}
+        await asyncio.sleep(0.8)
+        await caller.__aexit__(None, None, None)
+    lines = read_record(tmp_path / "calls")
+    late = [line for line in lines if line["event"] == "function_finished_late"]
+    assert len(late) == 1 and late[0]["id"] == "late" and late[0]["result"] == {"slept": 0.6}
+    assert late[0]["duration_seconds"] >= 0.6
+    assert any("returned" in r.getMessage() and "after it was abandoned" in r.getMessage() for r in caplog.records)
 
 
 async def test_end_call_hangs_up_only_after_the_goodbye_mark_is_echoed(
@@ -192,6 +220,22 @@ async def test_end_call_without_echo_hangs_up_after_a_bounded_wait(fake_agent: F
         await session.send_json({"type": "AgentAudioDone"})
         await asyncio.wait_for(caller.closed.wait(), 2.0)
         await caller.__aexit__(None, None, None)
+
+
+async def test_a_function_cut_off_by_the_hang_up_is_in_the_record(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bridge.session, "FUNCTION_GRACE_SECONDS", 0.2)
+    async with make_bridge(fake_agent, function_map=TEST_FUNCTIONS) as server:
+        caller, session = await open_call(fake_agent, server)
+        await session.send_json(request(("cut", "async_slow", {"seconds": 1.5})))
+        await asyncio.sleep(0.1)
+        await caller.stop()
+        await eventually(lambda: not server.calls, 3, "the call to end")
+        await caller.__aexit__(None, None, None)
+    [line] = [line for line in read_record(tmp_path / "calls") if line["event"] == "function_call"]
+    assert (line["name"], line["error"], line["result"]) == ("async_slow", "the call ended before it finished", None)
+    assert read_record(tmp_path / "calls")[-1]["function_errors"] == 1
 
 
 async def test_caller_speaking_during_the_goodbye_keeps_the_call_up(

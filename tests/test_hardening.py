@@ -413,3 +413,27 @@ async def test_an_agent_session_that_opens_while_the_call_closes_is_closed_too(m
             await asyncio.wait_for(seen.closed.wait(), 2)
             assert call._keepalive_timer is not None and call._keepalive_timer.cancelled()
             caller.socket.transport.resume_reading()
+
+
+async def test_a_resumed_session_hears_of_a_function_that_ran_across_the_drop(make_bridge: BridgeFactory) -> None:
+    """The agent drops while an order is being placed: the new session's history has its result."""
+
+    def place_slowly(drug_name: str) -> dict[str, Any]:
+        time.sleep(0.5)
+        return {"order_number": "ORD-7", "drug_name": drug_name}
+
+    async with FakeAgent() as agent, make_bridge(agent, function_map={"get_drug_info": place_slowly}) as server:
+        async with FakeTwilioCaller(twilio_url(server)) as caller:
+            await caller.start()
+            first = await agent.session(0)
+            await eventually(lambda: agent_ready(server), what="the first agent session to be ready")
+            await first.send_json({"type": "FunctionCallRequest", "functions": [
+                {"id": "o1", "name": "get_drug_info", "arguments": '{"drug_name": "ibuprofen"}', "client_side": True}]})
+            await eventually(lambda: any(call.function_tasks for call in server.calls), what="the function to start")
+            first.drop()
+            second = await agent.session(1, timeout=5)
+            await eventually(lambda: second.settings is not None)
+            history = second.settings["agent"]["context"]["messages"]
+            assert [item["function_calls"][0]["id"] for item in history if "function_calls" in item] == ["o1"]
+            assert json.loads(history[-1]["function_calls"][0]["response"]) == {"order_number": "ORD-7", "drug_name": "ibuprofen"}
+            assert not first.of_type("FunctionCallResponse") and not second.of_type("FunctionCallResponse")
