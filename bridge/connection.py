@@ -191,6 +191,10 @@ class DirectFrames(Connection):
                 if masked:
                     payload = apply_mask(payload, data[start - 4 : start])
                 self._whole_message(first == FIN_TEXT, payload)
+                if not self._parsing:  # the message was given back to websockets, which failed it
+                    if frame_end < end:
+                        super().data_received(data[frame_end:])
+                    return
             else:
                 # Control frames, fragments, bad masking or RSV bits: websockets' own, whole.
                 super().data_received(data[pos:frame_end])
@@ -229,6 +233,12 @@ class DirectFrames(Connection):
     def take_message(self, is_text: bool, payload: bytes) -> bool:
         """Take a whole message at once; False leaves it to websockets' queue and ``recv``."""
         return False
+
+    def _give_back(self, is_text: bool, payload: bytes) -> None:
+        """Let websockets' parser read a frame cut out here, and all that follows, and judge it."""
+        self._parsing = False
+        frame = Frame(Opcode.TEXT if is_text else Opcode.BINARY, payload)
+        super().data_received(frame.serialize(mask=self.receives_masked))
 
     def process_event(self, event: Event) -> None:
         if type(event) is Frame and event.opcode in DATA_OPCODES:
@@ -348,6 +358,7 @@ class TwilioConnection(DirectFrames, ServerConnection):
         try:
             text = payload.decode()
         except UnicodeDecodeError:
-            return False  # websockets' own path fails the connection with 1007, as usual
+            self._give_back(is_text, payload)  # websockets fails the connection with 1007
+            return True
         on_text(text)
         return True

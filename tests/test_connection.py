@@ -304,3 +304,24 @@ async def test_keepalive_pings_on_a_timer_and_fails_a_silent_peer_with_1011() ->
             assert (silent.protocol.close_rcvd.code, silent.protocol.close_rcvd.reason) == (1011, "keepalive ping timeout")
         finally:
             silent.close()
+
+
+@pytest.mark.parametrize("one_read", [True, False])
+async def test_a_text_frame_that_is_not_utf8_fails_the_connection_with_1007(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, one_read: bool
+) -> None:
+    async with make_bridge(fake_agent) as server, raw_call(server, fake_agent) as (caller, agent, _):
+        media = caller.text({"event": "media", "streamSid": caller.stream_sid, "media": {"payload": "AAAA"}})
+        bad = Frame(Opcode.TEXT, b'{"event":"media","x":"' + b"\xff" * 200 + b'"}').serialize(mask=True)
+        if one_read:  # the general loop, with a frame after the bad one
+            await caller.write(media + bad + media)
+        else:  # the one-frame shortcut
+            await caller.write(media)
+            await asyncio.sleep(0.05)
+            await caller.write(bad)
+            await asyncio.sleep(0.05)
+            await caller.write(media)
+        await caller.read_until(lambda: caller.protocol.close_rcvd is not None)
+        assert caller.protocol.close_rcvd is not None and caller.protocol.close_rcvd.code == 1007, caller.protocol.close_rcvd
+        await eventually(lambda: not server.calls, 3, "the call to end")
+    assert bytes(agent.audio) == b"\x00" * 3, "the frame before the bad one arrived; the one after it did not"
