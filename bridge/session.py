@@ -48,6 +48,8 @@ RECONNECT_HANDSHAKE_SECONDS = 3.0
 CLOSE_TIMEOUT_SECONDS = 1.0
 FUNCTION_GRACE_SECONDS = 2.0
 HANGUP_MARK = "end-call"
+# end_call after the goodbye was sent: how long to allow for any last words before hanging up.
+HANGUP_GRACE_SECONDS = 1.5
 
 AgentConnector = Callable[[], Awaitable[ClientConnection]]
 
@@ -137,6 +139,9 @@ class CallSession:
         self._hangup_requested = False
         self._hangup_call_id: str | None = None
         self._hangup_timer: asyncio.TimerHandle | None = None
+        self._hangup_grace_timer: asyncio.TimerHandle | None = None
+        self._hangup_when_heard = False  # hang up as soon as every mark sent has been heard
+        self._agent_turn_open = False  # the agent has begun a turn whose AgentAudioDone hasn't come
         self._marks_sent = 0
         # Marks sent and not yet echoed; and those a clear made Twilio echo without playing them.
         self._marks_out: set[str] = set()
@@ -207,7 +212,7 @@ class CallSession:
         )
 
     def _cancel_timers(self) -> None:
-        for timer in (self._keepalive_timer, self._hangup_timer):
+        for timer in (self._keepalive_timer, self._hangup_timer, self._hangup_grace_timer):
             if timer is not None:
                 timer.cancel()
 
@@ -355,6 +360,8 @@ class CallSession:
         if self._hangup_requested and name is not None and name.startswith(HANGUP_MARK):
             self.log.info("the agent's goodbye has played; hanging up")
             self.end("agent ended the call")
+        elif self._hangup_when_heard:
+            self._hang_up_if_all_heard()
 
     # ---------------------------------------------------------------- the agent session's life
 
@@ -604,6 +611,8 @@ class CallSession:
             assert self._outbound is not None
             self._marks_cleared |= self._marks_out
             self._marks_out.clear()
+            self._audio_since_mark = 0  # Twilio drops what it had not played
+            self._agent_turn_open = False
             await self._send_to_caller(self._outbound.clear())
             self.record.barge_in()
             self.log.debug("barge-in: cleared the caller's playback")
@@ -617,6 +626,7 @@ class CallSession:
         elif kind == "FunctionCallCancelled":
             self._on_function_call_cancelled(message)
         elif kind == "AgentStartedSpeaking":
+            self._agent_turn_open = True
             self.record.agent_latency(message)
             await self._to_browser(
                 {"event": "agent_latency", **{k: message.get(k) for k in ("total_latency", "tts_latency", "ttt_latency")}}
@@ -650,6 +660,7 @@ class CallSession:
         await self._to_browser({"event": "transcript", "role": role, "content": content})
 
     async def _on_agent_audio_done(self) -> None:
+        self._agent_turn_open = False
         # A mark tells when the caller has actually heard the turn: AgentAudioDone only means sent.
         assert self._outbound is not None
         self._marks_sent += 1
@@ -746,6 +757,25 @@ class CallSession:
         self._hangup_call_id = call.id
         # If no AgentAudioDone follows (nothing more to say), hang up anyway.
         self._arm_hangup_timer(self.settings.hangup_timeout_seconds)
+        if not self._agent_speaking():
+            # The goodbye was sent (and marked) before the request, as the prompt asks: once the
+            # caller has heard it, and a moment has passed for any last words, hang up.
+            self._hangup_grace_timer = self._loop.call_later(HANGUP_GRACE_SECONDS, self._after_hangup_grace)
+
+    def _agent_speaking(self) -> bool:
+        return self._agent_turn_open or self._audio_since_mark > 0
+
+    def _after_hangup_grace(self) -> None:
+        self._hangup_grace_timer = None
+        if self._hangup_requested and not self._agent_speaking():
+            self._hangup_when_heard = True
+            self._hang_up_if_all_heard()
+        # Otherwise the agent is speaking again, and the mark after its AgentAudioDone decides.
+
+    def _hang_up_if_all_heard(self) -> None:
+        if not self._marks_out and not self._audio_since_mark:
+            self.log.info("the agent's goodbye has played; hanging up")
+            self.end("agent ended the call")
 
     def _cancel_hangup(self, why: str) -> None:
         """The conversation goes on after end_call: the caller spoke, or the agent took it back."""
@@ -753,9 +783,11 @@ class CallSession:
             return
         self._hangup_requested = False
         self._hangup_call_id = None
-        if self._hangup_timer is not None:
-            self._hangup_timer.cancel()
-            self._hangup_timer = None
+        self._hangup_when_heard = False
+        for timer in (self._hangup_timer, self._hangup_grace_timer):
+            if timer is not None:
+                timer.cancel()
+        self._hangup_timer = self._hangup_grace_timer = None
         self.log.info("not hanging up: %s", why)
         self.record.add("hangup_cancelled", reason=why)
 

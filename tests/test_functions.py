@@ -238,6 +238,59 @@ async def test_a_function_cut_off_by_the_hang_up_is_in_the_record(
     assert read_record(tmp_path / "calls")[-1]["function_errors"] == 1
 
 
+async def test_end_call_after_the_goodbye_hangs_up_once_it_is_heard(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    """The prompt's order: the goodbye is spoken (and marked), then end_call comes, and nothing more."""
+    async with make_bridge(fake_agent) as server:  # the 10 s fallback timer stays out of the way
+        caller, session = await open_call(fake_agent, server, echo_marks=False)
+        await session.send_json({"type": "AgentStartedSpeaking", "total_latency": 0.5})
+        await session.send_audio(b"\x10" * 4000)  # "Goodbye!"
+        await session.send_json({"type": "AgentAudioDone"})
+        mark = (await eventually(lambda: caller.of_event("mark"), 2, "the goodbye's mark"))[0]["mark"]["name"]
+        await session.send_json(request(("bye", "end_call", {})))
+        await eventually(lambda: session.of_type("FunctionCallResponse"), 2, "end_call's answer")
+        await asyncio.sleep(2.0)  # past the grace for last words
+        assert not caller.closed.is_set(), "hung up before the caller heard the goodbye"
+        echoed = time.monotonic()
+        await caller.echo_mark(mark)
+        await asyncio.wait_for(caller.closed.wait(), 1.0)
+        assert time.monotonic() - echoed < 0.5
+        await caller.__aexit__(None, None, None)
+
+
+async def test_end_call_when_all_was_heard_hangs_up_after_a_short_grace(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    async with make_bridge(fake_agent) as server:
+        caller, session = await open_call(fake_agent, server)  # echoes every mark at once
+        await session.send_json({"type": "AgentStartedSpeaking", "total_latency": 0.5})
+        await session.send_audio(b"\x10" * 800)
+        await session.send_json({"type": "AgentAudioDone"})
+        await eventually(lambda: caller.of_event("mark"), 2, "the goodbye's mark")
+        await asyncio.sleep(0.1)
+        asked = time.monotonic()
+        await session.send_json(request(("bye", "end_call", {})))
+        await asyncio.wait_for(caller.closed.wait(), 3.0)
+        assert 1.4 < time.monotonic() - asked < 2.5, "not the grace for last words, nor the 10 s fallback"
+        await caller.__aexit__(None, None, None)
+
+
+async def test_last_words_after_end_call_are_heard_before_the_hang_up(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    async with make_bridge(fake_agent) as server:
+        caller, session = await open_call(fake_agent, server, echo_marks=False)
+        await session.send_json(request(("bye", "end_call", {})))
+        await eventually(lambda: session.of_type("FunctionCallResponse"), 2, "end_call's answer")
+        await asyncio.sleep(0.5)
+        await session.send_json({"type": "AgentStartedSpeaking", "total_latency": 0.5})
+        await session.send_audio(b"\x10" * 800)
+        await asyncio.sleep(1.5)  # the grace ends mid-turn
+        await session.send_audio(b"\x11" * 800)
+        await session.send_json({"type": "AgentAudioDone"})
+        mark = (await eventually(lambda: caller.of_event("mark"), 2, "the hang-up mark"))[0]["mark"]["name"]
+        await asyncio.sleep(0.3)
+        assert not caller.closed.is_set() and len(caller.audio) == 1600
+        await caller.echo_mark(mark)
+        await asyncio.wait_for(caller.closed.wait(), 1.0)
+        await caller.__aexit__(None, None, None)
+
+
 async def test_caller_speaking_during_the_goodbye_keeps_the_call_up(
     fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path
 ) -> None:
