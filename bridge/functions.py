@@ -167,7 +167,7 @@ class FunctionRunner:
         else:
             outcome = _outcome(name, job.result(), started, log)
             log.warning(
-                "function %s returned %.1f s after it was abandoned (its answer was not sent): %s",
+                "function %s returned after it was abandoned (%.1f s in all; its answer was not sent): %s",
                 name,
                 outcome.duration_seconds,
                 outcome.content[:300],

