@@ -40,35 +40,32 @@ def parse_message(text: str) -> dict[str, Any]:
     return message
 
 
-def settings_message(settings: dict[str, Any], history: list[dict[str, Any]]) -> str:
-    """The Settings message: config.json, with the conversation so far preloaded when resuming."""
+def settings_message(settings: dict[str, Any], history: list[str]) -> str:
+    """The Settings message: config.json, with the conversation so far preloaded when resuming.
+
+    ``history`` holds items made by ``history_text`` and ``history_function_call``.
+    """
     if not history:
         return json.dumps(settings)
     resumed = copy.deepcopy(settings)
     # The caller has been greeted already; a resumed session carries on mid-conversation.
     resumed["agent"].pop("greeting", None)
     context = resumed["agent"].setdefault("context", {})
-    context["messages"] = list(context.get("messages", [])) + history
+    context["messages"] = list(context.get("messages", [])) + [json.loads(item) for item in history]
     return json.dumps(resumed)
 
 
-def history_text(role: str, content: str) -> dict[str, Any]:
-    return {"type": "History", "role": role, "content": content}
+# History items are kept as their JSON text: a call holds one per turn and function call for as
+# long as it lasts, and text takes half the memory of the dicts and is no work for the collector.
 
 
-def history_function_call(call: FunctionCall, response: str) -> dict[str, Any]:
-    return {
-        "type": "History",
-        "function_calls": [
-            {
-                "id": call.id,
-                "name": call.name,
-                "client_side": True,
-                "arguments": call.arguments,
-                "response": response,
-            }
-        ],
-    }
+def history_text(role: str, content: str) -> str:
+    return json.dumps({"type": "History", "role": role, "content": content})
+
+
+def history_function_call(call: FunctionCall, response: str) -> str:
+    item = {"id": call.id, "name": call.name, "client_side": True, "arguments": call.arguments, "response": response}
+    return json.dumps({"type": "History", "function_calls": [item]})
 
 
 def function_call_response(call: FunctionCall, content: str) -> str:

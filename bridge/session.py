@@ -130,7 +130,7 @@ class CallSession:
         self._agent_ready = False
         # Bumped on every agent (re)connection; a function answer for an older one is not sent.
         self._generation = 0
-        self.history: list[dict[str, Any]] = []
+        self.history: list[str] = []  # the conversation so far, for a resumed agent session
         self.function_tasks: dict[str, asyncio.Task[None]] = {}
         self._withdrawn_calls: set[str] = set()  # FunctionCallCancelled: run on, but send no answer
 

@@ -61,7 +61,11 @@ def test_resumed_settings_with_history_are_valid() -> None:
     history = [history_text("user", "Do you have ibuprofen?"), history_function_call(call, '{"price": 8.99}')]
     message = settings_message(CONFIG, history)
     validate_settings(message)
-    assert json.loads(message)["agent"]["context"]["messages"] == history
+    assert json.loads(message)["agent"]["context"]["messages"] == [
+        {"type": "History", "role": "user", "content": "Do you have ibuprofen?"},
+        {"type": "History", "function_calls": [{"id": "f1", "name": "get_drug_info", "client_side": True,
+                                                "arguments": '{"drug_name": "ibuprofen"}', "response": '{"price": 8.99}'}]},
+    ]
     assert "greeting" not in json.loads(message)["agent"], "a resumed call must not be greeted again"
     assert "greeting" in json.loads(settings_message(CONFIG, []))["agent"]
     assert "context" not in CONFIG["agent"], "the loaded config must not be mutated"
