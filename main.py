@@ -28,6 +28,7 @@ from bridge.functions import check_function_map
 from bridge.server import BridgeServer
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_ENV_FILE = HERE / ".env"
 logger = logging.getLogger("bridge")
 
 
@@ -36,7 +37,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", help="address to listen on (env HOST, default 0.0.0.0)")
     parser.add_argument("--port", type=int, help="port to listen on (env PORT, default 5000)")
     parser.add_argument("--config", type=Path, default=HERE / "config.json", help="the agent (default config.json)")
-    parser.add_argument("--env-file", type=Path, default=HERE / ".env", help="settings file (default .env)")
+    parser.add_argument("--env-file", type=Path, default=DEFAULT_ENV_FILE, help="settings file (default .env)")
     parser.add_argument("--workers", type=int, default=1, help="server processes sharing the port (default 1)")
     parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -47,6 +48,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def load(args: argparse.Namespace) -> tuple[Settings, AgentConfig, dict[str, Callable[..., Any]], list[str]]:
     """Everything startup validates; raises ConfigError with one sentence."""
+    if args.env_file != DEFAULT_ENV_FILE and not args.env_file.is_file():
+        raise ConfigError(f"--env-file {args.env_file} does not exist.")  # .env itself is optional
     load_dotenv(args.env_file, override=False)  # real environment variables win over .env
     settings = load_settings(os.environ, host=args.host, port=args.port)
     agent_config = load_agent_config(args.config, os.environ)

@@ -8,6 +8,7 @@ so a typo in ``.env`` or ``config.json`` fails at startup rather than on the fir
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 from collections.abc import Mapping
@@ -87,6 +88,12 @@ def _int(environ: Mapping[str, str], name: str, default: int, minimum: int, maxi
     return value
 
 
+def _port(port: int) -> int:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {port}.")
+    return port
+
+
 def _float(environ: Mapping[str, str], name: str, default: float, minimum: float) -> float:
     raw = environ.get(name, "").strip()
     if not raw:
@@ -95,8 +102,8 @@ def _float(environ: Mapping[str, str], name: str, default: float, minimum: float
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number of seconds, got {raw!r}.") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}.")
+    if not math.isfinite(value) or value < minimum:  # nan and inf would pass a plain comparison
+        raise ConfigError(f"{name} must be a number of seconds of at least {minimum}, got {raw!r}.")
     return value
 
 
@@ -144,7 +151,7 @@ def load_settings(
         deepgram_api_key=api_key,
         agent_url=agent_url,
         host=host or environ.get("HOST", "").strip() or "0.0.0.0",
-        port=port if port is not None else _int(environ, "PORT", 5000, 0, 65535),
+        port=_port(port) if port is not None else _int(environ, "PORT", 5000, 0, 65535),
         public_url=public_url,
         inbound_buffer_bytes=_int(environ, "INBOUND_BUFFER_BYTES", 3200, 160, 64000),
         log_level=log_level,

@@ -43,6 +43,11 @@ def check_function_map(
     Raises ``ConfigError`` for a declared function that doesn't exist or whose Python signature
     doesn't accept a parameter the declaration marks as required.
     """
+    for name, function in function_map.items():
+        if not callable(function):
+            raise ConfigError(
+                f"pharmacy_functions.function_map entry {name!r} is a {type(function).__name__}, not a function."
+            )
     for name, definition in declared.items():
         if name in BUILTIN_FUNCTIONS:
             continue

@@ -137,7 +137,8 @@ class BridgeServer:
                 logger.warning("refused a browser phone session with a wrong token")
                 return connection.respond(403, "Forbidden.\n")
         elif self.settings.twilio_auth_token:
-            signature = request.headers.get("X-Twilio-Signature")
+            signatures = request.headers.get_all("X-Twilio-Signature")
+            signature = signatures[0] if len(signatures) == 1 else None  # two are no valid signature
             if not twilio.signature_is_valid(self.settings.twilio_auth_token, self.settings.stream_url, signature):
                 logger.warning(
                     "refused a call: %s X-Twilio-Signature for %s",

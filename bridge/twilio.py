@@ -149,4 +149,6 @@ def expected_signature(auth_token: str, url: str) -> str:
 def signature_is_valid(auth_token: str, url: str, signature: str | None) -> bool:
     if not signature:
         return False
-    return hmac.compare_digest(expected_signature(auth_token, url), signature.strip())
+    # As bytes: compare_digest refuses str with non-ASCII characters, and a header may hold any.
+    given = signature.strip().encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(expected_signature(auth_token, url).encode("ascii"), given)

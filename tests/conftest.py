@@ -84,3 +84,10 @@ def read_record(directory: Path) -> list[dict[str, Any]]:
     files = list(directory.glob("*.jsonl"))
     assert len(files) == 1, files
     return [json.loads(line) for line in files[0].read_text().splitlines()]
+
+
+def empty_env(directory: Path) -> Path:
+    """An empty settings file for ``--env-file``, so a developer's own .env stays out of a test."""
+    path = directory / "empty.env"
+    path.touch()
+    return path

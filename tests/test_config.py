@@ -17,8 +17,8 @@ from pydantic import BaseModel
 
 import main
 from bridge.agent_protocol import history_function_call, history_text, settings_message, FunctionCall
-from bridge.config import load_settings, parse_agent_config
-from conftest import ROOT
+from bridge.config import ConfigError, load_settings, parse_agent_config
+from conftest import ROOT, empty_env
 
 CONFIG = json.loads((ROOT / "config.json").read_text())
 
@@ -114,7 +114,7 @@ def test_startup_refuses_a_bad_config_in_one_sentence(
     path = write_config(tmp_path, text)
     monkeypatch.setenv("DEEPGRAM_API_KEY", "k")
     monkeypatch.delenv("LLM_API_KEY", raising=False)
-    assert main.main(["--config", str(path), "--env-file", str(tmp_path / "none.env")]) == 2
+    assert main.main(["--config", str(path), "--env-file", str(empty_env(tmp_path))]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}") and expected in err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -124,7 +124,7 @@ def test_missing_api_key_says_to_copy_env_example(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("DEEPGRAM_API_KEY", raising=False)
-    assert main.main(["--env-file", str(tmp_path / "none.env")]) == 2
+    assert main.main(["--env-file", str(empty_env(tmp_path))]) == 2
     assert capsys.readouterr().err == (
         "error: DEEPGRAM_API_KEY is not set: copy .env.example to .env and put your Deepgram API key in it.\n"
     )
@@ -149,6 +149,32 @@ def test_variables_are_substituted_from_the_environment() -> None:
     text = edited(lambda c: c["agent"]["think"].update(endpoint={"url": "https://llm.example/v1", "headers": {"authorization": "Bearer ${LLM_API_KEY}"}}))
     config = parse_agent_config(text, Path("config.json"), {"LLM_API_KEY": "sk-123"})
     assert config.settings["agent"]["think"]["endpoint"]["headers"]["authorization"] == "Bearer sk-123"
+
+
+@pytest.mark.parametrize("raw", ["nan", "NaN", "inf", "-inf", "-1"])
+def test_seconds_must_be_a_real_number_of_seconds(raw: str) -> None:
+    """nan would pass a plain comparison and then break every timer that uses it."""
+    for name, minimum in (("FUNCTION_TIMEOUT_SECONDS", 0.1), ("DRAIN_SECONDS", 0.0), ("AGENT_CONNECT_TIMEOUT_SECONDS", 0.5)):
+        with pytest.raises(ConfigError) as caught:
+            load_settings({"DEEPGRAM_API_KEY": "k", name: raw})
+        assert str(caught.value) == f"{name} must be a number of seconds of at least {minimum}, got {raw!r}."
+
+
+def test_port_flag_out_of_range_is_one_sentence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DEEPGRAM_API_KEY", "k")
+    assert main.main(["--port", "70000", "--env-file", str(empty_env(tmp_path))]) == 2
+    assert capsys.readouterr().err == "error: --port must be between 0 and 65535, got 70000.\n"
+
+
+def test_an_env_file_named_on_the_command_line_must_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DEEPGRAM_API_KEY", "k")
+    missing = tmp_path / "prod.env"
+    assert main.main(["--env-file", str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: --env-file {missing} does not exist.\n"
 
 
 def test_settings_defaults_and_twiml() -> None:
@@ -191,7 +217,7 @@ def test_serving_freezes_what_startup_built(tmp_path: Path) -> None:
 import asyncio, gc, os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
 import main
-settings, agent_config, function_map, _ = main.load(main.parse_args(["--host", "127.0.0.1", "--port", "0", "--env-file", {str(tmp_path / "none")!r}]))
+settings, agent_config, function_map, _ = main.load(main.parse_args(["--host", "127.0.0.1", "--port", "0", "--env-file", {str(empty_env(tmp_path))!r}]))
 gc.collect()
 assert gc.get_freeze_count() == 0
 
@@ -228,7 +254,7 @@ def test_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
     env.pop("PHONE_PAGE_TOKEN", None)
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
-         "--env-file", str(tmp_path / "none")],
+         "--env-file", str(empty_env(tmp_path))],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     try:

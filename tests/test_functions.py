@@ -15,7 +15,7 @@ import bridge.session
 import main
 from bridge.config import ConfigError, parse_agent_config
 from bridge.functions import check_function_map
-from conftest import ROOT, BridgeFactory, read_record, twilio_url
+from conftest import ROOT, BridgeFactory, empty_env, read_record, twilio_url
 from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually
 
 
@@ -373,6 +373,8 @@ def test_startup_check_of_declared_functions() -> None:
         check_function_map({**pharmacy_functions.function_map, "get_drug_info": lambda name: {}}, declared)
     warnings = check_function_map({**pharmacy_functions.function_map, "refill": lambda: {}}, declared)
     assert warnings == ["function_map entry 'refill' is not declared in config.json, so the agent cannot call it."]
+    with pytest.raises(ConfigError, match="^pharmacy_functions.function_map entry 'refill' is a str, not a function.$"):
+        check_function_map({**pharmacy_functions.function_map, "refill": "refill_prescription"}, declared)
 
 
 def test_startup_refuses_a_declared_function_that_does_not_exist(
@@ -385,5 +387,5 @@ def test_startup_refuses_a_declared_function_that_does_not_exist(
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     monkeypatch.setenv("DEEPGRAM_API_KEY", "k")
-    assert main.main(["--config", str(path), "--env-file", str(tmp_path / "none.env")]) == 2
+    assert main.main(["--config", str(path), "--env-file", str(empty_env(tmp_path))]) == 2
     assert "refill_prescription" in capsys.readouterr().err

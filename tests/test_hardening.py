@@ -22,7 +22,7 @@ from websockets.exceptions import InvalidStatus
 
 from bridge.server import BridgeServer
 from bridge.twilio import expected_signature
-from conftest import ROOT, BridgeFactory, read_record, twilio_url
+from conftest import ROOT, BridgeFactory, empty_env, read_record, twilio_url
 from fakes import FakeAgent, FakeTwilioCaller, eventually
 from test_config import validate_settings
 
@@ -50,13 +50,19 @@ def test_our_signature_matches_twilios_own_validator() -> None:
 
 async def test_signature_is_required_when_auth_token_is_set(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
     async with make_bridge(fake_agent, twilio_auth_token=TOKEN, public_url=PUBLIC) as server:
-        for headers in ({}, {"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"}, {"X-Twilio-Signature": expected_signature("wrong", f"wss://bridge.example.ngrok.app/twilio")}):
+        good = RequestValidator(TOKEN).compute_signature("wss://bridge.example.ngrok.app/twilio", {})
+        for headers in (
+            {},
+            {"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"},
+            {"X-Twilio-Signature": expected_signature("wrong", "wss://bridge.example.ngrok.app/twilio")},
+            {"X-Twilio-Signature": "caf\u00e9"},  # not ASCII: refused, not a 500
+            [("X-Twilio-Signature", good), ("X-Twilio-Signature", good)],  # twice: refused, not a 500
+        ):
             with pytest.raises(InvalidStatus) as refused:
                 await connect(twilio_url(server), additional_headers=headers)
             assert refused.value.response.status_code == 403
         assert fake_agent.handshakes == 0, "a refused call must not open a Deepgram session"
         # Twilio's own library computes the header a real Twilio would send.
-        good = RequestValidator(TOKEN).compute_signature("wss://bridge.example.ngrok.app/twilio", {})
         async with FakeTwilioCaller(twilio_url(server), headers={"X-Twilio-Signature": good}) as caller:
             await caller.start()
             session = await fake_agent.session()
@@ -306,7 +312,7 @@ async def test_sigterm_drains_a_live_call_then_exits_zero(fake_agent: FakeAgent,
     env = {**os.environ, "DEEPGRAM_API_KEY": "k", "DEEPGRAM_AGENT_URL": fake_agent.url, "DRAIN_SECONDS": "20",
            "CALLS_DIR": str(tmp_path / "calls"), "LOG_LEVEL": "INFO"}
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port), "--env-file", str(tmp_path / "none")],
+        [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port), "--env-file", str(empty_env(tmp_path))],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -373,7 +379,7 @@ async def test_a_second_signal_exits_at_once(fake_agent: FakeAgent, tmp_path: Pa
     env = {**os.environ, "DEEPGRAM_API_KEY": "k", "DEEPGRAM_AGENT_URL": fake_agent.url, "DRAIN_SECONDS": "30",
            "RECORD_CALLS": "false"}
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port), "--env-file", str(tmp_path / "none")],
+        [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port), "--env-file", str(empty_env(tmp_path))],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
