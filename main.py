@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -120,6 +121,20 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def claim_port(host: str, port: int) -> int:
+    """Check that nothing listens on ``host:port`` yet, and pick the port if it is 0.
+
+    Workers share the port with SO_REUSEPORT, which would also let them share it, silently,
+    with a bridge that is already running. A plain bind fails if anything listens there.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
+        probe.bind(address)
+        probe.listen()
+        return int(probe.getsockname()[1])
+
+
 def run_workers(argv: Sequence[str], workers: int, phone_page_token: str) -> int:
     """Start N copies of this program on one port and pass signals on to them."""
     # Children inherit a blocked mask and unblock once their handlers exist, so a signal sent
@@ -127,8 +142,12 @@ def run_workers(argv: Sequence[str], workers: int, phone_page_token: str) -> int
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     # Every worker must accept the one phone-page token the parent printed.
     env = {**os.environ, "PHONE_PAGE_TOKEN": phone_page_token}
+    # Each worker in a process group of its own: a Ctrl-C at the terminal then reaches the parent
+    # only, and each worker hears it once, forwarded, instead of twice (which means "exit now").
     children = [
-        subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv, "--worker-index", str(index)], env=env)
+        subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), *argv, "--worker-index", str(index)], env=env, process_group=0
+        )
         for index in range(workers)
     ]
 
@@ -170,8 +189,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for warning in warnings:
         logger.warning(warning)
     if args.workers > 1 and args.worker_index is None:
-        announce(settings, args.workers, settings.port)
-        return run_workers(argv, args.workers, settings.phone_page_token)
+        try:
+            port = claim_port(settings.host, settings.port)
+        except OSError as exc:
+            print(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}.", file=sys.stderr)
+            return 2
+        announce(settings, args.workers, port)
+        return run_workers([*argv, "--port", str(port)], args.workers, settings.phone_page_token)
     worker = args.worker_index is not None
     try:
         run_loop(serve(settings, agent_config, function_map, reuse_port=worker, announce_startup=not worker))

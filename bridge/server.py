@@ -38,6 +38,8 @@ logger = logging.getLogger("bridge.server")
 # Anything far bigger is not Twilio, and websockets closes that connection with 1009.
 TWILIO_MAX_MESSAGE_BYTES = 64 * 1024
 PHONE_PAGE = Path(__file__).parent / "static" / "phone.html"
+# A second stop signal sooner than this after the first is the same stop delivered twice.
+DUPLICATE_SIGNAL_SECONDS = 1.0
 
 
 class BridgeServer:
@@ -192,11 +194,18 @@ class BridgeServer:
         """
         loop = asyncio.get_running_loop()
         self._stop_signal = loop.create_future()
+        first_at = 0.0
 
         def on_signal(signum: int) -> None:
+            nonlocal first_at
             if self._stop_signal.done():
+                if loop.time() - first_at < DUPLICATE_SIGNAL_SECONDS:
+                    # One stop delivered twice, e.g. by systemd to every process of the service
+                    # and again by the --workers parent: not a person asking twice.
+                    return
                 logger.warning("second signal: exiting now without draining")
                 os._exit(1)
+            first_at = loop.time()
             logger.info("received %s: no new calls; draining", signal.Signals(signum).name)
             self.draining = True
             self._stop_signal.set_result(signum)

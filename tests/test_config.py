@@ -290,3 +290,62 @@ def test_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_ctrl_c_at_the_terminal_drains_the_workers(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C goes to its whole foreground process group; each worker must hear it once."""
+    import signal
+    import socket as socketlib
+    import time
+
+    with socketlib.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "DEEPGRAM_API_KEY": "k", "RECORD_CALLS": "false", "LOG_LEVEL": "INFO"}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+         "--env-file", str(empty_env(tmp_path))],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        children: list[str] = []
+        while time.monotonic() < deadline and len(children) < 2:
+            children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+            time.sleep(0.1)
+        assert len(children) == 2
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        assert all(os.getpgid(int(child)) != os.getpgid(process.pid) for child in children)
+        os.killpg(process.pid, signal.SIGINT)  # what the terminal does
+        assert process.wait(timeout=15) == 0
+        assert process.stderr is not None
+        log = process.stderr.read()
+        assert log.count("received SIGINT: no new calls; draining") == 2, log
+        assert "exiting now without draining" not in log
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+
+def test_workers_refuse_a_port_another_bridge_already_serves(tmp_path: Path) -> None:
+    """SO_REUSEPORT would let the workers share the port, silently, with a bridge already running."""
+    import socket as socketlib
+
+    with socketlib.socket() as running:
+        running.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_REUSEPORT, 1)
+        running.bind(("127.0.0.1", 0))
+        running.listen()
+        port = running.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+             "--env-file", str(empty_env(tmp_path))],
+            env={**os.environ, "DEEPGRAM_API_KEY": "k", "RECORD_CALLS": "false"}, capture_output=True, text=True, timeout=30,
+        )
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(f"error: cannot listen on 127.0.0.1:{port}: Address already in use."), result.stderr

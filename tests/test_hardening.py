@@ -20,7 +20,7 @@ from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from bridge.server import BridgeServer
+from bridge.server import DUPLICATE_SIGNAL_SECONDS, BridgeServer
 from bridge.twilio import expected_signature
 from conftest import ROOT, BridgeFactory, empty_env, read_record, twilio_url
 from fakes import FakeAgent, FakeTwilioCaller, eventually
@@ -389,6 +389,7 @@ async def test_a_second_signal_exits_at_once(fake_agent: FakeAgent, tmp_path: Pa
             await eventually(lambda: fake_agent.sessions and fake_agent.sessions[0].settings is not None)
             process.send_signal(signal.SIGTERM)
             await eventually(lambda: _health(port)[0] == 503, 5, "draining")
+            await asyncio.sleep(DUPLICATE_SIGNAL_SECONDS)  # a person's second Ctrl-C, not a duplicate
             started = time.monotonic()
             process.send_signal(signal.SIGINT)
             code = await asyncio.to_thread(process.wait, 5)
@@ -443,3 +444,36 @@ async def test_a_resumed_session_hears_of_a_function_that_ran_across_the_drop(ma
             assert [item["function_calls"][0]["id"] for item in history if "function_calls" in item] == ["o1"]
             assert json.loads(history[-1]["function_calls"][0]["response"]) == {"order_number": "ORD-7", "drug_name": "ibuprofen"}
             assert not first.of_type("FunctionCallResponse") and not second.of_type("FunctionCallResponse")
+
+
+async def test_one_stop_delivered_twice_still_drains(fake_agent: FakeAgent, tmp_path: Path) -> None:
+    """systemd signals every process of a service, and a --workers parent forwards it too."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "DEEPGRAM_API_KEY": "k", "DEEPGRAM_AGENT_URL": fake_agent.url, "DRAIN_SECONDS": "30",
+           "RECORD_CALLS": "false"}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port), "--env-file", str(empty_env(tmp_path))],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        await eventually(lambda: _health(port)[0] == 200, 10, "the server to start")
+        async with FakeTwilioCaller(f"ws://127.0.0.1:{port}/twilio") as caller:
+            await caller.start()
+            await eventually(lambda: fake_agent.sessions and fake_agent.sessions[0].settings is not None)
+            sent = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            await eventually(lambda: _health(port)[0] == 503, 5, "draining")  # the first one is handled
+            if time.monotonic() - sent > DUPLICATE_SIGNAL_SECONDS * 0.8:
+                pytest.skip("the server took too long to start draining to tell a duplicate from a second signal")
+            process.send_signal(signal.SIGTERM)  # the same stop again, moments later
+            await asyncio.sleep(0.5)
+            assert _health(port) == (503, {"status": "draining", "calls": 1})
+            assert process.poll() is None and not caller.closed.is_set(), "the duplicate cut the drain short"
+            await caller.stop()
+            assert await asyncio.to_thread(process.wait, 10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
