@@ -10,7 +10,9 @@ rarely: a thread woken for every event would fight the loop for the GIL under lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import queue
 import re
 import statistics
@@ -21,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+
+logger = logging.getLogger("bridge.records")
 
 # How long the writer thread gathers work before writing it.
 BATCH_SECONDS = 0.25
@@ -90,13 +94,27 @@ class RecordWriter:
             errors = {path: _append(path, "".join(texts)) for path, texts in by_file.items()}
             for path, done in callbacks:
                 done(errors[path])
+            reported = {path for path, _ in callbacks}
+            for path, error in errors.items():
+                if error is not None and path not in reported:  # a mid-call batch: nobody waits on it
+                    logger.error("could not write to the call record %s: %s", path, error)
 
 
 def _append(path: Path, text: str) -> OSError | None:
+    """Append whole lines, or nothing: a write cut short (a full disk) is undone."""
+    data = text.encode("utf-8")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as file:
-            file.write(text)
+        with path.open("ab", buffering=0) as file:
+            start = file.tell()
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[file.write(view) :]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    file.truncate(start)  # a half line would run into the next one
+                raise
     except OSError as exc:
         return exc
     return None

@@ -20,6 +20,7 @@ from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from bridge.records import RecordWriter
 from bridge.server import DUPLICATE_SIGNAL_SECONDS, BridgeServer
 from bridge.twilio import expected_signature
 from conftest import ROOT, BridgeFactory, empty_env, read_record, twilio_url
@@ -477,3 +478,31 @@ async def test_one_stop_delivered_twice_still_drains(fake_agent: FakeAgent, tmp_
         if process.poll() is None:
             process.kill()
 
+
+
+def test_a_record_write_cut_short_leaves_whole_lines(tmp_path: Path) -> None:
+    """A full disk mid-write: the part that fitted is taken back, so the file stays valid JSON Lines."""
+    script = f"""
+import resource, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from bridge.records import _append
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+path = Path({str(tmp_path / "call.jsonl")!r})
+assert _append(path, "a" * 99 + "\\n") is None
+resource.setrlimit(resource.RLIMIT_FSIZE, (150, 150))  # room for 50 more bytes only
+error = _append(path, "b" * 99 + "\\n")
+print(type(error).__name__, path.stat().st_size)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=10)
+    assert result.stdout.split() == ["OSError", "100"], result.stderr
+    assert (tmp_path / "call.jsonl").read_text() == "a" * 99 + "\n"
+
+
+def test_a_mid_call_record_batch_that_fails_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    not_a_directory = tmp_path / "calls"
+    not_a_directory.write_text("")
+    writer = RecordWriter()
+    writer.append(not_a_directory / "call.jsonl", '{"event": "transcript"}\n')
+    writer.close()
+    assert [r.levelname for r in caplog.records if "could not write to the call record" in r.getMessage()] == ["ERROR"]
