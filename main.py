@@ -53,6 +53,8 @@ def load(args: argparse.Namespace) -> tuple[Settings, AgentConfig, dict[str, Cal
         raise ConfigError(f"--env-file {args.env_file} does not exist.")  # .env itself is optional
     load_dotenv(args.env_file, override=False)  # real environment variables win over .env
     settings = load_settings(os.environ, host=args.host, port=args.port)
+    if settings.record_calls:
+        check_writable_directory(settings.calls_dir)
     agent_config = load_agent_config(args.config, os.environ)
     try:
         from pharmacy_functions import function_map
@@ -107,6 +109,16 @@ async def serve(
     if announce_startup:
         announce(settings, 1, server.port)
     await server.serve_until_signalled()
+
+
+def check_writable_directory(directory: Path) -> None:
+    """CALLS_DIR must take files now: finding out on the first call would lose its record."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"CALLS_DIR {directory} cannot be created: {exc.strerror or exc}.") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"CALLS_DIR {directory} is not writable; fix its permissions or set RECORD_CALLS=false.")
 
 
 def freeze_startup_objects() -> None:

@@ -38,9 +38,10 @@ ORDER_STATUS_PLACED: Final = "placed"
 
 # Seconds a connection waits for another writer's lock before giving up.
 # Many calls can place orders at the same moment; they must queue, not fail.
-# Kept under the bridge's FUNCTION_TIMEOUT_SECONDS (10 by default), so that an
-# order stuck behind a lock fails on its own, and the agent's "took too long"
-# never covers an order that then goes through.
+# Kept under the bridge's default FUNCTION_TIMEOUT_SECONDS (10), so that an
+# order stuck behind a lock fails on its own before the agent is told it took
+# too long. With a lower FUNCTION_TIMEOUT_SECONDS, such an order may still go
+# through afterwards; the call record then shows it as function_finished_late.
 BUSY_TIMEOUT_SECONDS: Final = 5.0
 
 # Relative to this file rather than the working directory, so the bridge finds

@@ -349,3 +349,17 @@ def test_workers_refuse_a_port_another_bridge_already_serves(tmp_path: Path) -> 
         )
     assert result.returncode == 2
     assert result.stderr.strip().endswith(f"error: cannot listen on 127.0.0.1:{port}: Address already in use."), result.stderr
+
+
+def test_calls_dir_that_cannot_take_files_is_refused_at_startup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "calls"
+    blocker.write_text("a file, not a directory")
+    monkeypatch.setenv("DEEPGRAM_API_KEY", "k")
+    monkeypatch.setenv("CALLS_DIR", str(blocker / "sub"))
+    assert main.main(["--env-file", str(empty_env(tmp_path))]) == 2
+    assert capsys.readouterr().err == f"error: CALLS_DIR {blocker / 'sub'} cannot be created: Not a directory.\n"
+    monkeypatch.setenv("RECORD_CALLS", "false")  # not recording: the directory doesn't matter
+    settings, *_ = main.load(main.parse_args(["--env-file", str(empty_env(tmp_path))]))
+    assert not settings.record_calls
