@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import gc
 import logging
 import os
@@ -41,6 +42,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--env-file", type=Path, default=DEFAULT_ENV_FILE, help="settings file (default .env)")
     parser.add_argument("--workers", type=int, default=1, help="server processes sharing the port (default 1)")
     parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
@@ -147,6 +149,21 @@ def claim_port(host: str, port: int) -> int:
         return int(probe.getsockname()[1])
 
 
+def stop_when_parent_dies(parent: int) -> None:
+    """A worker whose parent is killed outright (SIGKILL, the OOM killer) drains and exits too.
+
+    Otherwise it would go on holding the port, unseen, and take part of the next bridge's calls.
+    Linux only (prctl PR_SET_PDEATHSIG); elsewhere the worker outlives its parent.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request could take effect
+        signal.raise_signal(signal.SIGTERM)
+
+
 def run_workers(argv: Sequence[str], workers: int, phone_page_token: str) -> int:
     """Start N copies of this program on one port and pass signals on to them."""
     # Children inherit a blocked mask and unblock once their handlers exist, so a signal sent
@@ -158,7 +175,9 @@ def run_workers(argv: Sequence[str], workers: int, phone_page_token: str) -> int
     # only, and each worker hears it once, forwarded, instead of twice (which means "exit now").
     children = [
         subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), *argv, "--worker-index", str(index)], env=env, process_group=0
+            [sys.executable, str(Path(__file__).resolve()), *argv, "--worker-index", str(index), "--parent-pid", str(os.getpid())],
+            env=env,
+            process_group=0,
         )
         for index in range(workers)
     ]
@@ -179,6 +198,7 @@ def run_workers(argv: Sequence[str], workers: int, phone_page_token: str) -> int
 # is remembered here and replayed once the server's own handlers are in place.
 EARLY_SIGNALS: list[int] = []
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def remember_signal(signum: int, _frame: object) -> None:
@@ -209,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         announce(settings, args.workers, port)
         return run_workers([*argv, "--port", str(port)], args.workers, settings.phone_page_token)
     worker = args.worker_index is not None
+    if worker and args.parent_pid is not None:
+        stop_when_parent_dies(args.parent_pid)
     try:
         run_loop(serve(settings, agent_config, function_map, reuse_port=worker, announce_startup=not worker))
     except OSError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -363,3 +364,44 @@ def test_calls_dir_that_cannot_take_files_is_refused_at_startup(
     monkeypatch.setenv("RECORD_CALLS", "false")  # not recording: the directory doesn't matter
     settings, *_ = main.load(main.parse_args(["--env-file", str(empty_env(tmp_path))]))
     assert not settings.record_calls
+
+
+def test_workers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
+    import signal
+    import socket as socketlib
+    import time
+
+    with socketlib.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+         "--env-file", str(empty_env(tmp_path))],
+        env={**os.environ, "DEEPGRAM_API_KEY": "k", "RECORD_CALLS": "false"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    children: list[str] = []
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(children) < 2:
+            children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+            time.sleep(0.1)
+        assert len(children) == 2
+        process.send_signal(signal.SIGKILL)  # no chance to pass anything on
+        process.wait(timeout=5)
+
+        def gone(pid: str) -> bool:
+            status = Path(f"/proc/{pid}/status")
+            try:
+                return "zombie" in status.read_text().lower()
+            except OSError:
+                return True
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(gone(pid) for pid in children):
+            time.sleep(0.1)
+        assert all(gone(pid) for pid in children), "a worker outlived its parent and still holds the port"
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
