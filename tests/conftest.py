@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -91,3 +92,10 @@ def empty_env(directory: Path) -> Path:
     path = directory / "empty.env"
     path.touch()
     return path
+
+
+def free_port() -> int:
+    """A port nothing listens on, for a bridge started as its own process."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

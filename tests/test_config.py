@@ -19,7 +19,7 @@ from pydantic import BaseModel
 import main
 from bridge.agent_protocol import history_function_call, history_text, settings_message, FunctionCall
 from bridge.config import ConfigError, load_settings, parse_agent_config
-from conftest import ROOT, empty_env
+from conftest import ROOT, empty_env, free_port
 
 CONFIG = json.loads((ROOT / "config.json").read_text())
 
@@ -243,14 +243,24 @@ asyncio.run(probe())
     assert (module_tracked, functions_tracked) == ("False", "False")
 
 
-def test_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
-    import re
-    import socket as socketlib
+def worker_pids(parent: subprocess.Popen[Any], count: int = 2) -> list[str]:
+    """The pids of a --workers parent's children, once all ``count`` have started."""
     import time
 
-    with socketlib.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    deadline = time.monotonic() + 15
+    children: list[str] = []
+    while time.monotonic() < deadline and len(children) < count:
+        children = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True).stdout.split()
+        time.sleep(0.1)
+    assert len(children) == count, children
+    return children
+
+
+def test_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
+    import re
+    import time
+
+    port = free_port()
     env = {**os.environ, "DEEPGRAM_API_KEY": "k", "RECORD_CALLS": "false", "PHONE_PAGE": "true"}
     env.pop("PHONE_PAGE_TOKEN", None)
     process = subprocess.Popen(
@@ -267,13 +277,9 @@ def test_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
                 token = found.group(1)
                 break
         assert token
-        deadline = time.monotonic() + 15
-        children: list[str] = []
-        while time.monotonic() < deadline and len(children) < 2:
-            children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
-            time.sleep(0.1)
-        assert len(children) == 2
+        children = worker_pids(process)
         # Both workers accept the one printed token (each new connection may land on either).
+        deadline = time.monotonic() + 15
         statuses = set()
         while time.monotonic() < deadline and len(statuses) < 20:
             try:
@@ -296,12 +302,9 @@ def test_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
 def test_ctrl_c_at_the_terminal_drains_the_workers(tmp_path: Path) -> None:
     """A terminal's Ctrl-C goes to its whole foreground process group; each worker must hear it once."""
     import signal
-    import socket as socketlib
     import time
 
-    with socketlib.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "DEEPGRAM_API_KEY": "k", "RECORD_CALLS": "false", "LOG_LEVEL": "INFO"}
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
@@ -309,12 +312,8 @@ def test_ctrl_c_at_the_terminal_drains_the_workers(tmp_path: Path) -> None:
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
+        children = worker_pids(process)
         deadline = time.monotonic() + 15
-        children: list[str] = []
-        while time.monotonic() < deadline and len(children) < 2:
-            children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
-            time.sleep(0.1)
-        assert len(children) == 2
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
@@ -368,12 +367,9 @@ def test_calls_dir_that_cannot_take_files_is_refused_at_startup(
 
 def test_workers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
     import signal
-    import socket as socketlib
     import time
 
-    with socketlib.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
          "--env-file", str(empty_env(tmp_path))],
@@ -382,11 +378,7 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
     )
     children: list[str] = []
     try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and len(children) < 2:
-            children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
-            time.sleep(0.1)
-        assert len(children) == 2
+        children = worker_pids(process)
         process.send_signal(signal.SIGKILL)  # no chance to pass anything on
         process.wait(timeout=5)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from websockets.exceptions import InvalidStatus
 from bridge.records import RecordWriter
 from bridge.server import DUPLICATE_SIGNAL_SECONDS, BridgeServer
 from bridge.twilio import expected_signature
-from conftest import ROOT, BridgeFactory, empty_env, read_record, twilio_url
+from conftest import ROOT, BridgeFactory, empty_env, free_port, read_record, twilio_url
 from fakes import FakeAgent, FakeTwilioCaller, eventually
 from test_config import validate_settings
 
@@ -122,9 +124,7 @@ async def test_agent_refusing_the_key_ends_the_call(make_bridge: BridgeFactory, 
 
 
 async def test_agent_unreachable_ends_the_call(make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     async with make_bridge(None, agent_url=f"ws://127.0.0.1:{port}/") as server:
         await expect_prompt_end(server, caplog, "cannot reach Deepgram")
 
@@ -307,9 +307,7 @@ async def test_record_calls_false_writes_nothing(fake_agent: FakeAgent, make_bri
 
 
 async def test_sigterm_drains_a_live_call_then_exits_zero(fake_agent: FakeAgent, tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "DEEPGRAM_API_KEY": "k", "DEEPGRAM_AGENT_URL": fake_agent.url, "DRAIN_SECONDS": "20",
            "CALLS_DIR": str(tmp_path / "calls"), "LOG_LEVEL": "INFO"}
     process = subprocess.Popen(
@@ -373,10 +371,12 @@ async def test_a_long_calls_events_reach_disk_before_it_ends(fake_agent: FakeAge
     assert events[-1]["event"] == "summary" and events[-1]["turns"] == FLUSH_LINES + 5
 
 
-async def test_a_second_signal_exits_at_once(fake_agent: FakeAgent, tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+@contextlib.asynccontextmanager
+async def bridge_process_with_a_call(
+    fake_agent: FakeAgent, tmp_path: Path
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], int, FakeTwilioCaller]]:
+    """main.py as its own process (DRAIN_SECONDS 30), with one call up and its agent session ready."""
+    port = free_port()
     env = {**os.environ, "DEEPGRAM_API_KEY": "k", "DEEPGRAM_AGENT_URL": fake_agent.url, "DRAIN_SECONDS": "30",
            "RECORD_CALLS": "false"}
     process = subprocess.Popen(
@@ -388,17 +388,22 @@ async def test_a_second_signal_exits_at_once(fake_agent: FakeAgent, tmp_path: Pa
         async with FakeTwilioCaller(f"ws://127.0.0.1:{port}/twilio") as caller:
             await caller.start()
             await eventually(lambda: fake_agent.sessions and fake_agent.sessions[0].settings is not None)
-            process.send_signal(signal.SIGTERM)
-            await eventually(lambda: _health(port)[0] == 503, 5, "draining")
-            await asyncio.sleep(DUPLICATE_SIGNAL_SECONDS)  # a person's second Ctrl-C, not a duplicate
-            started = time.monotonic()
-            process.send_signal(signal.SIGINT)
-            code = await asyncio.to_thread(process.wait, 5)
-            assert time.monotonic() - started < 2, "the second signal must not wait for the drain"
-            assert code == 1
+            yield process, port, caller
     finally:
         if process.poll() is None:
             process.kill()
+
+
+async def test_a_second_signal_exits_at_once(fake_agent: FakeAgent, tmp_path: Path) -> None:
+    async with bridge_process_with_a_call(fake_agent, tmp_path) as (process, port, _):
+        process.send_signal(signal.SIGTERM)
+        await eventually(lambda: _health(port)[0] == 503, 5, "draining")
+        await asyncio.sleep(DUPLICATE_SIGNAL_SECONDS)  # a person's second Ctrl-C, not a duplicate
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        code = await asyncio.to_thread(process.wait, 5)
+        assert time.monotonic() - started < 2, "the second signal must not wait for the drain"
+        assert code == 1
 
 
 async def test_an_agent_session_that_opens_while_the_call_closes_is_closed_too(make_bridge: BridgeFactory) -> None:
@@ -449,35 +454,18 @@ async def test_a_resumed_session_hears_of_a_function_that_ran_across_the_drop(ma
 
 async def test_one_stop_delivered_twice_still_drains(fake_agent: FakeAgent, tmp_path: Path) -> None:
     """systemd signals every process of a service, and a --workers parent forwards it too."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "DEEPGRAM_API_KEY": "k", "DEEPGRAM_AGENT_URL": fake_agent.url, "DRAIN_SECONDS": "30",
-           "RECORD_CALLS": "false"}
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port), "--env-file", str(empty_env(tmp_path))],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        await eventually(lambda: _health(port)[0] == 200, 10, "the server to start")
-        async with FakeTwilioCaller(f"ws://127.0.0.1:{port}/twilio") as caller:
-            await caller.start()
-            await eventually(lambda: fake_agent.sessions and fake_agent.sessions[0].settings is not None)
-            sent = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            await eventually(lambda: _health(port)[0] == 503, 5, "draining")  # the first one is handled
-            if time.monotonic() - sent > DUPLICATE_SIGNAL_SECONDS * 0.8:
-                pytest.skip("the server took too long to start draining to tell a duplicate from a second signal")
-            process.send_signal(signal.SIGTERM)  # the same stop again, moments later
-            await asyncio.sleep(0.5)
-            assert _health(port) == (503, {"status": "draining", "calls": 1})
-            assert process.poll() is None and not caller.closed.is_set(), "the duplicate cut the drain short"
-            await caller.stop()
-            assert await asyncio.to_thread(process.wait, 10) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-
+    async with bridge_process_with_a_call(fake_agent, tmp_path) as (process, port, caller):
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        await eventually(lambda: _health(port)[0] == 503, 5, "draining")  # the first one is handled
+        if time.monotonic() - sent > DUPLICATE_SIGNAL_SECONDS * 0.8:
+            pytest.skip("the server took too long to start draining to tell a duplicate from a second signal")
+        process.send_signal(signal.SIGTERM)  # the same stop again, moments later
+        await asyncio.sleep(0.5)
+        assert _health(port) == (503, {"status": "draining", "calls": 1})
+        assert process.poll() is None and not caller.closed.is_set(), "the duplicate cut the drain short"
+        await caller.stop()
+        assert await asyncio.to_thread(process.wait, 10) == 0
 
 
 def test_a_record_write_cut_short_leaves_whole_lines(tmp_path: Path) -> None:
