@@ -757,6 +757,8 @@ class CallSession:
         self._hangup_call_id = call.id
         # If no AgentAudioDone follows (nothing more to say), hang up anyway.
         self._arm_hangup_timer(self.settings.hangup_timeout_seconds)
+        if self._hangup_grace_timer is not None:
+            self._hangup_grace_timer.cancel()  # a repeated end_call starts the grace afresh
         if not self._agent_speaking():
             # The goodbye was sent (and marked) before the request, as the prompt asks: once the
             # caller has heard it, and a moment has passed for any last words, hang up.
