@@ -1,6 +1,7 @@
 """Run the Twilio <-> Deepgram Voice Agent bridge.
 
     python main.py [--host HOST] [--port PORT] [--config config.json] [--workers N]
+    python main.py call +15551234567 [--param name=value ...]
 
 Loads ``.env``, validates the settings, config.json and pharmacy_functions.function_map, then
 serves WebSocket ``/twilio`` and ``GET /health`` until SIGTERM/SIGINT, draining live calls first.
@@ -15,6 +16,7 @@ import ctypes
 import gc
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,9 +27,12 @@ from typing import Any
 
 from dotenv import load_dotenv
 
-from bridge.config import AgentConfig, ConfigError, Settings, load_agent_config, load_settings
+from bridge.call_control import MODE_PARAMETER, place_call
+from bridge.config import E164, AgentConfig, ConfigError, Settings, load_agent_config, load_settings
 from bridge.functions import check_function_map
 from bridge.server import BridgeServer
+from bridge.session import rest_client
+from bridge.twilio_rest import TwilioApiError
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ENV_FILE = HERE / ".env"
@@ -63,6 +68,11 @@ def load(args: argparse.Namespace) -> tuple[Settings, AgentConfig, dict[str, Cal
     except Exception as exc:  # an error in the user's own functions file
         raise ConfigError(f"pharmacy_functions.py failed to import: {type(exc).__name__}: {exc}.") from None
     warnings = check_function_map(function_map, agent_config.client_functions)
+    if "transfer_call" in agent_config.client_functions and not settings.transfer_enabled:
+        raise ConfigError(
+            f"{args.config.name} declares transfer_call, but transfer needs TWILIO_ACCOUNT_SID, "
+            "TWILIO_AUTH_TOKEN and TRANSFER_NUMBER in .env (or remove transfer_call from the functions)."
+        )
     return settings, agent_config, function_map, warnings
 
 
@@ -81,9 +91,29 @@ def announce(settings: Settings, workers: int, port: int) -> None:
         logger.warning("PUBLIC_URL is not set: replace YOUR-NGROK-HOST above with your ngrok host")
     if not settings.twilio_auth_token:
         logger.warning("TWILIO_AUTH_TOKEN is not set: calls are not authenticated; anyone who finds the URL can connect")
+    for line in call_control_status(settings):
+        logger.info(line)
     if settings.phone_page:
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
         print(f"Browser phone: http://{host}:{port}/phone?token={settings.phone_page_token}\n", flush=True)
+
+
+def call_control_status(settings: Settings) -> list[str]:
+    """One line per call-control feature that is off, saying what turns it on."""
+    lines = []
+    if not settings.rest_enabled:
+        lines.append(
+            "call transfer, the fallback line and outbound calls are off: set TWILIO_ACCOUNT_SID and "
+            "TWILIO_AUTH_TOKEN to use Twilio's REST API"
+        )
+        return lines
+    if not settings.transfer_number:
+        lines.append("call transfer is off: set TRANSFER_NUMBER to let the agent hand callers to a person")
+    if not settings.fallback_number:
+        lines.append("FALLBACK_NUMBER is not set: if the agent fails, callers hear an apology and the call ends")
+    if not settings.outbound_enabled:
+        lines.append("outbound calls are off: they need TWILIO_PHONE_NUMBER and PUBLIC_URL")
+    return lines
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -104,6 +134,7 @@ async def serve(
     reuse_port: bool,
     announce_startup: bool,
 ) -> None:
+    raise_open_file_limit(settings)
     server = BridgeServer(settings, agent_config, function_map, reuse_port=reuse_port)
     server.handle_signals(EARLY_SIGNALS[0] if EARLY_SIGNALS else None)
     await server.start()
@@ -121,6 +152,34 @@ def check_writable_directory(directory: Path) -> None:
         raise ConfigError(f"CALLS_DIR {directory} cannot be created: {exc.strerror or exc}.") from None
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ConfigError(f"CALLS_DIR {directory} is not writable; fix its permissions or set RECORD_CALLS=false.")
+
+
+def raise_open_file_limit(settings: Settings) -> None:
+    """Use all the file descriptors the system allows, and warn if even that is too few.
+
+    Each call holds two sockets and each connection still in its handshake one; the soft
+    limit (often 1024) is usually far below the hard one, and running out refuses every call.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = 65536 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+            soft = max(soft, wanted)
+        except (ValueError, OSError):
+            pass
+    needed = 2 * settings.max_calls + settings.max_handshakes + 64
+    if soft < needed:
+        logger.warning(
+            "only %d file descriptors are allowed; MAX_CALLS=%d needs about %d: raise the limit (ulimit -n) or lower MAX_CALLS",
+            soft,
+            settings.max_calls,
+            needed,
+        )
 
 
 def freeze_startup_objects() -> None:
@@ -205,8 +264,79 @@ def remember_signal(signum: int, _frame: object) -> None:
     EARLY_SIGNALS.append(signum)
 
 
+def parse_call_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="main.py call",
+        description="Place an outbound call from TWILIO_PHONE_NUMBER; the running bridge takes it.",
+    )
+    parser.add_argument("to", help="the number to call, in E.164 form like +15551234567")
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a <Parameter> for the call (repeatable), e.g. --param reason=refill_ready",
+    )
+    parser.add_argument("--env-file", type=Path, default=DEFAULT_ENV_FILE, help="settings file (default .env)")
+    args = parser.parse_args(argv)
+    parameters: dict[str, str] = {}
+    for item in args.param:
+        name, separator, value = item.partition("=")
+        if not separator or not name.strip():
+            parser.error(f"--param must look like name=value, got {item!r}")
+        parameters[name.strip()] = value
+    args.parameters = parameters
+    return args
+
+
+def place_outbound_call(argv: Sequence[str]) -> int:
+    """``python main.py call +15551234567 [--param name=value ...]``: print the Call SID and exit."""
+    args = parse_call_args(argv)
+    try:
+        if args.env_file != DEFAULT_ENV_FILE and not args.env_file.is_file():
+            raise ConfigError(f"--env-file {args.env_file} does not exist.")
+        load_dotenv(args.env_file, override=False)
+        settings = load_settings(os.environ)
+        to = normalise_number(args.to)
+        if not settings.outbound_enabled:
+            raise ConfigError(
+                "outbound calls need TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, TWILIO_PHONE_NUMBER and PUBLIC_URL in .env."
+            )
+        if MODE_PARAMETER in args.parameters:
+            raise ConfigError(f"--param {MODE_PARAMETER} is the bridge's own; pick another name.")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    rest = rest_client(settings)
+    assert rest is not None
+
+    async def call() -> str:
+        try:
+            return await place_call(settings, rest, to, args.parameters)
+        finally:
+            await rest.close()
+
+    try:
+        sid = asyncio.run(call())
+    except TwilioApiError as exc:
+        print(f"error: Twilio refused the call: {exc}", file=sys.stderr)
+        return 1
+    print(sid)
+    return 0
+
+
+def normalise_number(raw: str) -> str:
+    number = re.sub(r"[\s().-]", "", raw)
+    if not E164.fullmatch(number):
+        raise ConfigError(f"the number to call must be in E.164 form like +15551234567, got {raw!r}.")
+    return number
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["call"]:
+        return place_outbound_call(argv[1:])
     args = parse_args(argv)
     try:
         settings, agent_config, function_map, warnings = load(args)

@@ -16,7 +16,9 @@ caller can fix (unknown drug, bad quantity, unknown order number) come back as
 ``{"error": "..."}`` rather than exceptions.
 
 Storage is a SQLite file (``PharmacyStore``), so orders survive a restart. It
-uses only the standard library.
+uses only the standard library. Orders carry customers' names and medicines, so
+a database file this module creates is owner-only (0600), as are SQLite's side
+files, and so is a directory it creates for it (0700).
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ ORDER_STATUS_PLACED: Final = "placed"
 # too long. With a lower FUNCTION_TIMEOUT_SECONDS, such an order may still go
 # through afterwards; the call record then shows it as function_finished_late.
 BUSY_TIMEOUT_SECONDS: Final = 5.0
+
+# Owner-only. SQLite creates its -wal, -shm and -journal files with the
+# database file's own permission bits (it fchmods them to match, whatever the
+# umask), so a database file made 0600 keeps its side files 0600 too.
+DB_FILE_MODE: Final = 0o600
+DB_DIR_MODE: Final = 0o700
 
 # Relative to this file rather than the working directory, so the bridge finds
 # the same orders however it is started. PHARMACY_DB overrides it.
@@ -219,6 +227,33 @@ def _order_dict(row: sqlite3.Row) -> dict[str, Any]:
     }
 
 
+def _create_private_file(path: Path) -> None:
+    """Create ``path`` empty and 0600 (and missing folders 0700) unless it exists.
+
+    Created by us rather than by sqlite3.connect, which would make it 0644 under
+    the usual umask. The mode is given to the open itself, not set by a chmod
+    afterwards, so the file is never readable by others, even for a moment.
+    SQLite takes an empty file as a new database. An existing file, and its
+    mode, are left alone: O_EXCL never opens it.
+    """
+    missing: list[Path] = []
+    folder = path.parent
+    # Not mkdir(parents=True) or os.makedirs: both give parents the umask's mode.
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, DB_DIR_MODE)
+        except FileExistsError:  # another process starting at the same time made it
+            pass
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, DB_FILE_MODE)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
 class PharmacyStore:
     """The drug catalogue and orders, kept in one SQLite file.
 
@@ -232,7 +267,7 @@ class PharmacyStore:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path: Path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _create_private_file(self.path)
         self._thread_connections = threading.local()
         self._initialise()
 

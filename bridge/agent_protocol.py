@@ -1,7 +1,8 @@
 """The Deepgram Voice Agent API v1 messages, as plain functions with no I/O.
 
 Building what we send (Settings, FunctionCallResponse, KeepAlive) and reading what the agent
-sends (PROTOCOLS.md section 5). Audio is binary and never passes through here.
+sends (docs/protocols.md sections 5 and 6). Audio is binary and never passes through here.
+Whatever shape a message has, reading it either succeeds or raises ``AgentProtocolError``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from typing import Any
 from .errors import ProtocolError
 
 KEEPALIVE = '{"type":"KeepAlive"}'
+# Deepgram's ids are short; a longer one is not a real request, and it would be echoed back.
+MAX_FUNCTION_ID_CHARS = 256
+MAX_FUNCTION_NAME_CHARS = 128
+MAX_FUNCTION_ARGUMENTS_CHARS = 64 * 1024
 
 
 class AgentProtocolError(ProtocolError):
@@ -29,10 +34,18 @@ class FunctionCall:
     arguments: str  # still JSON text: parsing it is the runner's job, so errors become answers
 
 
+def _refuse_constant(name: str) -> Any:
+    raise AgentProtocolError("non-finite-number", f"a frame from Deepgram holds {name}, which JSON does not allow")
+
+
 def parse_message(text: str) -> dict[str, Any]:
-    """Parse a text frame from the agent; every valid one is an object with a string ``type``."""
+    """Parse a text frame from the agent; every valid one is an object with a string ``type``.
+
+    NaN and Infinity are refused: Python's json accepts them, but they are not JSON, and a
+    record holding one could not be read back by a strict parser.
+    """
     try:
-        message = json.loads(text)
+        message = json.loads(text, parse_constant=_refuse_constant)
     except (json.JSONDecodeError, RecursionError):
         raise AgentProtocolError("not-json", "a text frame from Deepgram is not JSON") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
@@ -55,6 +68,13 @@ def settings_message(settings: dict[str, Any], history: list[str]) -> str:
     return json.dumps(resumed)
 
 
+def voicemail_settings(settings: dict[str, Any], message: str) -> str:
+    """Settings for leaving a voicemail message: the agent's greeting is the message."""
+    voicemail = copy.deepcopy(settings)
+    voicemail["agent"]["greeting"] = message
+    return json.dumps(voicemail)
+
+
 # History items are kept as their JSON text: a call holds one per turn and function call for as
 # long as it lasts, and text takes half the memory of the dicts and is no work for the collector.
 
@@ -72,27 +92,51 @@ def function_call_response(call: FunctionCall, content: str) -> str:
     return json.dumps({"type": "FunctionCallResponse", "id": call.id, "name": call.name, "content": content})
 
 
-def client_side_calls(message: dict[str, Any]) -> list[FunctionCall]:
-    """The entries of a ``FunctionCallRequest`` that we must answer (``client_side: true``)."""
+def _function_entries(message: dict[str, Any]) -> list[Any]:
+    functions = message.get("functions")
+    if not isinstance(functions, list):
+        raise AgentProtocolError(
+            "bad-functions", f"a {message['type']} whose \"functions\" is not a list"
+        )
+    return functions
+
+
+def client_side_calls(message: dict[str, Any]) -> tuple[list[FunctionCall], int]:
+    """The entries of a ``FunctionCallRequest`` that we must answer (``client_side: true``).
+
+    Also returns how many entries were malformed (not an object, an id or name that is not a
+    short string, arguments too long): those can't be answered and are counted as bad input.
+    """
     calls = []
-    for entry in message.get("functions") or []:
-        if not isinstance(entry, dict) or entry.get("client_side") is not True:
+    malformed = 0
+    for entry in _function_entries(message):
+        if not isinstance(entry, dict):
+            malformed += 1
             continue
+        if entry.get("client_side") is not True:
+            continue  # Deepgram runs it (it has an endpoint)
         call_id, name = entry.get("id"), entry.get("name")
-        if not isinstance(call_id, str) or not isinstance(name, str):
-            continue
         arguments = entry.get("arguments", "{}")
         if not isinstance(arguments, str):
             # Tolerate an already-decoded object; the runner expects the JSON text.
             arguments = json.dumps(arguments)
+        if (
+            not isinstance(call_id, str)
+            or not isinstance(name, str)
+            or not 0 < len(call_id) <= MAX_FUNCTION_ID_CHARS
+            or not 0 < len(name) <= MAX_FUNCTION_NAME_CHARS
+            or len(arguments) > MAX_FUNCTION_ARGUMENTS_CHARS
+        ):
+            malformed += 1
+            continue
         calls.append(FunctionCall(id=call_id, name=name, arguments=arguments))
-    return calls
+    return calls, malformed
 
 
 def cancelled_ids(message: dict[str, Any]) -> list[str]:
     """The function call ids a ``FunctionCallCancelled`` withdraws."""
     return [
         entry["id"]
-        for entry in message.get("functions") or []
+        for entry in _function_entries(message)
         if isinstance(entry, dict) and isinstance(entry.get("id"), str)
     ]

@@ -18,6 +18,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 DEFAULT_AGENT_URL = "wss://agent.deepgram.com/v1/agent/converse"
+DEFAULT_TWILIO_API_URL = "https://api.twilio.com"
+DEFAULT_VOICEMAIL_MESSAGE = (
+    "Hello, this is your pharmacy calling with a message about your prescription. "
+    "Please call us back when it suits you. Thank you, and goodbye."
+)
+E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 
 # The complete key sets of the v1 Settings message (deepgram-sdk 7.17.0). The real server rejects
 # unknown keys with UNPARSABLE_CLIENT_MESSAGE, which would otherwise surface only mid-call.
@@ -46,6 +53,15 @@ class Settings:
     function_timeout_seconds: float = 10.0
     agent_connect_timeout_seconds: float = 10.0
     twilio_auth_token: str | None = None
+    # Call control through Twilio's REST API (transfer, fallback, outbound calls).
+    twilio_account_sid: str | None = None
+    twilio_phone_number: str | None = None
+    twilio_api_url: str = DEFAULT_TWILIO_API_URL
+    transfer_number: str | None = None
+    fallback_number: str | None = None
+    voicemail_message: str = DEFAULT_VOICEMAIL_MESSAGE
+    twilio_api_timeout_seconds: float = 10.0  # per REST attempt; tests shorten it
+    twilio_api_backoff_seconds: float = 0.5
     max_calls: int = 200
     drain_seconds: float = 30.0
     record_calls: bool = True
@@ -57,6 +73,34 @@ class Settings:
     start_timeout_seconds: float = 10.0
     agent_reconnect_delays: tuple[float, ...] = (0.25, 0.75, 1.5)
     hangup_timeout_seconds: float = 10.0
+    # Deadlines and caps against peers that are broken or hostile (docs/architecture.md).
+    stall_seconds: float = 5.0  # a peer that reads nothing of ours this long is cut off
+    close_timeout_seconds: float = 1.0
+    ping_interval_seconds: float = 20.0  # a silent peer is pinged, and failed if no pong comes as long
+    handshake_timeout_seconds: float = 10.0
+    max_handshakes: int = 256  # connections still in their HTTP request, so descriptors can't run out
+    record_max_bytes: int = 1_000_000
+    caller_frames_per_second: float = 200.0  # Twilio sends 50; the rest is room for bursts
+    caller_frame_burst: int = 1000
+    agent_queue_max_bytes: int = 160_000  # caller audio held while the agent isn't ready (20 s)
+
+    @property
+    def rest_enabled(self) -> bool:
+        """The bridge can change live calls through Twilio's REST API."""
+        return bool(self.twilio_account_sid and self.twilio_auth_token)
+
+    @property
+    def transfer_enabled(self) -> bool:
+        return self.rest_enabled and bool(self.transfer_number)
+
+    @property
+    def outbound_enabled(self) -> bool:
+        return self.rest_enabled and bool(self.twilio_phone_number and self.public_url)
+
+    @property
+    def public_base_url(self) -> str:
+        """``https://host`` of PUBLIC_URL: what Twilio's callbacks are addressed to, and signed with."""
+        return f"https://{self.public_host}"
 
     @property
     def public_host(self) -> str:
@@ -67,7 +111,7 @@ class Settings:
 
     @property
     def stream_url(self) -> str:
-        """The exact URL Twilio is given, which is also what it signs (PROTOCOLS.md section 4)."""
+        """The exact URL Twilio is given, which is also what it signs (docs/protocols.md section 4)."""
         return f"wss://{self.public_host}/twilio"
 
     @property
@@ -107,6 +151,16 @@ def _float(environ: Mapping[str, str], name: str, default: float, minimum: float
     return value
 
 
+def _phone_number(environ: Mapping[str, str], name: str) -> str | None:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    number = re.sub(r"[\s().-]", "", raw)  # people write +1 (555) 123-4567
+    if not E164.fullmatch(number):
+        raise ConfigError(f"{name} must be a phone number in E.164 form like +15551234567, got {raw!r}.")
+    return number
+
+
 def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
     raw = environ.get(name, "").strip().lower()
     if not raw:
@@ -140,6 +194,19 @@ def load_settings(
     if public_url and "://" not in public_url:
         public_url = "https://" + public_url
     twilio_auth_token = environ.get("TWILIO_AUTH_TOKEN", "").strip() or None
+    account_sid = environ.get("TWILIO_ACCOUNT_SID", "").strip() or None
+    if account_sid and not ACCOUNT_SID.fullmatch(account_sid):
+        raise ConfigError(
+            f"TWILIO_ACCOUNT_SID must be AC followed by 32 hexadecimal characters (see the Twilio console), got {account_sid[:40]!r}."
+        )
+    if account_sid and not twilio_auth_token:
+        raise ConfigError("TWILIO_ACCOUNT_SID is set but TWILIO_AUTH_TOKEN is not: the REST API needs both.")
+    api_url = environ.get("TWILIO_API_URL", "").strip().rstrip("/") or DEFAULT_TWILIO_API_URL
+    if urlsplit(api_url).scheme not in {"http", "https"} or not urlsplit(api_url).netloc:
+        raise ConfigError(f"TWILIO_API_URL must be an http(s):// URL, got {api_url!r}.")
+    voicemail = " ".join(environ.get("VOICEMAIL_MESSAGE", "").split()) or DEFAULT_VOICEMAIL_MESSAGE
+    if len(voicemail) > 1000:
+        raise ConfigError(f"VOICEMAIL_MESSAGE must be at most 1000 characters, got {len(voicemail)}.")
     if twilio_auth_token and not public_url:
         raise ConfigError(
             "TWILIO_AUTH_TOKEN is set but PUBLIC_URL is not: Twilio signs the public URL "
@@ -163,6 +230,12 @@ def load_settings(
         record_calls=_bool(environ, "RECORD_CALLS", True),
         calls_dir=Path(environ.get("CALLS_DIR", "").strip() or "calls"),
         phone_page=_bool(environ, "PHONE_PAGE", False),
+        twilio_account_sid=account_sid,
+        twilio_phone_number=_phone_number(environ, "TWILIO_PHONE_NUMBER"),
+        twilio_api_url=api_url,
+        transfer_number=_phone_number(environ, "TRANSFER_NUMBER"),
+        fallback_number=_phone_number(environ, "FALLBACK_NUMBER"),
+        voicemail_message=voicemail,
         **extra,
     )
 

@@ -23,7 +23,7 @@ from typing import Any
 from .config import ConfigError
 
 # Functions the bridge implements itself; config.json declares them like any other.
-BUILTIN_FUNCTIONS = frozenset({"end_call"})
+BUILTIN_FUNCTIONS = frozenset({"end_call", "transfer_call"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +93,8 @@ class FunctionRunner:
         # Worked out once: inspect.signature costs tens of microseconds, and function calls are hot.
         self._signatures = {name: inspect.signature(function) for name, function in self.function_map.items()}
         self._is_async = {name: inspect.iscoroutinefunction(function) for name, function in self.function_map.items()}
+        # Which functions a FunctionCallCancelled can stop (asyncio code cleans up at its awaits).
+        self.async_functions = frozenset(name for name, is_async in self._is_async.items() if is_async)
         self.timeout_seconds = timeout_seconds
         # A pool of our own: slow business functions must not starve the loop's default executor.
         self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="function")

@@ -5,6 +5,12 @@ per process when the call ends, whatever ended it, or every ``FLUSH_LINES`` even
 call, so memory stays bounded. The event loop never waits on the disk, and the writer wakes
 rarely: a thread woken for every event would fight the loop for the GIL under load.
 ``CallRecord.finish`` returns once the summary line is on disk.
+
+Records hold what callers said, so they are the caller's personal data: each file is created
+owner-only (0600) and each directory this module creates is 0700, whatever the umask. Every line
+is strict JSON (no ``NaN``/``Infinity``, which other JSON readers reject), and one call's events
+take at most ``RECORD_MAX_BYTES`` (a peer flooding transcripts cannot fill the disk); events past
+the cap are counted in the summary's ``record_events_dropped`` instead of written.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import os
 import queue
 import re
 import statistics
@@ -21,7 +29,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 
 logger = logging.getLogger("bridge.records")
@@ -30,6 +38,16 @@ logger = logging.getLogger("bridge.records")
 BATCH_SECONDS = 0.25
 # A call's events are handed to the writer at the latest every this many lines.
 FLUSH_LINES = 10
+# The most bytes of event lines one call's record takes; the summary line comes on top.
+RECORD_MAX_BYTES: Final = 1_000_000
+# A string field longer than this is cut, so one huge transcript cannot take the whole cap.
+FIELD_MAX_CHARS: Final = 4000
+# How deep into nested fields (a function's result) long strings are looked for.
+_MAX_FIELD_DEPTH: Final = 64
+# Owner-only, set by the open itself: a chmod afterwards would leave a moment when others can read.
+_FILE_MODE: Final = 0o600
+_DIR_MODE: Final = 0o700
+_FILE_FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 
 def _now() -> str:
@@ -44,6 +62,56 @@ def _percentile(values: list[float], fraction: float) -> float | None:
     # statistics.quantiles with the inclusive method interpolates between the observed values.
     cuts = statistics.quantiles(values, n=100, method="inclusive")
     return round(cuts[int(fraction * 100) - 1], 4)
+
+
+def _cut(text: str) -> str:
+    return f"{text[:FIELD_MAX_CHARS]}…(+{len(text) - FIELD_MAX_CHARS} chars)"
+
+
+def _bounded(value: Any, depth: int = 0) -> Any:
+    """``value`` with every string longer than ``FIELD_MAX_CHARS`` cut, however deep it sits."""
+    if isinstance(value, str):
+        return value if len(value) <= FIELD_MAX_CHARS else _cut(value)
+    if depth < _MAX_FIELD_DEPTH:
+        if isinstance(value, dict):
+            return {key: _bounded(item, depth + 1) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [_bounded(item, depth + 1) for item in value]
+    return value
+
+
+def _as_text(value: object) -> str:
+    """What json cannot encode is written as its str(), cut like any other long string."""
+    text = str(value)
+    return text if len(text) <= FIELD_MAX_CHARS else _cut(text)
+
+
+def _finite(value: Any, path: frozenset[int] = frozenset()) -> Any:
+    """``value`` with every NaN and infinity, as a value or a key, replaced by None.
+
+    Only used after a strict encode failed, so a container met again on its own path (a
+    circular reference, the other ValueError json raises) becomes a marker instead of
+    recursing forever.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict | list | tuple):
+        if id(value) in path:
+            return "<circular>"
+        inner = path | {id(value)}
+        if isinstance(value, dict):
+            return {_finite(key, inner): _finite(item, inner) for key, item in value.items()}
+        return [_finite(item, inner) for item in value]
+    return value
+
+
+def _encode(value: dict[str, Any]) -> str:
+    """One strict JSON line: NaN and Infinity are not JSON, and strict readers reject the file."""
+    try:
+        return json.dumps(value, default=_as_text, allow_nan=False) + "\n"
+    except ValueError:
+        # Rare (Deepgram or a function handed us a non-finite float), so the walk is paid only here.
+        return json.dumps(_finite(value), default=_as_text, allow_nan=False) + "\n"
 
 
 class RecordWriter:
@@ -100,21 +168,48 @@ class RecordWriter:
                     logger.error("could not write to the call record %s: %s", path, error)
 
 
+def _make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` and any missing parents, each 0700.
+
+    Not ``Path.mkdir(parents=True)`` or ``os.makedirs``: both create the parents with the
+    umask's default mode (often 0755), whatever mode is asked for the last one.
+    """
+    missing: list[Path] = []
+    current = directory
+    while not current.exists() and current.parent != current:
+        missing.append(current)
+        current = current.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it first: fine
+            os.mkdir(folder, _DIR_MODE)
+
+
+def _open_record(path: Path) -> int:
+    try:
+        return os.open(path, _FILE_FLAGS, _FILE_MODE)
+    except FileNotFoundError:
+        # Only the first write of a call (or of a new CALLS_DIR) gets here: no stat per batch.
+        _make_private_dirs(path.parent)
+        return os.open(path, _FILE_FLAGS, _FILE_MODE)
+
+
 def _append(path: Path, text: str) -> OSError | None:
     """Append whole lines, or nothing: a write cut short (a full disk) is undone."""
     data = text.encode("utf-8")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("ab", buffering=0) as file:
-            start = file.tell()
+        fd = _open_record(path)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[file.write(view) :]
+                    view = view[os.write(fd, view) :]
             except OSError:
                 with contextlib.suppress(OSError):
-                    file.truncate(start)  # a half line would run into the next one
+                    os.ftruncate(fd, start)  # a half line would run into the next one
                 raise
+        finally:
+            os.close(fd)
     except OSError as exc:
         return exc
     return None
@@ -123,10 +218,15 @@ def _append(path: Path, text: str) -> OSError | None:
 class CallRecord:
     """One call's record file (nothing at all when recording is off)."""
 
-    def __init__(self, directory: Path, enabled: bool, writer: RecordWriter) -> None:
+    def __init__(
+        self, directory: Path, enabled: bool, writer: RecordWriter, *, max_bytes: int = RECORD_MAX_BYTES
+    ) -> None:
         self.directory = directory
         self.enabled = enabled
         self.writer = writer
+        self.max_bytes = max_bytes
+        self.event_bytes = 0  # bytes of event lines accepted so far
+        self.events_dropped = 0  # events past max_bytes, counted instead of written
         self.started_at = _now()
         self.path: Path | None = None
         self._lines: list[str] = []  # encoded events not yet handed to the writer
@@ -150,7 +250,23 @@ class CallRecord:
     def add(self, event: str, **fields: Any) -> None:
         if not self.enabled or self._finished:
             return
-        self._lines.append(json.dumps({"time": _now(), "event": event, **fields}, default=str) + "\n")
+        if self.events_dropped:  # full: don't even encode what will not be written
+            self.events_dropped += 1
+            return
+        line = _encode({"time": _now(), "event": event, **_bounded(fields)})
+        # json.dumps escapes everything outside ASCII, so characters are bytes here.
+        if self.event_bytes + len(line) > self.max_bytes:
+            # From the first event that does not fit, everything is dropped: what is written
+            # stays the call's beginning, with no gaps a reader could miss.
+            self.events_dropped = 1
+            logger.warning(
+                "the call record %s reached its %d-byte cap: further events are counted, not written",
+                self.path.name if self.path is not None else "(not yet named)",
+                self.max_bytes,
+            )
+            return
+        self.event_bytes += len(line)
+        self._lines.append(line)
         if len(self._lines) >= FLUSH_LINES and self.path is not None:
             self.writer.append(self.path, "".join(self._lines))
             self._lines.clear()
@@ -165,8 +281,15 @@ class CallRecord:
 
     def agent_latency(self, message: dict[str, Any]) -> None:
         latencies = {key: message.get(key) for key in ("total_latency", "tts_latency", "ttt_latency")}
-        if isinstance(latencies["total_latency"], int | float):
-            self.agent_latencies.append(float(latencies["total_latency"]))
+        total = latencies["total_latency"]
+        if isinstance(total, int | float):
+            try:
+                seconds = float(total)
+            except OverflowError:  # an int too big for a float: no latency anyone measured
+                seconds = math.inf
+            # One NaN would make every percentile NaN; an infinity would skew them.
+            if math.isfinite(seconds):
+                self.agent_latencies.append(seconds)
         self.add("agent_started_speaking", **latencies)
 
     def function_call(
@@ -196,12 +319,10 @@ class CallRecord:
     def summary(self, **fields: Any) -> dict[str, Any]:
         ended_at = _now()
         duration = datetime.fromisoformat(ended_at) - datetime.fromisoformat(self.started_at)
+        # The counters kept here serve callers that add events through the methods above; the
+        # call's state machine keeps its own and passes them in ``fields``, which win.
         return {
             "event": "summary",
-            **fields,
-            "started_at": self.started_at,
-            "ended_at": ended_at,
-            "duration_seconds": round(duration.total_seconds(), 3),
             "turns": self.turns,
             "barge_ins": self.barge_ins,
             "function_calls": self.function_calls,
@@ -210,6 +331,11 @@ class CallRecord:
             "errors": self.errors,
             "agent_latency_p50": _percentile(self.agent_latencies, 0.50),
             "agent_latency_p95": _percentile(self.agent_latencies, 0.95),
+            **fields,
+            "started_at": self.started_at,
+            "ended_at": ended_at,
+            "duration_seconds": round(duration.total_seconds(), 3),
+            "record_events_dropped": self.events_dropped,
         }
 
     async def finish(self, call_sid: str, summary: dict[str, Any]) -> Path | None:
@@ -224,7 +350,9 @@ class CallRecord:
         def done(error: OSError | None) -> None:
             loop.call_soon_threadsafe(written.set_result, error)
 
-        self._lines.append(json.dumps(summary, default=str) + "\n")
+        # Set here too, so the count is current and present even in a summary built elsewhere.
+        summary = {**summary, "record_events_dropped": self.events_dropped}
+        self._lines.append(_encode(_bounded(summary)))
         self.writer.append(self.path, "".join(self._lines), done)
         self._lines.clear()
         self._finished = True

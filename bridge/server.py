@@ -4,6 +4,8 @@ Routes: ``/twilio`` (Twilio's Media Streams WebSocket, and the browser phone's),
 ``GET /phone`` (only with ``PHONE_PAGE=true``), 404 for anything else. Admission happens in the
 HTTP handshake, before any Deepgram session opens: draining and ``MAX_CALLS`` answer 503, a bad
 Twilio signature or phone token 403. Each admitted connection becomes one ``CallSession``.
+Connections still in their HTTP request are bounded (``max_handshakes``), so a crowd of stalled
+clients can't use up the process's file descriptors.
 """
 
 from __future__ import annotations
@@ -20,26 +22,27 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.http11 import Request, Response
-from websockets.protocol import State
-
 from . import twilio
 from .agent_protocol import settings_message
+from .call_control import AMD_PATH, AnsweringMachineCallback
 from .config import AgentConfig, Settings
-from .connection import TwilioConnection
 from .functions import FunctionRunner
 from .records import RecordWriter
-from .session import AgentConnector, CallServices, CallSession, websocket_agent_connector
+from .session import AgentConnector, CallServices, CallSession, caller_limits, rest_client, websocket_agent_connector
+from .transport import AcceptWebSocket, HttpReply, HttpRequest, PeerLimits, ServerPeer, start_server
 
 logger = logging.getLogger("bridge.server")
 
 # Media frames are a few hundred bytes; a start event with custom parameters a few kilobytes.
-# Anything far bigger is not Twilio, and websockets closes that connection with 1009.
+# Anything far bigger is not Twilio, and the connection is closed with 1009.
 TWILIO_MAX_MESSAGE_BYTES = 64 * 1024
 PHONE_PAGE = Path(__file__).parent / "static" / "phone.html"
 # A second stop signal sooner than this after the first is the same stop delivered twice.
 DUPLICATE_SIGNAL_SECONDS = 1.0
+# Refusals at the handshake limit are logged once per this many seconds, not once each.
+REFUSAL_LOG_SECONDS = 10.0
+# After the drain, ending calls close their sockets and write their records within this.
+END_CALLS_SECONDS = 6.0
 
 
 class BridgeServer:
@@ -60,18 +63,22 @@ class BridgeServer:
             settings=settings,
             agent_config=agent_config,
             functions=self.functions,
-            connect_agent=connect_agent or websocket_agent_connector(settings.agent_url, settings.deepgram_api_key),
+            connect_agent=connect_agent or websocket_agent_connector(settings),
             settings_json=settings_message(agent_config.settings, []),
             records=RecordWriter(),
+            rest=rest_client(settings),
         )
+        self.caller_limits: PeerLimits = caller_limits(settings, TWILIO_MAX_MESSAGE_BYTES)
+        self.answering_machine = AnsweringMachineCallback(settings, self.services.rest)
         self.reuse_port = reuse_port
         self.calls: set[CallSession] = set()
-        # Connections admitted by the handshake whose handler hasn't started yet, so that a burst
-        # of handshakes can't overshoot MAX_CALLS. The value says whether it's the browser phone.
-        self._admitted: dict[ServerConnection, bool] = {}
+        self._call_tasks: set[asyncio.Task[None]] = set()
         self._connection_ids = itertools.count(1)
+        self.handshakes = 0  # connections still in their HTTP request
+        self._refused_since_log = 0
+        self._refusal_logged_at = float("-inf")
         self.draining = False
-        self._server: Server | None = None
+        self._server: asyncio.Server | None = None
         self._stop_signal: asyncio.Future[int] | None = None
         self._phone_html = PHONE_PAGE.read_text(encoding="utf-8") if settings.phone_page else ""
 
@@ -81,15 +88,11 @@ class BridgeServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        self._server = await serve(
-            self._handle_call,
+        self._server = await start_server(
+            lambda: self,
             self.settings.host,
             self.settings.port,
-            process_request=self._route,
-            create_connection=TwilioConnection,
-            compression=None,  # audio doesn't compress; permessage-deflate costs CPU and ~64 KB a call
-            max_size=TWILIO_MAX_MESSAGE_BYTES,
-            close_timeout=1.0,
+            handshake_timeout=self.settings.handshake_timeout_seconds,
             reuse_port=self.reuse_port,
         )
 
@@ -100,61 +103,95 @@ class BridgeServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.shutdown(drain_seconds=0)
 
+    # ------------------------------------------------------------------------ handshakes
+
+    def handshake_started(self, peer: ServerPeer) -> bool:
+        if self.handshakes >= self.settings.max_handshakes:
+            self._refused_since_log += 1
+            now = asyncio.get_running_loop().time()
+            if now - self._refusal_logged_at >= REFUSAL_LOG_SECONDS:
+                logger.warning(
+                    "refusing connections: %d are still in their HTTP handshake, the limit "
+                    "(%d refused since the last report; next report in %.0f s at the earliest)",
+                    self.handshakes,
+                    self._refused_since_log,
+                    REFUSAL_LOG_SECONDS,
+                )
+                self._refusal_logged_at = now
+                self._refused_since_log = 0
+            return False
+        self.handshakes += 1
+        return True
+
+    def handshake_finished(self, peer: ServerPeer) -> None:
+        self.handshakes -= 1
+
     # ------------------------------------------------------------------------------- routing
 
-    def _route(self, connection: ServerConnection, request: Request) -> Response | None:
-        path, _, query = request.path.partition("?")
+    def route(self, request: HttpRequest) -> HttpReply | AcceptWebSocket:
+        path = request.path
         if path == "/twilio":
-            return self._admit_call(connection, request, query)
+            return self._admit_call(request)
+        if path == AMD_PATH:
+            return self.answering_machine.handle(request)
+        if request.method not in ("GET", "HEAD"):
+            return HttpReply(405, "Method not allowed.\n", headers=(("Allow", "GET"),))
         if path == "/health":
             status = 503 if self.draining else 200
             body = {"status": "draining" if self.draining else "ok", "calls": len(self.calls)}
-            return _response(connection, status, json.dumps(body), "application/json")
+            return HttpReply(status, json.dumps(body), "application/json")
         if path == "/phone" and self.settings.phone_page:
-            if not self._phone_token_ok(query):
+            if not self._phone_token_ok(request.query):
                 logger.warning("refused /phone without a valid token")
-                return connection.respond(403, "Forbidden: the phone page needs the token main.py printed.\n")
-            return _response(connection, 200, self._phone_html, "text/html; charset=utf-8")
-        return connection.respond(404, "Not found.\n")
+                return HttpReply(403, "Forbidden: the phone page needs the token main.py printed.\n")
+            return HttpReply(200, self._phone_html, "text/html; charset=utf-8")
+        return HttpReply(404, "Not found.\n")
 
     def _phone_token_ok(self, query: str) -> bool:
         tokens = parse_qs(query, keep_blank_values=True).get("token")
         return bool(tokens) and hmac.compare_digest(tokens[0].encode(), self.settings.phone_page_token.encode())
 
-    def _admit_call(self, connection: ServerConnection, request: Request, query: str) -> Response | None:
+    def _admit_call(self, request: HttpRequest) -> HttpReply | AcceptWebSocket:
+        if request.method != "GET":
+            logger.warning(
+                "refused a %s to /twilio: /twilio is the Media Streams WebSocket; a voice webhook "
+                "must not point at it (use a TwiML Bin, see the README)",
+                request.method[:10],
+            )
+            return HttpReply(405, "Method not allowed: /twilio is a WebSocket.\n", headers=(("Allow", "GET"),))
+        if not request.wants_websocket:
+            return HttpReply(426, "Upgrade required: /twilio is a WebSocket.\n", headers=(("Upgrade", "websocket"),))
         if self.draining:
             logger.info("refused a call: the server is draining")
-            return connection.respond(503, "The server is shutting down; try again.\n")
-        # Handshakes that failed after admission never reach the handler; forget them.
-        for admitted in [c for c in self._admitted if c.state is State.CLOSED]:
-            del self._admitted[admitted]
-        live = len(self.calls) + len(self._admitted)
-        if live >= self.settings.max_calls:
-            logger.warning("refused a call: %d calls are live and MAX_CALLS is %d", live, self.settings.max_calls)
-            return connection.respond(503, "Too many calls; try again later.\n")
+            return HttpReply(503, "The server is shutting down; try again.\n")
+        if len(self.calls) >= self.settings.max_calls:
+            logger.warning("refused a call: %d calls are live and MAX_CALLS is %d", len(self.calls), self.settings.max_calls)
+            return HttpReply(503, "Too many calls; try again later.\n")
         # Any token at all (even an empty one) claims a browser session and must be the right one.
-        browser = self.settings.phone_page and "token" in parse_qs(query, keep_blank_values=True)
+        browser = self.settings.phone_page and "token" in parse_qs(request.query, keep_blank_values=True)
         if browser:
-            if not self._phone_token_ok(query):
+            if not self._phone_token_ok(request.query):
                 logger.warning("refused a browser phone session with a wrong token")
-                return connection.respond(403, "Forbidden.\n")
+                return HttpReply(403, "Forbidden.\n")
         elif self.settings.twilio_auth_token:
-            signatures = request.headers.get_all("X-Twilio-Signature")
-            signature = signatures[0] if len(signatures) == 1 else None  # two are no valid signature
+            signature = request.header("x-twilio-signature")  # two of them are no valid signature
             if not twilio.signature_is_valid(self.settings.twilio_auth_token, self.settings.stream_url, signature):
                 logger.warning(
                     "refused a call: %s X-Twilio-Signature for %s",
                     "invalid" if signature else "no",
                     self.settings.stream_url,
                 )
-                return connection.respond(403, "Forbidden: invalid Twilio signature.\n")
-        self._admitted[connection] = browser
-        return None
+                return HttpReply(403, "Forbidden: invalid Twilio signature.\n")
+        return AcceptWebSocket(lambda peer: self._start_call(peer, browser), self.caller_limits)
 
-    async def _handle_call(self, connection: ServerConnection) -> None:
-        browser = self._admitted.pop(connection, False)
-        session = CallSession(connection, self.services, f"conn-{next(self._connection_ids)}", browser=browser)
+    def _start_call(self, peer: ServerPeer, browser: bool) -> None:
+        session = CallSession(peer, self.services, f"conn-{next(self._connection_ids)}", browser=browser)
         self.calls.add(session)
+        task = asyncio.create_task(self._run_call(session))
+        self._call_tasks.add(task)
+        task.add_done_callback(self._call_tasks.discard)
+
+    async def _run_call(self, session: CallSession) -> None:
         try:
             await session.run()
         except Exception:
@@ -167,23 +204,19 @@ class BridgeServer:
     async def shutdown(self, drain_seconds: float) -> None:
         """Stop taking calls, let live ones finish for up to ``drain_seconds``, then end them."""
         self.draining = True
-        if self.calls and drain_seconds > 0:
+        if self._call_tasks and drain_seconds > 0:
             logger.info("draining: waiting up to %.0f s for %d live calls", drain_seconds, len(self.calls))
-            deadline = asyncio.get_running_loop().time() + drain_seconds
-            while self.calls and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.1)
+            await asyncio.wait(list(self._call_tasks), timeout=drain_seconds)
         if self.calls:
             logger.info("ending %d live calls", len(self.calls))
             for session in list(self.calls):
                 session.end("server shutting down")
-            # Each session closes its sockets (1 s bound each, in parallel) and writes its record.
-            for _ in range(50):
-                if not self.calls:
-                    break
-                await asyncio.sleep(0.1)
+        if self._call_tasks:
+            # Each call closes its sockets and writes its record, every step with a deadline.
+            await asyncio.wait(list(self._call_tasks), timeout=END_CALLS_SECONDS)
+        await self.answering_machine.close()
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
         self.functions.close()
         self.services.records.close()
 
@@ -222,10 +255,3 @@ class BridgeServer:
         await self.shutdown(self.settings.drain_seconds)
         logger.info("drained; exiting")
 
-
-def _response(connection: ServerConnection, status: int, body: str, content_type: str) -> Response:
-    response = connection.respond(status, body)
-    del response.headers["Content-Type"]
-    response.headers["Content-Type"] = content_type
-    response.headers["Cache-Control"] = "no-store"
-    return response

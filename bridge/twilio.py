@@ -1,7 +1,8 @@
 """The Twilio Media Streams protocol, as plain functions with no I/O.
 
-Parsing what Twilio sends (PROTOCOLS.md section 1), building what we send back (section 2), and
-the request signature (section 4). The call session calls these; tests call them directly.
+Parsing what Twilio sends (docs/protocols.md section 1), building what we send back (section 2),
+the TwiML the bridge hands Twilio (section 3), and request signatures (section 4). The call
+session and the server call these; tests call them directly.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import binascii
 import hashlib
 import hmac
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from xml.sax.saxutils import escape, quoteattr
 
 from .errors import ProtocolError
 
@@ -152,3 +155,49 @@ def signature_is_valid(auth_token: str, url: str, signature: str | None) -> bool
     # As bytes: compare_digest refuses str with non-ASCII characters, and a header may hold any.
     given = signature.strip().encode("utf-8", "surrogateescape")
     return hmac.compare_digest(expected_signature(auth_token, url).encode("ascii"), given)
+
+
+def webhook_signature(auth_token: str, url: str, params: Mapping[str, Sequence[str]]) -> str:
+    """X-Twilio-Signature of an HTTP webhook or callback (docs/protocols.md section 4).
+
+    base64(HMAC-SHA1(auth token, URL + every parameter's name and value, sorted by name)). For a
+    GET, ``url`` carries the query string and ``params`` is empty; for a POST, ``params`` is the
+    form body. Repeated values of a name are sorted and counted once, as Twilio's own validator does.
+    """
+    message = url + "".join(name + value for name in sorted(params) for value in sorted(set(params[name])))
+    digest = hmac.new(auth_token.encode("utf-8"), message.encode("utf-8"), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def webhook_signature_is_valid(
+    auth_token: str, url: str, params: Mapping[str, Sequence[str]], signature: str | None
+) -> bool:
+    if not signature:
+        return False
+    given = signature.strip().encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(webhook_signature(auth_token, url, params).encode("ascii"), given)
+
+
+# ------------------------------------------------------------------------------------- TwiML
+
+
+def connect_twiml(stream_url: str, parameters: Mapping[str, str] | None = None) -> str:
+    """Connect the call to a bidirectional stream; each parameter becomes a ``<Parameter>``.
+
+    ``<Connect>`` is the last verb, so closing the stream's socket hangs up (section 3).
+    """
+    inner = "".join(
+        f"<Parameter name={quoteattr(name)} value={quoteattr(value)}/>" for name, value in (parameters or {}).items()
+    )
+    stream = f"<Stream url={quoteattr(stream_url)}>{inner}</Stream>" if inner else f"<Stream url={quoteattr(stream_url)}/>"
+    return f"<Response><Connect>{stream}</Connect></Response>"
+
+
+def dial_twiml(number: str, *, say: str | None = None) -> str:
+    """Say ``say`` (if any), then dial ``number``: a transfer, or the fallback line."""
+    spoken = f"<Say>{escape(say)}</Say>" if say else ""
+    return f"<Response>{spoken}<Dial>{escape(number)}</Dial></Response>"
+
+
+def say_and_hang_up_twiml(say: str) -> str:
+    return f"<Response><Say>{escape(say)}</Say><Hangup/></Response>"

@@ -150,8 +150,17 @@ class FakeAgent:
         except ConnectionClosed:
             pass
         finally:
-            session.close_code = socket.close_code
+            session.close_code = await close_code(socket)
             session.closed.set()
+
+
+async def close_code(socket: ServerConnection | ClientConnection) -> int:
+    """The close code a closed connection received (1006 for none), on every websockets version."""
+    try:
+        await socket.recv()
+    except ConnectionClosed as exc:
+        return exc.rcvd.code if exc.rcvd is not None else 1006
+    raise AssertionError("the connection is still open")
 
 
 def media_event(stream_sid: str, sequence: int, chunk: int, audio: bytes) -> str:

@@ -25,7 +25,7 @@ from bridge.records import RecordWriter
 from bridge.server import DUPLICATE_SIGNAL_SECONDS, BridgeServer
 from bridge.twilio import expected_signature
 from conftest import ROOT, BridgeFactory, empty_env, free_port, read_record, twilio_url
-from fakes import FakeAgent, FakeTwilioCaller, eventually
+from fakes import FakeAgent, FakeTwilioCaller, close_code, eventually
 from test_config import validate_settings
 
 TOKEN = "twilio-auth-token-for-tests"
@@ -96,7 +96,7 @@ async def test_oversize_frame_ends_only_that_call(fake_agent: FakeAgent, make_br
             await bad.start()
             await bad.send_raw("x" * (256 * 1024))
             await asyncio.wait_for(bad.closed.wait(), 2)
-            assert bad.socket is not None and bad.socket.close_code == 1009
+            assert bad.socket is not None and await close_code(bad.socket) == 1009
             await good.send_audio(b"\x42" * 3200)
             sessions = await eventually(lambda: [s for s in fake_agent.sessions if len(s.audio) == 3200], what="good audio")
             assert len(sessions) == 1
@@ -172,7 +172,9 @@ async def test_keepalive_when_no_audio_flows(fake_agent: FakeAgent, make_bridge:
 
 def agent_ready(server: BridgeServer, sessions: int = 1) -> bool:
     """The bridge has taken SettingsApplied on its ``sessions``-th agent session (not just connected)."""
-    return bool(server.calls) and all(call._generation >= sessions and call._agent_ready for call in server.calls)
+    return bool(server.calls) and all(
+        session.call.generation >= sessions and session.call.agent_ready for session in server.calls
+    )
 
 
 async def test_mid_call_drop_resumes_with_history(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
@@ -186,7 +188,7 @@ async def test_mid_call_drop_resumes_with_history(fake_agent: FakeAgent, make_br
         await eventually(lambda: first.of_type("FunctionCallResponse"))
         await first.send_json({"type": "ConversationText", "role": "assistant", "content": "Yes, it is."})
         await caller.send_audio(b"\x01" * 320)
-        await eventually(lambda: len(first.audio) == 320 and any(len(c.history) == 3 for c in server.calls))
+        await eventually(lambda: len(first.audio) == 320 and any(len(c.call.history) == 3 for c in server.calls))
         first.drop()
         second = await fake_agent.session(1, timeout=5)
         await eventually(lambda: second.settings is not None)
@@ -287,7 +289,7 @@ async def test_record_is_complete_when_the_call_ends_by_a_fault(fake_agent: Fake
         await asyncio.wait_for(caller.closed.wait(), 2)
         await eventually(lambda: not server.calls)
     events = read_record(tmp_path / "calls")
-    assert events[0]["event"] == "start" and events[1]["event"] == "transcript"
+    assert [event["event"] for event in events[:3]] == ["start", "agent_session", "transcript"]
     assert events[-2] == {**events[-2], "event": "error", "code": "CLIENT_MESSAGE_TIMEOUT"}
     assert events[-1]["ended_by"] == "Deepgram error CLIENT_MESSAGE_TIMEOUT" and events[-1]["errors"] == 1
 
@@ -406,24 +408,24 @@ async def test_a_second_signal_exits_at_once(fake_agent: FakeAgent, tmp_path: Pa
 
 
 async def test_an_agent_session_that_opens_while_the_call_closes_is_closed_too(make_bridge: BridgeFactory) -> None:
-    """A call ended mid-handshake (a drain, say) whose handshake completes during the shutdown.
+    """A call ended mid-handshake (a drain, say): the half-open agent session must not outlive it.
 
-    The session it opened must not outlive the call: its socket closes and its KeepAlive timer
-    chain stops (the chain used to reschedule itself forever, keeping the session in memory).
+    Its socket closes, the handshake is abandoned (no session becomes ready), and no timer of the
+    call is left armed (a KeepAlive chain used to reschedule itself forever after the call).
     """
     async with FakeAgent(settings_delay=0.3) as agent, make_bridge(agent) as server:
         async with FakeTwilioCaller(twilio_url(server)) as caller:
             await caller.start()
             seen = await agent.session(0)
-            call = next(iter(server.calls))
-            assert not call._agent_ready
+            session = next(iter(server.calls))
+            assert not session.call.agent_ready
             assert caller.socket is not None
             caller.socket.transport.pause_reading()  # closing the caller's socket now takes its full timeout
-            call.end("test: ended during the agent handshake")
+            session.end("test: ended during the agent handshake")
             await eventually(lambda: not server.calls, 5, "the call to end")
-            assert call._generation == 1, "the handshake was meant to finish during the shutdown"
+            assert session.call.generation == 0, "an abandoned handshake must not become a session"
             await asyncio.wait_for(seen.closed.wait(), 2)
-            assert call._keepalive_timer is not None and call._keepalive_timer.cancelled()
+            assert not session._timers, f"timers left armed: {list(session._timers)}"
             caller.socket.transport.resume_reading()
 
 
@@ -441,7 +443,7 @@ async def test_a_resumed_session_hears_of_a_function_that_ran_across_the_drop(ma
             await eventually(lambda: agent_ready(server), what="the first agent session to be ready")
             await first.send_json({"type": "FunctionCallRequest", "functions": [
                 {"id": "o1", "name": "get_drug_info", "arguments": '{"drug_name": "ibuprofen"}', "client_side": True}]})
-            await eventually(lambda: any(call.function_tasks for call in server.calls), what="the function to start")
+            await eventually(lambda: any(session.call.functions for session in server.calls), what="the function to start")
             first.drop()
             second = await agent.session(1, timeout=5)
             await eventually(lambda: second.settings is not None)

@@ -109,8 +109,17 @@ def test_agent_messages() -> None:
             {"id": 5, "name": "i", "client_side": True},
         ],
     }
-    assert client_side_calls(request) == [FunctionCall("a", "f", '{"x": 1}'), FunctionCall("c", "h", '{"y": 2}')]
-    assert client_side_calls({"type": "FunctionCallRequest", "functions": None}) == []
-    assert cancelled_ids({"functions": [{"id": "a"}, None, {"name": "x"}]}) == ["a"]
+    assert client_side_calls(request) == ([FunctionCall("a", "f", '{"x": 1}'), FunctionCall("c", "h", '{"y": 2}')], 2)
+    for functions in (None, 5, True, "x", {"id": "a"}):
+        with pytest.raises(AgentProtocolError):
+            client_side_calls({"type": "FunctionCallRequest", "functions": functions})
+        with pytest.raises(AgentProtocolError):
+            cancelled_ids({"type": "FunctionCallCancelled", "functions": functions})
+    long_id = {"id": "x" * 257, "name": "f", "client_side": True}
+    assert client_side_calls({"type": "FunctionCallRequest", "functions": [long_id]}) == ([], 1)
+    assert cancelled_ids({"type": "FunctionCallCancelled", "functions": [{"id": "a"}, None, {"name": "x"}]}) == ["a"]
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        with pytest.raises(AgentProtocolError):
+            parse_message(f'{{"type":"AgentStartedSpeaking","total_latency":{constant}}}')
     response = json.loads(function_call_response(FunctionCall("a", "f", "{}"), '{"ok": true}'))
     assert response == {"type": "FunctionCallResponse", "id": "a", "name": "f", "content": '{"ok": true}'}

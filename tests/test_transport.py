@@ -1,4 +1,4 @@
-"""The direct frame paths of bridge/connection.py, checked against websockets' own framing.
+"""The transport of bridge/transport.py through real sockets, checked against websockets' own framing.
 
 Frames are cut, coalesced and interleaved with control and fragmented frames as TCP may deliver
 them; the bytes must come out whole and in order on the far side either way.
@@ -17,38 +17,14 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.asyncio.server import serve
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
-from bridge.connection import AgentConnection, TwilioConnection, frame_extent, frame_header
+from bridge.transport import AgentPeer, ServerPeer
 from bridge.server import BridgeServer
 from conftest import BridgeFactory, twilio_url
 from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually, media_event
-
-SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70000]
-
-
-@pytest.mark.parametrize("length", SIZES)
-@pytest.mark.parametrize("masked", [False, True])
-def test_frame_header_is_the_header_websockets_writes(length: int, masked: bool) -> None:
-    serialized = Frame(Opcode.BINARY, b"x" * length).serialize(mask=masked)
-    header = frame_header(0x82, length, masked=masked)
-    assert serialized.startswith(header)
-    assert len(serialized) == len(header) + (4 if masked else 0) + length
-
-
-@pytest.mark.parametrize("length", SIZES)
-@pytest.mark.parametrize("masked", [False, True])
-def test_frame_extent_waits_for_the_whole_header(length: int, masked: bool) -> None:
-    serialized = b"junk" + Frame(Opcode.TEXT, b"y" * length).serialize(mask=masked)
-    payload_start = len(serialized) - length
-    for cut in range(4, payload_start):
-        assert frame_extent(serialized[:cut], 4, masked) is None
-    assert frame_extent(serialized[:payload_start], 4, masked) == (payload_start, length)
-    assert frame_extent(serialized, 4, masked) == (payload_start, length)
-
 
 def only_call(server: BridgeServer) -> Any:
     assert len(server.calls) == 1
@@ -149,7 +125,7 @@ class RawTwilio:
 @contextlib.asynccontextmanager
 async def raw_call(
     server: BridgeServer, fake_agent: FakeAgent, receive_buffer: int | None = None
-) -> AsyncIterator[tuple[RawTwilio, FakeAgentSession, TwilioConnection]]:
+) -> AsyncIterator[tuple[RawTwilio, FakeAgentSession, ServerPeer]]:
     """A started call from a RawTwilio caller, once the agent has its Settings."""
     caller = RawTwilio(twilio_url(server))
     await caller.open(receive_buffer)
@@ -157,8 +133,8 @@ async def raw_call(
         await caller.write(caller.opening())
         agent = await fake_agent.session()
         await eventually(lambda: agent.settings is not None)
-        connection = only_call(server).twilio_socket
-        assert isinstance(connection, TwilioConnection)
+        connection = only_call(server).caller
+        assert isinstance(connection, ServerPeer)
         yield caller, agent, connection
     finally:
         caller.close()
@@ -187,7 +163,6 @@ async def test_twilio_frames_cut_anywhere_and_mixed_with_others_arrive_whole_and
 
         await eventually(lambda: len(agent.audio) >= len(audio), what="all caller audio at the agent")
         assert bytes(agent.audio) == audio
-        assert connection._parsing  # the direct path carried the stream, not websockets' parser
         await caller.read_until(lambda: caller.pongs)
         assert caller.pongs == [b"are you there"]
 
@@ -202,8 +177,8 @@ async def test_agent_frames_cut_anywhere_reach_the_caller_in_order_with_their_ev
             await caller.start()
             agent = await fake_agent.session()
             await eventually(lambda: agent.settings is not None)
-            connection = only_call(server).agent_socket
-            assert isinstance(connection, AgentConnection)
+            connection = only_call(server).agent
+            assert isinstance(connection, AgentPeer)
 
             # Raw server frames: all the audio, then AgentAudioDone, coalesced and cut at random.
             raw = b"".join(Frame(Opcode.BINARY, chunk).serialize(mask=False) for chunk in chunks)
@@ -221,7 +196,6 @@ async def test_agent_frames_cut_anywhere_reach_the_caller_in_order_with_their_ev
             assert bytes(caller.audio) == b"".join(chunks)
             media_and_marks = [e["event"] for e in caller.events if e.get("event") in ("media", "mark")]
             assert media_and_marks == ["media"] * len(chunks) + ["mark"]  # the mark follows all of the audio
-            assert connection._parsing
 
 
 async def test_a_caller_who_reads_slowly_still_gets_every_byte_in_order(
@@ -240,7 +214,7 @@ async def test_a_caller_who_reads_slowly_still_gets_every_byte_in_order(
         for chunk in chunks:
             await agent.send_audio(chunk)
         await agent.send_json({"type": "AgentAudioDone"})
-        await eventually(lambda: connection.paused, what="the bridge pausing writes to the slow caller")
+        await eventually(lambda: connection.writing_paused, what="the bridge pausing writes to the slow caller")
         await caller.read_until(lambda: any(e.get("event") == "mark" for e in caller.events), timeout=20)
         assert bytes(caller.audio) == b"".join(chunks)
         assert caller.events[-1]["event"] == "mark"
@@ -257,40 +231,20 @@ async def test_a_new_message_inside_a_fragmented_one_is_a_protocol_error(
         assert "continuation" in caller.protocol.close_rcvd.reason, caller.protocol.close_rcvd
 
 
-async def test_keepalive_pings_on_a_timer_and_fails_a_silent_peer_with_1011() -> None:
-    closed: list[TwilioConnection] = []
-    live: list[TwilioConnection] = []
+async def test_keepalive_pings_a_silent_peer_and_fails_it_with_1011_if_no_pong_comes(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory
+) -> None:
+    async with make_bridge(fake_agent, ping_interval_seconds=0.2) as server:
+        # A peer that answers pings (websockets does, unasked) stays connected over many intervals.
+        async with FakeTwilioCaller(twilio_url(server)) as caller:
+            await caller.start()
+            await asyncio.sleep(1.0)  # five intervals with nothing sent: only pings keep it alive
+            assert server.calls and not caller.closed.is_set()
+            await caller.stop()
+        await eventually(lambda: not server.calls)
 
-    async def handler(connection: TwilioConnection) -> None:
-        live.append(connection)
-        await connection.wait_closed()
-        closed.append(connection)
-
-    async with serve(
-        handler,  # type: ignore[arg-type]
-        "127.0.0.1",
-        0,
-        create_connection=TwilioConnection,
-        ping_interval=0.1,
-        ping_timeout=0.1,
-        close_timeout=0.2,
-    ) as server:
-        port = server.sockets[0].getsockname()[1]
-        # A peer that answers pings stays connected over many intervals, and no task waits
-        # between pings (websockets' own keepalive keeps one sleeping for the whole call).
-        async with connect(f"ws://127.0.0.1:{port}", ping_interval=None):
-            await eventually(lambda: live)
-            idle_checks = 0
-            for _ in range(10):
-                await asyncio.sleep(0.05)
-                task = live[0].keepalive_task
-                idle_checks += task is None or task.done()
-            assert not closed
-            assert idle_checks >= 3  # the ping task ends once its pong is in
-        await eventually(lambda: closed)
-
-        # A peer that never reads can't answer: the connection fails with 1011, as websockets'.
-        silent = RawTwilio(f"ws://127.0.0.1:{port}")
+        # A peer that reads but never answers is failed with 1011, as websockets' keepalive does.
+        silent = RawTwilio(twilio_url(server))
         await silent.open()
         try:
             received = bytearray()  # read, but never answer: the bytes are parsed only afterwards
@@ -298,7 +252,6 @@ async def test_keepalive_pings_on_a_timer_and_fails_a_silent_peer_with_1011() ->
                 assert silent.reader is not None
                 while chunk := await asyncio.wait_for(silent.reader.read(65536), 3):
                     received += chunk
-            await eventually(lambda: len(closed) == 2, what="the silent connection to be failed")
             silent.protocol.receive_data(bytes(received))
             assert silent.protocol.close_rcvd is not None
             assert (silent.protocol.close_rcvd.code, silent.protocol.close_rcvd.reason) == (1011, "keepalive ping timeout")
@@ -325,3 +278,70 @@ async def test_a_text_frame_that_is_not_utf8_fails_the_connection_with_1007(
         assert caller.protocol.close_rcvd is not None and caller.protocol.close_rcvd.code == 1007, caller.protocol.close_rcvd
         await eventually(lambda: not server.calls, 3, "the call to end")
     assert bytes(agent.audio) == b"\x00" * 3, "the frame before the bad one arrived; the one after it did not"
+
+
+@pytest.mark.parametrize(
+    "frame, code",
+    [
+        (Frame(Opcode.TEXT, b'{"event":"mark"}').serialize(mask=False), 1002),  # a client frame must be masked
+        (bytes([0xC1]) + Frame(Opcode.TEXT, b'{"event":"mark"}').serialize(mask=True)[1:], 1002),  # RSV1: no extension
+        (Frame(Opcode.CONT, b"stray continuation").serialize(mask=True), 1002),
+        (Frame(Opcode.TEXT, b"x" * (70 * 1024)).serialize(mask=True), 1009),  # over the 64 KB limit
+    ],
+    ids=["unmasked", "rsv1", "stray-continuation", "oversize"],
+)
+async def test_frames_the_shortcut_must_not_take_are_judged_by_websockets(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, frame: bytes, code: int
+) -> None:
+    async with make_bridge(fake_agent) as server, raw_call(server, fake_agent) as (caller, agent, _):
+        media = caller.text({"event": "media", "streamSid": caller.stream_sid, "media": {"payload": "AAAA"}})
+        await caller.write(media + frame + media)
+        await caller.read_until(lambda: caller.protocol.close_rcvd is not None)
+        assert caller.protocol.close_rcvd is not None and caller.protocol.close_rcvd.code == code, caller.protocol.close_rcvd
+        await eventually(lambda: not server.calls, 3, "the call to end")
+    assert bytes(agent.audio) == b"\x00" * 3, "only the frame before the bad one was delivered"
+
+
+async def test_frames_sent_with_the_handshake_request_are_not_lost(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory
+) -> None:
+    """A peer may send frames right behind its upgrade request, in the same TCP segment."""
+    async with make_bridge(fake_agent, inbound_buffer_bytes=160) as server:
+        caller = RawTwilio(twilio_url(server))
+        sock = socket.create_connection((caller.uri.host, caller.uri.port))
+        sock.setblocking(False)
+        caller.reader, caller.writer = await asyncio.open_connection(sock=sock)
+        caller.protocol.send_request(caller.protocol.connect())
+        request = b"".join(caller.protocol.data_to_send())
+        audio = bytes(range(160))
+        media = caller.text(media_event(caller.stream_sid, 2, 1, audio))
+        caller.writer.write(request + caller.opening() + media[:100])  # and half a frame
+        await caller.writer.drain()
+        while caller.protocol.state.name == "CONNECTING":
+            await caller.read_some()
+        await caller.write(media[100:])
+        agent = await fake_agent.session()
+        await eventually(lambda: bytes(agent.audio) == audio, what="the early audio at the agent")
+        caller.close()
+
+
+async def test_a_caller_over_its_frame_budget_is_slowed_down_but_loses_nothing(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory
+) -> None:
+    """Past its burst, a connection is read only as fast as its budget refills; order is kept."""
+    rng = random.Random(3)
+    audio = rng.randbytes(160 * 600)
+    async with make_bridge(
+        fake_agent, inbound_buffer_bytes=160, caller_frames_per_second=1000.0, caller_frame_burst=100
+    ) as server, raw_call(server, fake_agent) as (caller, agent, connection):
+        frames = b"".join(
+            caller.text(media_event(caller.stream_sid, i, i, audio[i * 160 : (i + 1) * 160])) for i in range(600)
+        )
+        started = asyncio.get_running_loop().time()
+        await caller.write(frames[:70_000])  # many frames per read: the general path
+        await caller.write(frames[70_000:], cut=random.Random(4))  # and frames cut anywhere
+        await eventually(lambda: len(agent.audio) >= len(audio), 10, "all caller audio at the agent")
+        elapsed = asyncio.get_running_loop().time() - started
+        assert bytes(agent.audio) == audio
+        assert connection.frames_throttled >= 1
+        assert elapsed >= 0.4, f"600 frames at 1000 a second past a burst of 100 took only {elapsed:.2f} s"

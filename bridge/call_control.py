@@ -1,0 +1,140 @@
+"""Call control through Twilio's REST API: outbound calls, answering machines, and the TwiML used.
+
+What lives here is what any bridge process can do for any call, with no call state of its own:
+
+- ``place_call`` dials out (``python main.py call``): the call's TwiML connects it to this
+  bridge's ``/twilio`` with the caller's ``<Parameter>``s, and Twilio's asynchronous answering-
+  machine detection is on, so a person hears the agent at once instead of seconds of silence.
+- ``AnsweringMachineCallback`` takes Twilio's verdict (``POST /twilio/amd``), which may reach a
+  different process or pod than the one holding the call. So it keeps nothing in memory: for a
+  machine, it moves the live call through the REST API into a fresh stream with
+  ``bridge_mode=voicemail``, which whichever process takes it plays as the voicemail message.
+  The call's own parameters travel in the callback's query string (Twilio signs it too).
+
+docs/protocols.md section 7 has the REST API facts; section 4 the signatures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from urllib.parse import parse_qs, urlencode
+
+from . import twilio
+from .config import Settings
+from .logsafe import clean
+from .transport import HttpReply, HttpRequest
+from .twilio_rest import TwilioApiError, TwilioRestClient
+
+logger = logging.getLogger("bridge.call_control")
+
+AMD_PATH = "/twilio/amd"
+# The <Parameter> that tells a stream why it exists; the agent's own parameters stay untouched.
+MODE_PARAMETER = "bridge_mode"
+VOICEMAIL_MODE = "voicemail"
+# Verdicts of DetectMessageEnd that mean "a machine, and its greeting is over": leave the message.
+MACHINE_VERDICTS = frozenset({"machine_end_beep", "machine_end_silence", "machine_end_other", "machine_start"})
+# Callbacks being acted on at once; more are answered 503 and Twilio retries them.
+MAX_PENDING_CALLBACKS = 64
+
+
+def amd_callback_url(settings: Settings, parameters: Mapping[str, str]) -> str:
+    query = urlencode(sorted(parameters.items()))
+    return f"{settings.public_base_url}{AMD_PATH}" + (f"?{query}" if query else "")
+
+
+async def place_call(settings: Settings, rest: TwilioRestClient, to: str, parameters: Mapping[str, str]) -> str:
+    """Dial ``to`` from TWILIO_PHONE_NUMBER into this bridge; returns the Call SID."""
+    assert settings.twilio_phone_number is not None
+    twiml = twilio.connect_twiml(settings.stream_url, parameters)
+    created = await rest.create_call(
+        to,
+        settings.twilio_phone_number,
+        twiml=twiml,
+        machine_detection="DetectMessageEnd",
+        async_amd=True,
+        async_amd_status_callback=amd_callback_url(settings, parameters),
+        async_amd_status_callback_method="POST",
+    )
+    sid = created.get("sid")
+    if not isinstance(sid, str):
+        raise TwilioApiError("Twilio's answer to the new call has no Call SID.", status=None, code=None)
+    return sid
+
+
+def form_parameters(request: HttpRequest) -> dict[str, list[str]]:
+    """A callback's parameters: the form body of a POST, or the query string of a GET."""
+    if request.method == "POST":
+        try:
+            body = request.body.decode("utf-8")
+        except UnicodeDecodeError:
+            return {}
+        return parse_qs(body, keep_blank_values=True)
+    return parse_qs(request.query, keep_blank_values=True)
+
+
+def signed_url(settings: Settings, request: HttpRequest) -> str:
+    """The URL Twilio signed: the public one, with the query string as received."""
+    return f"{settings.public_base_url}{request.path}" + (f"?{request.query}" if request.query else "")
+
+
+class AnsweringMachineCallback:
+    """``/twilio/amd``: Twilio's answering-machine verdict for an outbound call."""
+
+    def __init__(self, settings: Settings, rest: TwilioRestClient | None) -> None:
+        self.settings = settings
+        self.rest = rest
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def handle(self, request: HttpRequest) -> HttpReply:
+        if request.method not in ("GET", "POST"):
+            return HttpReply(405, "Method not allowed.\n", headers=(("Allow", "GET, POST"),))
+        settings = self.settings
+        params = form_parameters(request)
+        if settings.twilio_auth_token:
+            signature = request.header("x-twilio-signature")
+            body_params = params if request.method == "POST" else {}
+            if not twilio.webhook_signature_is_valid(
+                settings.twilio_auth_token, signed_url(settings, request), body_params, signature
+            ):
+                logger.warning("refused a %s to %s: %s X-Twilio-Signature", request.method, AMD_PATH, "invalid" if signature else "no")
+                return HttpReply(403, "Forbidden: invalid Twilio signature.\n")
+        call_sid = (params.get("CallSid") or [""])[0]
+        answered_by = (params.get("AnsweredBy") or [""])[0]
+        if not call_sid.startswith("CA") or not answered_by:
+            return HttpReply(400, "A CallSid and AnsweredBy are required.\n")
+        logger.info("[%s] answered by %s", clean(call_sid, 40), clean(answered_by, 30))
+        if answered_by not in MACHINE_VERDICTS and answered_by != "fax":
+            return HttpReply(204, "")  # a person (or unknown): the agent is already talking
+        if self.rest is None:
+            logger.warning("[%s] a machine answered, but the REST API is off: the agent goes on", clean(call_sid, 40))
+            return HttpReply(204, "")
+        if len(self.tasks) >= MAX_PENDING_CALLBACKS:
+            return HttpReply(503, "Busy; retry.\n")
+        # The call's own parameters came back in our query string; Twilio's own are not among them.
+        call_parameters = {name: values[0] for name, values in parse_qs(request.query, keep_blank_values=True).items()}
+        task = asyncio.get_running_loop().create_task(self._redirect(call_sid, answered_by, call_parameters))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return HttpReply(204, "")
+
+    async def _redirect(self, call_sid: str, answered_by: str, parameters: dict[str, str]) -> None:
+        assert self.rest is not None
+        if answered_by == "fax":
+            twiml = "<Response><Hangup/></Response>"
+        else:
+            twiml = twilio.connect_twiml(self.settings.stream_url, {**parameters, MODE_PARAMETER: VOICEMAIL_MODE})
+        try:
+            updated = await self.rest.update_call(call_sid, twiml=twiml)
+        except (TwilioApiError, ValueError) as exc:
+            logger.warning("[%s] could not leave the voicemail message: %s", clean(call_sid, 40), exc)
+            return
+        if updated is None:
+            logger.info("[%s] the call ended before the voicemail message", clean(call_sid, 40))
+        else:
+            logger.info("[%s] %s", clean(call_sid, 40), "a fax answered: hung up" if answered_by == "fax" else "a machine answered: leaving the voicemail message")
+
+    async def close(self) -> None:
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=5)

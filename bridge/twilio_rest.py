@@ -1,0 +1,493 @@
+"""Twilio's REST API, as far as the bridge uses it: create a call, and update (redirect or end) one.
+
+An async client on the stdlib and h11: each request opens its own connection
+(``asyncio.open_connection``, TLS for https), h11's client ``Connection`` writes the request and
+parses the answer, and the connection is closed. The bridge makes a handful of requests per call,
+so a connection pool would save little and add state. This module owns what a caller should not
+have to think about:
+
+- **Deadlines.** Each attempt (connect, TLS, send, answer) gets ``timeout`` seconds in all.
+- **Retries, and when not to.** 429 (honouring ``Retry-After``, capped), 5xx and connection
+  failures are retried with exponential backoff and jitter, up to ``attempts`` in all. Creating a
+  call is *not* idempotent: once the request may have reached Twilio (it was written, then the
+  answer timed out, the connection dropped, or Twilio answered a 5xx other than 503), another
+  attempt could ring the person twice, so create retries only what certainly did nothing:
+  failures before the request was written, 429 and 503. Updating a call is safe to repeat.
+- **Errors.** A final failure raises ``TwilioApiError`` with Twilio's ``code`` and ``message``
+  (from its JSON error body) and logs exactly one warning line for the operation; attempts log at
+  DEBUG. Updating a call that is already over (HTTP 404, or error 21220) returns ``None``: the
+  caller wanted the call changed or ended, and it has ended.
+- **Secrets.** Logs and exception texts never carry the auth token, the Authorization header or
+  the Account SID (paths are logged with it replaced by ``AC…``); text from Twilio is escaped
+  with ``clean``. Answers are read up to ``MAX_RESPONSE_BYTES``.
+- **Input.** Call SIDs are checked (``CA`` + 32 hex digits) before they go into a URL path, and
+  the Account SID when the client is made, so no caller text can change the path.
+
+docs/protocols.md section 7 has the REST API facts this follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import platform
+import random
+import re
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import h11
+
+from .logsafe import clean
+
+logger = logging.getLogger("bridge.twilio_rest")
+
+API_VERSION = "2010-04-01"
+ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
+CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
+# A path prefix in the API URL (a proxy's, say) goes into every request target as it is.
+SAFE_PATH = re.compile(r"[A-Za-z0-9._~/-]*")
+# Twilio's limit on inline TwiML (docs/protocols.md section 7); longer is refused by Twilio anyway.
+MAX_TWIML_CHARS = 4000
+# Twilio's answers are a few KB; anything near this is not an answer we can use.
+MAX_RESPONSE_BYTES = 1024 * 1024
+READ_CHUNK_BYTES = 64 * 1024
+# A Retry-After longer than this is shortened: a caller is waiting on the phone.
+MAX_RETRY_AFTER_SECONDS = 10.0
+# The Twilio error that means "call is not in-progress": the call has already ended.
+CALL_NOT_IN_PROGRESS = 21220
+USER_AGENT = f"twilio-deepgram-bridge (h11/{h11.__version__}; Python/{platform.python_version()})"
+
+
+class TwilioApiError(Exception):
+    """A Twilio REST request that failed for good.
+
+    ``status`` is the HTTP status (``None`` when no answer came), ``code`` Twilio's error code from
+    its JSON body (``None`` when there was none) and ``message`` Twilio's message, unescaped, or
+    our description of what went wrong. ``str(exc)`` is one log-safe line.
+    """
+
+    def __init__(
+        self, message: str, *, status: int | None = None, code: int | None = None, operation: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.operation = operation
+
+    def __str__(self) -> str:
+        details = []
+        if self.status is not None:
+            details.append(f"HTTP {self.status}")
+        if self.code is not None:
+            details.append(f"Twilio error {self.code}")
+        head = f"Twilio {self.operation} failed" if self.operation else ""
+        if details:
+            head = f"{head} ({', '.join(details)})" if head else ", ".join(details)
+        text = clean(self.message, 300)
+        return f"{head}: {text}" if head else text
+
+
+@dataclass(frozen=True, slots=True)
+class _Operation:
+    """What one public method asks of Twilio."""
+
+    name: str  # for logs and errors: "create call", "update call CA…"
+    tail: str  # the path after /Accounts/{AccountSid}/
+    create: bool  # True if repeating it could create a second call
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """One HTTP answer, whole."""
+
+    status: int
+    headers: dict[str, str]  # names lower-cased; a repeated header keeps its last value
+    body: bytes
+
+
+class _AttemptFailed(Exception):
+    """An attempt that got no usable answer.
+
+    ``sent`` is True once the whole request may have reached Twilio: from then on, creating a call
+    again could create a second one. ``retryable`` is False when trying again cannot help.
+    """
+
+    def __init__(self, reason: str, *, sent: bool, retryable: bool = True, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.sent = sent
+        self.retryable = retryable
+        self.status = status
+
+
+class _Progress:
+    """How far an attempt got, readable after it was cancelled by its deadline."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = False
+
+
+async def open_stream(host: str, port: int, tls: ssl.SSLContext | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The TCP (or TLS) connection for one request; a module-level seam so tests can redirect it."""
+    return await asyncio.open_connection(host, port, ssl=tls)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds, capped; ``None`` if absent or not a number of seconds.
+
+    The HTTP-date form is not used by Twilio; it falls back to our own backoff.
+    """
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    if seconds != seconds or seconds < 0:  # NaN or negative: ignore it
+        return None
+    return min(seconds, MAX_RETRY_AFTER_SECONDS)
+
+
+def _twilio_error(body: bytes) -> tuple[int | None, str | None]:
+    """Twilio's ``code`` and ``message`` from a JSON error body, where present."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    code = data.get("code")
+    message = data.get("message")
+    return (code if isinstance(code, int) and not isinstance(code, bool) else None), (
+        message if isinstance(message, str) else None
+    )
+
+
+class TwilioRestClient:
+    """Creates and updates calls through Twilio's REST API; safe to share between tasks."""
+
+    def __init__(
+        self,
+        account_sid: str,
+        auth_token: str,
+        api_url: str = "https://api.twilio.com",
+        *,
+        timeout: float = 10.0,
+        attempts: int = 3,
+        backoff: float = 0.5,
+    ) -> None:
+        # The Account SID goes into every path: check it here, so no setting can redirect a request.
+        if not ACCOUNT_SID.fullmatch(account_sid):
+            raise ValueError("the Twilio Account SID must be AC followed by 32 hexadecimal characters")
+        if not auth_token:
+            raise ValueError("the Twilio auth token is empty")
+        if timeout <= 0 or attempts < 1 or backoff < 0:
+            raise ValueError("timeout must be > 0, attempts >= 1 and backoff >= 0")
+        parts = urlsplit(api_url)
+        # Checked first, and the URL not echoed: it may carry a password.
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError("the Twilio API URL must not carry credentials, a query or a fragment")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"the Twilio API URL must be http(s)://host[:port], got {clean(api_url, 80)!r}")
+        if not SAFE_PATH.fullmatch(parts.path):
+            raise ValueError(f"the Twilio API URL's path can't go into a request target: {clean(parts.path, 80)!r}")
+        self.api_url = api_url
+        self.timeout = timeout
+        self.attempts = attempts
+        self.backoff = backoff
+        self._account_sid = account_sid
+        self._auth_token = auth_token
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        default_port = self._port == (443 if parts.scheme == "https" else 80)
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        self._host_header = host if default_port else f"{host}:{self._port}"
+        # Made once: loading the system's CA certificates takes a few milliseconds of CPU.
+        self._tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self._prefix = parts.path.rstrip("/")
+        self._account_path = f"{self._prefix}/{API_VERSION}/Accounts/{account_sid}"
+        # Built once; held privately and never logged or put into an exception.
+        credentials = base64.b64encode(f"{account_sid}:{auth_token}".encode()).decode("ascii")
+        self._authorization = f"Basic {credentials}"
+
+    def __repr__(self) -> str:
+        return f"TwilioRestClient(api_url={self.api_url!r}, account_sid='AC…')"
+
+    async def create_call(
+        self,
+        to: str,
+        from_: str,
+        *,
+        twiml: str | None = None,
+        url: str | None = None,
+        method: str | None = None,
+        machine_detection: str | None = None,
+        async_amd: bool = False,
+        async_amd_status_callback: str | None = None,
+        async_amd_status_callback_method: str | None = None,
+        status_callback: str | None = None,
+        status_callback_event: list[str] | None = None,
+        status_callback_method: str | None = None,
+    ) -> dict[str, Any]:
+        """Place a call from ``from_`` to ``to``; returns Twilio's JSON, whose ``"sid"`` is the Call SID.
+
+        The call runs ``twiml`` (inline) or the TwiML at ``url`` (fetched with ``method``) once
+        answered; give exactly one. Raises ``TwilioApiError`` if Twilio refuses or cannot be reached.
+        """
+        if not to or not from_:
+            raise ValueError("a call needs both a To and a From number")
+        if isinstance(status_callback_event, str):
+            # A bare string would be sent one character per field.
+            raise TypeError("status_callback_event is a list of event names, e.g. ['initiated', 'completed']")
+        _check_twiml_or_url(twiml, url, required=True)
+        fields: list[tuple[str, str]] = [("To", to), ("From", from_)]
+        _add(fields, "Twiml", twiml)
+        _add(fields, "Url", url)
+        _add(fields, "Method", method)
+        _add(fields, "MachineDetection", machine_detection)
+        if async_amd:
+            fields.append(("AsyncAmd", "true"))  # Twilio's (and its SDK's) spelling of a boolean
+        _add(fields, "AsyncAmdStatusCallback", async_amd_status_callback)
+        _add(fields, "AsyncAmdStatusCallbackMethod", async_amd_status_callback_method)
+        _add(fields, "StatusCallback", status_callback)
+        # A list is sent as the same field once per value, as Twilio expects.
+        fields.extend(("StatusCallbackEvent", event) for event in status_callback_event or ())
+        _add(fields, "StatusCallbackMethod", status_callback_method)
+        operation = _Operation("create call", "Calls.json", create=True)
+        answer, attempts = await self._post(operation, fields)
+        if 200 <= answer.status < 300:
+            return self._json_object(operation, answer, attempts)
+        raise self._failed(operation, answer.status, attempts, answer.body)
+
+    async def update_call(
+        self,
+        call_sid: str,
+        *,
+        twiml: str | None = None,
+        url: str | None = None,
+        method: str | None = None,
+        status: str | None = None,
+    ) -> dict[str, Any] | None:
+        """Redirect a live call to new TwiML (``twiml`` or ``url``), or end it (``status="completed"``).
+
+        Returns Twilio's JSON, or ``None`` if the call is already over (HTTP 404 or error 21220),
+        which is not a fault. Raises ``ValueError`` for a malformed Call SID, before any request.
+        """
+        if not isinstance(call_sid, str) or not CALL_SID.fullmatch(call_sid):
+            raise ValueError(f"not a Twilio Call SID (CA + 32 hex digits): {clean(call_sid, 40)!r}")
+        _check_twiml_or_url(twiml, url, required=status is None)
+        fields: list[tuple[str, str]] = []
+        _add(fields, "Twiml", twiml)
+        _add(fields, "Url", url)
+        _add(fields, "Method", method)
+        _add(fields, "Status", status)
+        operation = _Operation(f"update call {call_sid}", f"Calls/{call_sid}.json", create=False)
+        answer, attempts = await self._post(operation, fields)
+        if 200 <= answer.status < 300:
+            return self._json_object(operation, answer, attempts)
+        code, message = _twilio_error(answer.body)
+        if answer.status == 404 or code == CALL_NOT_IN_PROGRESS:
+            logger.info(
+                "Twilio %s: the call is already over (HTTP %d, code %s: %s)",
+                operation.name, answer.status, code, clean(self._redact(message or ""), 200),
+            )
+            return None
+        raise self._failed(operation, answer.status, attempts, answer.body)
+
+    async def close(self) -> None:
+        """Nothing to release: each request has its own connection. Safe to call any number of times."""
+
+    # -- one operation, with its retries ------------------------------------------------------
+
+    async def _post(self, operation: _Operation, fields: list[tuple[str, str]]) -> tuple[_Answer, int]:
+        """POST ``fields`` for ``operation``, retrying what is safe; returns the last answer and the attempts made.
+
+        Any HTTP answer is returned (the caller decides what it means); no answer at all, after the
+        attempts allowed, raises ``TwilioApiError`` (and logs it).
+        """
+        path = f"{self._account_path}/{operation.tail}"
+        body = urlencode(fields).encode("ascii")  # urlencode quotes everything outside ASCII
+        create = operation.create
+        for attempt in range(1, self.attempts + 1):
+            started = time.monotonic()
+            try:
+                answer = await self._attempt(path, body)
+            except _AttemptFailed as failure:
+                # Retrying a create that may have reached Twilio could ring the person twice.
+                safe = failure.retryable and (not create or not failure.sent)
+                if safe and attempt < self.attempts:
+                    delay = self._backoff_delay(attempt)
+                    logger.debug(
+                        "Twilio %s: attempt %d/%d got no answer (%s); retrying in %.2f s",
+                        operation.name, attempt, self.attempts, failure.reason, delay,
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                reason = failure.reason
+                if failure.retryable and create and failure.sent:
+                    reason += "; not retried, since Twilio may have created the call"
+                raise self._failed(operation, failure.status, attempt, None, reason=reason) from None
+            logger.debug(
+                "Twilio %s: attempt %d/%d answered HTTP %d in %.2f s",
+                operation.name, attempt, self.attempts, answer.status, time.monotonic() - started,
+            )
+            # 429 and 503 mean Twilio did not act on the request; another 5xx may mean it did.
+            retry = answer.status in (429, 503) or (not create and answer.status >= 500)
+            if not retry or attempt == self.attempts:
+                return answer, attempt
+            delay = self._backoff_delay(attempt)
+            if answer.status == 429:
+                hinted = retry_after_seconds(answer.headers.get("retry-after"))
+                if hinted is not None:
+                    delay = hinted
+            logger.debug("Twilio %s: retrying in %.2f s after HTTP %d", operation.name, delay, answer.status)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _backoff_delay(self, attempt: int) -> float:
+        """Exponential backoff with up to 50% jitter, so many calls failing at once spread out."""
+        delay = self.backoff * 2 ** (attempt - 1)
+        return delay + random.uniform(0, delay / 2)
+
+    def _failed(
+        self, operation: _Operation, status: int | None, attempts: int, body: bytes | None, *, reason: str | None = None
+    ) -> TwilioApiError:
+        """The error for a failed operation, logged here as the operation's one warning line."""
+        code, message = _twilio_error(body) if body is not None else (None, None)
+        if message is None:
+            message = reason or (f"Twilio answered HTTP {status}" if status is not None else "no answer from Twilio")
+        # Twilio's 404 message quotes the request's path, Account SID included.
+        error = TwilioApiError(self._redact(message), status=status, code=code, operation=operation.name)
+        logger.warning(
+            "%s (POST %s/%s/Accounts/AC…/%s, %d attempt%s)",
+            error, self._prefix, API_VERSION, operation.tail, attempts, "" if attempts == 1 else "s",
+        )
+        return error
+
+    def _redact(self, text: str) -> str:
+        """``text`` from Twilio without our Account SID or auth token in it."""
+        text = text.replace(self._account_sid, "AC…")
+        if len(self._auth_token) >= 8:  # a shorter "token" would blank out ordinary words
+            text = text.replace(self._auth_token, "…")
+        return text
+
+    def _json_object(self, operation: _Operation, answer: _Answer, attempts: int) -> dict[str, Any]:
+        try:
+            data = json.loads(answer.body)
+        except (ValueError, RecursionError):
+            data = None
+        if not isinstance(data, dict):
+            raise self._failed(operation, answer.status, attempts, None, reason="Twilio's answer is not a JSON object")
+        return data
+
+    # -- one attempt --------------------------------------------------------------------------
+
+    async def _attempt(self, path: str, body: bytes) -> _Answer:
+        """One request on a fresh connection, all of it within ``timeout``."""
+        progress = _Progress()
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._exchange(path, body, progress)
+        # TimeoutError is an OSError, so it has to come first.
+        except TimeoutError:
+            raise _AttemptFailed(f"no answer within {self.timeout:g} s", sent=progress.sent) from None
+        except ssl.SSLCertVerificationError as exc:
+            # A certificate we don't trust will not become trusted by trying again.
+            raise _AttemptFailed(
+                f"Twilio's TLS certificate was refused: {clean(exc.verify_message, 120)}", sent=False, retryable=False
+            ) from None
+        except OSError as exc:
+            what = "connection failed" if not progress.sent else "connection lost before the answer"
+            raise _AttemptFailed(f"{what}: {clean(exc, 160)}", sent=progress.sent) from None
+        except h11.RemoteProtocolError as exc:
+            raise _AttemptFailed(f"broken HTTP answer: {clean(exc, 160)}", sent=True) from None
+
+    async def _exchange(self, path: str, body: bytes, progress: _Progress) -> _Answer:
+        reader, writer = await open_stream(self._host, self._port, self._tls)
+        done = False
+        try:
+            connection = h11.Connection(h11.CLIENT)
+            request = h11.Request(
+                method="POST",
+                target=path,
+                headers=[
+                    ("Host", self._host_header),
+                    ("Authorization", self._authorization),
+                    ("Content-Type", "application/x-www-form-urlencoded"),
+                    ("Content-Length", str(len(body))),
+                    ("Accept", "application/json"),
+                    ("Accept-Charset", "utf-8"),
+                    ("User-Agent", USER_AGENT),
+                    ("Connection", "close"),  # one request per connection
+                ],
+            )
+            # h11's send() returns None only for ConnectionClosed, which is never sent here.
+            data = b"".join(connection.send(event) or b"" for event in (request, h11.Data(data=body), h11.EndOfMessage()))
+            # From the first byte written, Twilio may receive the whole request and act on it.
+            progress.sent = True
+            writer.write(data)
+            await writer.drain()
+            answer = await self._read_answer(connection, reader)
+            done = True
+            return answer
+        finally:
+            if done:
+                writer.close()
+            else:
+                # Abort: a half-read answer or a hung peer gets no graceful (TLS) goodbye to wait on.
+                writer.transport.abort()
+
+    async def _read_answer(self, connection: h11.Connection, reader: asyncio.StreamReader) -> _Answer:
+        status: int | None = None
+        headers: dict[str, str] = {}
+        body = bytearray()
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                chunk = await reader.read(READ_CHUNK_BYTES)
+                if not chunk and status is None:
+                    # Said plainly here: h11's own words for it name its internal states.
+                    raise ConnectionResetError("Twilio closed the connection without answering")
+                connection.receive_data(chunk)  # b"" tells h11 of EOF: a cut-off body is its error
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in event.headers}
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_RESPONSE_BYTES:
+                    raise _AttemptFailed(
+                        f"Twilio's answer is over {MAX_RESPONSE_BYTES} bytes", sent=True, retryable=False, status=status
+                    )
+            elif isinstance(event, h11.EndOfMessage):
+                assert status is not None  # h11 gives the Response before the end of its body
+                return _Answer(status, headers, bytes(body))
+            elif isinstance(event, h11.ConnectionClosed):
+                raise h11.RemoteProtocolError("connection closed before an answer")
+            # h11.InformationalResponse (100 Continue and the like): the real answer follows.
+
+
+def _add(fields: list[tuple[str, str]], name: str, value: str | None) -> None:
+    """Only the fields given are sent: Twilio treats an empty value differently from none."""
+    if value is not None:
+        fields.append((name, value))
+
+
+def _check_twiml_or_url(twiml: str | None, url: str | None, *, required: bool) -> None:
+    if twiml is not None and url is not None:
+        raise ValueError("give the call either twiml or url, not both")
+    if required and twiml is None and url is None:
+        raise ValueError("the call needs TwiML: give twiml or url")
+    if twiml is not None and len(twiml) > MAX_TWIML_CHARS:
+        raise ValueError(f"inline TwiML is limited to {MAX_TWIML_CHARS} characters by Twilio, got {len(twiml)}")
+
+
+__all__ = ["TwilioApiError", "TwilioRestClient"]
