@@ -154,6 +154,8 @@ class MessageQueue(Generic[T]):
 class WebSocketPeer(asyncio.Protocol):
     """One WebSocket connection driven through a websockets Sans-I/O protocol object."""
 
+    receives_masked = True  # a server receives masked frames; a client plain ones
+
     def __init__(self, limits: PeerLimits) -> None:
         self.limits = limits
         self.loop = asyncio.get_running_loop()
@@ -181,6 +183,12 @@ class WebSocketPeer(asyncio.Protocol):
         self._fragments: list[bytes] = []
         self._fragmented_text = False
         self._failed = False  # we failed the connection (websockets stops parsing when it does)
+        self._partial = b""  # the start of a frame whose end hasn't arrived yet
+        self._in_fragmented_message = False
+        self._websockets_only = False  # after a fragmented message, or once closing, it gets every byte
+        # The one-frame shortcut is open while none of the above (and no throttling) applies.
+        self._shortcut = True
+        self._length16 = (0x80 if self.receives_masked else 0) | 126  # header byte 2 of a 16-bit length
         self.frames_throttled = 0  # times this peer ran out of frame budget
 
     # ------------------------------------------------------------------- the call's interface
@@ -257,37 +265,120 @@ class WebSocketPeer(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's too)
 
     def data_received(self, data: bytes) -> None:
+        if self.protocol is not None:
+            self._split(data)
+
+    def _split(self, data: bytes) -> None:
+        """Cut whole frames out of the stream; plain text and binary frames are delivered here.
+
+        websockets' Sans-I/O parser costs about as much CPU per frame as all the rest of a
+        call's work on it (measured: +50% CPU per call-second), and a call is 50 frames a
+        second from Twilio and as many chunks of speech from the agent. So the common frame
+        (unfragmented, FIN set, no RSV bits, masked exactly when it comes from a client, within
+        the size limit) is unmasked and delivered here; every other
+        frame is handed to websockets' ``receive_data`` *whole*, so its parser always stands at
+        a frame boundary and judges it (control frames, fragments, protocol errors, 1009, 1002).
+        After a fragmented message starts, or once the connection is closing, websockets gets
+        every byte.
+        """
         protocol = self.protocol
-        if protocol is None:
-            return  # the connection is still being opened: nothing can arrive before our request
+        assert protocol is not None
         self._reads += 1
+        # The usual read: exactly one whole frame of 126 to 65535 bytes (a media event, a chunk of
+        # agent audio): FIN, no RSV bits, a 16-bit length, masked if it comes from a client.
+        if self._shortcut and len(data) >= 4 and data[1] == self._length16 and not self._partial:
+            first = data[0]
+            size = (data[2] << 8) | data[3]
+            start = 8 if self.receives_masked else 4
+            if (first == FIN_TEXT or first == FIN_BINARY) and size + start == len(data) and size <= self.limits.max_message_bytes:
+                payload = unmask(data[8:], data[4:8]) if start == 8 else data[4:]
+                self._tokens -= 1
+                self._deliver(first == FIN_TEXT, payload)
+                if self._tokens < 0 or self._failed:
+                    self._shortcut = False
+                    if self._failed:
+                        self._websockets_only = True
+                        self._flush()
+                    else:
+                        self._out_of_budget()
+                return
         if self._unparsed or "budget" in self._reading_paused_for:
-            # Out of frame budget: keep this read and parse it when the budget allows.
-            self._unparsed += data
+            self._unparsed += data  # out of frame budget: parsed when the budget allows
             return
-        if len(data) > PARSE_SLICE_BYTES:
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        if self._websockets_only:
             self._parse_slices(protocol, data)
             return
-        # The hot path: one read holding one frame (a Twilio media event, a chunk of agent audio).
+        pos, end = 0, len(data)
+        limit = self.limits.max_message_bytes
+        while pos < end:
+            extent = frame_extent(data, pos)
+            if extent is None:
+                break
+            start, length = extent
+            if length > limit:
+                self._websockets_only = True  # it answers an oversize frame with 1009
+                self._parse_slices(protocol, data[pos:])
+                return
+            frame_end = start + length
+            if frame_end > end:
+                break
+            first = data[pos]
+            if (
+                (first == FIN_TEXT or first == FIN_BINARY)
+                and bool(data[pos + 1] & 0x80) == self.receives_masked
+                and not self._in_fragmented_message
+            ):
+                payload = data[start:frame_end]
+                if self.receives_masked:
+                    payload = unmask(payload, data[start - 4 : start])
+                self._tokens -= 1
+                self._deliver(first == FIN_TEXT, payload)
+                if self._failed:
+                    self._websockets_only = True
+                    self._flush()
+                    return
+            else:
+                self._to_websockets(protocol, data[pos:frame_end])
+                if protocol.state is not State.OPEN:
+                    self._websockets_only = True
+                    if frame_end < end:
+                        self._to_websockets(protocol, data[frame_end:])
+                    return
+            pos = frame_end
+            if self._tokens < 0:
+                self._out_of_budget()
+                if "budget" in self._reading_paused_for:
+                    self._shortcut = False  # until what is held back has been parsed, in order
+                    self._unparsed = data[pos:]
+                    return
+        if pos < end:
+            self._partial = data[pos:]
+        self._shortcut = not (self._websockets_only or self._in_fragmented_message or self._unparsed)
+
+    def _to_websockets(self, protocol: Protocol, data: bytes) -> None:
+        """Let websockets parse whole frames, and follow whether a fragmented message is open."""
         protocol.receive_data(data)
         events = protocol.events_received()
-        if len(events) == 1 and type(frame := events[0]) is Frame and frame.fin:
-            opcode = frame.opcode
-            if opcode is TEXT or opcode is BINARY:
-                self._tokens -= 1
-                self._deliver(opcode is TEXT, frame.data)
-            else:
-                self._handle_events(events)
-        elif events:
+        for event in events:
+            if type(event) is Frame:
+                if event.opcode is TEXT or event.opcode is BINARY:
+                    self._in_fragmented_message = not event.fin
+                elif event.opcode is Opcode.CONT and event.fin:
+                    self._in_fragmented_message = False
+        if events:
             self._handle_events(events)
-        writes = protocol.data_to_send()
-        if writes:
-            self._write(writes)  # pongs, close frames, EOF: the state may have moved too
-        if self._tokens < 0:
-            self._out_of_budget()
+        self._flush()
+
 
     def eof_received(self) -> bool | None:
         protocol = self.protocol
+        if protocol is not None and self._partial:
+            # A frame cut short by EOF: websockets fails it with 1006, as it would unaided.
+            partial, self._partial = self._partial, b""
+            protocol.receive_data(partial)
         if protocol is not None:
             if self._unparsed:  # at EOF, what was read is parsed whatever the budget
                 pending, self._unparsed = self._unparsed, b""
@@ -574,11 +665,7 @@ class ServerPeer(WebSocketPeer):
         self._request: HttpRequest | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._counted = False  # counted among the connections still in their handshake
-        self._partial = b""  # the start of a frame whose end hasn't arrived yet
-        self._in_fragmented_message = False
-        self._websockets_only = False
-        # The one-frame shortcut is open while none of the above (and no throttling) applies.
-        self._shortcut = True
+
         self.peer_address = "?"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -593,108 +680,10 @@ class ServerPeer(WebSocketPeer):
         self._handshake_timer = self.loop.call_later(self.handshake_timeout, self._handshake_too_slow)
 
     def data_received(self, data: bytes) -> None:
-        """Cut whole frames out of the stream; plain text and binary frames are delivered here.
-
-        websockets' Sans-I/O parser costs about as much CPU per frame as all the rest of a
-        call's work on it (measured: +50% CPU per call-second), and a call is 50 frames a
-        second from Twilio. So the common frame (unfragmented, FIN set, no RSV bits, masked as
-        a client's must be, within the size limit) is unmasked and delivered here; every other
-        frame is handed to websockets' ``receive_data`` *whole*, so its parser always stands at
-        a frame boundary and judges it (control frames, fragments, protocol errors, 1009, 1002).
-        After a fragmented message starts, or once the connection is closing, websockets gets
-        every byte.
-        """
-        protocol = self.protocol
-        if protocol is None:
+        if self.protocol is None:
             self._http_data(data)
-            return
-        self._reads += 1
-        # The usual read: exactly one whole masked text frame of 126 to 65535 bytes (a media event).
-        if self._shortcut and len(data) >= 8 and data[1] == 0xFE and not self._partial:
-            first = data[0]
-            size = (data[2] << 8) | data[3]
-            if (first == FIN_TEXT or first == FIN_BINARY) and size + 8 == len(data) and size <= self.limits.max_message_bytes:
-                key = data[4:8] * (size // 4 + 1)
-                payload = (int.from_bytes(data[8:], "little") ^ int.from_bytes(key[:size], "little")).to_bytes(size, "little")
-                self._tokens -= 1
-                self._deliver(first == FIN_TEXT, payload)
-                if self._tokens < 0 or self._failed:
-                    self._shortcut = False
-                    if self._failed:
-                        self._websockets_only = True
-                        self._flush()
-                    else:
-                        self._out_of_budget()
-                return
-        if self._unparsed or "budget" in self._reading_paused_for:
-            self._unparsed += data  # out of frame budget: parsed when the budget allows
-            return
-        if self._partial:
-            data = self._partial + data
-            self._partial = b""
-        if self._websockets_only:
-            self._parse_slices(protocol, data)
-            return
-        pos, end = 0, len(data)
-        limit = self.limits.max_message_bytes
-        while pos < end:
-            extent = frame_extent(data, pos)
-            if extent is None:
-                break
-            start, length = extent
-            if length > limit:
-                self._websockets_only = True  # it answers an oversize frame with 1009
-                self._parse_slices(protocol, data[pos:])
-                return
-            frame_end = start + length
-            if frame_end > end:
-                break
-            first = data[pos]
-            if (first == FIN_TEXT or first == FIN_BINARY) and data[pos + 1] & 0x80 and not self._in_fragmented_message:
-                self._tokens -= 1
-                self._deliver(first == FIN_TEXT, unmask(data[start:frame_end], data[start - 4 : start]))
-                if self._failed:
-                    self._websockets_only = True
-                    self._flush()
-                    return
-            else:
-                self._to_websockets(protocol, data[pos:frame_end])
-                if protocol.state is not State.OPEN:
-                    self._websockets_only = True
-                    if frame_end < end:
-                        self._to_websockets(protocol, data[frame_end:])
-                    return
-            pos = frame_end
-            if self._tokens < 0:
-                self._out_of_budget()
-                if "budget" in self._reading_paused_for:
-                    self._shortcut = False  # until what is held back has been parsed, in order
-                    self._unparsed = data[pos:]
-                    return
-        if pos < end:
-            self._partial = data[pos:]
-        self._shortcut = not (self._websockets_only or self._in_fragmented_message or self._unparsed)
-
-    def _to_websockets(self, protocol: Protocol, data: bytes) -> None:
-        """Let websockets parse whole frames, and follow whether a fragmented message is open."""
-        protocol.receive_data(data)
-        events = protocol.events_received()
-        for event in events:
-            if type(event) is Frame:
-                if event.opcode is TEXT or event.opcode is BINARY:
-                    self._in_fragmented_message = not event.fin
-                elif event.opcode is Opcode.CONT and event.fin:
-                    self._in_fragmented_message = False
-        if events:
-            self._handle_events(events)
-        self._flush()
-
-    def eof_received(self) -> bool | None:
-        if self._partial and self.protocol is not None:
-            # A frame cut short by EOF: websockets fails it with 1006, as it would unaided.
-            partial, self._partial = self._partial, b""
-            self.protocol.receive_data(partial)
-        return super().eof_received()
+        else:
+            self._split(data)
 
     def _http_data(self, data: bytes) -> None:
         if self._http is None:
@@ -847,10 +836,56 @@ async def start_server(
 class AgentPeer(WebSocketPeer):
     """Our client connection to the agent; ``opened`` resolves when the handshake has succeeded."""
 
+    receives_masked = False
+
     def __init__(self, protocol: ClientProtocol, limits: PeerLimits) -> None:
         super().__init__(limits)
         self.protocol = protocol
         self.opened: asyncio.Future[None] = self.loop.create_future()
+        # h11 finds where the handshake response ends, so that websockets reads exactly the
+        # response and the frames behind it (Deepgram's Welcome, often) go through _split.
+        self._response_reader: h11.Connection | None = h11.Connection(
+            h11.CLIENT, max_incomplete_event_size=MAX_HTTP_HEAD_BYTES
+        )
+        self._response = bytearray()
+
+    def send_request(self, request: Request) -> None:
+        """Send the handshake request websockets built, and tell h11 about it too."""
+        assert isinstance(self.protocol, ClientProtocol) and self._response_reader is not None
+        headers = [(name.encode(), value.encode()) for name, value in request.headers.raw_items()]
+        self._response_reader.send(h11.Request(method="GET", target=request.path.encode(), headers=headers))
+        self._response_reader.send(h11.EndOfMessage())
+        self.protocol.send_request(request)
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self._response_reader is None:
+            self._split(data)
+            return
+        reader = self._response_reader
+        self._response += data
+        try:
+            reader.receive_data(data)
+            event = reader.next_event()
+        except h11.RemoteProtocolError:
+            event = None  # not HTTP: websockets reads it and says what is wrong
+        if event is h11.NEED_DATA:
+            return
+        self._response_reader = None
+        assert self.protocol is not None
+        received, self._response = bytes(self._response), bytearray()
+        if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+            trailing = reader.trailing_data[0]
+            self.protocol.receive_data(received[: len(received) - len(trailing)])
+            self._handle_events(self.protocol.events_received())
+            self._flush()
+            if trailing and self.opened.done() and not self.opened.exception():
+                self._split(bytes(trailing))
+        else:
+            # A refusal (401, say) or something else: websockets reads all of it from here on.
+            self._websockets_only = True
+            self._shortcut = False
+            self._to_websockets(self.protocol, received)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -887,8 +922,7 @@ async def open_websocket(url: str, headers: Iterable[tuple[str, str]], limits: P
         request = protocol.connect()
         for name, value in headers:
             request.headers[name] = value
-        protocol.send_request(request)
-        peer._flush()
+        peer.send_request(request)
         await peer.opened
     except BaseException:
         peer.abort()
