@@ -39,7 +39,7 @@ TWILIO_MAX_MESSAGE_BYTES = 64 * 1024
 PHONE_PAGE = Path(__file__).parent / "static" / "phone.html"
 # A second stop signal sooner than this after the first is the same stop delivered twice.
 DUPLICATE_SIGNAL_SECONDS = 1.0
-# Refusals at the handshake limit are logged once per this many seconds, not once each.
+# Evictions at the handshake limit are logged once per this many seconds, not once each.
 REFUSAL_LOG_SECONDS = 10.0
 # After the drain, ending calls close their sockets and write their records within this.
 END_CALLS_SECONDS = 6.0
@@ -74,9 +74,9 @@ class BridgeServer:
         self.calls: set[CallSession] = set()
         self._call_tasks: set[asyncio.Task[None]] = set()
         self._connection_ids = itertools.count(1)
-        self.handshakes = 0  # connections still in their HTTP request
-        self._refused_since_log = 0
-        self._refusal_logged_at = float("-inf")
+        self._handshaking: dict[ServerPeer, None] = {}  # in arrival order, oldest first
+        self._evicted_since_log = 0
+        self._eviction_logged_at = float("-inf")
         self.draining = False
         self._server: asyncio.Server | None = None
         self._stop_signal: asyncio.Future[int] | None = None
@@ -106,25 +106,37 @@ class BridgeServer:
     # ------------------------------------------------------------------------ handshakes
 
     def handshake_started(self, peer: ServerPeer) -> bool:
-        if self.handshakes >= self.settings.max_handshakes:
-            self._refused_since_log += 1
+        """Admit a new connection to its HTTP request; at the limit, the oldest waiting one goes.
+
+        Evicting the oldest (not refusing the newest) means a crowd of stalled connections can
+        neither use up file descriptors nor keep a real request (Twilio's, /health) out.
+        """
+        if len(self._handshaking) >= self.settings.max_handshakes:
+            oldest = next(iter(self._handshaking))
+            del self._handshaking[oldest]
+            oldest.abort()
+            self._evicted_since_log += 1
             now = asyncio.get_running_loop().time()
-            if now - self._refusal_logged_at >= REFUSAL_LOG_SECONDS:
+            if now - self._eviction_logged_at >= REFUSAL_LOG_SECONDS:
                 logger.warning(
-                    "refusing connections: %d are still in their HTTP handshake, the limit "
-                    "(%d refused since the last report; next report in %.0f s at the earliest)",
-                    self.handshakes,
-                    self._refused_since_log,
+                    "%d connections are still in their HTTP handshake, the limit: closing the oldest "
+                    "(%d closed since the last report; next report in %.0f s at the earliest)",
+                    self.settings.max_handshakes,
+                    self._evicted_since_log,
                     REFUSAL_LOG_SECONDS,
                 )
-                self._refusal_logged_at = now
-                self._refused_since_log = 0
-            return False
-        self.handshakes += 1
+                self._eviction_logged_at = now
+                self._evicted_since_log = 0
+        self._handshaking[peer] = None
         return True
 
     def handshake_finished(self, peer: ServerPeer) -> None:
-        self.handshakes -= 1
+        self._handshaking.pop(peer, None)
+
+    @property
+    def handshakes(self) -> int:
+        """Connections still in their HTTP request."""
+        return len(self._handshaking)
 
     # ------------------------------------------------------------------------------- routing
 

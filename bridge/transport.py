@@ -498,8 +498,6 @@ class WebSocketPeer(asyncio.Protocol):
                 self._deliver(opcode is TEXT, event.data)
             else:
                 self._on_other_frame(event)
-        if self._inbox_bytes >= self.limits.inbox_max_bytes:
-            self._pause_reading("inbox")
 
     def _on_handshake_event(self, event: Request | Response) -> None:
         """A handshake request or response; only the client side gets one after connecting."""
@@ -541,6 +539,8 @@ class WebSocketPeer(asyncio.Protocol):
         self._queued += 1
         self._inbox_bytes += len(message)
         self.inbox.put(message)
+        if self._inbox_bytes >= self.limits.inbox_max_bytes:
+            self._pause_reading("inbox")  # the receiver is behind: let TCP hold the rest
 
     def _write(self, writes: list[bytes]) -> None:
         transport = self.transport
