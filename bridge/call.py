@@ -88,7 +88,6 @@ import enum
 import json
 import logging
 import math
-import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,6 +98,7 @@ from . import twilio
 from .config import Settings
 from .functions import FunctionOutcome
 from .logsafe import clean
+from .records import percentile
 
 # Close codes after which the agent session is worth resuming rather than ending the call:
 # no close frame at all (1006), or the server going away / failing / restarting.
@@ -290,16 +290,6 @@ class RunningFunction:
     call: agent.FunctionCall
     generation: int
     is_async: bool
-
-
-def _percentile(values: list[float], fraction: float) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    # statistics.quantiles with the inclusive method interpolates between the observed values.
-    cuts = statistics.quantiles(values, n=100, method="inclusive")
-    return round(cuts[int(fraction * 100) - 1], 4)
 
 
 def _number(value: Any) -> float | None:
@@ -1169,8 +1159,8 @@ class Call:
             "function_errors": self.function_errors,
             "warnings": self.warnings,
             "errors": self.errors,
-            "agent_latency_p50": _percentile(self.agent_latencies, 0.50),
-            "agent_latency_p95": _percentile(self.agent_latencies, 0.95),
+            "agent_latency_p50": percentile(self.agent_latencies, 0.50),
+            "agent_latency_p95": percentile(self.agent_latencies, 0.95),
         }
 
 

@@ -54,7 +54,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def _percentile(values: list[float], fraction: float) -> float | None:
+def percentile(values: list[float], fraction: float) -> float | None:
     if not values:
         return None
     if len(values) == 1:
@@ -329,8 +329,8 @@ class CallRecord:
             "function_errors": self.function_errors,
             "warnings": self.warnings,
             "errors": self.errors,
-            "agent_latency_p50": _percentile(self.agent_latencies, 0.50),
-            "agent_latency_p95": _percentile(self.agent_latencies, 0.95),
+            "agent_latency_p50": percentile(self.agent_latencies, 0.50),
+            "agent_latency_p95": percentile(self.agent_latencies, 0.95),
             **fields,
             "started_at": self.started_at,
             "ended_at": ended_at,

@@ -257,10 +257,7 @@ class CallSession:
         if self._caller_held:
             return False
         try:
-            now = self.loop.time()
-            actions = self.call.caller_text(message, now) if type(message) is str else self.call.caller_binary(message, now)  # type: ignore[arg-type]
-            if actions:
-                self._carry_out(actions)
+            self._caller_message(message)
         except Exception:
             self._crashed()
         return True
@@ -269,13 +266,28 @@ class CallSession:
         if self.caller.writing_paused:
             return False
         try:
-            now = self.loop.time()
-            actions = self.call.agent_binary(message, now) if type(message) is bytes else self.call.agent_text(message, now)  # type: ignore[arg-type]
-            if actions:
-                self._carry_out(actions)
+            self._agent_message(message)
         except Exception:
             self._crashed()
         return True
+
+    def _caller_message(self, message: str | bytes) -> None:
+        now = self.loop.time()
+        if type(message) is str:
+            actions = self.call.caller_text(message, now)
+        else:
+            actions = self.call.caller_binary(message, now)  # type: ignore[arg-type]
+        if actions:
+            self._carry_out(actions)
+
+    def _agent_message(self, message: str | bytes) -> None:
+        now = self.loop.time()
+        if type(message) is bytes:
+            actions = self.call.agent_binary(message, now)
+        else:
+            actions = self.call.agent_text(message, now)  # type: ignore[arg-type]
+        if actions:
+            self._carry_out(actions)
 
     def _crashed(self) -> None:
         self.log.exception("the call failed unexpectedly")
@@ -291,12 +303,7 @@ class CallSession:
             message = await caller.receive()
             if message is None:
                 break
-            if type(message) is str:
-                actions = call.caller_text(message, loop.time())
-            else:
-                actions = call.caller_binary(message, loop.time())  # type: ignore[arg-type]
-            if actions:
-                self._carry_out(actions)
+            self._caller_message(message)
         self._carry_out(call.caller_closed(loop.time(), stalled=caller.stalled))
 
     # --------------------------------------------------------------------- the agent session
@@ -378,12 +385,7 @@ class CallSession:
                 message = await peer.receive()
                 if message is None or peer is not self.agent:
                     break
-                if type(message) is bytes:
-                    actions = call.agent_binary(message, loop.time())
-                else:
-                    actions = call.agent_text(message, loop.time())  # type: ignore[arg-type]
-                if actions:
-                    self._carry_out(actions)
+                self._agent_message(message)
                 if caller.writing_paused:
                     await caller.drained()  # backpressure: the caller's socket can take no more
         except PeerGone:

@@ -360,3 +360,53 @@ async def test_callback_signatures_on_post_and_get(fake_agent: FakeAgent, make_b
         assert await asyncio.to_thread(get_callback, port, get_url, good) == 403
         await asyncio.sleep(0.2)
         assert not fake.requests, "a refused callback must change no call"
+
+
+def config_with_transfer(tmp_path: Path) -> Path:
+    config = json.loads((ROOT / "config.json").read_text())
+    config["agent"]["think"]["functions"].append(
+        {"name": "transfer_call", "description": "Transfer the caller to a pharmacist.",
+         "parameters": {"type": "object", "properties": {"reason": {"type": "string"}}}, "defer_until_eot": True}
+    )
+    path = tmp_path / "with_transfer.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_declaring_transfer_call_without_its_settings_is_a_startup_error(tmp_path: Path) -> None:
+    done = run_main(["--config", str(config_with_transfer(tmp_path)), "--port", "0"], {"DEEPGRAM_API_KEY": "k"}, tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+    assert "TRANSFER_NUMBER" in done.stderr
+
+
+def test_startup_says_once_which_call_control_features_are_off() -> None:
+    from bridge.config import load_settings
+    from main import call_control_status
+
+    none = call_control_status(load_settings({"DEEPGRAM_API_KEY": "k"}))
+    assert len(none) == 1 and "TWILIO_ACCOUNT_SID" in none[0]
+    rest = load_settings({"DEEPGRAM_API_KEY": "k", "TWILIO_ACCOUNT_SID": "AC" + "a" * 32, "TWILIO_AUTH_TOKEN": "t",
+                          "PUBLIC_URL": HOST})
+    lines = call_control_status(rest)
+    assert [line.split(":")[0] for line in lines] == [
+        "call transfer is off", "FALLBACK_NUMBER is not set", "outbound calls are off"]
+    everything = load_settings({"DEEPGRAM_API_KEY": "k", "TWILIO_ACCOUNT_SID": "AC" + "a" * 32, "TWILIO_AUTH_TOKEN": "t",
+                                "PUBLIC_URL": HOST, "TRANSFER_NUMBER": TRANSFER, "FALLBACK_NUMBER": FALLBACK,
+                                "TWILIO_PHONE_NUMBER": "+15559990000"})
+    assert call_control_status(everything) == []
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"TWILIO_ACCOUNT_SID": "ACnope", "TWILIO_AUTH_TOKEN": "t"}, "TWILIO_ACCOUNT_SID must be AC"),
+    ({"TWILIO_ACCOUNT_SID": "AC" + "a" * 32}, "TWILIO_ACCOUNT_SID is set but TWILIO_AUTH_TOKEN is not"),
+    ({"TRANSFER_NUMBER": "555-1234"}, "TRANSFER_NUMBER must be a phone number in E.164"),
+    ({"FALLBACK_NUMBER": "+0123"}, "FALLBACK_NUMBER must be a phone number in E.164"),
+    ({"TWILIO_API_URL": "ftp://x"}, "TWILIO_API_URL must be an http(s)"),
+])
+def test_call_control_settings_are_validated_in_one_sentence(env: dict[str, str], expected: str) -> None:
+    from bridge.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"DEEPGRAM_API_KEY": "k", **env})
+    assert str(caught.value).startswith(expected) and str(caught.value).endswith(".")
