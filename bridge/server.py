@@ -27,6 +27,7 @@ from .agent_protocol import settings_message
 from .call_control import AMD_PATH, AnsweringMachineCallback
 from .config import AgentConfig, Settings
 from .functions import FunctionRunner
+from .logsafe import clean
 from .records import RecordWriter
 from .session import AgentConnector, CallServices, CallSession, caller_limits, rest_client, websocket_agent_connector
 from .transport import AcceptWebSocket, HttpReply, HttpRequest, PeerLimits, ServerPeer, start_server
@@ -168,7 +169,7 @@ class BridgeServer:
             logger.warning(
                 "refused a %s to /twilio: /twilio is the Media Streams WebSocket; a voice webhook "
                 "must not point at it (use a TwiML Bin, see the README)",
-                request.method[:10],
+                clean(request.method, 10),
             )
             return HttpReply(405, "Method not allowed: /twilio is a WebSocket.\n", headers=(("Allow", "GET"),))
         if not request.wants_websocket:
