@@ -199,24 +199,30 @@ async def test_caller_audio_for_an_agent_that_never_gets_ready_is_capped(
 async def test_a_ping_flood_from_a_peer_that_never_reads_is_cut_off(
     fake_agent: FakeAgent, make_bridge: BridgeFactory
 ) -> None:
-    """Pings from a client that never reads its pongs: no pong backlog, the connection is cut."""
-    async with make_bridge(fake_agent, stall_seconds=1.0) as server, raw_call(
+    """Pings from a client that never reads its pongs: reading pauses, so no pong backlog builds."""
+    # The frame budget would slow this flood too; lifted, the write-side defence is what's tested.
+    async with make_bridge(
+        fake_agent, stall_seconds=3.0, caller_frames_per_second=1e6, caller_frame_burst=10**6
+    ) as server, raw_call(
         server, fake_agent, receive_buffer=4096
     ) as (caller, _, connection):
         connection.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         ping = Frame(Opcode.PING, b"p" * 125).serialize(mask=True)
         assert caller.writer is not None
+        paused = False
         try:
-            for _ in range(200):
+            for _ in range(2000):  # up to 25 MB of pongs if the bridge kept reading
                 caller.writer.write(ping * 100)
-                await asyncio.wait_for(caller.writer.drain(), 5)
-                assert connection.transport.get_write_buffer_size() < 1024 * 1024
-                if not server.calls:
-                    break
-        except (ConnectionError, TimeoutError):
+                await asyncio.wait_for(caller.writer.drain(), 1)
+                assert connection.transport.get_write_buffer_size() < 512 * 1024
+        except TimeoutError:
+            paused = True  # the bridge stopped reading us: backpressure
+        except ConnectionError:
             pass
+        assert connection.transport.get_write_buffer_size() < 512 * 1024
+        assert paused or not server.calls
         assert await health_in_thread(server.port) < 1
-        await eventually(lambda: not server.calls, 6, "the ping flooder to be cut off")
+        await eventually(lambda: not server.calls, 8, "the ping flooder to be cut off")
 
 
 async def test_a_flood_of_tiny_frames_is_throttled_and_other_calls_keep_their_latency(
@@ -265,11 +271,15 @@ async def test_stalled_handshakes_are_bounded_and_health_still_answers(
     caplog.set_level(logging.WARNING, "bridge.server")
     async with make_bridge(fake_agent, max_handshakes=20) as server:
         stalled = []
+        readers = []
         for _ in range(60):
-            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
             writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never finished
             stalled.append(writer)
+            readers.append(reader)
         await eventually(lambda: server.handshakes <= 20, 5)
+        # The oldest were really closed by the bridge (their descriptors freed), not just forgotten.
+        await eventually(lambda: sum(reader.at_eof() for reader in readers[:40]) == 40, 5, "the oldest to be closed")
         assert await health_in_thread(server.port) < 1
         async with FakeTwilioCaller(twilio_url(server)) as caller:
             await caller.start()
