@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 from websockets.client import ClientProtocol
+from websockets.protocol import State
+from websockets.server import ServerProtocol
 from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
@@ -345,3 +347,21 @@ async def test_a_caller_over_its_frame_budget_is_slowed_down_but_loses_nothing(
         assert bytes(agent.audio) == audio
         assert connection.frames_throttled >= 1
         assert elapsed >= 0.4, f"600 frames at 1000 a second past a burst of 100 took only {elapsed:.2f} s"
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+async def test_text_frames_the_bridge_writes_itself_are_the_ones_websockets_writes(size: int) -> None:
+    """The server frames its text messages itself; byte for byte, they must be websockets' frames."""
+    written: list[bytes] = []
+
+    class Transport(asyncio.Transport):
+        def write(self, data: bytes) -> None:  # type: ignore[override]
+            written.append(bytes(data))
+
+    peer = ServerPeer(None, 10.0)  # type: ignore[arg-type]  # no router: the HTTP phase is skipped
+    peer.transport = Transport()
+    peer.protocol = ServerProtocol()
+    peer.protocol.state = State.OPEN
+    text = "é" * (size // 2) + "x" * (size % 2)
+    peer.send_text(text)
+    assert b"".join(written) == Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
