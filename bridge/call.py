@@ -499,10 +499,9 @@ class Call:
         self._buffer.clear()
         actions: list[Action] = []
         if self.transferring:
-            # Twilio ends the stream when the call moves to <Dial>, often before the REST answer.
-            self.transferring = False
+            # Twilio ends the stream when the call moves to <Dial>, often before the REST answer;
+            # transfer_finished still records what the answer was.
             reason = "transferred"
-            actions.append(Record("transferred", {"reason": self._last_transfer_reason}))
         if self.agent_ready:
             if tail:
                 actions += self._audio_to_agent(tail, now)
@@ -924,7 +923,7 @@ class Call:
         )
 
     def _transfer_requested(self, call: agent.FunctionCall, now: float) -> list[Action]:
-        if not self.settings.transfer_enabled or self.voicemail:
+        if not self.settings.transfer_enabled or self.voicemail or self.browser:
             self.function_calls += 1
             self.function_errors += 1
             answer = {"error": "Transferring calls is not set up on this line."}
@@ -1023,9 +1022,14 @@ class Call:
 
     def transfer_finished(self, error: str | None, now: float) -> Sequence[Action]:
         """The REST update for ``TransferCall`` is done; ``error`` says why it failed, if it did."""
-        if not self.transferring or self.phase is Phase.ENDED:
+        if not self.transferring:
             return NO_ACTIONS
         self.transferring = False
+        if self.phase is Phase.ENDED:  # the stream ended first, as Twilio ends it on a transfer
+            if error is None:
+                return [Record("transferred", {"reason": self._last_transfer_reason})]
+            self.end_reason = "caller hung up during a failed transfer"
+            return [Record("transfer_failed", {"reason": self._last_transfer_reason, "error": error})]
         if error is None:
             return [Record("transferred", {"reason": self._last_transfer_reason}), *self._end("transferred")]
         actions: list[Action] = [
@@ -1125,7 +1129,16 @@ class Call:
         if self.browser and not self.caller_gone:
             actions.append(SendToCaller(json.dumps({"event": "call_ended", "reason": self.end_reason})))
         # The caller is still there but the agent can't be: hand them to the fallback line.
-        send_to_fallback = fallback and self.settings.rest_enabled and self.stream is not None and not self.caller_gone
+        # Not while a transfer is under way (the last REST update would win), and never for the
+        # browser phone, whose callSid is whatever the page says.
+        send_to_fallback = (
+            fallback
+            and self.settings.rest_enabled
+            and self.stream is not None
+            and not self.caller_gone
+            and not self.transferring
+            and not self.browser
+        )
         actions.append(HangUp(self.end_reason, fallback=send_to_fallback))
         return actions
 

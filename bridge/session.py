@@ -262,7 +262,9 @@ class CallSession:
             self._crashed()
         return True
 
-    def _agent_message_now(self, message: str | bytes) -> bool:
+    def _agent_message_now(self, peer: AgentPeer, message: str | bytes) -> bool:
+        if peer is not self.agent:
+            return True  # a socket already dropped (frames behind an Error in one read): ignored
         if self.caller.writing_paused:
             return False
         try:
@@ -303,6 +305,8 @@ class CallSession:
             message = await caller.receive()
             if message is None:
                 break
+            if not may_read.is_set():
+                await may_read.wait()  # the hold began while this message was on its way
             self._caller_message(message)
         self._carry_out(call.caller_closed(loop.time(), stalled=caller.stalled))
 
@@ -325,7 +329,7 @@ class CallSession:
             return
         self._agent_opening = None
         self.agent = peer
-        peer.take = self._agent_message_now
+        peer.take = functools.partial(self._agent_message_now, peer)
         self._to_agent = MessageQueue(self.loop)
         self._to_agent_bytes = 0
         self._update_caller_reading()
@@ -490,6 +494,9 @@ class CallSession:
             await asyncio.wait(list(self._function_tasks.values()), timeout=FUNCTION_GRACE_SECONDS)
             for call_id in list(self._function_tasks):
                 self._cancel_function(call_id, "the call ended before it finished")
+        if self._transfer is not None and not self._transfer.done():
+            # Twilio ends the stream as the call moves to <Dial>: let the REST answer be recorded.
+            await asyncio.wait((self._transfer,), timeout=FALLBACK_SECONDS)
         tasks = [twilio_receiver, *self._agent_tasks, *self._function_tasks.values()]
         if self._transfer is not None:
             tasks.append(self._transfer)

@@ -337,6 +337,7 @@ class WebSocketPeer(asyncio.Protocol):
             start, length = extent
             if length > limit:
                 self._websockets_only = True  # it answers an oversize frame with 1009
+                self._shortcut = False
                 self._parse_slices(protocol, data[pos:])
                 return
             frame_end = start + length
@@ -360,7 +361,8 @@ class WebSocketPeer(asyncio.Protocol):
             else:
                 self._to_websockets(protocol, data[pos:frame_end])
                 if protocol.state is not State.OPEN:
-                    self._websockets_only = True
+                    self._websockets_only = True  # closing: whatever follows is websockets' to discard
+                    self._shortcut = False
                     if frame_end < end:
                         self._to_websockets(protocol, data[frame_end:])
                     return
@@ -601,7 +603,8 @@ class WebSocketPeer(asyncio.Protocol):
         if protocol is None or interval is None or protocol.state is not State.OPEN:
             return
         # A read counter rather than a clock per read: the hot path stays free of clock calls.
-        heard_since_last_check = self._reads != self._reads_at_check
+        # While we aren't reading it (backpressure, its frame budget), silence proves nothing.
+        heard_since_last_check = self._reads != self._reads_at_check or bool(self._reading_paused_for - {"write"})
         self._reads_at_check = self._reads
         if self._ping_sent_at is not None:
             if not heard_since_last_check:

@@ -1734,3 +1734,32 @@ def test_summary_of_a_call_that_never_started() -> None:
     assert (summary["call_sid"], summary["stream_sid"], summary["custom_parameters"]) == (None, None, {})
     assert summary["ended_by"] == "no start event from Twilio"
     assert summary["agent_latency_p50"] is None and summary["agent_latency_p95"] is None
+
+
+# ---------------------------------------------------------------------- call control (issue 12)
+
+REST = {"twilio_account_sid": "AC" + "a" * 32, "twilio_auth_token": "t", "transfer_number": "+15550001111"}
+
+
+def test_an_agent_lost_during_a_transfer_sends_no_fallback_update_over_the_transfer() -> None:
+    from bridge.call import HangUp, TransferCall
+
+    h = ready(**REST)
+    h.agent(request(("t1", "transfer_call", {"reason": "pharmacist"})))
+    h.advance_to(h.now + 2.0)  # the grace: nothing was being said, so the transfer goes out
+    assert of(h.actions, TransferCall) and h.call.transferring
+    actions = h.agent_closed(1000)  # Deepgram ends its session while the REST update is in flight
+    [hang_up] = of(actions, HangUp)
+    assert not hang_up.fallback, "a fallback update would race the transfer and could win"
+
+
+def test_the_browser_phone_gets_no_transfer_and_no_fallback() -> None:
+    """Its callSid is whatever the page says: the bridge must never change a Twilio call for it."""
+    from bridge.call import HangUp, TransferCall
+
+    h = ready(browser=True, **REST)
+    h.agent(request(("t1", "transfer_call", {})))
+    h.advance_to(h.now + 20.0)
+    assert not of(h.actions, TransferCall)
+    [hang_up] = of(h.agent_closed(1000), HangUp)
+    assert not hang_up.fallback

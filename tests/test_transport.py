@@ -365,3 +365,24 @@ async def test_text_frames_the_bridge_writes_itself_are_the_ones_websockets_writ
     text = "é" * (size // 2) + "x" * (size % 2)
     peer.send_text(text)
     assert b"".join(written) == Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+
+
+@pytest.mark.parametrize("first", ["close", "oversize"])
+async def test_no_message_is_delivered_after_a_close_frame_or_an_oversize_frame(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, first: str
+) -> None:
+    """Once the connection is closing, later data frames (even ones the shortcut could take) are dropped."""
+    async with make_bridge(fake_agent, inbound_buffer_bytes=160) as server, raw_call(server, fake_agent) as (
+        caller,
+        agent,
+        _,
+    ):
+        if first == "close":
+            opening = Frame(Opcode.CLOSE, b"\x03\xe8").serialize(mask=True)
+        else:
+            opening = Frame(Opcode.BINARY, b"x" * (70 * 1024)).serialize(mask=True)
+        await caller.write(opening)
+        await asyncio.sleep(0.05)
+        await caller.write(caller.text(media_event(caller.stream_sid, 2, 1, bytes(range(160)))))
+        await asyncio.sleep(0.2)
+        assert bytes(agent.audio) == b"", "a frame sent after the close was delivered"
