@@ -617,8 +617,8 @@ class Call:
             self.agent_stage = "settings"
             settings = (
                 agent.settings_message(self.agent_settings, self.history)
-                if self.phase is Phase.RESUMING
-                else self.settings_json
+                if self.phase is Phase.RESUMING and not self.voicemail
+                else self.settings_json  # a voicemail stream says its message again after a drop
             )
             return [
                 Record("agent_session", {"request_id": clean(message.get("request_id"), 100)}),

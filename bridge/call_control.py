@@ -35,6 +35,10 @@ MODE_PARAMETER = "bridge_mode"
 VOICEMAIL_MODE = "voicemail"
 # Verdicts of DetectMessageEnd that mean "a machine, and its greeting is over": leave the message.
 MACHINE_VERDICTS = frozenset({"machine_end_beep", "machine_end_silence", "machine_end_other", "machine_start"})
+# What Twilio adds to a GET callback's query string, next to the call's own parameters.
+TWILIO_CALLBACK_PARAMETERS = frozenset(
+    {"CallSid", "AccountSid", "AnsweredBy", "MachineDetectionDuration", "ApiVersion", "CallStatus", "Direction", "From", "To"}
+)
 # Callbacks being acted on at once; more are answered 503 and Twilio retries them.
 MAX_PENDING_CALLBACKS = 64
 
@@ -113,7 +117,11 @@ class AnsweringMachineCallback:
         if len(self.tasks) >= MAX_PENDING_CALLBACKS:
             return HttpReply(503, "Busy; retry.\n")
         # The call's own parameters came back in our query string; Twilio's own are not among them.
-        call_parameters = {name: values[0] for name, values in parse_qs(request.query, keep_blank_values=True).items()}
+        call_parameters = {
+            name: values[0]
+            for name, values in parse_qs(request.query, keep_blank_values=True).items()
+            if request.method == "POST" or name not in TWILIO_CALLBACK_PARAMETERS  # a GET's query has both
+        }
         task = asyncio.get_running_loop().create_task(self._redirect(call_sid, answered_by, call_parameters))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)

@@ -1,7 +1,10 @@
 """Call control through real sockets: transfer, the fallback line, outbound calls, answering machines.
 
 The bridge talks to a fake Twilio REST API on loopback (tests/fake_twilio_rest.py), which records
-every request; Twilio's own ``RequestValidator`` signs the callbacks, as Twilio would.
+every request; Twilio's own ``RequestValidator`` signs the callbacks, as Twilio would. Where the
+order of things matters (no transfer before the caller has heard the agent's last words; the
+fallback update before the caller's socket closes), a ``Timeline`` shared by the fakes records
+what happened, in order, as it happened.
 """
 
 from __future__ import annotations
@@ -9,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,17 +29,95 @@ from twilio.request_validator import RequestValidator
 
 from bridge import twilio
 from bridge.server import BridgeServer
-from conftest import ROOT, BridgeFactory, empty_env, read_record, twilio_url
-from fake_twilio_rest import FakeTwilioRest, twilio_error
+from conftest import ROOT, BridgeFactory, empty_env, free_port, read_record, twilio_url
+from fake_twilio_rest import FakeTwilioRest, RecordedRequest, twilio_error
 from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually
 
 HOST = "bridge.example.ngrok.app"
 PUBLIC = f"https://{HOST}"
+STREAM_URL = f"wss://{HOST}/twilio"
 TRANSFER = "+15550001111"
 FALLBACK = "+15550002222"
+OUR_NUMBER = "+15559990000"
+VOICEMAIL = "Hi, this is Main Street Pharmacy: your refill is ready. Call us back at 555 0100."
+CALL_PARAMETERS = {"name": "Ann", "reason": "refill_ready"}
+AMD_URL = f"{PUBLIC}/twilio/amd?name=Ann&reason=refill_ready"
+VOICEMAIL_TWIML = twilio.connect_twiml(STREAM_URL, {**CALL_PARAMETERS, "bridge_mode": "voicemail"})
+# The apology's words are the bridge's to choose; the shape of the TwiML is not.
+FALLBACK_DIAL = re.compile(rf"<Response><Say>[^<]+</Say><Dial>{re.escape(FALLBACK)}</Dial></Response>")
+FALLBACK_HANG_UP = re.compile(r"<Response><Say>[^<]+</Say><Hangup/></Response>")
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+class Timeline:
+    """What the fakes saw, in the order they saw it (one event loop: no locking needed)."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[float, str]] = []
+
+    def add(self, what: str) -> None:
+        self.entries.append((time.monotonic(), what))
+
+    def names(self) -> list[str]:
+        return [what for _, what in self.entries]
+
+    def first(self, prefix: str) -> float:
+        """When the first entry starting with ``prefix`` happened."""
+        return next(at for at, what in self.entries if what.startswith(prefix))
+
+    def before(self, earlier: str, later: str) -> bool:
+        names = self.names()
+        first_earlier = next(i for i, name in enumerate(names) if name.startswith(earlier))
+        first_later = next(i for i, name in enumerate(names) if name.startswith(later))
+        return first_earlier < first_later
+
+
+class TimelineRest(FakeTwilioRest):
+    """The fake REST API, noting each request on the timeline the moment it is listed.
+
+    ``answer_delay``: seconds between listing a request and answering it (a slow Twilio).
+    """
+
+    def __init__(self, timeline: Timeline, *, answer_delay: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.timeline = timeline
+        self.answer_delay = answer_delay
+
+    async def _publish(self, recorded: RecordedRequest) -> None:
+        self.timeline.add(f"rest {recorded.operation}")
+        await super()._publish(recorded)
+        if self.answer_delay:
+            await asyncio.sleep(self.answer_delay)  # the fake answers once this returns
+
+
+class _NotedEvent(asyncio.Event):
+    def __init__(self, timeline: Timeline, what: str) -> None:
+        super().__init__()
+        self.timeline, self.what = timeline, what
+
+    def set(self) -> None:
+        if not self.is_set():
+            self.timeline.add(self.what)
+        super().set()
+
+
+class TimelineCaller(FakeTwilioCaller):
+    """The fake Twilio caller, noting each mark it echoes and the moment its socket closes."""
+
+    def __init__(self, url: str, timeline: Timeline, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.timeline = timeline
+        self.closed = _NotedEvent(timeline, "caller closed")
+
+    async def echo_mark(self, name: str) -> None:
+        self.timeline.add(f"echo {name}")
+        await super().echo_mark(name)
 
 
 def rest_settings(fake: FakeTwilioRest, **extra: Any) -> dict[str, Any]:
+    """Bridge settings that point Twilio's REST API at ``fake``, with short timeouts."""
     return {
         "twilio_account_sid": fake.account_sid,
         "twilio_auth_token": fake.auth_token,
@@ -46,320 +129,648 @@ def rest_settings(fake: FakeTwilioRest, **extra: Any) -> dict[str, Any]:
     }
 
 
-def signed_caller(server: BridgeServer, fake: FakeTwilioRest, **kwargs: Any) -> FakeTwilioCaller:
-    signature = twilio.expected_signature(fake.auth_token, f"wss://{HOST}/twilio")
-    return FakeTwilioCaller(twilio_url(server), headers={"X-Twilio-Signature": signature}, **kwargs)
+def signature_headers(fake: FakeTwilioRest) -> dict[str, str]:
+    """What Twilio sends on the stream's upgrade request when the auth token is set."""
+    return {"X-Twilio-Signature": twilio.expected_signature(fake.auth_token, STREAM_URL)}
+
+
+def signed_caller(server: BridgeServer, fake: FakeTwilioRest, timeline: Timeline | None = None, **kwargs: Any) -> TimelineCaller:
+    return TimelineCaller(twilio_url(server), timeline or Timeline(), headers=signature_headers(fake), **kwargs)
 
 
 @asynccontextmanager
 async def call_with_agent(
-    server: BridgeServer, fake: FakeTwilioRest, agent: FakeAgent, **kwargs: Any
-) -> AsyncIterator[tuple[FakeTwilioCaller, FakeAgentSession]]:
-    async with signed_caller(server, fake, **kwargs) as caller:
-        await caller.start()
-        session = await agent.session()
-        await eventually(lambda: session.settings is not None)
+    server: BridgeServer,
+    fake: FakeTwilioRest,
+    agent: FakeAgent,
+    timeline: Timeline | None = None,
+    parameters: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> AsyncIterator[tuple[TimelineCaller, FakeAgentSession]]:
+    """A signed call whose agent session is ready (Settings answered)."""
+    before = len(agent.sessions)
+    async with signed_caller(server, fake, timeline, **kwargs) as caller:
+        await caller.start(parameters)
+        session = await agent.session(before)
+        await eventually(lambda: session.settings is not None, what="the agent's Settings")
         yield caller, session
 
 
-def transfer_request(call_id: str = "t1", **arguments: str) -> dict[str, Any]:
+def function_request(call_id: str, name: str, **arguments: str) -> dict[str, Any]:
     return {"type": "FunctionCallRequest", "functions": [
-        {"id": call_id, "name": "transfer_call", "arguments": json.dumps(arguments), "client_side": True}]}
+        {"id": call_id, "name": name, "arguments": json.dumps(arguments), "client_side": True}]}
+
+
+def transfer_request(call_id: str = "t1", **arguments: str) -> dict[str, Any]:
+    return function_request(call_id, "transfer_call", **arguments)
+
+
+async def say(session: FakeAgentSession, audio: bytes) -> None:
+    """One agent turn: speech, then AgentAudioDone (after which the bridge sends a mark)."""
+    await session.send_json({"type": "AgentStartedSpeaking", "total_latency": 0.4})
+    await session.send_audio(audio)
+    await session.send_json({"type": "AgentAudioDone"})
+
+
+def events(lines: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The record's ``kind`` events, without their timestamps."""
+    return [{k: v for k, v in line.items() if k not in ("time", "event")} for line in lines if line["event"] == kind]
+
+
+def calls_path(fake: FakeTwilioRest, call_sid: str) -> str:
+    return f"/2010-04-01/Accounts/{fake.account_sid}/Calls/{call_sid}.json"
+
+
+def assert_update(request: RecordedRequest, fake: FakeTwilioRest, call_sid: str, twiml: str | re.Pattern[str]) -> None:
+    """One update of ``call_sid`` exactly as Twilio's API wants it: Basic auth, one Twiml field."""
+    assert (request.method, request.path, request.operation) == ("POST", calls_path(fake, call_sid), "update")
+    assert request.auth == (fake.account_sid, fake.auth_token)
+    assert request.headers["content-type"].startswith("application/x-www-form-urlencoded")
+    assert [name for name, _ in request.form_pairs()] == ["Twiml"]
+    sent = request.field("Twiml") or ""
+    if isinstance(twiml, str):
+        assert sent == twiml
+    else:
+        assert twiml.fullmatch(sent), sent
 
 
 # ---------------------------------------------------------------------------------- transfer
 
 
-async def test_transfer_dials_the_configured_number_only_after_the_last_words_are_heard(
+async def test_transfer_dials_the_configured_number_only_after_the_line_after_the_request_is_heard(
     fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path
 ) -> None:
-    async with FakeTwilioRest() as fake, make_bridge(fake_agent, **rest_settings(fake, transfer_number=TRANSFER)) as server:
-        async with call_with_agent(server, fake, fake_agent, echo_marks=False) as (caller, session):
-            await session.send_json(transfer_request(reason="wants a pharmacist", number="+19005550000"))
-            await eventually(lambda: session.of_type("FunctionCallResponse"), what="the answer")
-            await session.send_json({"type": "AgentStartedSpeaking"})
-            await session.send_audio(b"\x01" * 1600)  # "Let me transfer you to a pharmacist."
-            await session.send_json({"type": "AgentAudioDone"})
-            [mark] = await eventually(lambda: caller.of_event("mark"), what="the mark after the last words")
-            await asyncio.sleep(0.3)
-            assert not fake.requests_for("update"), "transferred before the caller heard the last words"
-            await caller.echo_mark(mark["mark"]["name"])
+    """transfer_call, then "Let me connect you": the update waits for that line's mark echo.
+
+    The agent asks to dial +1900…; the bridge dials TRANSFER_NUMBER, in exactly one update of the
+    caller's call, and records the transfer with the agent's reason.
+    """
+    timeline = Timeline()
+    async with TimelineRest(timeline) as fake, make_bridge(
+        fake_agent, **rest_settings(fake, transfer_number=TRANSFER)
+    ) as server:
+        async with call_with_agent(server, fake, fake_agent, timeline, mark_delay=0.4) as (caller, session):
+            await session.send_json(transfer_request("t1", reason="wants a pharmacist", number="+19005550000"))
+            [answer] = await eventually(lambda: session.of_type("FunctionCallResponse"), what="the agent's answer")
+            assert (answer["id"], answer["name"]) == ("t1", "transfer_call")
+            assert "result" in json.loads(answer["content"]) and "error" not in json.loads(answer["content"])
+            await say(session, b"\x01" * 1600)  # "Let me connect you to a pharmacist."
             [update] = await fake.wait_for_requests(1, operation="update")
             await eventually(lambda: not server.calls, what="the call to end")
-    assert update.call_sid == caller.call_sid
-    assert update.field("Twiml") == f"<Response><Dial>{TRANSFER}</Dial></Response>"
-    assert update.auth == (fake.account_sid, fake.auth_token)
+            await asyncio.wait_for(caller.closed.wait(), 2)
+        assert len(caller.audio) == 1600
+    assert timeline.before("echo ", "rest update"), f"transferred before the line was heard: {timeline.names()}"
+    assert fake.requests == [update]
+    assert_update(update, fake, caller.call_sid, f"<Response><Dial>{TRANSFER}</Dial></Response>")
+    assert b"19005550000" not in update.body
     lines = read_record(tmp_path / "calls")
-    assert [line["reason"] for line in lines if line["event"] == "transferred"] == ["wants a pharmacist"]
+    assert events(lines, "transferred") == [{"reason": "wants a pharmacist"}]
+    assert lines[-1]["event"] == "summary" and lines[-1]["ended_by"] == "transferred"
+
+
+@pytest.mark.parametrize("mark_delay", [0.0, 2.2], ids=["heard-before-the-request", "heard-after-the-grace"])
+async def test_transfer_after_the_line_waits_for_the_grace_and_every_mark(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path, mark_delay: float
+) -> None:
+    """The prompt's order: the line is spoken (and marked) first, then transfer_call, nothing more.
+
+    The transfer waits out the 1.5 s grace for last words, and then for the line's mark to be
+    echoed if it hasn't been yet; never earlier.
+    """
+    timeline = Timeline()
+    async with TimelineRest(timeline) as fake, make_bridge(
+        fake_agent, **rest_settings(fake, transfer_number=TRANSFER)
+    ) as server:
+        async with call_with_agent(server, fake, fake_agent, timeline, mark_delay=mark_delay) as (caller, session):
+            await say(session, b"\x01" * 1600)  # "Let me connect you to a pharmacist."
+            await eventually(lambda: caller.of_event("mark"), what="the line's mark")
+            await asyncio.sleep(0.05)
+            timeline.add("request")
+            await session.send_json(transfer_request("t1", reason="wants a pharmacist", number="+19005550000"))
+            [update] = await fake.wait_for_requests(1, operation="update", timeout=6)
+            await eventually(lambda: not server.calls, what="the call to end")
+    waited = timeline.first("rest update") - timeline.first("request")
+    assert waited > 1.4, f"transferred {waited:.2f} s after the request: no grace for last words"
+    assert timeline.before("echo ", "rest update"), f"transferred before the line was heard: {timeline.names()}"
+    assert fake.requests == [update]
+    assert_update(update, fake, caller.call_sid, f"<Response><Dial>{TRANSFER}</Dial></Response>")
+    lines = read_record(tmp_path / "calls")
+    assert events(lines, "transferred") == [{"reason": "wants a pharmacist"}]
     assert lines[-1]["ended_by"] == "transferred"
 
 
-async def test_a_barge_in_after_the_transfer_request_keeps_the_caller_with_the_agent(
-    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path
+@pytest.mark.parametrize("how", ["barge-in", "cancelled"])
+async def test_a_barge_in_or_a_withdrawn_transfer_keeps_the_caller_with_the_agent(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path, how: str
 ) -> None:
+    """After transfer_call, the caller speaks (or Deepgram withdraws the call): no transfer, ever.
+
+    The wait goes past the grace, the hang-up timer and the line's mark echo; then the
+    conversation still flows both ways, and the record says the departure was called off.
+    """
     async with FakeTwilioRest() as fake, make_bridge(
         fake_agent, hangup_timeout_seconds=0.5, **rest_settings(fake, transfer_number=TRANSFER)
     ) as server:
-        async with call_with_agent(server, fake, fake_agent) as (caller, session):
-            await session.send_json(transfer_request())
-            await session.send_json({"type": "UserStartedSpeaking"})
-            await asyncio.sleep(2.5)  # past the grace and the fallback timer
-            assert server.calls and not fake.requests
+        async with call_with_agent(server, fake, fake_agent, echo_marks=False) as (caller, session):
+            await session.send_json(transfer_request("t1", reason="wants a pharmacist"))
+            await eventually(lambda: session.of_type("FunctionCallResponse"), what="the agent's answer")
+            await say(session, b"\x01" * 1600)
+            [mark] = await eventually(lambda: caller.of_event("mark"), what="the line's mark")
+            if how == "barge-in":
+                await session.send_json({"type": "UserStartedSpeaking"})
+                await eventually(lambda: caller.of_event("clear"), what="the clear")
+            else:
+                await session.send_json({"type": "FunctionCallCancelled", "functions": [{"id": "t1", "name": "transfer_call"}]})
+            await asyncio.sleep(0.1)
+            await caller.echo_mark(mark["mark"]["name"])  # played, or echoed unplayed after the clear
+            await asyncio.sleep(2.0)  # past the 1.5 s grace and the 0.5 s hang-up timer
+            assert not fake.requests, "the caller was transferred after all"
+            assert server.calls and not caller.closed.is_set()
+            heard, sent = len(caller.audio), len(session.audio)
+            await session.send_audio(b"\x02" * 800)
+            await caller.send_audio(b"\x03" * 3200)
+            await eventually(lambda: len(caller.audio) == heard + 800 and len(session.audio) == sent + 3200,
+                             what="audio both ways")
             await caller.stop()
-        await eventually(lambda: not server.calls)
-    assert "hangup_cancelled" in [line["event"] for line in read_record(tmp_path / "calls")]
+            await eventually(lambda: not server.calls, what="the call to end")
+    assert not fake.requests
+    lines = read_record(tmp_path / "calls")
+    assert len(events(lines, "hangup_cancelled")) == 1
+    assert not events(lines, "transferred") and lines[-1]["ended_by"] == "caller hung up"
 
 
 async def test_a_failed_transfer_tells_the_agent_and_the_call_goes_on(
     fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path
 ) -> None:
+    """Twilio refuses the <Dial> (400, 21210): the agent is told, the conversation goes on.
+
+    A 400 is not retried (one request); the agent gets an InjectAgentMessage to say so; audio
+    still flows both ways; and a second transfer_call later works.
+    """
+    refusal = "The source phone number provided, +15550001111, is not yet verified for your account."
     async with FakeTwilioRest() as fake, make_bridge(fake_agent, **rest_settings(fake, transfer_number=TRANSFER)) as server:
-        fake.script("update", twilio_error(400, 21210, "The source phone number provided is not yet verified."))
+        fake.script("update", twilio_error(400, 21210, refusal))
         async with call_with_agent(server, fake, fake_agent) as (caller, session):
-            await session.send_json(transfer_request())
-            injected = await eventually(lambda: session.of_type("InjectAgentMessage"), 5, "the agent to be told")
-            assert "couldn't connect you" in injected[0]["message"]
+            await session.send_json(transfer_request("t1", reason="wants a pharmacist"))
+            await say(session, b"\x01" * 1600)
+            [injected] = await eventually(lambda: session.of_type("InjectAgentMessage"), 5, "the agent to be told")
+            assert set(injected) == {"type", "message"} and isinstance(injected["message"], str) and injected["message"]
+            assert len(fake.requests_for("update")) == 1
+            heard, sent = len(caller.audio), len(session.audio)
             await session.send_audio(b"\x02" * 800)
             await caller.send_audio(b"\x03" * 3200)
-            await eventually(lambda: len(caller.audio) >= 800 and len(session.audio) >= 3200, what="audio both ways")
-            assert server.calls
+            await eventually(lambda: len(caller.audio) == heard + 800 and len(session.audio) == sent + 3200,
+                             what="audio both ways")
+            assert server.calls and not caller.closed.is_set()
+            # The caller insists; this time Twilio takes it.
+            await session.send_json(transfer_request("t2", reason="insists"))
+            await say(session, b"\x04" * 800)
+            await fake.wait_for_requests(2, operation="update")
+            await eventually(lambda: not server.calls, what="the call to end")
+    first, second = fake.requests
+    assert first.outcome == 400 and second.outcome == 200
+    for update in (first, second):
+        assert_update(update, fake, caller.call_sid, f"<Response><Dial>{TRANSFER}</Dial></Response>")
+    lines = read_record(tmp_path / "calls")
+    [failed] = events(lines, "transfer_failed")
+    assert failed["reason"] == "wants a pharmacist"
+    assert "21210" in failed["error"] and "not yet verified" in failed["error"]
+    assert events(lines, "transferred") == [{"reason": "insists"}]
+    assert lines[-1]["ended_by"] == "transferred"
+
+
+@pytest.mark.parametrize("accepted", [True, False], ids=["accepted", "refused"])
+async def test_twilio_ending_the_stream_before_the_transfer_answer_is_recorded_by_that_answer(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path, accepted: bool
+) -> None:
+    """Twilio ends the stream as the call moves to <Dial>, before the REST answer comes back.
+
+    The record follows the answer: "transferred" (once) if Twilio took the update; otherwise a
+    transfer_failed event and a call that did not end as transferred.
+    """
+    timeline = Timeline()
+    async with TimelineRest(timeline, answer_delay=0.3) as fake, make_bridge(
+        fake_agent, **rest_settings(fake, transfer_number=TRANSFER)
+    ) as server:
+        if not accepted:
+            fake.script("update", twilio_error(400, 21210, "The source phone number provided is not yet verified."))
+        async with call_with_agent(server, fake, fake_agent, timeline) as (caller, session):
+            await session.send_json(transfer_request("t1", reason="wants a pharmacist"))
+            await say(session, b"\x01" * 800)
+            await fake.wait_for_requests(1, operation="update")
+            await caller.stop()  # what Twilio does when the update arrives, before it answers
+        await eventually(lambda: not server.calls, 5, "the call to end")
+    assert len(fake.requests) == 1
+    lines = read_record(tmp_path / "calls")
+    if accepted:
+        assert events(lines, "transferred") == [{"reason": "wants a pharmacist"}]
+        assert not events(lines, "transfer_failed") and lines[-1]["ended_by"] == "transferred"
+    else:
+        [failed] = events(lines, "transfer_failed")
+        assert "21210" in failed["error"]
+        assert not events(lines, "transferred") and lines[-1]["ended_by"] != "transferred"
+
+
+async def test_transfer_call_without_a_transfer_number_is_answered_with_an_error(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """REST credentials but no TRANSFER_NUMBER: the agent is told at once; no request, no hang-up."""
+    async with FakeTwilioRest() as fake, make_bridge(fake_agent, hangup_timeout_seconds=0.3, **rest_settings(fake)) as server:
+        async with call_with_agent(server, fake, fake_agent) as (caller, session):
+            await session.send_json(transfer_request("t1", reason="wants a pharmacist"))
+            [answer] = await eventually(lambda: session.of_type("FunctionCallResponse"), what="the agent's answer")
+            assert "error" in json.loads(answer["content"])
+            await say(session, b"\x01" * 800)
+            await asyncio.sleep(0.6)  # past the hang-up timer
+            assert server.calls and not caller.closed.is_set() and not fake.requests
             await caller.stop()
-        await eventually(lambda: not server.calls)
-    [failed] = [line for line in read_record(tmp_path / "calls") if line["event"] == "transfer_failed"]
-    assert "21210" in failed["error"]
+            await eventually(lambda: not server.calls)
+    assert read_record(tmp_path / "calls")[-1]["ended_by"] == "caller hung up"
 
 
 # ---------------------------------------------------------------------------------- fallback
 
 
-@pytest.mark.parametrize("fallback_number", [FALLBACK, None])
-async def test_a_caller_is_sent_to_the_fallback_when_the_agent_fails_at_start(
-    make_bridge: BridgeFactory, tmp_path: Path, fallback_number: str | None
+@pytest.mark.parametrize(
+    "fallback_number, cause",
+    [(FALLBACK, "refused"), (None, "refused"), (FALLBACK, "unreachable")],
+    ids=["dial-fallback", "apology-and-hang-up", "agent-unreachable"],
+)
+async def test_a_caller_is_sent_to_the_fallback_before_the_stream_closes_when_the_agent_fails_at_start(
+    make_bridge: BridgeFactory, tmp_path: Path, fallback_number: str | None, cause: str
 ) -> None:
-    async with FakeTwilioRest() as fake, FakeAgent(refuse_status=401) as agent, make_bridge(
-        agent, **rest_settings(fake, fallback_number=fallback_number)
-    ) as server:
-        async with signed_caller(server, fake) as caller:
-            await caller.start()
-            [update] = await fake.wait_for_requests(1, operation="update")
-            assert not caller.closed.is_set() or update.outcome is not None
-            await asyncio.wait_for(caller.closed.wait(), 5)
-        await eventually(lambda: not server.calls)
-    twiml = update.field("Twiml")
-    assert twiml is not None and twiml.startswith("<Response><Say>")
-    if fallback_number:
-        assert twiml.endswith(f"<Dial>{FALLBACK}</Dial></Response>")
-    else:
-        assert twiml.endswith("<Hangup/></Response>")
+    """Deepgram refuses the session (401) or can't be reached: one update, then the socket closes.
+
+    The update must come first: with <Connect> the last verb, closing the stream would hang up.
+    """
+    timeline = Timeline()
+    async with TimelineRest(timeline) as fake, FakeAgent(refuse_status=401) as agent:
+        agent_url = agent.url if cause == "refused" else f"ws://127.0.0.1:{free_port()}/v1/agent/converse"
+        async with make_bridge(agent, agent_url=agent_url, **rest_settings(fake, fallback_number=fallback_number)) as server:
+            async with signed_caller(server, fake, timeline) as caller:
+                await caller.start()
+                await asyncio.wait_for(caller.closed.wait(), 5)
+                await eventually(lambda: not server.calls, what="the call to end")
+    [update] = fake.requests
+    assert timeline.names() == ["rest update", "caller closed"]
+    assert_update(update, fake, caller.call_sid, FALLBACK_DIAL if fallback_number else FALLBACK_HANG_UP)
     lines = read_record(tmp_path / "calls")
-    [fallback] = [line for line in lines if line["event"] == "fallback"]
-    assert fallback["ok"] and fallback["to"] == ("fallback number" if fallback_number else "apology and hang-up")
+    target = "fallback number" if fallback_number else "apology and hang-up"
+    assert events(lines, "fallback") == [{"to": target, "ok": True, "error": None}]
     assert lines[-1]["ended_by"].startswith("agent unavailable")
 
 
+async def test_a_fallback_twilio_refuses_is_recorded_and_the_call_still_ends(
+    make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """Twilio answers the fallback update with an error: recorded (ok false), the socket closes."""
+    async with FakeTwilioRest() as fake, FakeAgent(refuse_status=401) as agent, make_bridge(
+        agent, **rest_settings(fake, fallback_number=FALLBACK)
+    ) as server:
+        fake.script("update", twilio_error(400, 13223, "Dial: Invalid phone number format"))
+        async with signed_caller(server, fake) as caller:
+            await caller.start()
+            await asyncio.wait_for(caller.closed.wait(), 5)
+            await eventually(lambda: not server.calls, what="the call to end")
+    assert len(fake.requests) == 1
+    [fallback] = events(read_record(tmp_path / "calls"), "fallback")
+    assert fallback["to"] == "fallback number" and fallback["ok"] is False and "13223" in fallback["error"]
+
+
 async def test_without_twilio_credentials_a_failed_agent_just_ends_the_call(make_bridge: BridgeFactory, tmp_path: Path) -> None:
-    async with FakeAgent(refuse_status=401) as agent, make_bridge(agent) as server:
+    """No TWILIO_ACCOUNT_SID: no REST request at all (even with FALLBACK_NUMBER set); the call ends."""
+    async with FakeTwilioRest() as fake, FakeAgent(refuse_status=401) as agent, make_bridge(
+        agent, twilio_api_url=fake.url, public_url=PUBLIC, fallback_number=FALLBACK
+    ) as server:
         async with FakeTwilioCaller(twilio_url(server)) as caller:
             await caller.start()
             await asyncio.wait_for(caller.closed.wait(), 5)
-    assert not [line for line in read_record(tmp_path / "calls") if line["event"] == "fallback"]
+            await eventually(lambda: not server.calls, what="the call to end")
+        await asyncio.sleep(0.1)
+    assert not fake.requests
+    lines = read_record(tmp_path / "calls")
+    assert not events(lines, "fallback") and lines[-1]["ended_by"].startswith("agent unavailable")
 
 
-async def test_a_caller_is_sent_to_the_fallback_after_a_failed_resume(
-    make_bridge: BridgeFactory, tmp_path: Path
+async def test_a_caller_is_sent_to_the_fallback_after_a_failed_resume(make_bridge: BridgeFactory, tmp_path: Path) -> None:
+    """The agent connection drops mid-call and every reconnection is refused: the fallback line.
+
+    Two attempts (0 s, then 0.05 s) both fail with HTTP 503; the update comes before the caller's
+    socket closes, and the call ends as "agent connection lost".
+    """
+    timeline = Timeline()
+    async with TimelineRest(timeline) as fake, FakeAgent() as agent, make_bridge(
+        agent, agent_reconnect_delays=(0.05,), **rest_settings(fake, fallback_number=FALLBACK)
+    ) as server:
+        async with call_with_agent(server, fake, agent, timeline) as (caller, session):
+            agent.refuse_status = 503  # Deepgram is down: nothing to resume with
+            session.drop()
+            [update] = await fake.wait_for_requests(1, operation="update", timeout=10)
+            await asyncio.wait_for(caller.closed.wait(), 5)
+            await eventually(lambda: not server.calls, what="the call to end")
+    assert agent.handshakes == 3, "one session, then two refused reconnection attempts"
+    assert timeline.names() == ["rest update", "caller closed"]
+    assert fake.requests == [update]
+    assert_update(update, fake, caller.call_sid, FALLBACK_DIAL)
+    lines = read_record(tmp_path / "calls")
+    assert events(lines, "fallback") == [{"to": "fallback number", "ok": True, "error": None}]
+    assert lines[-1]["ended_by"] == "agent connection lost"
+
+
+async def test_a_deepgram_error_mid_call_sends_the_caller_to_the_fallback(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path
 ) -> None:
-    agent = FakeAgent()
-    await agent.__aenter__()
-    try:
-        async with FakeTwilioRest() as fake, make_bridge(
-            agent, agent_reconnect_delays=(0.05,), **rest_settings(fake, fallback_number=FALLBACK)
-        ) as server:
-            async with call_with_agent(server, fake, agent) as (caller, session):
-                await agent.__aexit__(None, None, None)  # Deepgram goes away: nothing to resume
-                session.drop()
-                [update] = await fake.wait_for_requests(1, operation="update", timeout=10)
-                await asyncio.wait_for(caller.closed.wait(), 5)
-    finally:
-        await agent.__aexit__(None, None, None)
-    assert (update.field("Twiml") or "").endswith(f"<Dial>{FALLBACK}</Dial></Response>")
-    assert read_record(tmp_path / "calls")[-1]["ended_by"] == "agent connection lost"
+    """docs/call-control.md: "or Deepgram ends it with an error" also leads to the fallback line."""
+    async with FakeTwilioRest() as fake, make_bridge(fake_agent, **rest_settings(fake, fallback_number=FALLBACK)) as server:
+        async with call_with_agent(server, fake, fake_agent) as (caller, session):
+            await session.send_json({"type": "Error", "code": "INTERNAL_SERVER_ERROR", "description": "boom"})
+            [update] = await fake.wait_for_requests(1, operation="update")
+            await asyncio.wait_for(caller.closed.wait(), 5)
+            await eventually(lambda: not server.calls, what="the call to end")
+    assert_update(update, fake, caller.call_sid, FALLBACK_DIAL)
+    assert read_record(tmp_path / "calls")[-1]["ended_by"] == "Deepgram error INTERNAL_SERVER_ERROR"
 
 
 # ----------------------------------------------------------------------------- outbound calls
 
 
+def child_env(**variables: str) -> dict[str, str]:
+    """A clean environment for main.py: only what a test gives it (a developer's own stays out)."""
+    keep = {name: os.environ[name] for name in ("PATH", "HOME", "SYSTEMROOT", "PYTHONPATH") if name in os.environ}
+    return {**keep, **variables}
+
+
 def run_main(args: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(ROOT / "main.py"), *args, "--env-file", str(empty_env(tmp_path))],
-        env={**os.environ, **env}, capture_output=True, text=True, timeout=20,
+        env=child_env(**env), capture_output=True, text=True, timeout=20,
     )
 
 
 def outbound_env(fake: FakeTwilioRest) -> dict[str, str]:
     return {
         "DEEPGRAM_API_KEY": "k", "TWILIO_ACCOUNT_SID": fake.account_sid, "TWILIO_AUTH_TOKEN": fake.auth_token,
-        "TWILIO_PHONE_NUMBER": "+15559990000", "PUBLIC_URL": PUBLIC, "TWILIO_API_URL": fake.url,
+        "TWILIO_PHONE_NUMBER": OUR_NUMBER, "PUBLIC_URL": PUBLIC, "TWILIO_API_URL": fake.url,
     }
 
 
 async def test_an_outbound_call_request_is_exact(tmp_path: Path) -> None:
+    """``main.py call`` sends one create request, exactly as section 7 says, and prints the Call SID."""
     async with FakeTwilioRest() as fake:
         done = await asyncio.to_thread(
             run_main, ["call", "+15551230000", "--param", "reason=refill_ready", "--param", "name=Ann"],
             outbound_env(fake), tmp_path,
         )
-        assert done.returncode == 0, done.stderr
-        [create] = fake.requests_for("create")
-    assert done.stdout.strip() == fake.created_sids[0]
+    assert done.returncode == 0, done.stderr
+    [create] = fake.requests
+    assert done.stdout == fake.created_sids[0] + "\n"
+    assert (create.method, create.path, create.operation) == ("POST", f"/2010-04-01/Accounts/{fake.account_sid}/Calls.json", "create")
+    assert create.auth == (fake.account_sid, fake.auth_token)
     assert sorted(create.form_pairs()) == sorted([
         ("To", "+15551230000"),
-        ("From", "+15559990000"),
-        ("Twiml", twilio.connect_twiml(f"wss://{HOST}/twilio", {"reason": "refill_ready", "name": "Ann"})),
+        ("From", OUR_NUMBER),
+        ("Twiml", twilio.connect_twiml(STREAM_URL, {"reason": "refill_ready", "name": "Ann"})),
         ("MachineDetection", "DetectMessageEnd"),
         ("AsyncAmd", "true"),
-        ("AsyncAmdStatusCallback", f"{PUBLIC}/twilio/amd?name=Ann&reason=refill_ready"),
+        ("AsyncAmdStatusCallback", AMD_URL),
         ("AsyncAmdStatusCallbackMethod", "POST"),
     ])
 
 
-async def test_an_outbound_call_without_its_settings_is_refused_in_one_sentence(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "args, env_change, expected",
+    [
+        (["call", "+15551230000"], {"TWILIO_PHONE_NUMBER": ""}, "TWILIO_PHONE_NUMBER"),
+        (["call", "5551230000"], {}, "E.164"),
+        (["call", "+1555"], {}, "E.164"),
+        (["call", "+15551230000", "--param", "bridge_mode=voicemail"], {}, "bridge_mode"),
+    ],
+    ids=["no-phone-number", "no-plus", "too-short", "reserved-param"],
+)
+async def test_an_outbound_call_that_cannot_be_placed_is_refused_in_one_sentence(
+    tmp_path: Path, args: list[str], env_change: dict[str, str], expected: str
+) -> None:
+    """Missing settings or a bad number: exit 2, one "error: …." line naming the problem, no request."""
     async with FakeTwilioRest() as fake:
-        env = {**outbound_env(fake), "TWILIO_PHONE_NUMBER": ""}
-        done = await asyncio.to_thread(run_main, ["call", "+15551230000"], env, tmp_path)
-        bad = await asyncio.to_thread(run_main, ["call", "5551230000"], outbound_env(fake), tmp_path)
-        assert not fake.requests
-    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "TWILIO_PHONE_NUMBER" in done.stderr
-    assert bad.returncode == 2 and "E.164" in bad.stderr
+        done = await asyncio.to_thread(run_main, args, {**outbound_env(fake), **env_change}, tmp_path)
+    assert not fake.requests
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: ") and done.stderr.endswith(".\n") and done.stderr.count("\n") == 1, done.stderr
+    assert expected in done.stderr
 
 
 # ------------------------------------------------------------------- answering-machine verdicts
 
 
-def post_callback(port: int, url: str, params: dict[str, str], signature: str | None) -> int:
-    """POST a callback to the bridge on ``port`` as Twilio would send it to the public ``url``."""
+def local_url(port: int, url: str) -> str:
+    """``url`` (the public one Twilio signs) as this test reaches the bridge: on loopback."""
     parts = urllib.parse.urlsplit(url)
-    local = f"http://127.0.0.1:{port}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+    return f"http://127.0.0.1:{port}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+
+
+def http(request: urllib.request.Request) -> int:
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def post_callback(port: int, url: str, params: dict[str, str], signature: str | None) -> int:
+    """POST a callback to the bridge on ``port`` as Twilio would send it to the public ``url``."""
     headers = {"Content-Type": "application/x-www-form-urlencoded"}
     if signature is not None:
         headers["X-Twilio-Signature"] = signature
-    request = urllib.request.Request(local, data=urllib.parse.urlencode(params).encode(), headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
+    body = urllib.parse.urlencode(params).encode()
+    return await asyncio.to_thread(http, urllib.request.Request(local_url(port, url), data=body, headers=headers, method="POST"))
 
 
-def get_callback(port: int, url: str, signature: str) -> int:
-    parts = urllib.parse.urlsplit(url)
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{parts.path}?{parts.query}", headers={"X-Twilio-Signature": signature}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-AMD_URL = f"{PUBLIC}/twilio/amd?name=Ann&reason=refill_ready"
+async def get_callback(port: int, url: str, signature: str) -> int:
+    """GET ``url`` (parameters in its query string) as Twilio would, on loopback."""
+    return await asyncio.to_thread(http, urllib.request.Request(local_url(port, url), headers={"X-Twilio-Signature": signature}))
 
 
 def verdict(call_sid: str, answered_by: str) -> dict[str, str]:
-    return {"CallSid": call_sid, "AccountSid": "AC" + "0" * 32, "AnsweredBy": answered_by}
+    """The parameters of Twilio's AsyncAmdStatusCallback."""
+    return {"CallSid": call_sid, "AccountSid": "AC" + "0" * 32, "AnsweredBy": answered_by, "MachineDetectionDuration": "4210"}
+
+
+def signed(token: str, url: str, params: dict[str, str]) -> str:
+    """The oracle: Twilio's own library signs the request."""
+    return str(RequestValidator(token).compute_signature(url, params))
 
 
 async def test_a_machine_verdict_leads_to_the_voicemail_message_and_a_hang_up(
     fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path
 ) -> None:
-    async with FakeTwilioRest() as fake, make_bridge(fake_agent, **rest_settings(fake)) as server:
+    """machine_end_beep: the call moves to a voicemail stream that says VOICEMAIL_MESSAGE and hangs up.
+
+    The update carries the call's own parameters plus bridge_mode=voicemail. The new stream opens
+    the agent with the message as its greeting; speech from the machine clears nothing; once the
+    message's mark is echoed the call ends as "voicemail".
+    """
+    async with FakeTwilioRest() as fake, make_bridge(fake_agent, voicemail_message=VOICEMAIL, **rest_settings(fake)) as server:
         sid = "CA" + "1" * 32
         params = verdict(sid, "machine_end_beep")
-        signature = RequestValidator(fake.auth_token).compute_signature(AMD_URL, params)
-        assert await asyncio.to_thread(post_callback, server.port, AMD_URL, params, signature) == 204
+        assert await post_callback(server.port, AMD_URL, params, signed(fake.auth_token, AMD_URL, params)) == 204
         [update] = await fake.wait_for_requests(1, operation="update")
-        expected = twilio.connect_twiml(
-            f"wss://{HOST}/twilio", {"name": "Ann", "reason": "refill_ready", "bridge_mode": "voicemail"}
-        )
-        assert update.call_sid == sid and update.field("Twiml") == expected
-        # The redirected call's new stream, taken by whichever process: the message, then a hang-up.
-        async with signed_caller(server, fake) as caller:
-            await caller.start({"name": "Ann", "reason": "refill_ready", "bridge_mode": "voicemail"})
-            session = await fake_agent.session()
-            await eventually(lambda: session.settings is not None)
-            assert session.settings["agent"]["greeting"] == server.settings.voicemail_message
+        assert_update(update, fake, sid, VOICEMAIL_TWIML)
+        # The redirected call's new stream (whichever process takes it): the message, then a hang-up.
+        parameters = {**CALL_PARAMETERS, "bridge_mode": "voicemail"}
+        async with call_with_agent(server, fake, fake_agent, parameters=parameters, echo_marks=False) as (caller, session):
+            assert session.settings is not None and session.settings["agent"]["greeting"] == VOICEMAIL
             await session.send_json({"type": "AgentStartedSpeaking"})
             await session.send_audio(b"\x04" * 1600)
-            await session.send_json({"type": "UserStartedSpeaking"})  # a beep: the message goes on
+            await session.send_json({"type": "UserStartedSpeaking"})  # the machine's beep: the message goes on
+            await session.send_audio(b"\x05" * 1600)
             await session.send_json({"type": "AgentAudioDone"})
+            [mark] = await eventually(lambda: caller.of_event("mark"), what="the message's mark")
+            await asyncio.sleep(0.3)
+            assert not caller.closed.is_set(), "hung up before the message had played"
+            await caller.echo_mark(mark["mark"]["name"])
             await asyncio.wait_for(caller.closed.wait(), 5)
-            assert not caller.of_event("clear")
-        await eventually(lambda: not server.calls)
-    assert read_record(tmp_path / "calls")[-1]["ended_by"] == "voicemail"
+            await eventually(lambda: not server.calls, what="the call to end")
+        assert not caller.of_event("clear") and len(caller.audio) == 3200
+    assert fake.requests == [update]
+    summary = read_record(tmp_path / "calls")[-1]
+    assert summary["ended_by"] == "voicemail" and summary["custom_parameters"] == parameters
 
 
-@pytest.mark.parametrize("answered_by, twiml", [("human", None), ("unknown", None), ("fax", "<Response><Hangup/></Response>")])
-async def test_a_person_changes_nothing_and_a_fax_is_hung_up_on(
+@pytest.mark.parametrize(
+    "answered_by, twiml",
+    [
+        ("human", None),
+        ("unknown", None),
+        ("fax", "<Response><Hangup/></Response>"),
+        ("machine_start", VOICEMAIL_TWIML),
+        ("machine_end_silence", VOICEMAIL_TWIML),
+    ],
+)
+async def test_each_verdict_changes_the_call_as_it_should(
     fake_agent: FakeAgent, make_bridge: BridgeFactory, answered_by: str, twiml: str | None
 ) -> None:
+    """A person (or unknown) changes nothing; a fax is hung up on; any machine gets the message."""
     async with FakeTwilioRest() as fake, make_bridge(fake_agent, **rest_settings(fake)) as server:
-        params = verdict("CA" + "2" * 32, answered_by)
-        signature = RequestValidator(fake.auth_token).compute_signature(AMD_URL, params)
-        assert await asyncio.to_thread(post_callback, server.port, AMD_URL, params, signature) == 204
+        sid = "CA" + "2" * 32
+        params = verdict(sid, answered_by)
+        assert await post_callback(server.port, AMD_URL, params, signed(fake.auth_token, AMD_URL, params)) == 204
         if twiml is None:
             await asyncio.sleep(0.3)
             assert not fake.requests
         else:
             [update] = await fake.wait_for_requests(1, operation="update")
-            assert update.field("Twiml") == twiml
+            assert_update(update, fake, sid, twiml)
+            await asyncio.sleep(0.1)
+            assert fake.requests == [update]
 
 
-async def test_a_callback_reaching_a_second_bridge_process_works(fake_agent: FakeAgent, tmp_path: Path) -> None:
-    """The verdict goes to a process that holds no call at all: it redirects the call by itself."""
-    from conftest import free_port
+async def test_a_callback_reaching_a_second_bridge_process_works(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """Bridge A holds the call; the verdict reaches bridge B (its own main.py process): B redirects it.
 
-    async with FakeTwilioRest() as fake:
+    Nothing about the call is in B's memory: the call's parameters come back in the signed query.
+    """
+    async with FakeTwilioRest() as fake, make_bridge(fake_agent, **rest_settings(fake)) as bridge_a:
         port = free_port()
-        env = {**os.environ, **outbound_env(fake), "DEEPGRAM_AGENT_URL": fake_agent.url, "CALLS_DIR": str(tmp_path / "c")}
-        process = subprocess.Popen(
+        env = child_env(**outbound_env(fake), DEEPGRAM_AGENT_URL=fake_agent.url, RECORD_CALLS="false")
+        log = (tmp_path / "bridge_b.log").open("wb")
+        bridge_b = subprocess.Popen(
             [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port),
              "--env-file", str(empty_env(tmp_path))],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env, stdout=log, stderr=subprocess.STDOUT,
         )
         try:
-            def up() -> bool:
-                try:
-                    return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200
-                except OSError:
-                    return False
+            async with call_with_agent(bridge_a, fake, fake_agent, parameters=CALL_PARAMETERS) as (caller, _):
 
-            await eventually(lambda: up(), 10, "the second bridge to start")
-            params = verdict("CA" + "3" * 32, "machine_end_silence")
-            signature = RequestValidator(fake.auth_token).compute_signature(AMD_URL, params)
-            assert await asyncio.to_thread(post_callback, port, AMD_URL, params, signature) == 204
-            [update] = await fake.wait_for_requests(1, operation="update", timeout=10)
-            assert "bridge_mode" in (update.field("Twiml") or "")
+                def up() -> bool:
+                    try:
+                        return http(urllib.request.Request(f"http://127.0.0.1:{port}/health")) == 200
+                    except OSError:
+                        return False
+
+                await eventually(lambda: up(), 15, "bridge B to start")
+                params = verdict(caller.call_sid, "machine_end_beep")
+                assert await post_callback(port, AMD_URL, params, signed(fake.auth_token, AMD_URL, params)) == 204
+                [update] = await fake.wait_for_requests(1, operation="update", timeout=10)
+                assert_update(update, fake, caller.call_sid, VOICEMAIL_TWIML)
+                assert bridge_a.calls and not caller.closed.is_set()  # A was not involved
         finally:
-            process.terminate()
-            process.wait(10)
+            bridge_b.terminate()
+            await asyncio.to_thread(bridge_b.wait, 10)
+            log.close()
+    assert fake.requests == [update]
 
 
 async def test_callback_signatures_on_post_and_get(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    """Only a request signed for exactly its URL and parameters is acted on (docs/protocols.md §4).
+
+    Refused (403, no REST request): a wrong signature, none, a signature for other parameters
+    (AnsweredBy tampered), a signature for another query (the call's parameters tampered). A GET
+    with the query string signed is accepted; a badly signed GET is refused. A well-signed machine
+    verdict then acts, so the refusals above were not for want of a REST API.
+    """
     async with FakeTwilioRest() as fake, make_bridge(fake_agent, **rest_settings(fake)) as server:
-        validator = RequestValidator(fake.auth_token)
-        params = verdict("CA" + "4" * 32, "human")
-        good = validator.compute_signature(AMD_URL, params)
-        tampered = {**params, "AnsweredBy": "machine_end_beep"}
-        port = server.port
-        assert await asyncio.to_thread(post_callback, port, AMD_URL, params, good) == 204
-        assert await asyncio.to_thread(post_callback, port, AMD_URL, tampered, good) == 403
-        assert await asyncio.to_thread(post_callback, port, AMD_URL, params, None) == 403
-        assert await asyncio.to_thread(post_callback, port, AMD_URL, params, "bm90IGEgc2lnbmF0dXJl") == 403
-        get_url = f"{PUBLIC}/twilio/amd?" + urllib.parse.urlencode(params)
-        assert await asyncio.to_thread(get_callback, port, get_url, validator.compute_signature(get_url, {})) == 204
-        assert await asyncio.to_thread(get_callback, port, get_url, good) == 403
+        token, port = fake.auth_token, server.port
+        sid = "CA" + "4" * 32
+        person, machine = verdict(sid, "human"), verdict(sid, "machine_end_beep")
+        assert await post_callback(port, AMD_URL, person, signed(token, AMD_URL, person)) == 204
+        tampered_url = f"{PUBLIC}/twilio/amd?name=Ann&reason=anything_else"
+        refused = [
+            await post_callback(port, AMD_URL, machine, signed(token, AMD_URL, person)),  # AnsweredBy tampered
+            await post_callback(port, AMD_URL, machine, None),
+            await post_callback(port, AMD_URL, machine, "bm90IGEgc2lnbmF0dXJl"),
+            await post_callback(port, AMD_URL, machine, signed("another-token", AMD_URL, machine)),
+            await post_callback(port, tampered_url, machine, signed(token, AMD_URL, machine)),
+            await post_callback(port, AMD_URL, machine, signed(token, local_url(port, AMD_URL), machine)),
+        ]
+        assert refused == [403] * len(refused)
+        get_person = AMD_URL + "&" + urllib.parse.urlencode(person)
+        assert await get_callback(port, get_person, signed(token, get_person, {})) == 204
+        get_machine = AMD_URL + "&" + urllib.parse.urlencode(machine)
+        assert await get_callback(port, get_machine, signed(token, AMD_URL, machine)) == 403  # signed as a POST
+        assert await get_callback(port, get_machine, signed(token, get_person, {})) == 403
         await asyncio.sleep(0.2)
         assert not fake.requests, "a refused callback must change no call"
+        assert await post_callback(port, AMD_URL, machine, signed(token, AMD_URL, machine)) == 204
+        [update] = await fake.wait_for_requests(1, operation="update")
+        assert_update(update, fake, sid, VOICEMAIL_TWIML)
+
+
+# ------------------------------------------------------------- bugs found by these tests, now fixed
+
+
+async def test_a_voicemail_stream_that_resumes_still_leaves_the_voicemail_message(
+    make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """The agent drops before the voicemail message was said: the resumed session must say it."""
+    async with FakeTwilioRest() as fake, FakeAgent() as agent, make_bridge(
+        agent, voicemail_message=VOICEMAIL, agent_reconnect_delays=(0.05,), **rest_settings(fake)
+    ) as server:
+        parameters = {**CALL_PARAMETERS, "bridge_mode": "voicemail"}
+        async with call_with_agent(server, fake, agent, parameters=parameters) as (caller, session):
+            assert session.settings is not None and session.settings["agent"]["greeting"] == VOICEMAIL
+            session.drop()
+            resumed = await agent.session(1)
+            await eventually(lambda: resumed.settings is not None, what="the resumed session's Settings")
+            greeting = resumed.settings["agent"].get("greeting")  # type: ignore[index]
+            await caller.stop()
+    assert greeting == VOICEMAIL, f"the machine would record {greeting!r}"
+
+
+async def test_a_get_machine_verdict_redirects_with_only_the_calls_own_parameters(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory
+) -> None:
+    """A GET verdict (AsyncAmdStatusCallbackMethod=GET is allowed by Twilio) redirects like a POST one."""
+    async with FakeTwilioRest() as fake, make_bridge(fake_agent, **rest_settings(fake)) as server:
+        sid = "CA" + "5" * 32
+        url = AMD_URL + "&" + urllib.parse.urlencode(verdict(sid, "machine_end_beep"))
+        assert await get_callback(server.port, url, signed(fake.auth_token, url, {})) == 204
+        [update] = await fake.wait_for_requests(1, operation="update")
+    assert update.field("Twiml") == VOICEMAIL_TWIML
+
+
+# ------------------------------------------------------------------------------ startup checks
 
 
 def config_with_transfer(tmp_path: Path) -> Path:
@@ -374,6 +785,7 @@ def config_with_transfer(tmp_path: Path) -> Path:
 
 
 def test_declaring_transfer_call_without_its_settings_is_a_startup_error(tmp_path: Path) -> None:
+    """config.json declares transfer_call but .env has no TRANSFER_NUMBER: exit 2, one sentence."""
     done = run_main(["--config", str(config_with_transfer(tmp_path)), "--port", "0"], {"DEEPGRAM_API_KEY": "k"}, tmp_path)
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
@@ -381,6 +793,7 @@ def test_declaring_transfer_call_without_its_settings_is_a_startup_error(tmp_pat
 
 
 def test_startup_says_once_which_call_control_features_are_off() -> None:
+    """One line per feature that is off, naming what turns it on; none when all are on."""
     from bridge.config import load_settings
     from main import call_control_status
 
@@ -393,7 +806,7 @@ def test_startup_says_once_which_call_control_features_are_off() -> None:
         "call transfer is off", "FALLBACK_NUMBER is not set", "outbound calls are off"]
     everything = load_settings({"DEEPGRAM_API_KEY": "k", "TWILIO_ACCOUNT_SID": "AC" + "a" * 32, "TWILIO_AUTH_TOKEN": "t",
                                 "PUBLIC_URL": HOST, "TRANSFER_NUMBER": TRANSFER, "FALLBACK_NUMBER": FALLBACK,
-                                "TWILIO_PHONE_NUMBER": "+15559990000"})
+                                "TWILIO_PHONE_NUMBER": OUR_NUMBER})
     assert call_control_status(everything) == []
 
 
@@ -405,6 +818,7 @@ def test_startup_says_once_which_call_control_features_are_off() -> None:
     ({"TWILIO_API_URL": "ftp://x"}, "TWILIO_API_URL must be an http(s)"),
 ])
 def test_call_control_settings_are_validated_in_one_sentence(env: dict[str, str], expected: str) -> None:
+    """Each bad call-control setting is refused at load time with one sentence naming it."""
     from bridge.config import ConfigError, load_settings
 
     with pytest.raises(ConfigError) as caught:
