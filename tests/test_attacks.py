@@ -16,6 +16,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -193,6 +194,10 @@ async def test_caller_audio_for_an_agent_that_never_gets_ready_is_capped(
             await eventually(lambda: sending.done() or session.caller.transport.is_reading() is False, 10)
             assert session.caller._inbox_bytes <= 2 * 256 * 1024 + 16_000  # the cap, plus the read that crossed it
             sending.cancel()
+            # The bridge is (rightly) not reading us, so a polite close would wait out websockets'
+            # 10 s close timeout: hang up the TCP connection instead.
+            assert caller.socket is not None
+            caller.socket.transport.abort()
     assert sum("wait for the agent session" in r.getMessage() for r in caplog.records) == 1
 
 
@@ -376,3 +381,543 @@ async def test_agent_messages_of_any_shape_are_survived_and_records_stay_strict_
     lines = [strict_json(line) for line in path.read_text().splitlines()]
     assert lines[-1]["bad_input"]["deepgram:bad-functions"] == 3
     assert lines[-1]["bad_input"]["deepgram:non-finite-number"] == 2
+
+
+# ------------------------------------------------------- the bridge as its own process (main.py)
+#
+# Memory, file descriptors and signals are properties of a process: these attacks run against
+# main.py in a subprocess, where RSS (/proc/PID/status) is the bridge's alone, not the test
+# runner's. Protocol settings that have no environment variable are set by a bootstrap that runs
+# main.main() with ``dataclasses.replace`` applied to the settings it loads (and, when asked,
+# RLIMIT_NOFILE lowered first). A field the Settings don't have is reported on stderr and fails
+# the test at its end, after its behavioural checks.
+
+SETTINGS_BOOTSTRAP = r"""
+import dataclasses, json, os, resource, sys
+if os.environ.get("ATTACK_TEST_MAX_OPEN_FILES"):
+    limit = int(os.environ.pop("ATTACK_TEST_MAX_OPEN_FILES"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))  # soft = hard: main.py can't raise it
+sys.path.insert(0, sys.argv.pop(1))
+import main
+from bridge.config import Settings
+wanted = json.loads(os.environ.pop("ATTACK_TEST_SETTINGS", "{}"))
+known = {field.name for field in dataclasses.fields(Settings)}
+for name in sorted(set(wanted) - known):
+    print(f"ATTACK-TEST: Settings has no field {name}; override ignored", file=sys.stderr, flush=True)
+overrides = {name: value for name, value in wanted.items() if name in known}
+load_settings = main.load_settings
+main.load_settings = lambda *args, **kwargs: dataclasses.replace(load_settings(*args, **kwargs), **overrides)
+sys.exit(main.main())
+"""
+
+
+class BridgeProcess:
+    """``async with BridgeProcess(...) as bridge``: main.py on 127.0.0.1, its stderr kept in a file."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        agent: FakeAgent,
+        *,
+        env: dict[str, str] | None = None,
+        settings: dict[str, Any] | None = None,
+        max_open_files: int | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.tmp_path = tmp_path
+        self.calls_dir = tmp_path / "calls"
+        self.log_path = tmp_path / "bridge-stderr.log"
+        self.env = {
+            **os.environ,
+            "DEEPGRAM_API_KEY": "test-key-not-secret",
+            "DEEPGRAM_AGENT_URL": agent.url,
+            "CALLS_DIR": str(self.calls_dir),
+            "LOG_LEVEL": "INFO",
+            **(env or {}),
+        }
+        self.settings = settings
+        self.max_open_files = max_open_files
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def __aenter__(self) -> BridgeProcess:
+        flags = ["--host", "127.0.0.1", "--port", str(self.port), "--env-file", str(empty_env(self.tmp_path))]
+        if self.settings or self.max_open_files:
+            command = [sys.executable, "-c", SETTINGS_BOOTSTRAP, str(ROOT), *flags]
+            self.env["ATTACK_TEST_SETTINGS"] = json.dumps(self.settings or {})
+            self.env["ATTACK_TEST_MAX_OPEN_FILES"] = str(self.max_open_files or "")
+        else:
+            command = [sys.executable, str(ROOT / "main.py"), *flags]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, env=self.env, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            await eventually(lambda: self.process.poll() is not None or _up(self.port), 15, "the bridge to start")
+        except AssertionError:
+            await self.__aexit__()
+            raise AssertionError(f"the bridge did not start; its log:\n{self.log_tail()}") from None
+        if self.process.poll() is not None:
+            raise AssertionError(f"the bridge exited at startup ({self.process.returncode}):\n{self.log_tail()}")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            await asyncio.to_thread(self.process.wait, 10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def memory_kb(self, field: str) -> int:
+        """``VmRSS`` or ``VmHWM`` (peak RSS) of the bridge, in kB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise AssertionError(f"no {field} in /proc/{self.pid}/status")
+
+    def live_calls(self) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as response:
+            return int(json.load(response)["calls"])
+
+    def ignored_overrides(self) -> list[str]:
+        return [line for line in self.log().splitlines() if line.startswith("ATTACK-TEST:")]
+
+
+class MemoryWatch:
+    """How much the bridge's resident memory rose above a baseline, at its peak, during a block.
+
+    The kernel's high-water mark (VmHWM) catches a peak between samples; the samples are used
+    when the peak stayed under the high-water mark the process had already reached before.
+    """
+
+    def __init__(self, bridge: BridgeProcess) -> None:
+        self.bridge = bridge
+        self.baseline_kb = bridge.memory_kb("VmRSS")
+        self.hwm_before_kb = bridge.memory_kb("VmHWM")
+        self.sampled_peak_kb = self.baseline_kb
+        self._sampler: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> MemoryWatch:
+        self._sampler = asyncio.create_task(self._sample())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._sampler is not None
+        self._sampler.cancel()
+        await asyncio.gather(self._sampler, return_exceptions=True)
+
+    async def _sample(self) -> None:
+        while True:
+            try:
+                self.sampled_peak_kb = max(self.sampled_peak_kb, self.bridge.memory_kb("VmRSS"))
+            except (OSError, AssertionError):
+                return  # the process is gone
+            await asyncio.sleep(0.02)
+
+    def growth_mb(self) -> float:
+        hwm = self.bridge.memory_kb("VmHWM")
+        peak = hwm if hwm > self.hwm_before_kb else max(self.sampled_peak_kb, self.bridge.memory_kb("VmRSS"))
+        return (peak - self.baseline_kb) / 1024
+
+
+class HealthProbe:
+    """``with HealthProbe(port) as probe``: GET /health every 0.1 s on a thread; the slowest answer is kept."""
+
+    def __init__(self, port: int, timeout: float = 3.0) -> None:
+        self.port = port
+        self.timeout = timeout
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(self.timeout + 1)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=self.timeout) as response:
+                    response.read()
+                    if response.status != 200:
+                        self.failures.append(f"status {response.status}")
+            except Exception as exc:  # noqa: BLE001 - a refused or timed-out probe is the finding
+                self.failures.append(f"{type(exc).__name__}: {exc}")
+            self.latencies.append(time.monotonic() - started)
+            self._stop.wait(0.1)
+
+    @property
+    def worst(self) -> float:
+        return max(self.latencies, default=float("inf"))
+
+
+async def a_normal_call_works(port: int, agent: FakeAgent, timeout: float = 5.0) -> None:
+    """A well-behaved call on ``port``: its audio reaches its agent and the agent's reaches it."""
+    index = len(agent.sessions)
+    async with FakeTwilioCaller(f"ws://127.0.0.1:{port}/twilio") as caller:
+        await caller.start()
+        session = await agent.session(index, timeout)
+        await eventually(lambda: session.settings is not None, timeout, "the normal call's agent to get Settings")
+        await caller.send_audio(b"\x44" * 3200)
+        await eventually(lambda: len(session.audio) >= 3200, timeout, "the normal call's audio at its agent")
+        await session.send_audio(b"\x45" * 800)
+        await eventually(lambda: len(caller.audio) >= 800, timeout, "the agent's audio at the normal caller")
+        await caller.stop()
+
+
+async def write_until_blocked(
+    writer: asyncio.StreamWriter, chunk: bytes, *, total_bytes: int, seconds: float, stuck_after: float = 1.0
+) -> tuple[int, str]:
+    """Write ``chunk`` over and over: at most ``total_bytes``, for at most ``seconds``.
+
+    Returns the bytes written and why it stopped: "all sent", "time up", "blocked" (a write
+    waited ``stuck_after`` s: the bridge stopped reading, i.e. backpressure) or "closed" (the
+    bridge closed the connection).
+    """
+    sent = 0
+    deadline = time.monotonic() + seconds
+    while sent < total_bytes:
+        if time.monotonic() > deadline:
+            return sent, "time up"
+        writer.write(chunk)
+        sent += len(chunk)
+        try:
+            await asyncio.wait_for(writer.drain(), stuck_after)
+        except TimeoutError:
+            return sent, "blocked"
+        except ConnectionError:
+            return sent, "closed"
+    return sent, "all sent"
+
+
+def start_frame(caller: RawTwilio, call_sid: str, **extra: Any) -> bytes:
+    start = {"streamSid": caller.stream_sid, "callSid": call_sid, "accountSid": "AC" + "0" * 32,
+             "tracks": ["inbound"], **extra}
+    return caller.text({"event": "connected", "protocol": "Call", "version": "1.0.0"}) + caller.text(
+        {"event": "start", "sequenceNumber": "1", "streamSid": caller.stream_sid, "start": start}
+    )
+
+
+def records_by_call_sid(calls_dir: Path) -> dict[str | None, tuple[Path, list[dict[str, Any]]]]:
+    """Every record in ``calls_dir`` by the call SID in its summary (None: the call never started)."""
+    found: dict[str | None, tuple[Path, list[dict[str, Any]]]] = {}
+    for path in sorted(calls_dir.glob("*.jsonl")):
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        summary = lines[-1] if lines and lines[-1].get("event") == "summary" else {}
+        found[summary.get("call_sid")] = (path, lines)
+    return found
+
+
+def mark_batches(caller: RawTwilio, names: int) -> list[bytes]:
+    """Mark echoes for ``names`` distinct names of 2 to 125 characters, as masked frames in batches of 5,000."""
+    return [
+        b"".join(
+            caller.text({"event": "mark", "streamSid": caller.stream_sid, "mark": {"name": f"m{i}-" + "n" * (i % 120)}})
+            for i in range(first, min(first + 5000, names))
+        )
+        for first in range(0, names, 5000)
+    ]
+
+
+def mark_bad_input(summary: dict[str, Any]) -> int:
+    return sum(n for key, n in (summary.get("bad_input") or {}).items() if "mark" in key)
+
+
+async def test_a_mark_flood_before_and_after_start_keeps_memory_and_the_record_flat(
+    fake_agent: FakeAgent, tmp_path: Path
+) -> None:
+    """Attack: 200,000 mark echoes (names the bridge never sent) before any start, then 100,000 after it.
+
+    Must hold: the bridge process's RSS rises by < 30 MB; no record has a line per mark (the
+    pre-start connection's record, if any, is a handful of lines); the started call's record stays
+    under record_max_bytes plus its summary line; the summaries count the marks as bad input.
+    The frame budget is lifted (bootstrap settings) so that every mark is really read: the
+    throttle is tested elsewhere; here it is what the bridge keeps of what it reads.
+    """
+    record_max_bytes = 1_000_000
+    lifted = {"caller_frames_per_second": 1e9, "caller_frame_burst": 10**9, "record_max_bytes": record_max_bytes}
+    problems: list[str] = []
+    async with BridgeProcess(tmp_path, fake_agent, settings=lifted) as bridge:
+        await a_normal_call_works(bridge.port, fake_agent)  # warm-up: the first call's imports and buffers
+        await eventually(lambda: bridge.live_calls() == 0, 5, "the warm-up call to end")
+        url = f"ws://127.0.0.1:{bridge.port}/twilio"
+        async with MemoryWatch(bridge) as memory:
+            early = RawTwilio(url, stream_sid="MZearly")
+            await early.open()
+            assert early.writer is not None
+            batches = mark_batches(early, 20_000)  # sent ten times over
+            early.writer.write(early.text({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+            for _ in range(10):
+                for batch in batches:
+                    early.writer.write(batch)
+                    await early.writer.drain()
+            early.writer.write(Frame(Opcode.CLOSE, b"\x03\xe8").serialize(mask=True))
+            await early.writer.drain()
+            early.close()
+            try:
+                await eventually(lambda: bridge.live_calls() == 0, 20, "the pre-start connection's call to end")
+            except AssertionError as exc:
+                problems.append(str(exc))
+
+            started = RawTwilio(url, stream_sid="MZmarks")
+            await started.open()
+            assert started.writer is not None
+            await started.write(start_frame(started, "CAmarks"))
+            session = await fake_agent.session(1)
+            await eventually(lambda: session.settings is not None, 5, "the started call's agent to be ready")
+            batches = mark_batches(started, 20_000)
+            for _ in range(5):
+                for batch in batches:
+                    started.writer.write(batch)
+                    await started.writer.drain()
+            started.writer.write(started.text({"event": "stop", "streamSid": "MZmarks", "stop": {"callSid": "CAmarks"}}))
+            await started.writer.drain()
+            try:
+                await eventually(lambda: bridge.live_calls() == 0, 20, "the started call to end")
+            except AssertionError as exc:
+                problems.append(str(exc))
+            started.close()
+            growth = memory.growth_mb()
+        if growth >= 30:
+            problems.append(f"the bridge's RSS rose by {growth:.1f} MB (limit 30 MB)")
+        ignored = bridge.ignored_overrides()
+        log_tail = bridge.log_tail()
+
+    records = records_by_call_sid(bridge.calls_dir)
+    for call_sid, expected in ((None, 200_000), ("CAmarks", 100_000)):
+        if call_sid not in records:
+            if call_sid is not None:
+                problems.append(f"no record for {call_sid}; records: {sorted(map(str, records))}")
+            continue
+        path, lines = records[call_sid]
+        per_mark = [line for line in lines if line.get("event") in ("mark_played", "mark_cleared")]
+        if per_mark:
+            problems.append(f"{call_sid}: {len(per_mark)} record lines for forged marks")
+        if len(lines) > 10:
+            problems.append(f"{call_sid}: {len(lines)} record lines, not a handful")
+        summary_bytes = len(path.read_text().splitlines()[-1]) + 1
+        if path.stat().st_size - summary_bytes > record_max_bytes:
+            problems.append(f"{call_sid}: the record's events are {path.stat().st_size - summary_bytes} bytes")
+        counted = mark_bad_input(lines[-1]) if lines and lines[-1].get("event") == "summary" else None
+        if counted != expected:
+            problems.append(f"{call_sid}: bad_input counts {counted} marks, not {expected}")
+    assert not problems, "\n".join(problems) + f"\n--- bridge log:\n{log_tail}"
+    assert not ignored, ignored
+
+
+async def test_caller_audio_flood_while_the_agent_never_answers_keeps_memory_flat(tmp_path: Path) -> None:
+    """Attack: a caller sends 40 MB of audio as fast as it can while its agent never answers Settings.
+
+    Must hold: the bridge's RSS rises by < 30 MB (the held audio is capped and reading from the
+    caller pauses: backpressure), and a normal call at the same time still carries audio both ways.
+    """
+    async with FakeAgent() as agent, BridgeProcess(
+        tmp_path, agent, env={"AGENT_CONNECT_TIMEOUT_SECONDS": "30"}
+    ) as bridge:
+        await a_normal_call_works(bridge.port, agent)  # warm-up
+        await eventually(lambda: bridge.live_calls() == 0, 5, "the warm-up call to end")
+        agent.settings_mode = "ignore"
+        flooder = RawTwilio(f"ws://127.0.0.1:{bridge.port}/twilio", stream_sid="MZflood")
+        await flooder.open()
+        assert flooder.writer is not None
+        await flooder.write(start_frame(flooder, "CAflood"))
+        ignored_session = await agent.session(1)
+        await eventually(lambda: ignored_session.settings is not None, 5, "the flooder's Settings at the agent")
+        agent.settings_mode = "apply"  # for the normal call; the flooder's session stays unanswered
+        frame = flooder.text(media_event("MZflood", 1, 1, b"\x5a" * 32_000))  # 43 KB of JSON, 32 KB of audio
+        problems: list[str] = []
+        async with MemoryWatch(bridge) as memory:
+            audio_bytes = 40 * 1024 * 1024  # as base64 in JSON: 4/3 of that on the wire
+            sent, why = await write_until_blocked(flooder.writer, frame, total_bytes=audio_bytes * 4 // 3, seconds=8)
+            try:
+                await asyncio.wait_for(a_normal_call_works(bridge.port, agent), 10)
+            except (AssertionError, TimeoutError) as exc:
+                problems.append(f"the normal call beside the flood failed: {exc!r}")
+            await asyncio.sleep(0.5)  # the bridge must not keep growing while the flooder is blocked
+            growth = memory.growth_mb()
+        if growth >= 30:
+            problems.append(f"the bridge's RSS rose by {growth:.1f} MB (limit 30 MB)")
+        if len(ignored_session.audio):
+            problems.append(f"the unready agent got {len(ignored_session.audio)} bytes of audio before SettingsApplied")
+        flooder.writer.transport.abort()
+        assert not problems, "\n".join(problems) + f"\n(flooder wrote {sent / 1e6:.1f} MB, then: {why})" + (
+            f"\n--- bridge log:\n{bridge.log_tail()}"
+        )
+
+
+async def test_a_ping_flood_from_a_client_that_never_reads_keeps_memory_flat_and_health_prompt(
+    fake_agent: FakeAgent, tmp_path: Path
+) -> None:
+    """Attack: a Twilio client with a tiny receive buffer writes masked 125-byte pings and never reads.
+
+    Must hold: the bridge's RSS rises by < 30 MB (no backlog of pongs: it stops reading, or cuts
+    the client off), and GET /health answers within 1 s throughout the flood.
+    """
+    async with BridgeProcess(tmp_path, fake_agent) as bridge:
+        await a_normal_call_works(bridge.port, fake_agent)  # warm-up
+        await eventually(lambda: bridge.live_calls() == 0, 5, "the warm-up call to end")
+        flooder = RawTwilio(f"ws://127.0.0.1:{bridge.port}/twilio", stream_sid="MZping")
+        await flooder.open(receive_buffer=4096)
+        assert flooder.writer is not None
+        await flooder.write(start_frame(flooder, "CAping"))
+        await eventually(lambda: fake_agent.sessions[-1].settings is not None, 5, "the flooder's agent")
+        pings = Frame(Opcode.PING, b"p" * 125).serialize(mask=True) * 1000
+        async with MemoryWatch(bridge) as memory:
+            with HealthProbe(bridge.port) as probe:
+                # Up to 400,000 pings (52 MB in, 51 MB of pongs out if the bridge answered them all).
+                sent, why = await write_until_blocked(flooder.writer, pings, total_bytes=400 * len(pings), seconds=8)
+                await asyncio.sleep(1.0)  # the bridge must not keep growing while the flooder is blocked
+            growth = memory.growth_mb()
+        flooder.writer.transport.abort()
+    problems = []
+    if probe.failures:
+        problems.append(f"/health failed during the flood: {probe.failures[:3]}")
+    if probe.worst >= 1.0:
+        problems.append(f"/health took {probe.worst:.2f} s during the flood")
+    if growth >= 30:
+        problems.append(f"the bridge's RSS rose by {growth:.1f} MB (limit 30 MB)")
+    assert not problems, "\n".join(problems) + (
+        f"\n(flooder wrote {sent // 131:,} pings, then: {why}; {len(probe.latencies)} health probes)"
+    )
+
+
+async def test_a_crowd_of_stalled_handshakes_cannot_use_up_file_descriptors(
+    fake_agent: FakeAgent, tmp_path: Path
+) -> None:
+    """Attack: 1,100 connections each send half an HTTP request and stall, at a 1,024-descriptor limit.
+
+    Must hold (main.py with RLIMIT_NOFILE soft = hard = 1024, handshake_timeout_seconds = 3):
+    GET /health answers 200 within 1 s and a normal call carries audio while they are stalled;
+    the bridge's log has one warning (a few at most, not hundreds) about the handshake limit;
+    at most max_handshakes (256) of them are left open, and all are closed by the bridge within
+    the handshake timeout (+ 2 s).
+    """
+    handshake_timeout = 3.0
+    problems: list[str] = []
+    async with BridgeProcess(
+        tmp_path, fake_agent, settings={"handshake_timeout_seconds": handshake_timeout}, max_open_files=1024
+    ) as bridge:
+        readers: list[asyncio.StreamReader] = []
+        writers: list[asyncio.StreamWriter] = []
+        failed_connects = 0
+
+        async def stall() -> None:
+            nonlocal failed_connects
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", bridge.port), 3)
+            except (OSError, TimeoutError):
+                failed_connects += 1
+                return
+            writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+            readers.append(reader)
+            writers.append(writer)
+
+        try:
+            for _ in range(11):
+                await asyncio.gather(*(stall() for _ in range(100)))
+            stalled_at = time.monotonic()
+
+            def closed(reader: asyncio.StreamReader) -> bool:
+                return reader.at_eof() or reader.exception() is not None
+
+            try:
+                health = await asyncio.wait_for(health_in_thread(bridge.port), 2)
+                if health >= 1:
+                    problems.append(f"/health took {health:.2f} s with the crowd stalled")
+            except Exception as exc:  # noqa: BLE001 - no answer at all is the finding
+                problems.append(f"/health did not answer with the crowd stalled: {exc!r}")
+            try:
+                await asyncio.wait_for(a_normal_call_works(bridge.port, fake_agent), 5)
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"a normal call failed with the crowd stalled: {exc!r}")
+            open_now = sum(not closed(reader) for reader in readers)
+            if open_now > 256 + 10:
+                problems.append(f"{open_now} stalled connections still open (max_handshakes is 256)")
+            try:
+                await eventually(
+                    lambda: all(closed(reader) for reader in readers),
+                    max(0.5, handshake_timeout + 2 - (time.monotonic() - stalled_at)),
+                    "every stalled connection to be closed by the bridge",
+                )
+            except AssertionError as exc:
+                problems.append(f"{exc}: {sum(not closed(r) for r in readers)} still open")
+        finally:
+            for writer in writers:
+                writer.transport.abort()
+        limit_lines = [
+            line for line in bridge.log().splitlines()
+            if "handshake" in line.lower() and "limit" in line.lower() and "WARNING" in line
+        ]
+        if not 1 <= len(limit_lines) <= 3:
+            problems.append(f"{len(limit_lines)} warning lines about the handshake limit, not one: {limit_lines[:3]}")
+        errors = [line for line in bridge.log().splitlines() if " ERROR " in line or "Traceback" in line]
+        if errors:
+            problems.append(f"{len(errors)} error lines in the log, e.g. {errors[:2]}")
+        ignored = bridge.ignored_overrides()
+        detail = f"({len(readers)} connected, {failed_connects} failed to connect)\n--- bridge log:\n{bridge.log_tail()}"
+    assert not problems, "\n".join(problems) + "\n" + detail
+    assert not ignored, ignored
+
+
+async def test_sigterm_exits_in_time_while_the_agent_floods_a_caller_that_never_reads(
+    fake_agent: FakeAgent, tmp_path: Path
+) -> None:
+    """Attack: SIGTERM while the caller reads nothing and the agent keeps sending audio, nonstop.
+
+    Must hold: main.py exits with 0 within DRAIN_SECONDS + 5 s, and the call's record is on disk
+    with its summary line last.
+    """
+    drain = 1.0
+    async with BridgeProcess(tmp_path, fake_agent, env={"DRAIN_SECONDS": str(drain)}) as bridge:
+        caller = RawTwilio(f"ws://127.0.0.1:{bridge.port}/twilio", stream_sid="MZwedged")
+        await caller.open(receive_buffer=4096)
+        await caller.write(start_frame(caller, "CAwedged"))
+        session = await fake_agent.session()
+        await eventually(lambda: session.settings is not None, 5, "the agent to be ready")
+        sent = 0
+
+        async def flood() -> None:
+            nonlocal sent
+            chunk = b"\x22" * 32_000
+            try:
+                while True:
+                    await asyncio.wait_for(session.send_audio(chunk), 10)
+                    sent += len(chunk)
+            except Exception:  # noqa: BLE001 - the bridge closed the agent's socket: the flood is over
+                pass
+
+        flooding = asyncio.create_task(flood())
+        try:
+            await eventually(lambda: sent >= 3_000_000 or flooding.done(), 10, "3 MB of agent audio to be sent")
+            assert bridge.process is not None
+            started = time.monotonic()
+            bridge.process.send_signal(signal.SIGTERM)
+            try:
+                code = await asyncio.to_thread(bridge.process.wait, drain + 5)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(
+                    f"still running {drain + 5} s after SIGTERM (DRAIN_SECONDS={drain})\n{bridge.log_tail()}"
+                ) from None
+            took = time.monotonic() - started
+        finally:
+            flooding.cancel()
+            await asyncio.gather(flooding, return_exceptions=True)
+            caller.close()
+        assert code == 0, f"exit code {code}\n{bridge.log_tail()}"
+        records = list(bridge.calls_dir.glob("*.jsonl"))
+        assert len(records) == 1, f"{records}\n{bridge.log_tail()}"
+        last = json.loads(records[0].read_text().splitlines()[-1])
+        assert last["event"] == "summary", last
+        assert took < drain + 5
