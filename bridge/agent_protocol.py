@@ -1,7 +1,7 @@
 """The Deepgram Voice Agent API v1 messages, as plain functions with no I/O.
 
-Building what we send (Settings, FunctionCallResponse, KeepAlive) and reading what the agent
-sends (docs/protocols.md sections 5 and 6). Audio is binary and never passes through here.
+Building what we send (Settings, FunctionCallResponse, KeepAlive, InjectUserMessage,
+InjectAgentMessage) and reading what the agent sends (docs/protocols.md sections 5 and 6). Audio is binary and never passes through here.
 Whatever shape a message has, reading it either succeeds or raises ``AgentProtocolError``.
 """
 
@@ -19,6 +19,17 @@ KEEPALIVE = '{"type":"KeepAlive"}'
 MAX_FUNCTION_ID_CHARS = 256
 MAX_FUNCTION_NAME_CHARS = 128
 MAX_FUNCTION_ARGUMENTS_CHARS = 64 * 1024
+LATENCY_REPORT_FIELDS = (
+    "stt_latency",
+    "ttt_token_latency",
+    "ttt_text_latency",
+    "ttt_tool_latency",
+    "ttt_thinking_latency",
+    "tts_latency",
+    "total_latency",
+)
+CONTEXT_TEXT_CHARS = 1 << 20  # config.json's own context is not cut short
+HISTORY_FUNCTION_CALL_KEYS = ("id", "name", "client_side", "arguments", "response")
 
 
 class AgentProtocolError(ProtocolError):
@@ -32,6 +43,8 @@ class FunctionCall:
     id: str
     name: str
     arguments: str  # still JSON text: parsing it is the runner's job, so errors become answers
+    # Some Gemini models identify a call by this too; it goes back with the call in the history.
+    thought_signature: str | None = None
 
 
 def _refuse_constant(name: str) -> Any:
@@ -56,9 +69,10 @@ def parse_message(text: str) -> dict[str, Any]:
 def settings_message(settings: dict[str, Any], history: list[str]) -> str:
     """The Settings message: config.json, with the conversation so far preloaded when resuming.
 
-    ``history`` holds items made by ``history_text`` and ``history_function_call``.
+    ``history`` holds items made by ``history_text``, ``history_function_call`` and
+    ``history_item``. An ``agent`` that is a saved agent's id can't be given a history.
     """
-    if not history:
+    if not history or not isinstance(settings.get("agent"), dict):
         return json.dumps(settings)
     resumed = copy.deepcopy(settings)
     # The caller has been greeted already; a resumed session carries on mid-conversation.
@@ -68,8 +82,28 @@ def settings_message(settings: dict[str, Any], history: list[str]) -> str:
     return json.dumps(resumed)
 
 
+def context_keys(settings: dict[str, Any]) -> list[str]:
+    """The ``history_item`` keys of the messages config.json preloads (``agent.context.messages``)."""
+    agent = settings.get("agent")
+    context = agent.get("context") if isinstance(agent, dict) else None
+    messages = context.get("messages") if isinstance(context, dict) else None
+    if not isinstance(messages, list):
+        return []
+    keys = []
+    for message in messages:
+        parsed = history_item(message, CONTEXT_TEXT_CHARS) if isinstance(message, dict) else None
+        if parsed is not None:
+            keys.append(parsed[0])
+    return keys
+
+
 def voicemail_settings(settings: dict[str, Any], message: str) -> str:
-    """Settings for leaving a voicemail message: the agent's greeting is the message."""
+    """Settings for leaving a voicemail message: the agent's greeting is the message.
+
+    A saved agent (``agent`` is its id) keeps its own greeting; the call injects the message.
+    """
+    if not isinstance(settings.get("agent"), dict):
+        return json.dumps(settings)
     voicemail = copy.deepcopy(settings)
     voicemail["agent"]["greeting"] = message
     return json.dumps(voicemail)
@@ -84,8 +118,54 @@ def history_text(role: str, content: str) -> str:
 
 
 def history_function_call(call: FunctionCall, response: str) -> str:
-    item = {"id": call.id, "name": call.name, "client_side": True, "arguments": call.arguments, "response": response}
+    item: dict[str, Any] = {
+        "id": call.id, "name": call.name, "client_side": True, "arguments": call.arguments, "response": response
+    }
+    if call.thought_signature is not None:
+        item["thought_signature"] = call.thought_signature
     return json.dumps({"type": "History", "function_calls": [item]})
+
+
+def inject_user_message(content: str) -> str:
+    """Text the agent takes as if the caller had said it (keypad digits)."""
+    return json.dumps({"type": "InjectUserMessage", "content": content})
+
+
+def inject_agent_message(message: str) -> str:
+    """Text the agent says now (a re-prompt, a goodbye). The field is ``message``, not ``content``."""
+    return json.dumps({"type": "InjectAgentMessage", "message": message})
+
+
+def history_item(message: dict[str, Any], max_text_chars: int) -> tuple[str, str] | None:
+    """A ``History`` message from Deepgram as ``(key, item JSON)``, or None if it isn't usable.
+
+    The key says which turn or function calls the item is about, so the bridge's own copy of the
+    same thing can be matched to it: ``t:<role>:<content>`` or ``f:<id>,<id>...``. Only the keys
+    the v1 schema gives a History item are kept, so a resumed Settings stays valid.
+    """
+    role, content, calls = message.get("role"), message.get("content"), message.get("function_calls")
+    if isinstance(role, str) and isinstance(content, str) and calls is None:
+        role = "user" if role == "user" else "assistant"
+        content = content[:max_text_chars]
+        return f"t:{role}:{content}", history_text(role, content)
+    if isinstance(calls, list) and calls and role is None and content is None:
+        items = []
+        for entry in calls:
+            if not isinstance(entry, dict):
+                return None
+            item = {key: entry.get(key) for key in HISTORY_FUNCTION_CALL_KEYS}
+            if not all(isinstance(item[key], str) for key in ("id", "name", "arguments", "response")):
+                return None
+            if not isinstance(item["client_side"], bool) or len(item["arguments"]) > MAX_FUNCTION_ARGUMENTS_CHARS:
+                return None
+            item["response"] = item["response"][:MAX_FUNCTION_ARGUMENTS_CHARS]
+            signature = entry.get("thought_signature")
+            if isinstance(signature, str) and len(signature) <= MAX_FUNCTION_ARGUMENTS_CHARS:
+                item["thought_signature"] = signature
+            items.append(item)
+        key = "f:" + ",".join(item["id"] for item in items)
+        return key, json.dumps({"type": "History", "function_calls": items})
+    return None
 
 
 def function_call_response(call: FunctionCall, content: str) -> str:
@@ -129,7 +209,10 @@ def client_side_calls(message: dict[str, Any]) -> tuple[list[FunctionCall], int]
         ):
             malformed += 1
             continue
-        calls.append(FunctionCall(id=call_id, name=name, arguments=arguments))
+        signature = entry.get("thought_signature")
+        if not isinstance(signature, str) or len(signature) > MAX_FUNCTION_ARGUMENTS_CHARS:
+            signature = None
+        calls.append(FunctionCall(id=call_id, name=name, arguments=arguments, thought_signature=signature))
     return calls, malformed
 
 

@@ -118,11 +118,27 @@ TRANSFER_FAILED_MESSAGE = (
 TURN_MARK = "agent-turn"
 # end_call after the goodbye was sent: how long to allow for any last words before hanging up.
 HANGUP_GRACE_SECONDS = 1.5
+AGENT_HANGUP_REASON = "agent ended the call"
+IDLE_HANGUP_REASON = "caller silent"
 MULAW_BYTES_PER_SECOND = 8000
 # Distinct kinds of bad input counted per call; more kinds than this share one counter.
 MAX_BAD_INPUT_KINDS = 32
 # Transcript text kept for the resume history and sent to the browser page.
 MAX_TEXT_CHARS = 8000
+# The resume history keeps the newest this many items (turns and function calls): about two
+# hours of conversation, and a Settings message Deepgram still takes.
+MAX_HISTORY_ITEMS = 400
+# Ours and Deepgram's copy of the same turn arrive close together: matched within this many items.
+HISTORY_MATCH_WINDOW = 16
+# A mid-call Error resumes the session (Deepgram ends a session on every Error); a call that
+# keeps getting them ends after this many, as it would after a drop that can't be resumed.
+MAX_ERROR_RESUMES = 3
+# Keypad digits gathered before they go to the agent without waiting for # or the timeout.
+MAX_DTMF_DIGITS = 32
+# Injected texts kept to recognise the agent's echo of them (keypad digits are kept out of records).
+KEYPAD_ECHOES_KEPT = 8
+KEYPAD_REDACTED = "(keypad digits)"
+KEY_WORDS = {"*": "star", "#": "pound"}
 
 
 class Phase(enum.Enum):
@@ -142,6 +158,8 @@ class Timer(enum.Enum):
     HANGUP_FALLBACK = "hangup-fallback"
     HANGUP_GRACE = "hangup-grace"
     TAIL_FLUSH = "tail-flush"
+    DTMF = "dtmf"
+    IDLE = "idle"
 
 
 # ------------------------------------------------------------------------------------ actions
@@ -292,6 +310,99 @@ class RunningFunction:
     is_async: bool
 
 
+class _HistoryEntry:
+    __slots__ = ("key", "item", "from_deepgram", "unmatched")
+
+    def __init__(self, key: str, item: str, from_deepgram: bool, unmatched: set[str]) -> None:
+        self.key = key
+        self.item = item
+        self.from_deepgram = from_deepgram
+        self.unmatched = unmatched  # what the other side's copy has yet to match
+
+
+def _history_parts(key: str) -> set[str]:
+    """A function-calls key names each call; Deepgram may put several calls in one item."""
+    if key.startswith("f:"):
+        return {f"f:{call_id}" for call_id in key[2:].split(",")}
+    return {key}
+
+
+class ResumeHistory:
+    """The conversation so far, for a resumed session's ``agent.context.messages``.
+
+    Deepgram sends ``History`` messages as the conversation goes, server-side function calls
+    included: those are the faithful record and are preferred. The bridge keeps its own copy of
+    each turn (``ConversationText``) and each client-side function call, used only where
+    Deepgram's is missing (``flags.history`` off, a message lost in a drop). Each item has a key
+    (``agent_protocol.history_item``); the two copies of one thing are matched within a short
+    window, whichever comes first, and Deepgram's text wins. Items are JSON text: a call holds
+    one per turn for as long as it lasts, and text is half the memory of dicts.
+    """
+
+    def __init__(self) -> None:
+        self._entries: list[_HistoryEntry] = []
+        # Keys of what a new session was given as context, which Deepgram may echo as History.
+        self._replay: deque[str] = deque()
+
+    def ours(self, key: str, item: str) -> None:
+        parts = _history_parts(key)
+        for entry in self._recent():
+            if entry.from_deepgram and parts <= entry.unmatched:
+                entry.unmatched -= parts
+                return
+        self._append(_HistoryEntry(key, item, False, parts))
+
+    def theirs(self, key: str, item: str) -> bool:
+        """Deepgram's item; False if it only echoed context the session was given."""
+        if self._replay:
+            if self._replay[0] == key:
+                self._replay.popleft()
+                return False
+            self._replay.clear()
+        parts = _history_parts(key)
+        unmatched = set(parts)
+        replaced: _HistoryEntry | None = None
+        for entry in self._recent():
+            if not entry.from_deepgram and entry.unmatched and entry.unmatched <= unmatched:
+                unmatched -= entry.unmatched
+                if replaced is None:
+                    replaced = entry
+                else:  # Deepgram put several of our calls in one item: it replaces them all
+                    self._entries.remove(entry)
+        if replaced is None:
+            self._append(_HistoryEntry(key, item, True, unmatched))
+        else:
+            replaced.key, replaced.item, replaced.from_deepgram, replaced.unmatched = key, item, True, unmatched
+        return True
+
+    def given_as_context(self, keys: list[str]) -> None:
+        """A new session starts from these items; echoes of them are not new history."""
+        self._replay = deque(keys)
+
+    def conversation_moved_on(self) -> None:
+        self._replay.clear()
+
+    def keys(self) -> list[str]:
+        return [entry.key for entry in self._entries]
+
+    def items(self) -> list[str]:
+        return [entry.item for entry in self._entries]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, index: int) -> str:
+        return self._entries[index].item
+
+    def _recent(self) -> list[_HistoryEntry]:
+        return self._entries[:-HISTORY_MATCH_WINDOW - 1:-1]
+
+    def _append(self, entry: _HistoryEntry) -> None:
+        self._entries.append(entry)
+        if len(self._entries) > MAX_HISTORY_ITEMS:
+            del self._entries[0]
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
@@ -326,7 +437,9 @@ class Call:
         self.agent_stage: str | None = None  # what the attempt in progress waits for
         self.generation = 0  # bumped per ready session; answers for an older one are not sent
         self.attempt = 0  # resume attempts made for the current drop
-        self.history: list[str] = []  # JSON items, for a resumed session's context
+        self.history = ResumeHistory()
+        self.request_ids: list[str] = []  # each session's Welcome request_id: what Deepgram support asks for
+        self._error_resumes = 0
         self._agent_timeout = 0.0
         self._last_agent_send = 0.0
 
@@ -350,6 +463,16 @@ class Call:
         self.transfer_reason: str | None = None
         self.transferring = False  # TransferCall returned; transfer_finished not yet
         self.voicemail = False
+        self._hangup_reason = AGENT_HANGUP_REASON  # what the call ends as once the goodbye is heard
+
+        # Keypad digits, silence and the texts injected into the conversation for them.
+        self._digits: list[str] = []
+        self._keypad_echoes: deque[str] = deque(maxlen=KEYPAD_ECHOES_KEPT)
+        self._idle_stage = 0  # 0: waiting to re-prompt; 1: re-prompted, waiting to say goodbye
+        self._injections_waiting: list[tuple[str, str]] = []  # (kind, message) until the agent is ready
+        self._last_injection: tuple[str, str] | None = None
+        self._injection_retry: tuple[str, str] | None = None
+        self._injection_retried = False
 
         # Functions.
         self.functions: dict[str, RunningFunction] = {}
@@ -368,6 +491,9 @@ class Call:
         self.warnings = 0
         self.errors = 0
         self.agent_latencies: list[float] = []
+        self.latency_reports = 0
+        self.keypad_entries = 0
+        self.idle_reprompts = 0
         self._last_transfer_reason: str | None = None
 
     # ------------------------------------------------------------------------ the Twilio side
@@ -421,8 +547,7 @@ class Call:
             if event == "dtmf":
                 if not started:
                     return self._reject("twilio", "dtmf-before-start", "Twilio sent a dtmf event before start")
-                # The digit itself may be a PIN: it stays out of the log and the record.
-                return [Log(logging.INFO, "caller pressed a key"), Record("dtmf", {})]
+                return self._key_pressed(twilio.dtmf_digit(message), now)
             if event == "connected":
                 return [Log(logging.DEBUG, "Twilio connected")]
             return self._reject("twilio", "unknown-event", f"unknown Twilio event {clean(event, 40)}")
@@ -527,10 +652,10 @@ class Call:
         self.marks_out.discard(name)
         actions: list[Action] = [Record("mark_played", {"name": name})]
         if self.hangup_requested and name.startswith(HANGUP_MARK):
-            actions += self._goodbye_heard("agent ended the call")
+            actions += self._goodbye_heard()
         elif self.hangup_when_heard:
             actions += self._hang_up_if_all_heard()
-        return actions
+        return actions + self._rearm_idle(now)
 
     # ------------------------------------------------------------------------- the agent side
 
@@ -615,13 +740,19 @@ class Call:
         kind = message["type"]
         if kind == "Welcome" and self.agent_stage == "welcome":
             self.agent_stage = "settings"
-            settings = (
-                agent.settings_message(self.agent_settings, self.history)
-                if self.phase is Phase.RESUMING and not self.voicemail
-                else self.settings_json  # a voicemail stream says its message again after a drop
-            )
+            request_id = clean(message.get("request_id"), 100)
+            if len(self.request_ids) < MAX_BAD_INPUT_KINDS:
+                self.request_ids.append(request_id)
+            context_keys = agent.context_keys(self.agent_settings)
+            if self.phase is Phase.RESUMING and not self.voicemail:
+                settings = agent.settings_message(self.agent_settings, self.history.items())
+                context_keys += self.history.keys()
+            else:
+                settings = self.settings_json  # a voicemail stream says its message again after a drop
+            self.history.given_as_context(context_keys)
             return [
-                Record("agent_session", {"request_id": clean(message.get("request_id"), 100)}),
+                Log(logging.INFO, "Deepgram session request_id %s", (request_id,)),
+                Record("agent_session", {"request_id": request_id}),
                 SendToAgent(settings),
             ]
         if kind == "SettingsApplied" and self.agent_stage == "settings":
@@ -671,6 +802,13 @@ class Call:
         if self.voicemail and not resumed:
             bound = self.settings.hangup_timeout_seconds + VOICEMAIL_EXTRA_SECONDS
             actions.append(ArmTimer(Timer.HANGUP_FALLBACK, now + bound))
+        if self.voicemail and not isinstance(self.agent_settings.get("agent"), dict):
+            # A saved agent's greeting can't be replaced: the agent says the message instead.
+            actions += self._inject("voicemail", agent.inject_agent_message(self.settings.voicemail_message))
+        waiting, self._injections_waiting = self._injections_waiting, []
+        for kind, text in waiting:  # keypad digits pressed while the session opened
+            actions += self._inject(kind, text)
+        actions += self._rearm_idle(now)
         if self.caller_gone:
             actions.append(CancelTimer(Timer.TAIL_FLUSH))
             actions += self._end(self.end_reason or "caller hung up")
@@ -716,29 +854,65 @@ class Call:
     def _agent_message(self, message: dict[str, Any], now: float) -> Sequence[Action]:
         kind = message["type"]
         if kind == "UserStartedSpeaking":
-            return self._barge_in()
+            return self._barge_in(now)
         if kind == "ConversationText":
-            return self._conversation_text(message)
+            return self._conversation_text(message, now)
         if kind == "AgentAudioDone":
             return self._agent_audio_done(now)
         if kind == "FunctionCallRequest":
             return self._function_call_request(message, now)
         if kind == "FunctionCallCancelled":
-            return self._function_call_cancelled(message)
+            return self._function_call_cancelled(message, now)
         if kind == "AgentStartedSpeaking":
             return self._agent_started_speaking(message)
+        if kind == "History":
+            return self._history(message)
+        if kind == "LatencyReport":
+            return self._latency_report(message)
+        if kind == "InjectionRefused":
+            return self._injection_refused(message)
         if kind == "Warning":
             return self._on_warning(message)
         if kind == "Error":
-            code, description = clean(message.get("code"), 60), clean(message.get("description"), 200)
-            self.errors += 1
-            return [
-                Log(logging.ERROR, "Deepgram error %s: %s", (code, description)),
-                Record("error", {"source": "deepgram", "code": code, "description": description}),
-                *self._end(f"Deepgram error {code}", fallback=True),
-            ]
-        # Welcome, History, AgentThinking, PromptUpdated and types that don't exist yet.
+            return self._error_mid_call(message, now)
+        # Welcome, AgentThinking, PromptUpdated and types that don't exist yet.
         return [Log(logging.DEBUG, "agent message %s", (clean(kind, 40),))]
+
+    def _error_mid_call(self, message: dict[str, Any], now: float) -> list[Action]:
+        """Deepgram ends a session on every Error: resume it, as after a drop, a bounded number of times."""
+        code, description = clean(message.get("code"), 60), clean(message.get("description"), 200)
+        self.errors += 1
+        self._error_resumes += 1
+        actions: list[Action] = [Record("error", {"source": "deepgram", "code": code, "description": description})]
+        if self._error_resumes > MAX_ERROR_RESUMES or self.caller_gone:
+            actions.append(Log(logging.ERROR, "Deepgram error %s: %s; ending the call", (code, description)))
+            return actions + self._end(f"Deepgram error {code}", fallback=True)
+        self.agent_ready = False
+        actions += [
+            Log(
+                logging.WARNING,
+                "Deepgram error %s: %s; resuming the session (%d of %d)",
+                (code, description, self._error_resumes, MAX_ERROR_RESUMES),
+            ),
+            CancelTimer(Timer.KEEPALIVE),
+            CloseAgent(),
+        ]
+        return actions + self._start_resume(now)
+
+    def _history(self, message: dict[str, Any]) -> list[Action]:
+        parsed = agent.history_item(message, MAX_TEXT_CHARS)
+        if parsed is None:
+            return self._reject("deepgram", "bad-history", "a History message that is neither a turn nor function calls")
+        self.history.theirs(*parsed)
+        return []
+
+    def _latency_report(self, message: dict[str, Any]) -> list[Action]:
+        figures = {key: _number(message.get(key)) for key in agent.LATENCY_REPORT_FIELDS}
+        self.latency_reports += 1
+        actions: list[Action] = [Record("latency_report", figures)]
+        if self.browser:
+            actions.append(SendToCaller(json.dumps({"event": "latency_report", **figures})))
+        return actions
 
     def _on_warning(self, message: dict[str, Any]) -> list[Action]:
         code, description = clean(message.get("code"), 60), clean(message.get("description"), 200)
@@ -748,7 +922,7 @@ class Call:
             Record("warning", {"code": code, "description": description}),
         ]
 
-    def _barge_in(self) -> list[Action]:
+    def _barge_in(self, now: float) -> list[Action]:
         assert self.outbound is not None
         if self.voicemail:
             return [Log(logging.DEBUG, "speech during the voicemail message: the machine is recording; not clearing")]
@@ -762,22 +936,31 @@ class Call:
             Record("barge_in", {}),
             Log(logging.DEBUG, "barge-in: cleared the caller's playback"),
         ]
-        return actions + self._cancel_hangup("the caller spoke during the goodbye")
+        actions += self._cancel_hangup("the caller spoke during the goodbye", now)
+        return actions + self._rearm_idle(now, caller_active=True)
 
-    def _conversation_text(self, message: dict[str, Any]) -> list[Action]:
+    def _conversation_text(self, message: dict[str, Any], now: float) -> list[Action]:
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not isinstance(content, str):
             return self._reject("deepgram", "bad-conversation-text", "a ConversationText without role and content")
         role = "user" if role == "user" else "assistant"
         content = content[:MAX_TEXT_CHARS]
         self.turns += 1
-        self.history.append(agent.history_text(role, content))
+        self.history.conversation_moved_on()
+        self.history.ours(f"t:{role}:{content}", agent.history_text(role, content))
+        shown = content
+        if role == "user" and content in self._keypad_echoes:
+            # The agent's echo of injected keypad digits: they may be a PIN, kept out of logs and records.
+            self._keypad_echoes.remove(content)
+            shown = KEYPAD_REDACTED
         actions: list[Action] = [
-            Log(logging.INFO, "%s: %s", ("User" if role == "user" else "Agent", clean(content, 300))),
-            Record("transcript", {"role": role, "content": content}),
+            Log(logging.INFO, "%s: %s", ("User" if role == "user" else "Agent", clean(shown, 300))),
+            Record("transcript", {"role": role, "content": shown}),
         ]
         if self.browser:
-            actions.append(SendToCaller(json.dumps({"event": "transcript", "role": role, "content": content})))
+            actions.append(SendToCaller(json.dumps({"event": "transcript", "role": role, "content": shown})))
+        if role == "user":
+            actions += self._rearm_idle(now, caller_active=True)
         return actions
 
     def _agent_started_speaking(self, message: dict[str, Any]) -> list[Action]:
@@ -786,7 +969,7 @@ class Call:
         total = latencies["total_latency"]
         if total is not None:
             self.agent_latencies.append(total)
-        actions: list[Action] = [Record("agent_started_speaking", latencies)]
+        actions: list[Action] = [Record("agent_started_speaking", latencies), *self._stop_idle()]
         if self.browser:
             actions.append(SendToCaller(json.dumps({"event": "agent_latency", **latencies})))
         return actions
@@ -807,13 +990,19 @@ class Call:
         self.audio_since_mark = 0
         self.marks_out.add(name)
         actions.append(MarkCaller(name, self.outbound.mark(name)))
+        retry, self._injection_retry = self._injection_retry, None
+        if retry is not None and self._still_wanted(retry[0]):
+            # Refused earlier (the agent was busy); now it has finished speaking. Only once.
+            actions += self._inject(*retry)
+            self._injection_retried = True
         return actions
 
     # ------------------------------------------------------------------------------ functions
 
     def _function_call_request(self, message: dict[str, Any], now: float) -> list[Action]:
         calls, malformed = agent.client_side_calls(message)
-        actions: list[Action] = []
+        self.history.conversation_moved_on()
+        actions: list[Action] = self._stop_idle()
         if malformed:
             actions += self._reject("deepgram", "bad-function-call", "a FunctionCallRequest entry without a usable id and name")
         for call in calls:
@@ -828,11 +1017,11 @@ class Call:
                 actions += [Log(logging.INFO, "agent calls %s", (clean(call.name, 60),)), StartFunction(call)]
         return actions
 
-    def _function_call_cancelled(self, message: dict[str, Any]) -> list[Action]:
+    def _function_call_cancelled(self, message: dict[str, Any], now: float) -> list[Action]:
         actions: list[Action] = []
         for call_id in agent.cancelled_ids(message):
             if call_id == self.hangup_call_id:
-                actions += self._cancel_hangup("the agent cancelled end_call")
+                actions += self._cancel_hangup("the agent cancelled end_call", now)
             running = self.functions.get(call_id)
             if running is None or call_id in self.withdrawn:
                 continue
@@ -876,7 +1065,7 @@ class Call:
         ]
         if self.phase is Phase.ENDED:
             return actions
-        self.history.append(agent.history_function_call(call, outcome.content))
+        self.history.ours(f"f:{call.id}", agent.history_function_call(call, outcome.content))
         if not withdrawn:
             if running.generation == self.generation and self.agent_ready:
                 actions.append(SendToAgent(agent.function_call_response(call, outcome.content)))
@@ -905,7 +1094,7 @@ class Call:
                 )
         if self.phase is Phase.RESUMING and not self.functions and self.agent_stage is None and self.attempt == 0:
             actions += [CancelTimer(Timer.FUNCTIONS_WAIT), *self._next_attempt(now)]
-        return actions
+        return actions + self._rearm_idle(now)
 
     def function_finished_late(self, call: agent.FunctionCall, outcome: FunctionOutcome) -> Sequence[Action]:
         """A ``def`` abandoned at its timeout, or by the hang-up, has returned after all."""
@@ -944,6 +1133,7 @@ class Call:
 
     def _end_call_requested(self, call: agent.FunctionCall, now: float) -> list[Action]:
         self.transfer_reason = None
+        self._hangup_reason = AGENT_HANGUP_REASON
         return self._departure_requested(
             call,
             now,
@@ -961,6 +1151,7 @@ class Call:
         self.hangup_when_heard = False  # a repeated request gets a fresh grace
         actions: list[Action] = [
             Log(logging.INFO, log_line),
+            *self._stop_idle(),
             SendToAgent(agent.function_call_response(call, json.dumps(answer))),
             Record(
                 "function_call",
@@ -988,11 +1179,12 @@ class Call:
 
     def _hang_up_if_all_heard(self) -> list[Action]:
         if not self.marks_out and not self._agent_speaking():
-            return self._goodbye_heard("agent ended the call")
+            return self._goodbye_heard()
         return []
 
-    def _goodbye_heard(self, reason: str) -> list[Action]:
+    def _goodbye_heard(self, *, confirmed: bool = True) -> list[Action]:
         """The agent's last words before leaving have played (or the wait for them is over)."""
+        reason = self._hangup_reason if confirmed else f"{self._hangup_reason} (goodbye not confirmed)"
         if self.voicemail:
             return [Log(logging.INFO, "the voicemail message has played; hanging up"), *self._end(VOICEMAIL_MODE)]
         if self.transfer_reason is None:
@@ -1037,10 +1229,10 @@ class Call:
             Record("transfer_failed", {"reason": self._last_transfer_reason, "error": error}),
         ]
         if self.agent_ready:
-            actions.append(SendToAgent(json.dumps({"type": "InjectAgentMessage", "message": TRANSFER_FAILED_MESSAGE})))
-        return actions
+            actions += self._inject("transfer-failed", agent.inject_agent_message(TRANSFER_FAILED_MESSAGE))
+        return actions + self._rearm_idle(now)
 
-    def _cancel_hangup(self, why: str) -> list[Action]:
+    def _cancel_hangup(self, why: str, now: float) -> list[Action]:
         """The conversation goes on after end_call: the caller spoke, or the agent took it back."""
         if not self.hangup_requested or self.phase is Phase.ENDED:
             return []
@@ -1050,11 +1242,137 @@ class Call:
         self.hangup_call_id = None
         self.hangup_when_heard = False
         self.transfer_reason = None
+        self._hangup_reason = AGENT_HANGUP_REASON
         return [
             CancelTimer(Timer.HANGUP_FALLBACK),
             CancelTimer(Timer.HANGUP_GRACE),
             Log(logging.INFO, "not hanging up: %s", (why,)),
             Record("hangup_cancelled", {"reason": why}),
+            *self._rearm_idle(now),
+        ]
+
+    # ------------------------------------------------------------ keypad, silence, injections
+
+    def _key_pressed(self, digit: str, now: float) -> list[Action]:
+        """A keypad digit. Digits go to the agent together, on # or after a pause."""
+        if self.voicemail:
+            return [Log(logging.DEBUG, "keypad digit during the voicemail message: ignored")]
+        actions: list[Action] = [CancelTimer(Timer.DTMF)]
+        if digit == "#":
+            if not self._digits:
+                self._digits.append(digit)  # # alone is an answer too ("press pound to confirm")
+            actions += self._send_keypad_digits()
+        else:
+            if len(self._digits) >= MAX_DTMF_DIGITS:
+                actions += self._send_keypad_digits()
+            self._digits.append(digit)
+            actions.append(ArmTimer(Timer.DTMF, now + self.settings.dtmf_timeout_seconds))
+        return actions + self._rearm_idle(now, caller_active=True)
+
+    def _send_keypad_digits(self) -> list[Action]:
+        if not self._digits:
+            return []
+        words = " ".join(KEY_WORDS.get(digit, digit) for digit in self._digits)
+        count = len(self._digits)
+        self._digits.clear()
+        text = f"The caller pressed {words}"
+        self._keypad_echoes.append(text)
+        self.keypad_entries += 1
+        # The digits may be a PIN: the log and the record say how many, never which.
+        actions: list[Action] = [
+            Log(logging.INFO, "caller entered %d keypad keys; passing them to the agent", (count,)),
+            Record("dtmf", {"keys": count}),
+        ]
+        message = agent.inject_user_message(text)
+        if not self.agent_ready:
+            if len(self._injections_waiting) < MAX_DTMF_DIGITS:
+                self._injections_waiting.append(("keypad", message))
+            return actions
+        return actions + self._inject("keypad", message)
+
+    def _inject(self, kind: str, message: str) -> list[Action]:
+        """Send an Inject* message; a refusal of it is retried once (``_injection_refused``)."""
+        self._last_injection = (kind, message)
+        self._injection_retried = False
+        return [SendToAgent(message)]
+
+    def _injection_refused(self, message: dict[str, Any]) -> list[Action]:
+        last, self._last_injection = self._last_injection, None
+        why = clean(message.get("message"), 200)
+        if last is None:
+            return [Log(logging.DEBUG, "Deepgram refused an injection: %s", (why,))]
+        kind = last[0]
+        if self._injection_retried or self._injection_retry is not None:
+            return [
+                Log(logging.WARNING, "Deepgram refused the %s message again (%s); not retrying", (kind, why)),
+                Record("injection_refused", {"kind": kind, "retry": False}),
+            ]
+        self._injection_retry = last
+        return [
+            Log(logging.INFO, "Deepgram refused the %s message (%s); retrying once the agent has spoken", (kind, why)),
+            Record("injection_refused", {"kind": kind, "retry": True}),
+        ]
+
+    def _still_wanted(self, kind: str) -> bool:
+        """A refused injection still makes sense: the caller hasn't spoken since the re-prompt."""
+        if kind == "idle-reprompt":
+            return self._idle_stage == 1 and not self.hangup_requested
+        if kind == "idle-goodbye":
+            return self.hangup_requested and self._hangup_reason == IDLE_HANGUP_REASON
+        return True
+
+    def _caller_may_be_idle(self) -> bool:
+        """Nobody is talking and nothing is under way: the silence is the caller's."""
+        return (
+            self.phase is Phase.CONVERSING
+            and self.agent_ready
+            and not self.voicemail
+            and not self.hangup_requested
+            and not self.transferring
+            and not self.functions
+            and not self.marks_out
+            and not self._agent_speaking()
+        )
+
+    def _rearm_idle(self, now: float, *, caller_active: bool = False) -> list[Action]:
+        """(Re)start the silence clock from ``now`` if the caller is the one to speak next."""
+        if self.settings.idle_reprompt_seconds <= 0:
+            return []
+        if caller_active:
+            self._idle_stage = 0
+        if not self._caller_may_be_idle():
+            return [CancelTimer(Timer.IDLE)]
+        wait = self.settings.idle_reprompt_seconds if self._idle_stage == 0 else self.settings.idle_hangup_seconds
+        return [ArmTimer(Timer.IDLE, now + wait)]
+
+    def _stop_idle(self) -> list[Action]:
+        return [CancelTimer(Timer.IDLE)] if self.settings.idle_reprompt_seconds > 0 else []
+
+    def _caller_idle(self, now: float) -> list[Action]:
+        if not self._caller_may_be_idle():
+            return []  # something happened meanwhile; its event re-arms the clock
+        if self._idle_stage == 0:
+            self._idle_stage = 1
+            self.idle_reprompts += 1
+            seconds = self.settings.idle_reprompt_seconds
+            return [
+                Log(logging.INFO, "the caller has said nothing for %.0f s; the agent re-prompts", (seconds,)),
+                Record("idle_reprompt", {"seconds": seconds}),
+                *self._inject("idle-reprompt", agent.inject_agent_message(self.settings.idle_reprompt_message)),
+                # Re-armed once the re-prompt has played; this one holds if it never plays.
+                ArmTimer(Timer.IDLE, now + self.settings.idle_hangup_seconds),
+            ]
+        # Silent through the re-prompt too: the agent says goodbye and the call ends as with end_call.
+        self.hangup_requested = True
+        self.hangup_call_id = None
+        self.hangup_when_heard = False
+        self.transfer_reason = None
+        self._hangup_reason = IDLE_HANGUP_REASON
+        return [
+            Log(logging.INFO, "the caller is still silent; the agent says goodbye and the call ends"),
+            Record("idle_hangup", {"seconds": self.settings.idle_hangup_seconds}),
+            *self._inject("idle-goodbye", agent.inject_agent_message(self.settings.idle_goodbye_message)),
+            ArmTimer(Timer.HANGUP_FALLBACK, now + self.settings.hangup_timeout_seconds),
         ]
 
     # --------------------------------------------------------------------------------- timers
@@ -1085,7 +1403,7 @@ class Call:
         if timer is Timer.HANGUP_FALLBACK:
             if not self.hangup_requested:
                 return NO_ACTIONS
-            return self._goodbye_heard("agent ended the call (goodbye not confirmed)")
+            return self._goodbye_heard(confirmed=False)
         if timer is Timer.HANGUP_GRACE:
             if self.hangup_requested and not self._agent_speaking():
                 self.hangup_when_heard = True
@@ -1094,6 +1412,10 @@ class Call:
             return NO_ACTIONS
         if timer is Timer.TAIL_FLUSH:
             return self._end(self.end_reason or "caller hung up")
+        if timer is Timer.DTMF:
+            return self._send_keypad_digits()
+        if timer is Timer.IDLE:
+            return self._caller_idle(now)
         raise AssertionError(f"unknown timer {timer}")
 
     def _keepalive_due(self, now: float) -> Sequence[Action]:
@@ -1174,6 +1496,10 @@ class Call:
             "errors": self.errors,
             "agent_latency_p50": percentile(self.agent_latencies, 0.50),
             "agent_latency_p95": percentile(self.agent_latencies, 0.95),
+            "latency_reports": self.latency_reports,
+            "keypad_entries": self.keypad_entries,
+            "idle_reprompts": self.idle_reprompts,
+            "agent_request_ids": list(self.request_ids),
         }
 
 

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 DEFAULT_AGENT_URL = "wss://agent.deepgram.com/v1/agent/converse"
 DEFAULT_TWILIO_API_URL = "https://api.twilio.com"
+DEFAULT_IDLE_REPROMPT_MESSAGE = "Are you still there? I'm here if you need anything."
+DEFAULT_IDLE_GOODBYE_MESSAGE = "I haven't heard anything for a while, so I'll end the call now. Please call again any time. Goodbye."
 DEFAULT_VOICEMAIL_MESSAGE = (
     "Hello, this is your pharmacy calling with a message about your prescription. "
     "Please call us back when it suits you. Thank you, and goodbye."
@@ -62,6 +64,12 @@ class Settings:
     voicemail_message: str = DEFAULT_VOICEMAIL_MESSAGE
     twilio_api_timeout_seconds: float = 10.0  # per REST attempt; tests shorten it
     twilio_api_backoff_seconds: float = 0.5
+    # Keypad and silence (docs/call-control.md).
+    dtmf_timeout_seconds: float = 2.0  # digits without a new one this long go to the agent
+    idle_reprompt_seconds: float = 10.0  # caller silence before a re-prompt; 0 turns it off
+    idle_hangup_seconds: float = 30.0  # further silence after the re-prompt before the goodbye
+    idle_reprompt_message: str = DEFAULT_IDLE_REPROMPT_MESSAGE
+    idle_goodbye_message: str = DEFAULT_IDLE_GOODBYE_MESSAGE
     max_calls: int = 200
     drain_seconds: float = 30.0
     record_calls: bool = True
@@ -161,6 +169,14 @@ def _phone_number(environ: Mapping[str, str], name: str) -> str | None:
     return number
 
 
+def _message(environ: Mapping[str, str], name: str, default: str) -> str:
+    """A sentence the agent says; whitespace (newlines from a .env) collapses to single spaces."""
+    text = " ".join(environ.get(name, "").split()) or default
+    if len(text) > 1000:
+        raise ConfigError(f"{name} must be at most 1000 characters, got {len(text)}.")
+    return text
+
+
 def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
     raw = environ.get(name, "").strip().lower()
     if not raw:
@@ -204,9 +220,7 @@ def load_settings(
     api_url = environ.get("TWILIO_API_URL", "").strip().rstrip("/") or DEFAULT_TWILIO_API_URL
     if urlsplit(api_url).scheme not in {"http", "https"} or not urlsplit(api_url).netloc:
         raise ConfigError(f"TWILIO_API_URL must be an http(s):// URL, got {api_url!r}.")
-    voicemail = " ".join(environ.get("VOICEMAIL_MESSAGE", "").split()) or DEFAULT_VOICEMAIL_MESSAGE
-    if len(voicemail) > 1000:
-        raise ConfigError(f"VOICEMAIL_MESSAGE must be at most 1000 characters, got {len(voicemail)}.")
+    voicemail = _message(environ, "VOICEMAIL_MESSAGE", DEFAULT_VOICEMAIL_MESSAGE)
     if twilio_auth_token and not public_url:
         raise ConfigError(
             "TWILIO_AUTH_TOKEN is set but PUBLIC_URL is not: Twilio signs the public URL "
@@ -236,6 +250,11 @@ def load_settings(
         transfer_number=_phone_number(environ, "TRANSFER_NUMBER"),
         fallback_number=_phone_number(environ, "FALLBACK_NUMBER"),
         voicemail_message=voicemail,
+        dtmf_timeout_seconds=_float(environ, "DTMF_TIMEOUT_SECONDS", 2.0, 0.1),
+        idle_reprompt_seconds=_float(environ, "IDLE_REPROMPT_SECONDS", 10.0, 0.0),
+        idle_hangup_seconds=_float(environ, "IDLE_HANGUP_SECONDS", 30.0, 1.0),
+        idle_reprompt_message=_message(environ, "IDLE_REPROMPT_MESSAGE", DEFAULT_IDLE_REPROMPT_MESSAGE),
+        idle_goodbye_message=_message(environ, "IDLE_GOODBYE_MESSAGE", DEFAULT_IDLE_GOODBYE_MESSAGE),
         **extra,
     )
 

@@ -120,6 +120,18 @@ def mark_name(message: dict[str, Any]) -> str | None:
     return name if isinstance(name, str) else None
 
 
+DTMF_KEYS = frozenset("0123456789*#")
+
+
+def dtmf_digit(message: dict[str, Any]) -> str:
+    """The key of a ``dtmf`` event (``{"dtmf": {"track": "inbound_track", "digit": "5"}}``)."""
+    dtmf = message.get("dtmf")
+    digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
+    if not isinstance(digit, str) or digit not in DTMF_KEYS:
+        raise TwilioProtocolError("bad-dtmf", "a dtmf event from Twilio without a keypad digit")
+    return digit
+
+
 class TwilioOutbound:
     """Builds the frames we send on one stream. The streamSid is JSON-encoded once, not per frame."""
 

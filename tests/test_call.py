@@ -80,6 +80,7 @@ BASE = Settings(
     inbound_buffer_bytes=CHUNK,
     agent_queue_max_bytes=2000,
     keepalive_seconds=100.0,  # out of the way unless a test is about it
+    idle_reprompt_seconds=0.0,  # likewise the silence clock (tests/test_keypad_idle.py)
     start_timeout_seconds=10.0,
     agent_connect_timeout_seconds=10.0,
     hangup_timeout_seconds=10.0,
@@ -422,7 +423,11 @@ def test_handshake_is_welcome_then_settings_then_settings_applied() -> None:
     assert h.agent_connected() == []
     assert h.agent(APPLIED) == []  # not before Welcome: still waiting
     out = h.agent(WELCOME)
-    assert out == [Record("agent_session", {"request_id": "req-1"}), SendToAgent(SETTINGS_JSON)]
+    assert out == [
+        Log(logging.INFO, "Deepgram session request_id %s", ("req-1",)),
+        Record("agent_session", {"request_id": "req-1"}),
+        SendToAgent(SETTINGS_JSON),
+    ]
     h.now = 0.5
     out = h.agent(APPLIED)
     assert quiet(out) == [CancelTimer(Timer.AGENT_OPEN), ArmTimer(Timer.KEEPALIVE, 100.5)]
@@ -1560,14 +1565,42 @@ def test_after_the_hang_up_nothing_twilio_or_the_agent_sends_does_anything() -> 
     assert h.call.bad_input == {} and h.call.summary()["audio_bytes_from_caller"] == 0
 
 
-def test_deepgram_error_mid_call_ends_it() -> None:
+def test_deepgram_error_mid_call_resumes_the_session() -> None:
     h = ready()
     out = h.agent({"type": "Error", "code": "CLIENT_MESSAGE_TIMEOUT", "description": "no audio"})
     assert quiet(out) == [
         Record("error", {"source": "deepgram", "code": "CLIENT_MESSAGE_TIMEOUT", "description": "no audio"}),
-        HangUp("Deepgram error CLIENT_MESSAGE_TIMEOUT"),
+        CancelTimer(Timer.KEEPALIVE),
+        CloseAgent(),
+        ArmTimer(Timer.AGENT_OPEN, 3.0),
+        OpenAgent(resuming=True),
     ]
-    assert h.call.summary()["errors"] == 1
+    assert h.call.phase is Phase.RESUMING and h.call.summary()["errors"] == 1
+
+
+def test_deepgram_errors_mid_call_resume_a_bounded_number_of_times_then_end_the_call() -> None:
+    h = ready()
+    error = {"type": "Error", "code": "E", "description": "d"}
+    for _ in range(call_module.MAX_ERROR_RESUMES):
+        h.agent(error)
+        assert h.call.phase is Phase.RESUMING
+        h.agent_connected()
+        h.agent(WELCOME)
+        h.agent(APPLIED)  # ready again, and the attempt count starts afresh: not the error count
+        assert h.call.phase is Phase.CONVERSING
+    out = h.agent(error)
+    assert quiet(out)[-1] == HangUp("Deepgram error E")
+    assert h.call.summary()["errors"] == call_module.MAX_ERROR_RESUMES + 1
+
+
+def test_deepgram_error_before_settings_applied_still_ends_the_call() -> None:
+    h = Harness()
+    h.connected()
+    h.start()
+    h.agent_connected()
+    h.agent(WELCOME)
+    out = h.agent({"type": "Error", "code": "BAD_SETTINGS", "description": "nope"})
+    assert quiet(out)[-1] == HangUp("agent unavailable: Deepgram refused the session: BAD_SETTINGS: nope")
 
 
 # ======================================================================== before start, bad input
@@ -1631,9 +1664,11 @@ def test_bad_input_kinds_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_dtmf_is_recorded_without_the_digit() -> None:
     h = ready()
-    out = h.twilio(dtmf_frame("4"))
-    assert quiet(out) == [Record("dtmf", {})]
-    assert "4" not in repr(out).replace(SID, "").replace(CALL_SID, "")
+    out = [*h.twilio(dtmf_frame("4")), *h.twilio(dtmf_frame("#"))]
+    sent = [action for action in out if isinstance(action, SendToAgent)]
+    assert sent == [SendToAgent(agent_protocol.inject_user_message("The caller pressed 4"))]
+    assert Record("dtmf", {"keys": 1}) in out
+    assert "4" not in repr([action for action in out if not isinstance(action, SendToAgent)]).replace(SID, "").replace(CALL_SID, "")
 
 
 def test_media_on_the_full_parse_path_is_the_same_audio() -> None:
@@ -1723,6 +1758,10 @@ def test_summary_fields() -> None:
         "errors": 0,
         "agent_latency_p50": 1.5,
         "agent_latency_p95": 1.95,
+        "latency_reports": 0,
+        "keypad_entries": 0,
+        "idle_reprompts": 0,
+        "agent_request_ids": ["req-1"],
     }
 
 

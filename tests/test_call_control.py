@@ -28,6 +28,7 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from bridge import twilio
+from bridge.call import MAX_ERROR_RESUMES
 from bridge.server import BridgeServer
 from conftest import ROOT, BridgeFactory, empty_env, free_port, read_record, twilio_url
 from fake_twilio_rest import FakeTwilioRest, RecordedRequest, twilio_error
@@ -483,7 +484,11 @@ async def test_a_deepgram_error_mid_call_sends_the_caller_to_the_fallback(
     """docs/call-control.md: "or Deepgram ends it with an error" also leads to the fallback line."""
     async with FakeTwilioRest() as fake, make_bridge(fake_agent, **rest_settings(fake, fallback_number=FALLBACK)) as server:
         async with call_with_agent(server, fake, fake_agent) as (caller, session):
-            await session.send_json({"type": "Error", "code": "INTERNAL_SERVER_ERROR", "description": "boom"})
+            # Each Error resumes the session, a bounded number of times; then the fallback.
+            for attempt in range(MAX_ERROR_RESUMES + 1):
+                session = await fake_agent.session(attempt)
+                await eventually(lambda: session.settings is not None)
+                await session.send_json({"type": "Error", "code": "INTERNAL_SERVER_ERROR", "description": "boom"})
             [update] = await fake.wait_for_requests(1, operation="update")
             await asyncio.wait_for(caller.closed.wait(), 5)
             await eventually(lambda: not server.calls, what="the call to end")

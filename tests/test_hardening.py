@@ -21,6 +21,7 @@ from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from bridge.call import MAX_ERROR_RESUMES
 from bridge.records import RecordWriter
 from bridge.server import DUPLICATE_SIGNAL_SECONDS, BridgeServer
 from bridge.twilio import expected_signature
@@ -285,13 +286,18 @@ async def test_record_is_complete_when_the_call_ends_by_a_fault(fake_agent: Fake
         session = await fake_agent.session()
         await eventually(lambda: session.settings is not None)
         await session.send_json({"type": "ConversationText", "role": "user", "content": "hello"})
-        await session.send_json({"type": "Error", "code": "CLIENT_MESSAGE_TIMEOUT", "description": "no audio"})
-        await asyncio.wait_for(caller.closed.wait(), 2)
+        # A mid-call Error resumes the session; one that comes back every time ends the call.
+        for attempt in range(MAX_ERROR_RESUMES + 1):
+            session = await fake_agent.session(attempt)
+            await eventually(lambda: session.settings is not None)
+            await session.send_json({"type": "Error", "code": "CLIENT_MESSAGE_TIMEOUT", "description": "no audio"})
+        await asyncio.wait_for(caller.closed.wait(), 5)
         await eventually(lambda: not server.calls)
     events = read_record(tmp_path / "calls")
     assert [event["event"] for event in events[:3]] == ["start", "agent_session", "transcript"]
     assert events[-2] == {**events[-2], "event": "error", "code": "CLIENT_MESSAGE_TIMEOUT"}
-    assert events[-1]["ended_by"] == "Deepgram error CLIENT_MESSAGE_TIMEOUT" and events[-1]["errors"] == 1
+    assert events[-1]["ended_by"] == "Deepgram error CLIENT_MESSAGE_TIMEOUT"
+    assert events[-1]["errors"] == MAX_ERROR_RESUMES + 1
 
 
 async def test_record_calls_false_writes_nothing(fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path) -> None:
