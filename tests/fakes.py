@@ -49,6 +49,7 @@ class FakeAgentSession:
         self.messages: list[dict[str, Any]] = []  # JSON received after Settings
         self.closed = asyncio.Event()
         self.close_code: int | None = None
+        self.request_id = str(uuid.uuid4())  # what its Welcome says
 
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [m for m in self.messages if m.get("type") == kind]
@@ -124,7 +125,7 @@ class FakeAgent:
         applied = False
         try:
             if self.welcome:
-                await session.send_json({"type": "Welcome", "request_id": str(uuid.uuid4())})
+                await session.send_json({"type": "Welcome", "request_id": session.request_id})
             async for frame in socket:
                 if isinstance(frame, bytes):
                     session.audio += frame
@@ -266,6 +267,17 @@ class FakeTwilioCaller:
                 "sequenceNumber": str(next(self._sequence)),
                 "streamSid": self.stream_sid,
                 "stop": {"accountSid": "AC" + "0" * 32, "callSid": self.call_sid},
+            }
+        )
+
+    async def press(self, digit: str) -> None:
+        """A keypad key, as Twilio reports it on a bidirectional stream."""
+        await self.send_json(
+            {
+                "event": "dtmf",
+                "streamSid": self.stream_sid,
+                "sequenceNumber": str(next(self._sequence)),
+                "dtmf": {"track": "inbound_track", "digit": digit},
             }
         )
 
