@@ -72,7 +72,7 @@ def table_first_cells(text: str) -> list[str]:
 def config_env_names() -> set[str]:
     """The variables bridge/config.py reads, by regex over its source."""
     source = (ROOT / "bridge" / "config.py").read_text(encoding="utf-8")
-    names = set(re.findall(r'(?:environ\.get|_int|_float|_bool|_phone_number)\(\s*(?:environ\s*,\s*)?"([A-Z][A-Z0-9_]*)"', source))
+    names = set(re.findall(r'(?:environ\.get|_int|_float|_bool|_phone_number|_message)\(\s*(?:environ\s*,\s*)?"([A-Z][A-Z0-9_]*)"', source))
     assert {"DEEPGRAM_API_KEY", "PORT", "MAX_CALLS", "RECORD_CALLS"} <= names, f"the regex found only {names}"
     return names
 
@@ -162,7 +162,7 @@ def test_readme_settings_table_is_exactly_the_variables_with_their_defaults() ->
         literal = re.fullmatch(r"`([^`]*)`", cell)
         if literal is None:
             # "(required)", "(unset)", "(random at each start)": no fixed default.
-            no_fixed_default = {"DEEPGRAM_API_KEY", "PHONE_PAGE_TOKEN", "VOICEMAIL_MESSAGE"}
+            no_fixed_default = {"DEEPGRAM_API_KEY", "PHONE_PAGE_TOKEN", "VOICEMAIL_MESSAGE", "IDLE_REPROMPT_MESSAGE", "IDLE_GOODBYE_MESSAGE"}
             assert name in no_fixed_default or value is None, f"{name}: README gives no default"
             continue
         text = literal.group(1)

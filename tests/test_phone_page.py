@@ -523,6 +523,11 @@ async def test_browser_call(module_tmp, speech_wav, tmp_path):
                 assert "get_drug_info" in functions and '"drug_name": "ibuprofen"' in functions
                 assert "fever reducer" in functions and "8.99" in functions
                 assert "1.25 s" in await page.locator("#latencyTable").inner_text()
+                await session.send_json({"type": "LatencyReport", "stt_latency": 0.21, "ttt_token_latency": 0.47,
+                                         "tts_latency": 0.18, "total_latency": 0.93})
+                await wait_for(page, "window.phoneStats.latencyReports.length >= 1", 5, "latency report on the page")
+                report_row = await page.locator("#reportBody tr").first.inner_text()
+                assert all(figure in report_row for figure in ("0.21 s", "0.47 s", "0.18 s", "0.93 s")), report_row
                 stats = await page.evaluate("window.phoneStats")
                 assert [(t["role"], t["content"]) for t in stats["transcript"]] == [
                     ("user", SPEECH), ("assistant", "Let me look up ibuprofen for you.")]
