@@ -133,6 +133,8 @@ HISTORY_MATCH_WINDOW = 16
 # A mid-call Error resumes the session (Deepgram ends a session on every Error); a call that
 # keeps getting them ends after this many, as it would after a drop that can't be resumed.
 MAX_ERROR_RESUMES = 3
+# Request ids kept per call (one per agent session; resumes are bounded, this is a backstop).
+MAX_REQUEST_IDS = 32
 # Keypad digits gathered before they go to the agent without waiting for # or the timeout.
 MAX_DTMF_DIGITS = 32
 # Injected texts kept to recognise the agent's echo of them (keypad digits are kept out of records).
@@ -741,7 +743,7 @@ class Call:
         if kind == "Welcome" and self.agent_stage == "welcome":
             self.agent_stage = "settings"
             request_id = clean(message.get("request_id"), 100)
-            if len(self.request_ids) < MAX_BAD_INPUT_KINDS:
+            if len(self.request_ids) < MAX_REQUEST_IDS:
                 self.request_ids.append(request_id)
             context_keys = agent.context_keys(self.agent_settings)
             if self.phase is Phase.RESUMING and not self.voicemail:
