@@ -306,7 +306,13 @@ class PharmacyStore(ABC):
     A backend implements ``drug_names``, ``_drug``, ``_add_order`` and ``_order``, each safe to
     call from many threads at once, and may raise ``DatabaseUnavailable`` from any of them.
     Everything the caller hears (validation, wording, rounding) is here, once for both.
+
+    ``PharmacyStore(path)`` itself, as written before there were two backends, still opens the
+    SQLite file at ``path`` (as ``pathlib.Path(...)`` gives a ``PosixPath``).
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> PharmacyStore:
+        return super().__new__(SQLiteStore if cls is PharmacyStore else cls)
 
     # -- what a backend supplies ----------------------------------------------------------
 
@@ -566,9 +572,10 @@ class PostgresStore(PharmacyStore):
     and seeds the catalogue if they aren't there yet.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, **timeouts: int) -> None:
+        """``timeouts``: bridge.postgres' connect_timeout_seconds and statement_timeout_ms."""
         self.url = url
-        self._db = PostgresConnections(url, _PG_SCHEMA, _seed_postgres)
+        self._db = PostgresConnections(url, _PG_SCHEMA, _seed_postgres, **timeouts)
 
     def close(self) -> None:
         self._db.close()

@@ -5,7 +5,7 @@ This module owns the plumbing between a store and a PostgreSQL server, none of t
 work of each operation, and gets back either the result or ``DatabaseUnavailable``.
 
 * psycopg 3 is optional. It is imported only when a store is built for a ``DATABASE_URL``, and
-  ``require_driver`` lets startup say in one sentence how to install it.
+  ``check_database_url`` lets startup say in one sentence how to install it.
 * Each worker thread keeps one connection of its own (the bridge runs functions in a pool of
   threads; a psycopg connection serves one query at a time). No pool library: the threads are
   the pool, and the number of connections is capped by the number of threads.
@@ -54,12 +54,23 @@ class DatabaseUnavailable(Exception):
     """The database can't be reached (down, unreachable, too slow); the caller can try later."""
 
 
-def require_driver() -> None:
-    """Raise ConfigError, one sentence, when DATABASE_URL is set but psycopg isn't installed."""
+def check_database_url(url: str) -> None:
+    """At startup: psycopg is installed and libpq can read ``url``; else ConfigError, one sentence.
+
+    Nothing connects here. A database that is down must not keep the bridge from starting (pods
+    may start before their database; a restart must not wait on it), and an outage at startup is
+    no different from one later: calls hear that the order system is unavailable meanwhile.
+    """
     try:
         import psycopg  # noqa: F401
+        from psycopg.conninfo import conninfo_to_dict
     except ImportError:
         raise ConfigError(f"DATABASE_URL is set but psycopg is not installed: {INSTALL_HINT}.") from None
+    try:
+        conninfo_to_dict(url)
+    except psycopg.Error:
+        # libpq's reason is not quoted: it may repeat part of the URL, password included.
+        raise ConfigError("DATABASE_URL is not a URL libpq can read; check it against postgresql://user:password@host:5432/pharmacy.") from None
 
 
 def describe(url: str) -> str:
@@ -204,8 +215,8 @@ class PostgresConnections:
         if first:
             reason = " ".join(str(exc).split()) or type(exc).__name__
             logger.warning(
-                "PostgreSQL at %s can't be reached (%s); functions answer that the order system is "
-                "unavailable until it is back",
+                "PostgreSQL at %s is unavailable (%s); functions answer that the order system can't "
+                "be reached until it is back",
                 self.where,
                 reason[:300],
             )

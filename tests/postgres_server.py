@@ -107,8 +107,9 @@ class PostgresServer:
         """Read the database directly, independent of the code under test."""
         import psycopg
 
-        with psycopg.connect(url, connect_timeout=10) as conn:
-            return [tuple(row) for row in conn.execute(sql).fetchall()]
+        with psycopg.connect(url, connect_timeout=10) as conn:  # commits when the block ends
+            cursor = conn.execute(sql)
+            return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
 
     def close(self) -> None:
         if self.running:
