@@ -632,3 +632,34 @@ def test_pharmacy_store_of_a_path_is_still_the_sqlite_store(tmp_path: Path) -> N
     store = PharmacyStore(tmp_path / "pharmacy.db")  # type: ignore[abstract]
     assert type(store) is SQLiteStore and store.path == tmp_path / "pharmacy.db"
     assert store.place_order("Jane", "Ibuprofen")["order_id"] == 1
+
+
+def test_a_postgres_restart_between_two_calls_goes_unnoticed_and_places_no_order_twice(
+    postgres_server: PostgresServer, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = PostgresStore(postgres_url)
+    try:
+        # Connections opened in four threads, all broken by the restart while idle.
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            barrier = threading.Barrier(4)
+
+            def first(i: int) -> dict[str, Any]:
+                barrier.wait()  # all four threads at once, so each opens its own connection
+                return store.place_order(f"Before {i}", "Ibuprofen")
+
+            assert all("order_id" in order for order in pool.map(first, range(4)))
+            postgres_server.stop()
+            postgres_server.start()
+            barrier.reset()
+
+            def after(i: int) -> dict[str, Any]:
+                barrier.wait()
+                return store.place_order(f"After {i}", "Ibuprofen")
+
+            placed = list(pool.map(after, range(4)))
+        assert all("order_id" in order for order in placed), placed
+        assert store.lookup_order(placed[0]["order_id"]) == placed[0]
+    finally:
+        store.close()
+    assert postgres_server.rows(postgres_url, "SELECT COUNT(*) FROM orders") == [(8,)]
+    assert not _postgres_log(caplog, logging.WARNING)  # nothing was unavailable to anyone
