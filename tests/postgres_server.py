@@ -48,7 +48,9 @@ class PostgresServer:
 
     def __init__(self) -> None:
         self.bin = server_binaries()
-        self.folder = Path(tempfile.mkdtemp(prefix="pharmacy-pg-"))
+        # Under /tmp, not $TMPDIR: a short path (a Unix socket's path is limited to about 100
+        # bytes) whose parents the unprivileged user can pass through.
+        self.folder = Path(tempfile.mkdtemp(prefix="pharmacy-pg-", dir="/tmp" if os.path.isdir("/tmp") else None))
         self.data = self.folder / "data"
         self.log = self.folder / "server.log"
         self._as_user: list[str] = []
@@ -60,14 +62,16 @@ class PostgresServer:
         self.running = False
 
     def _run(self, *command: str) -> None:
-        result = subprocess.run([*self._as_user, *command], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [*self._as_user, *command], cwd=self.folder, capture_output=True, text=True, timeout=60
+        )
         if result.returncode != 0:
             log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
             raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}{result.stderr}{log}")
 
     def initialise(self) -> None:
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                  "--encoding=UTF8", "--no-sync", "--no-instructions")
+                  "--encoding=UTF8", "--locale=C", "--no-sync", "--no-instructions")
 
     def start(self) -> None:
         options = (
