@@ -9,9 +9,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # Dependencies first, so editing the code doesn't reinstall them. uvloop is optional: the server
-# uses it when it is installed (less CPU per message).
-COPY requirements.txt ./
-RUN pip install --no-cache-dir -r requirements.txt "uvloop==0.23.0"
+# uses it when it is installed (less CPU per message). psycopg is too: the store uses PostgreSQL
+# when DATABASE_URL is set (several replicas sharing one set of orders), the SQLite file otherwise.
+COPY requirements.txt requirements-postgres.txt ./
+RUN pip install --no-cache-dir -r requirements.txt -r requirements-postgres.txt "uvloop==0.23.0"
 
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home --shell /usr/sbin/nologin app
@@ -21,7 +22,8 @@ COPY main.py config.json pharmacy_functions.py ./
 COPY bridge/ ./bridge/
 
 # The only places the bridge writes: the pharmacy's SQLite file (PHARMACY_DB, default
-# data/pharmacy.db) and the call records (CALLS_DIR, default calls/). Mount volumes here to keep them.
+# data/pharmacy.db; unused when DATABASE_URL is set) and the call records (CALLS_DIR, default
+# calls/). Mount volumes here to keep them.
 RUN mkdir -p /app/data /app/calls && chown app:app /app/data /app/calls
 
 USER 10001:10001

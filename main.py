@@ -30,6 +30,7 @@ from dotenv import load_dotenv
 from bridge.call_control import MODE_PARAMETER, place_call
 from bridge.config import E164, AgentConfig, ConfigError, Settings, load_agent_config, load_settings
 from bridge.functions import check_function_map
+from bridge.postgres import check_database_url, describe
 from bridge.server import BridgeServer
 from bridge.session import rest_client
 from bridge.twilio_rest import TwilioApiError
@@ -62,6 +63,10 @@ def load(args: argparse.Namespace) -> tuple[Settings, AgentConfig, dict[str, Cal
     settings = load_settings(os.environ, host=args.host, port=args.port)
     if settings.record_calls:
         check_writable_directory(settings.calls_dir)
+    if settings.database_url:
+        # The driver and the URL's syntax only, no connection now (see docs/scaling.md), since a database
+        # that is down must not stop the bridge from starting; calls meanwhile hear it's unavailable.
+        check_database_url(settings.database_url)
     agent_config = load_agent_config(args.config, os.environ)
     try:
         from pharmacy_functions import function_map
@@ -93,6 +98,8 @@ def announce(settings: Settings, workers: int, port: int) -> None:
         logger.warning("TWILIO_AUTH_TOKEN is not set: calls are not authenticated; anyone who finds the URL can connect")
     for line in call_control_status(settings):
         logger.info(line)
+    if settings.database_url:
+        logger.info("DATABASE_URL is set: orders are kept in PostgreSQL at %s", describe(settings.database_url))
     if settings.phone_page:
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
         print(f"Browser phone: http://{host}:{port}/phone?token={settings.phone_page_token}\n", flush=True)

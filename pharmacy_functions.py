@@ -1,4 +1,4 @@
-"""The pharmacy's business functions, and the SQLite store behind them.
+"""The pharmacy's business functions, and the store behind them (SQLite or PostgreSQL).
 
 This module owns everything the voice agent can *do* for a caller:
 
@@ -13,30 +13,58 @@ with keyword arguments parsed from the LLM's JSON, in a worker thread, and
 sends the returned dict back to the agent. Every result is therefore a plain,
 JSON-serialisable dict worded so the agent can read it aloud; failures the
 caller can fix (unknown drug, bad quantity, unknown order number) come back as
-``{"error": "..."}`` rather than exceptions.
+``{"error": "..."}`` rather than exceptions, and so does an order system that
+can't be reached right now.
 
-Storage is a SQLite file (``PharmacyStore``), so orders survive a restart. It
-uses only the standard library. Orders carry customers' names and medicines, so
-a database file this module creates is owner-only (0600), as are SQLite's side
-files, and so is a directory it creates for it (0700).
+The catalogue and the orders live in a ``PharmacyStore``: one interface (the
+business operations, written once) over two backends that each supply four
+small queries.
+
+* ``SQLiteStore``, the embedded default: a file at ``PHARMACY_DB``, standard
+  library only. Orders carry customers' names and medicines, so a database file
+  this module creates is owner-only (0600), as are SQLite's side files, and so
+  is a directory it creates for it (0700). One process, or several on one
+  machine (``--workers``), share it.
+* ``PostgresStore``, when ``DATABASE_URL`` is set (``postgresql://...``): the
+  store for several bridge processes on several machines, e.g. pods behind a
+  load balancer, which must all see the same orders. It needs psycopg 3
+  (``pip install -r requirements-postgres.txt``), imported only then;
+  connections, timeouts and outages are handled by ``bridge.postgres``.
+
+Both create their tables and seed the catalogue on first use, once even when
+many processes start together, and give every order a distinct number however
+many processes place orders at once.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
+
+from bridge.postgres import DatabaseUnavailable, PostgresConnections
 
 CURRENCY: Final = "USD"
 MIN_QUANTITY: Final = 1
 MAX_QUANTITY: Final = 100
 ORDER_STATUS_PLACED: Final = "placed"
+
+# What the agent tells the caller when the database can't be reached (PostgreSQL down, or too
+# slow). Worded to be said aloud; the details are in the log.
+UNAVAILABLE_MESSAGE: Final = (
+    "I can't reach the order system right now. Please try again in a few minutes."
+)
+
+# Order numbers are 64-bit in both databases; a longer number spoken by a caller is no order.
+MAX_ORDER_ID: Final = 2**63 - 1
 
 # Seconds a connection waits for another writer's lock before giving up.
 # Many calls can place orders at the same moment; they must queue, not fail.
@@ -162,9 +190,6 @@ _SCHEMA: Final[tuple[str, ...]] = (
     """,
 )
 
-_ORDER_COLUMNS: Final = "id, customer_name, drug_name, quantity, total, status, created_at"
-
-
 def _normalise_name(value: object) -> str:
     """Trim and collapse whitespace; speech-to-text often pads or doubles spaces."""
     if value is None:
@@ -213,20 +238,6 @@ def _parse_order_id(value: object) -> int | None:
     return None
 
 
-def _order_dict(row: sqlite3.Row) -> dict[str, Any]:
-    """Shape an orders row as the dict both place_order and lookup_order return."""
-    return {
-        "order_id": row["id"],
-        "customer_name": row["customer_name"],
-        "drug_name": row["drug_name"],
-        "quantity": row["quantity"],
-        "total": row["total"],
-        "currency": CURRENCY,
-        "status": row["status"],
-        "created_at": row["created_at"],
-    }
-
-
 def _create_private_file(path: Path) -> None:
     """Create ``path`` empty and 0600 (and missing folders 0700) unless it exists.
 
@@ -254,8 +265,146 @@ def _create_private_file(path: Path) -> None:
     os.close(fd)
 
 
-class PharmacyStore:
-    """The drug catalogue and orders, kept in one SQLite file.
+_ORDER_COLUMNS: Final = "id, customer_name, drug_name, quantity, total, status, created_at"
+
+R = TypeVar("R")
+
+
+def _order_dict(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Shape an orders row as the dict both place_order and lookup_order return."""
+    created_at = row["created_at"]
+    if isinstance(created_at, datetime):  # PostgreSQL's timestamptz; SQLite keeps the text
+        created_at = created_at.astimezone(timezone.utc).isoformat(timespec="seconds")
+    return {
+        "order_id": row["id"],
+        "customer_name": row["customer_name"],
+        "drug_name": row["drug_name"],
+        "quantity": row["quantity"],
+        "total": row["total"],
+        "currency": CURRENCY,
+        "status": row["status"],
+        "created_at": created_at,
+    }
+
+
+def _answers_outages(method: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """An unreachable database becomes an answer the agent can say, not an exception."""
+
+    @functools.wraps(method)
+    def answer(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return method(*args, **kwargs)
+        except DatabaseUnavailable:  # logged (once per outage) by bridge.postgres
+            return {"error": UNAVAILABLE_MESSAGE}
+
+    return answer
+
+
+class PharmacyStore(ABC):
+    """The drug catalogue and the orders: the business operations, on a backend's four queries.
+
+    A backend implements ``drug_names``, ``_drug``, ``_add_order`` and ``_order``, each safe to
+    call from many threads at once, and may raise ``DatabaseUnavailable`` from any of them.
+    Everything the caller hears (validation, wording, rounding) is here, once for both.
+
+    ``PharmacyStore(path)`` itself, as written before there were two backends, still opens the
+    SQLite file at ``path`` (as ``pathlib.Path(...)`` gives a ``PosixPath``).
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> PharmacyStore:
+        return super().__new__(SQLiteStore if cls is PharmacyStore else cls)
+
+    # -- what a backend supplies ----------------------------------------------------------
+
+    @abstractmethod
+    def drug_names(self) -> list[str]:
+        """All catalogue names, sorted ignoring case, for the agent to offer alternatives."""
+
+    @abstractmethod
+    def _drug(self, name: str) -> Mapping[str, Any] | None:
+        """The catalogue row whose name equals ``name`` ignoring case, or None."""
+
+    @abstractmethod
+    def _add_order(self, customer: str, drug_name: str, quantity: int, created_at: datetime) -> Mapping[str, Any] | None:
+        """Insert an order for the drug named ``drug_name`` (ignoring case) and return its row.
+
+        Pricing and inserting happen in one transaction, so the total matches the price at the
+        moment the order was written. None, and nothing written, if there is no such drug.
+        """
+
+    @abstractmethod
+    def _order(self, number: int) -> Mapping[str, Any] | None:
+        """The orders row with id ``number``, or None."""
+
+    def close(self) -> None:
+        """Release connections (tests, or a store being replaced); the store may be used again."""
+
+    # -- lower-level queries ----------------------------------------------------------------
+
+    def find_drug(self, drug_name: str) -> dict[str, Any] | None:
+        """The catalogue entry for ``drug_name`` (any case/spacing), or None."""
+        name = _normalise_name(drug_name)
+        row = self._drug(name) if name else None
+        if row is None:
+            return None
+        return {
+            "name": row["name"],
+            "description": row["description"],
+            "dosage": row["dosage"],
+            "side_effects": row["side_effects"],
+            "price": row["price"],
+            "currency": CURRENCY,
+            "prescription_required": bool(row["prescription_required"]),
+        }
+
+    def _unknown_drug(self, drug_name: object) -> dict[str, Any]:
+        """The error for a drug we don't stock, with the list to choose from."""
+        name = _normalise_name(drug_name)
+        message = f"We don't carry {name}." if name else "Please say which drug you mean."
+        return {"error": message, "available": self.drug_names()}
+
+    # -- business operations (the module-level functions delegate here) -------------------
+
+    @_answers_outages
+    def get_drug_info(self, drug_name: str) -> dict[str, Any]:
+        """Describe a drug, or list what we carry if we don't have it."""
+        drug = self.find_drug(drug_name)
+        return drug if drug is not None else self._unknown_drug(drug_name)
+
+    @_answers_outages
+    def place_order(self, customer_name: str, drug_name: str, quantity: int | str = 1) -> dict[str, Any]:
+        """Record an order and return it with its new order number."""
+        customer = _normalise_name(customer_name)
+        if not customer:
+            return {"error": "I need the customer's name to place the order."}
+        count = _parse_quantity(quantity)
+        if count is None:
+            return {
+                "error": f"The quantity must be a whole number from {MIN_QUANTITY} to {MAX_QUANTITY}."
+            }
+        name = _normalise_name(drug_name)
+        created_at = datetime.now(timezone.utc).replace(microsecond=0)
+        row = self._add_order(customer, name, count, created_at) if name else None
+        if row is None:
+            # Built after the write transaction ends, so listing the catalogue
+            # does not hold the write lock.
+            return self._unknown_drug(drug_name)
+        return _order_dict(row)
+
+    @_answers_outages
+    def lookup_order(self, order_id: int | str) -> dict[str, Any]:
+        """Read an order back by its number (12, "12", " 12 " or "#12")."""
+        number = _parse_order_id(order_id)
+        if number is None:
+            return {"error": "Order IDs are numbers, like 12. Please read me the order number."}
+        row = self._order(number) if 0 <= number <= MAX_ORDER_ID else None
+        if row is None:
+            return {"error": f"There is no order {number}."}
+        return _order_dict(row)
+
+
+class SQLiteStore(PharmacyStore):
+    """The catalogue and orders in one SQLite file: the embedded default.
 
     Each thread keeps one connection of its own: the bridge runs functions in
     worker threads, and a sqlite3 connection must not be shared across
@@ -347,116 +496,162 @@ class PharmacyStore:
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
 
-    # -- lower-level queries ------------------------------------------------
-
     def drug_names(self) -> list[str]:
-        """All catalogue names, sorted, for the agent to offer alternatives."""
         with self._connect() as conn:
             rows = conn.execute("SELECT name FROM drugs ORDER BY name COLLATE NOCASE").fetchall()
         return [row["name"] for row in rows]
 
-    def find_drug(self, drug_name: str) -> dict[str, Any] | None:
-        """The catalogue entry for ``drug_name`` (any case/spacing), or None."""
-        name = _normalise_name(drug_name)
-        if not name:
-            return None
+    def _drug(self, name: str) -> sqlite3.Row | None:
         with self._connect() as conn:
-            row = conn.execute("SELECT * FROM drugs WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            return None
-        return {
-            "name": row["name"],
-            "description": row["description"],
-            "dosage": row["dosage"],
-            "side_effects": row["side_effects"],
-            "price": row["price"],
-            "currency": CURRENCY,
-            "prescription_required": bool(row["prescription_required"]),
-        }
+            row: sqlite3.Row | None = conn.execute("SELECT * FROM drugs WHERE name = ?", (name,)).fetchone()
+        return row
 
-    def _unknown_drug(self, drug_name: object) -> dict[str, Any]:
-        """The error for a drug we don't stock, with the list to choose from."""
-        name = _normalise_name(drug_name)
-        message = f"We don't carry {name}." if name else "Please say which drug you mean."
-        return {"error": message, "available": self.drug_names()}
-
-    # -- business operations (the module-level functions delegate here) -----
-
-    def get_drug_info(self, drug_name: str) -> dict[str, Any]:
-        """Describe a drug, or list what we carry if we don't have it."""
-        drug = self.find_drug(drug_name)
-        return drug if drug is not None else self._unknown_drug(drug_name)
-
-    def place_order(self, customer_name: str, drug_name: str, quantity: int | str = 1) -> dict[str, Any]:
-        """Record an order and return it with its new order number."""
-        customer = _normalise_name(customer_name)
-        if not customer:
-            return {"error": "I need the customer's name to place the order."}
-        count = _parse_quantity(quantity)
-        if count is None:
-            return {
-                "error": f"The quantity must be a whole number from {MIN_QUANTITY} to {MAX_QUANTITY}."
-            }
-        name = _normalise_name(drug_name)
-        created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        row: sqlite3.Row | None = None
+    def _add_order(self, customer: str, drug_name: str, quantity: int, created_at: datetime) -> sqlite3.Row | None:
         with self._connect(write=True) as conn:
-            # Price and insert in one transaction, so the total matches the
-            # price at the moment the order was written.
-            drug = conn.execute("SELECT name, price FROM drugs WHERE name = ?", (name,)).fetchone() if name else None
-            if drug is not None:
-                cursor = conn.execute(
-                    "INSERT INTO orders (customer_name, drug_name, quantity, total, status, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    # Round to cents: 3 x 0.1 must read aloud as 0.30, not 0.30000000000000004.
-                    (customer, drug["name"], count, round(drug["price"] * count, 2), ORDER_STATUS_PLACED, created_at),
-                )
-                # lastrowid is per connection, and this connection is ours
-                # alone, so it is this insert's id even with writers racing.
-                row = conn.execute(
-                    f"SELECT {_ORDER_COLUMNS} FROM orders WHERE id = ?", (cursor.lastrowid,)
-                ).fetchone()
-        if row is None:
-            # Built after the write transaction ends, so listing the catalogue
-            # does not hold the write lock.
-            return self._unknown_drug(drug_name)
-        return _order_dict(row)
+            drug = conn.execute("SELECT name, price FROM drugs WHERE name = ?", (drug_name,)).fetchone()
+            if drug is None:
+                return None
+            cursor = conn.execute(
+                "INSERT INTO orders (customer_name, drug_name, quantity, total, status, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                # Round to cents: 3 x 0.1 must read aloud as 0.30, not 0.30000000000000004.
+                (customer, drug["name"], quantity, round(drug["price"] * quantity, 2), ORDER_STATUS_PLACED,
+                 created_at.isoformat(timespec="seconds")),
+            )
+            # lastrowid is per connection, and this connection is ours
+            # alone, so it is this insert's id even with writers racing.
+            row: sqlite3.Row | None = conn.execute(
+                f"SELECT {_ORDER_COLUMNS} FROM orders WHERE id = ?", (cursor.lastrowid,)
+            ).fetchone()
+        return row
 
-    def lookup_order(self, order_id: int | str) -> dict[str, Any]:
-        """Read an order back by its number (12, "12", " 12 " or "#12")."""
-        number = _parse_order_id(order_id)
-        if number is None:
-            return {"error": "Order IDs are numbers, like 12. Please read me the order number."}
+    def _order(self, number: int) -> sqlite3.Row | None:
         with self._connect() as conn:
-            row = conn.execute(f"SELECT {_ORDER_COLUMNS} FROM orders WHERE id = ?", (number,)).fetchone()
-        if row is None:
-            return {"error": f"There is no order {number}."}
-        return _order_dict(row)
+            row: sqlite3.Row | None = conn.execute(
+                f"SELECT {_ORDER_COLUMNS} FROM orders WHERE id = ?", (number,)
+            ).fetchone()
+        return row
+
+
+# The same tables in PostgreSQL. A unique index on lower(name) does what COLLATE NOCASE does in
+# SQLite: "IBUPROFEN" and "ibuprofen" are one drug for lookups and for the key. The identity
+# column hands out order numbers from one sequence, so processes placing orders at the same
+# moment get distinct numbers; a number is never reused (a failed insert leaves a gap instead).
+_PG_SCHEMA: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE IF NOT EXISTS drugs (
+        name                  TEXT PRIMARY KEY,
+        description           TEXT NOT NULL,
+        dosage                TEXT NOT NULL,
+        side_effects          TEXT NOT NULL,
+        price                 DOUBLE PRECISION NOT NULL CHECK (price >= 0),
+        prescription_required BOOLEAN NOT NULL
+    )
+    """,
+    "CREATE UNIQUE INDEX IF NOT EXISTS drugs_name_ignoring_case ON drugs (lower(name))",
+    """
+    CREATE TABLE IF NOT EXISTS orders (
+        id            BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        customer_name TEXT NOT NULL,
+        drug_name     TEXT NOT NULL,
+        quantity      INTEGER NOT NULL CHECK (quantity BETWEEN 1 AND 100),
+        total         DOUBLE PRECISION NOT NULL,
+        status        TEXT NOT NULL,
+        created_at    TIMESTAMPTZ NOT NULL
+    )
+    """,
+)
+
+
+class PostgresStore(PharmacyStore):
+    """The catalogue and orders in a PostgreSQL database, shared by every bridge process.
+
+    ``bridge.postgres`` keeps a connection per worker thread, bounds every wait, and turns an
+    unreachable server into ``DatabaseUnavailable`` (the caller hears ``UNAVAILABLE_MESSAGE``);
+    the next call reconnects. Nothing connects until the first call, which creates the tables
+    and seeds the catalogue if they aren't there yet.
+    """
+
+    def __init__(self, url: str, **timeouts: int) -> None:
+        """``timeouts``: bridge.postgres' connect_timeout_seconds and statement_timeout_ms."""
+        self.url = url
+        self._db = PostgresConnections(url, _PG_SCHEMA, _seed_postgres, **timeouts)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _run(self, work: Callable[[Any], R], *, write: bool = False) -> R:
+        return self._db.run(work, write=write)
+
+    def drug_names(self) -> list[str]:
+        rows = self._run(lambda conn: conn.execute("SELECT name FROM drugs ORDER BY lower(name), name").fetchall())
+        return [row["name"] for row in rows]
+
+    def _drug(self, name: str) -> Mapping[str, Any] | None:
+        return self._run(lambda conn: conn.execute("SELECT * FROM drugs WHERE lower(name) = lower(%s)", (name,)).fetchone())
+
+    def _add_order(self, customer: str, drug_name: str, quantity: int, created_at: datetime) -> Mapping[str, Any] | None:
+        def add(conn: Any) -> Mapping[str, Any] | None:
+            drug = conn.execute("SELECT name, price FROM drugs WHERE lower(name) = lower(%s)", (drug_name,)).fetchone()
+            if drug is None:
+                return None
+            row: Mapping[str, Any] | None = conn.execute(
+                "INSERT INTO orders (customer_name, drug_name, quantity, total, status, created_at) "
+                f"VALUES (%s, %s, %s, %s, %s, %s) RETURNING {_ORDER_COLUMNS}",
+                (customer, drug["name"], quantity, round(drug["price"] * quantity, 2), ORDER_STATUS_PLACED, created_at),
+            ).fetchone()
+            return row
+
+        return self._run(add, write=True)
+
+    def _order(self, number: int) -> Mapping[str, Any] | None:
+        return self._run(lambda conn: conn.execute(f"SELECT {_ORDER_COLUMNS} FROM orders WHERE id = %s", (number,)).fetchone())
+
+
+def _seed_postgres(conn: Any) -> None:
+    """Seed an empty catalogue (runs under bridge.postgres' schema lock, in its transaction).
+
+    As with SQLite, only an empty one, so drugs an operator removed or repriced stay that way.
+    """
+    if conn.execute("SELECT 1 FROM drugs LIMIT 1").fetchone() is None:
+        conn.cursor().executemany(
+            "INSERT INTO drugs (name, description, dosage, side_effects, price, prescription_required) "
+            "VALUES (%(name)s, %(description)s, %(dosage)s, %(side_effects)s, %(price)s, %(prescription_required)s) "
+            "ON CONFLICT DO NOTHING",
+            SEED_DRUGS,
+        )
 
 
 # -- the store the module-level functions use ---------------------------------
 
-_stores: dict[str, PharmacyStore] = {}
+_stores: dict[tuple[str, str], PharmacyStore] = {}
 _stores_lock = threading.Lock()
 
 
 def get_store() -> PharmacyStore:
-    """The store at $PHARMACY_DB (default data/pharmacy.db beside this file).
+    """PostgreSQL at $DATABASE_URL if set, else the SQLite file at $PHARMACY_DB.
 
-    Read on every call, not at import, so tests and deployments can set
-    PHARMACY_DB any time before use, and a changed value takes effect. Stores
-    are cached per path so the schema/seed work happens once per file; the lock
-    stops two worker threads building the same store at once.
+    (PHARMACY_DB defaults to data/pharmacy.db beside this file.) Read on every
+    call, not at import, so tests and deployments can set them any time before
+    use, and a changed value takes effect. Stores are cached per setting so the
+    schema/seed work happens once per database; the lock stops two worker
+    threads building the same store at once.
     """
+    url = os.environ.get("DATABASE_URL", "").strip()
     raw = os.environ.get("PHARMACY_DB", "").strip()
+    # Keyed by the raw setting so the common case costs a dict lookup, not a path resolution.
+    key = ("postgresql", url) if url else ("sqlite", raw)
     with _stores_lock:
-        # Keyed by the raw setting so the common case costs a dict lookup, not a path resolution.
-        store = _stores.get(raw)
+        store = _stores.get(key)
         if store is None:
-            # A relative PHARMACY_DB is taken from this project's folder, like the default, so
-            # the same orders are found whichever directory the bridge is started from.
-            path = (DEFAULT_DB_PATH.parent.parent / raw).resolve() if raw else DEFAULT_DB_PATH
-            store = _stores[raw] = PharmacyStore(path)
+            if url:
+                store = PostgresStore(url)
+            else:
+                # A relative PHARMACY_DB is taken from this project's folder, like the default, so
+                # the same orders are found whichever directory the bridge is started from.
+                path = (DEFAULT_DB_PATH.parent.parent / raw).resolve() if raw else DEFAULT_DB_PATH
+                store = SQLiteStore(path)
+            _stores[key] = store
         return store
 
 

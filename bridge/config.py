@@ -76,6 +76,8 @@ class Settings:
     calls_dir: Path = Path("calls")
     phone_page: bool = False
     phone_page_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    # PostgreSQL for the pharmacy store (pharmacy_functions.py); None keeps the SQLite file.
+    database_url: str | None = None
     # Not from the environment: protocol timings that tests shorten.
     keepalive_seconds: float = 5.0
     start_timeout_seconds: float = 10.0
@@ -226,6 +228,12 @@ def load_settings(
             "TWILIO_AUTH_TOKEN is set but PUBLIC_URL is not: Twilio signs the public URL "
             "(e.g. https://abc.ngrok.app), so the bridge needs it to check signatures."
         )
+    database_url = environ.get("DATABASE_URL", "").strip() or None
+    if database_url and database_url.partition("://")[0].lower() not in {"postgresql", "postgres"}:
+        # Nothing of the value is quoted back: it may hold a password.
+        raise ConfigError(
+            "DATABASE_URL must be a postgresql:// URL, like postgresql://user:password@host:5432/pharmacy."
+        )
     token = environ.get("PHONE_PAGE_TOKEN", "").strip()
     extra: dict[str, Any] = {"phone_page_token": token} if token else {}
     return Settings(
@@ -255,6 +263,7 @@ def load_settings(
         idle_hangup_seconds=_float(environ, "IDLE_HANGUP_SECONDS", 30.0, 1.0),
         idle_reprompt_message=_message(environ, "IDLE_REPROMPT_MESSAGE", DEFAULT_IDLE_REPROMPT_MESSAGE),
         idle_goodbye_message=_message(environ, "IDLE_GOODBYE_MESSAGE", DEFAULT_IDLE_GOODBYE_MESSAGE),
+        database_url=database_url,
         **extra,
     )
 

@@ -7,7 +7,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from bridge.config import Settings, load_agent_config  # noqa: E402
 from bridge.server import BridgeServer  # noqa: E402
 from fakes import FakeAgent  # noqa: E402
+from postgres_server import PostgresServer  # noqa: E402
 
 BridgeFactory = Callable[..., AbstractAsyncContextManager[BridgeServer]]
 
@@ -30,7 +31,30 @@ def pharmacy_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own pharmacy database file."""
     path = tmp_path / "pharmacy.db"
     monkeypatch.setenv("PHARMACY_DB", str(path))
+    monkeypatch.delenv("DATABASE_URL", raising=False)  # SQLite unless a test asks for PostgreSQL
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole session (tests/postgres_server.py)."""
+    server = PostgresServer()
+    try:
+        server.initialise()
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh database on the session's server, dropped after the test."""
+    if not postgres_server.running:  # a failed outage test left it stopped
+        postgres_server.start()
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
 
 
 @pytest.fixture

@@ -458,7 +458,7 @@ def test_kubernetes_example_drains_before_it_is_killed() -> None:
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    env = {item["name"]: item["value"] for item in container.get("env", [])}
+    env = {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}  # not valueFrom
     port = int(env.get("PORT", 5000))
     assert port in ports.values()
 
