@@ -304,21 +304,12 @@ def parse_agent_config(text: str, path: Path, environ: Mapping[str, str]) -> Age
             raise ConfigError(f'{path} is missing the "{key}" key of the Settings message.')
     if settings["type"] != "Settings":
         raise ConfigError(f'{path}: "type" must be "Settings", got {settings["type"]!r}.')
-    try:
-        # Every level against the v1 key table (bridge/agent_schema.py): the real server refuses
-        # an unknown key anywhere with UNPARSABLE_CLIENT_MESSAGE, which would fail every call.
-        check_settings(settings)
-    except SchemaError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    audio = _object(settings["audio"], '"audio"', path)
-    _check_audio_format(audio, "input", path)
-    _check_audio_format(audio, "output", path)
     # A string is the id of an agent saved in Deepgram's console: its functions are defined there.
     agent = settings["agent"] if isinstance(settings["agent"], dict) else {}
 
     client_functions: dict[str, dict[str, Any]] = {}
     for think in _think_providers(agent):
-        functions = think.get("functions", [])
+        functions = think.get("functions") or []
         if not isinstance(functions, list):
             raise ConfigError(f'{path}: "agent.think.functions" must be a list.')
         for definition in functions:
@@ -329,8 +320,17 @@ def parse_agent_config(text: str, path: Path, environ: Mapping[str, str]) -> Age
                     f'{path}: function {definition["name"]!r} must not set "client_side"; '
                     "Deepgram sets it (a function without an endpoint runs here)."
                 )
-            if "endpoint" not in definition:
+            if definition.get("endpoint") is None:
                 client_functions[definition["name"]] = definition
+    try:
+        # Every level against the v1 key table (bridge/agent_schema.py): the real server refuses
+        # an unknown key anywhere with UNPARSABLE_CLIENT_MESSAGE, which would fail every call.
+        check_settings(settings)
+    except SchemaError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    audio = _object(settings["audio"], '"audio"', path)
+    _check_audio_format(audio, "input", path)
+    _check_audio_format(audio, "output", path)
     return AgentConfig(settings=_substitute(settings, environ, path), client_functions=client_functions)
 
 
