@@ -298,7 +298,7 @@ class SchemaError(ValueError):
 
 def check_settings(settings: Any) -> None:
     """Check a parsed Settings message at every level; raise ``SchemaError`` naming the path."""
-    _check(settings, ("object", ROOT), "", "")
+    _check(settings, ("object", ROOT), "")
 
 
 def _join(path: str, key: str) -> str:
@@ -344,7 +344,7 @@ def describe(shape: Shape) -> str:
 def matches(value: Any, shape: Shape) -> bool:
     """Whether ``value`` has ``shape`` (a shape of the table)."""
     try:
-        _check(value, shape, "", "")
+        _check(value, shape, "")
     except SchemaError:
         return False
     return True
@@ -364,7 +364,7 @@ def _could_be(value: Any, shape: Shape) -> bool:
     return any(_could_be(value, alternative) for alternative in shape[1:])
 
 
-def _check(value: Any, shape: Shape, path: str, kind_note: str) -> None:
+def _check(value: Any, shape: Shape, path: str) -> None:
     where = f'"{path}"' if path else "the top level"
     if isinstance(shape, str):
         ok = {
@@ -385,14 +385,14 @@ def _check(value: Any, shape: Shape, path: str, kind_note: str) -> None:
         if not isinstance(value, list):
             raise SchemaError(f"{where} must be {describe(shape)}, got {_kind(value)}.")
         for index, item in enumerate(value):
-            _check(item, shape[1], f"{path}[{index}]", kind_note)
+            _check(item, shape[1], f"{path}[{index}]")
     elif kind == "map":
         if not isinstance(value, dict):
             raise SchemaError(f"{where} must be an object, got {_kind(value)}.")
         for key, item in value.items():
-            _check(item, shape[1], _join(path, key), kind_note)
+            _check(item, shape[1], _join(path, key))
     elif kind == "object":
-        _check_object(value, shape[1], path, kind_note)
+        _check_object(value, shape[1], path)
     elif kind == "variants":
         _check_variant(value, shape, path)
     elif kind == "one_of":
@@ -404,7 +404,7 @@ def _check(value: Any, shape: Shape, path: str, kind_note: str) -> None:
             raise SchemaError(f"{where} must be {describe(shape)}, got {_kind(value)}.")
         # Of several objects it could be, report against the one sharing the most keys with it.
         best = max(fitting, key=lambda alternative: _shared_keys(value, alternative))
-        _check(value, best, path, kind_note)
+        _check(value, best, path)
     else:  # pragma: no cover - the table holds only the shapes above
         raise AssertionError(f"unknown shape {shape!r}")
 
@@ -443,7 +443,7 @@ def _check_variant(value: Any, shape: Shape, path: str) -> None:
         raise SchemaError(
             f'"{_join(path, key)}" must be one of {choices}{_suggest(chosen, variants)}, got {_shown(chosen)}.'
         )
-    note = f' where "{key}" is "{chosen}"' + (" (no version means v1)" if key not in value else "")
+    note = f' where "{key}" is "{chosen}"' + (f' (no "{key}" means "{default}")' if key not in value else "")
     fields = OBJECTS[variants[chosen]]
     for name in value:
         others = [other for other, object_name in variants.items() if name in OBJECTS[object_name]]
@@ -456,7 +456,8 @@ def _check_variant(value: Any, shape: Shape, path: str) -> None:
     _check_object(value, variants[chosen], path, note)
 
 
-def _check_object(value: Any, name: str, path: str, kind_note: str) -> None:
+def _check_object(value: Any, name: str, path: str, kind_note: str = "") -> None:
+    """``kind_note`` says which kind of provider the object was taken for, in error messages."""
     where = f'"{path}"' if path else "the top level"
     if not isinstance(value, dict):
         raise SchemaError(f"{where} must be an object, got {_kind(value)}.")
@@ -471,7 +472,7 @@ def _check_object(value: Any, name: str, path: str, kind_note: str) -> None:
             continue
         if value[key] is None and presence == NULLABLE:
             continue
-        _check(value[key], field_shape, _join(path, key), "")
+        _check(value[key], field_shape, _join(path, key))
 
 
 def _unknown_key(path: str, key: str, fields: dict[str, Any], kind_note: str) -> str:

@@ -11,6 +11,7 @@ accepts, the SDK accepts too.
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 import re
 import types
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 from deepgram.agent.v1 import AgentV1Settings
+from deepgram.core.serialization import get_field_to_alias_mapping
 from deepgram.core.unchecked_base_model import UnionMetadata
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -87,8 +89,9 @@ def sdk_shape(annotation: Any, metadata: tuple[Any, ...] = ()) -> Canon:
 
 def sdk_object(model: type[BaseModel]) -> Canon:
     fields = []
+    fern_aliases = get_field_to_alias_mapping(model)  # Fern's own aliases (e.g. uuid_ -> uuid)
     for name, field in model.model_fields.items():
-        key = field.alias or name  # the key on the wire
+        key = fern_aliases.get(name) or field.alias or name  # the key on the wire
         annotation = field.annotation
         nullable = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
         assert not (field.is_required() and nullable), f"{model.__name__}.{name} is required but may be null"
@@ -150,7 +153,14 @@ def shallow(shape: Canon) -> str:
     return f"{shape[0]}({', '.join(shallow(s) for s in shape[1:])})"
 
 
+def test_the_derivation_reads_aliases() -> None:
+    from deepgram.types.get_model_v1response_metadata import GetModelV1ResponseMetadata
+
+    assert "uuid" in {key for key, _, _ in sdk_object(GetModelV1ResponseMetadata)}
+
+
 def test_the_table_equals_the_sdk_models_at_every_object_path() -> None:
+    assert importlib.metadata.version("deepgram-sdk") == "7.17.0", "the table describes deepgram-sdk 7.17.0"
     sdk = ("object", sdk_object(AgentV1Settings))
     ours = ("object", table_object(ROOT))
     sdk_rows, our_rows = set(flatten(sdk)), set(flatten(ours))
@@ -163,6 +173,23 @@ def test_the_table_equals_the_sdk_models_at_every_object_path() -> None:
     assert any(path.endswith(".speak<1>.provider<type=aws_polly>.credentials") for path in paths)
     assert any(path.endswith(".listen.provider<version=v2>") for path in paths)
     assert len(sdk_rows) > 200
+
+
+def test_every_sdk_model_below_settings_allows_extra_keys_so_only_the_table_refuses_them() -> None:
+    """Why the table, not the SDK's ``extra`` setting, decides (bridge/agent_schema.py docstring)."""
+    seen: set[type[BaseModel]] = set()
+
+    def visit(annotation: Any) -> None:
+        for argument in typing.get_args(annotation):
+            visit(argument)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and annotation not in seen:
+            seen.add(annotation)
+            for field in annotation.model_fields.values():
+                visit(field.annotation)
+
+    visit(AgentV1Settings)
+    assert len(seen) > 30
+    assert {model.model_config.get("extra") for model in seen} == {"allow"}
 
 
 def test_every_object_of_the_table_is_reachable_from_the_top() -> None:
@@ -402,7 +429,7 @@ def test_typos_below_agent_are_named_with_their_full_path_and_a_suggestion() -> 
     )
     assert parse_error(lambda c: c["agent"]["listen"]["provider"].update(modle="nova-3")).startswith(
         'config.json: "agent.listen.provider.modle" is not a v1 Settings key where "version" is "v1" '
-        '(no version means v1); did you mean "model"? (allowed: keyterms, language, model, smart_format, type, version).'
+        '(no "version" means "v1"); did you mean "model"? (allowed: keyterms, language, model, smart_format, type, version).'
     )
     assert 'did you mean "parameters"?' in parse_error(lambda c: c["agent"]["think"]["functions"][2].update(paramters={}))
     assert parse_error(lambda c: c["agent"]["think"]["functions"][2].update(paramters={})).startswith(
