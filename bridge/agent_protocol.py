@@ -56,20 +56,27 @@ def parse_message(text: str) -> dict[str, Any]:
 def settings_message(settings: dict[str, Any], history: list[str]) -> str:
     """The Settings message: config.json, with the conversation so far preloaded when resuming.
 
-    ``history`` holds items made by ``history_text`` and ``history_function_call``.
+    ``history`` holds items made by ``history_text`` and ``history_function_call``. An agent
+    saved in Deepgram's console (``agent`` is its id) has no place for history: it starts afresh.
     """
-    if not history:
+    if not history or not isinstance(settings["agent"], dict):
         return json.dumps(settings)
     resumed = copy.deepcopy(settings)
     # The caller has been greeted already; a resumed session carries on mid-conversation.
     resumed["agent"].pop("greeting", None)
-    context = resumed["agent"].setdefault("context", {})
-    context["messages"] = list(context.get("messages", [])) + [json.loads(item) for item in history]
+    # null is allowed for both (v1 Settings table); it reads as absent.
+    context = resumed["agent"]["context"] = resumed["agent"].get("context") or {}
+    context["messages"] = list(context.get("messages") or []) + [json.loads(item) for item in history]
     return json.dumps(resumed)
 
 
 def voicemail_settings(settings: dict[str, Any], message: str) -> str:
-    """Settings for leaving a voicemail message: the agent's greeting is the message."""
+    """Settings for leaving a voicemail message: the agent's greeting is the message.
+
+    A saved agent (``agent`` is its id) can't be given a greeting here: it is used as saved.
+    """
+    if not isinstance(settings["agent"], dict):
+        return json.dumps(settings)
     voicemail = copy.deepcopy(settings)
     voicemail["agent"]["greeting"] = message
     return json.dumps(voicemail)

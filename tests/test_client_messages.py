@@ -53,6 +53,23 @@ def test_the_builders_make_valid_messages() -> None:
     assert len(json.loads(resumed)["agent"]["context"]["messages"]) == 3
 
 
+def test_a_saved_agent_is_sent_as_its_id_on_resume_and_for_voicemail() -> None:
+    saved = {**CONFIG, "agent": "0f1e2d3c-saved-agent"}
+    history = [history_text("user", "Hello?")]
+    for message in (agent_protocol.settings_message(saved, history), agent_protocol.voicemail_settings(saved, "Call us.")):
+        assert_valid_client_message(message)
+        assert json.loads(message)["agent"] == "0f1e2d3c-saved-agent"
+
+
+def test_history_is_added_to_a_context_or_messages_given_as_null() -> None:
+    history = [history_text("user", "Hello?")]
+    for context in (None, {"messages": None}, {}):
+        config = {**CONFIG, "agent": {**CONFIG["agent"], "context": context}}
+        resumed = agent_protocol.settings_message(config, history)
+        assert_valid_client_message(resumed)
+        assert json.loads(resumed)["agent"]["context"]["messages"] == [json.loads(history[0])]
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     st.lists(
