@@ -77,8 +77,9 @@ def settings_message(settings: dict[str, Any], history: list[str]) -> str:
     resumed = copy.deepcopy(settings)
     # The caller has been greeted already; a resumed session carries on mid-conversation.
     resumed["agent"].pop("greeting", None)
-    context = resumed["agent"].setdefault("context", {})
-    context["messages"] = list(context.get("messages", [])) + [json.loads(item) for item in history]
+    # null is allowed for both (v1 Settings table); it reads as absent.
+    context = resumed["agent"]["context"] = resumed["agent"].get("context") or {}
+    context["messages"] = list(context.get("messages") or []) + [json.loads(item) for item in history]
     return json.dumps(resumed)
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .agent_schema import SchemaError, check_settings
+
 DEFAULT_AGENT_URL = "wss://agent.deepgram.com/v1/agent/converse"
 DEFAULT_TWILIO_API_URL = "https://api.twilio.com"
 DEFAULT_IDLE_REPROMPT_MESSAGE = "Are you still there? I'm here if you need anything."
@@ -27,12 +29,6 @@ DEFAULT_VOICEMAIL_MESSAGE = (
 )
 E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
-
-# The complete key sets of the v1 Settings message (deepgram-sdk 7.17.0). The real server rejects
-# unknown keys with UNPARSABLE_CLIENT_MESSAGE, which would otherwise surface only mid-call.
-SETTINGS_KEYS = frozenset({"type", "tags", "experimental", "flags", "mip_opt_out", "audio", "agent"})
-AGENT_KEYS = frozenset({"language", "context", "listen", "think", "think_live", "speak", "greeting"})
-AUDIO_KEYS = frozenset({"input", "output"})
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -299,15 +295,6 @@ def _object(value: Any, where: str, path: Path) -> dict[str, Any]:
     return value
 
 
-def _check_keys(value: dict[str, Any], allowed: frozenset[str], where: str, path: Path) -> None:
-    unknown = sorted(set(value) - allowed)
-    if unknown:
-        raise ConfigError(
-            f"{path}: {where} has unknown key {unknown[0]!r}; "
-            f"the v1 Settings schema allows only {', '.join(sorted(allowed))}."
-        )
-
-
 def _check_audio_format(audio: dict[str, Any], direction: str, path: Path) -> None:
     fmt = _object(audio.get(direction), f'"audio.{direction}"', path)
     if fmt.get("encoding") != "mulaw" or fmt.get("sample_rate") != 8000:
@@ -345,17 +332,12 @@ def parse_agent_config(text: str, path: Path, environ: Mapping[str, str]) -> Age
             raise ConfigError(f'{path} is missing the "{key}" key of the Settings message.')
     if settings["type"] != "Settings":
         raise ConfigError(f'{path}: "type" must be "Settings", got {settings["type"]!r}.')
-    _check_keys(settings, SETTINGS_KEYS, "the top level", path)
-    audio = _object(settings["audio"], '"audio"', path)
-    _check_keys(audio, AUDIO_KEYS, '"audio"', path)
-    _check_audio_format(audio, "input", path)
-    _check_audio_format(audio, "output", path)
-    agent = _object(settings["agent"], '"agent"', path)
-    _check_keys(agent, AGENT_KEYS, '"agent"', path)
+    # A string is the id of an agent saved in Deepgram's console: its functions are defined there.
+    agent = settings["agent"] if isinstance(settings["agent"], dict) else {}
 
     client_functions: dict[str, dict[str, Any]] = {}
     for think in _think_providers(agent):
-        functions = think.get("functions", [])
+        functions = think.get("functions") or []
         if not isinstance(functions, list):
             raise ConfigError(f'{path}: "agent.think.functions" must be a list.')
         for definition in functions:
@@ -366,8 +348,17 @@ def parse_agent_config(text: str, path: Path, environ: Mapping[str, str]) -> Age
                     f'{path}: function {definition["name"]!r} must not set "client_side"; '
                     "Deepgram sets it (a function without an endpoint runs here)."
                 )
-            if "endpoint" not in definition:
+            if definition.get("endpoint") is None:
                 client_functions[definition["name"]] = definition
+    try:
+        # Every level against the v1 key table (bridge/agent_schema.py): the real server refuses
+        # an unknown key anywhere with UNPARSABLE_CLIENT_MESSAGE, which would fail every call.
+        check_settings(settings)
+    except SchemaError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    audio = _object(settings["audio"], '"audio"', path)
+    _check_audio_format(audio, "input", path)
+    _check_audio_format(audio, "output", path)
     return AgentConfig(settings=_substitute(settings, environ, path), client_functions=client_functions)
 
 

@@ -22,6 +22,8 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from sdk_oracle import sdk_problem
+
 
 async def eventually(condition: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
     """Poll until ``condition()`` is truthy; fail the test with ``what`` if it never is."""
@@ -74,6 +76,10 @@ class FakeAgent:
     ``settings_mode``: "apply" answers SettingsApplied (after ``settings_delay`` seconds),
     "ignore" never answers, "error" answers with an Error. ``refuse_status`` fails the
     handshake with that HTTP status. ``welcome=False`` sends no Welcome.
+
+    Every text message received is checked against deepgram-sdk's models (tests/sdk_oracle.py),
+    as the real server would refuse it; leaving the ``async with`` fails the test if one was
+    invalid (about 0.2 ms for a Settings message, a few microseconds for the others).
     """
 
     def __init__(
@@ -90,6 +96,7 @@ class FakeAgent:
         self.welcome = welcome
         self.sessions: list[FakeAgentSession] = []
         self.handshakes = 0
+        self.invalid_messages: list[str] = []  # what the SDK's models refused, with the message
         self._server: Server | None = None
 
     @property
@@ -108,6 +115,8 @@ class FakeAgent:
         assert self._server is not None
         self._server.close()
         await self._server.wait_closed()
+        if exc_info[0] is None:  # a failing test keeps its own error
+            assert not self.invalid_messages, f"the bridge sent invalid messages: {self.invalid_messages}"
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         self.handshakes += 1
@@ -134,6 +143,9 @@ class FakeAgent:
                         session.audio_before_settings_applied += len(frame)
                     continue
                 message = json.loads(frame)
+                problem = sdk_problem(message)
+                if problem is not None:
+                    self.invalid_messages.append(problem)
                 if session.settings is None and message.get("type") == "Settings":
                     if self.settings_mode == "apply":
                         await asyncio.sleep(self.settings_delay)

@@ -14,34 +14,21 @@ from typing import Any
 
 import pytest
 from deepgram.agent.v1 import AgentV1Settings
-from pydantic import BaseModel
 
 import main
 from bridge.agent_protocol import history_function_call, history_text, settings_message, FunctionCall
 from bridge.config import ConfigError, load_settings, parse_agent_config
 from conftest import ROOT, empty_env, free_port
+from sdk_oracle import assert_valid_client_message
 
 CONFIG = json.loads((ROOT / "config.json").read_text())
 
 
-def unknown_keys(value: Any, where: str = "Settings") -> list[str]:
-    """Walk a validated SDK model: pydantic lets unknown keys through into model_extra."""
-    found: list[str] = []
-    if isinstance(value, BaseModel):
-        found += [f"{where}.{key}" for key in (value.model_extra or {})]
-        for name in type(value).model_fields:
-            found += unknown_keys(getattr(value, name), f"{where}.{name}")
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            found += unknown_keys(item, f"{where}[{index}]")
-    return found
-
-
 def validate_settings(message: str | dict[str, Any]) -> AgentV1Settings:
+    """The SDK's model of a Settings message, failing on any unknown key (tests/sdk_oracle.py)."""
     data = json.loads(message) if isinstance(message, str) else message
-    model = AgentV1Settings.model_validate(data)
-    assert unknown_keys(model) == [], unknown_keys(model)
-    return model
+    assert_valid_client_message(data)
+    return AgentV1Settings.model_validate(data)
 
 
 def test_config_json_is_a_valid_v1_settings_message() -> None:
@@ -94,8 +81,16 @@ STARTUP_ERRORS = {
         '"audio.input" must be encoding "mulaw" with sample_rate 8000',
     ),
     "wav output": (edited(lambda c: c["audio"]["output"].update(container="wav")), '"audio.output.container" must be "none"'),
-    "unknown top-level key": (edited(lambda c: c.update(voice="x")), "the top level has unknown key 'voice'"),
-    "old agent key": (edited(lambda c: c["agent"].update(speaking={})), "\"agent\" has unknown key 'speaking'"),
+    "unknown top-level key": (edited(lambda c: c.update(voice="x")), '"voice" is not a v1 Settings key'),
+    "old agent key": (edited(lambda c: c["agent"].update(speaking={})), '"agent.speaking" is not a v1 Settings key'),
+    "typo below agent": (
+        edited(lambda c: c["agent"]["think"].update(promt="x")),
+        '"agent.think.promt" is not a v1 Settings key; did you mean "prompt"?',
+    ),
+    "typo in a provider": (
+        edited(lambda c: c["agent"]["listen"]["provider"].update(modle="nova-3")),
+        '"agent.listen.provider.modle" is not a v1 Settings key',
+    ),
     "unset variable": (
         edited(lambda c: c["agent"]["think"].update(endpoint={"url": "https://llm.example", "headers": {"authorization": "Bearer ${LLM_API_KEY}"}})),
         "uses ${LLM_API_KEY} but LLM_API_KEY is not set in the environment (.env).",
