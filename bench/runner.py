@@ -35,8 +35,7 @@ DEFAULT_SETTINGS = {
     "audio": {"input": {"encoding": "mulaw", "sample_rate": 8000},
               "output": {"encoding": "mulaw", "sample_rate": 8000, "container": "none"}},
     "agent": {
-        "language": "en",
-        "listen": {"provider": {"type": "deepgram", "model": "nova-3"}},
+        "listen": {"provider": {"type": "deepgram", "model": "nova-3", "language": "en"}},
         "think": {
             "provider": {"type": "open_ai", "model": "gpt-4o-mini", "temperature": 0.7},
             "prompt": "You are a pharmacy assistant.",
