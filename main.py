@@ -107,8 +107,9 @@ def announce(settings: Settings, workers: int, port: int) -> None:
         if not settings.twilio_auth_token:
             logger.warning(
                 "TWILIO_AUTH_TOKEN is not set: /twilio takes any WebSocket without a Twilio signature, so anyone "
-                "who finds this address can open agent sessions on your Deepgram account and spend its credit "
-                "(the phone page's token does not prevent it); set TWILIO_AUTH_TOKEN and PUBLIC_URL on any public address"
+                "who finds this address can open agent sessions on your Deepgram account and spend its credit%s; "
+                "set TWILIO_AUTH_TOKEN and PUBLIC_URL on any public address",
+                " (the phone page's token does not prevent it)" if settings.phone_page else "",
             )
         for line in call_control_status(settings):
             logger.info(line)
