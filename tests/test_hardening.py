@@ -417,13 +417,57 @@ async def test_a_second_signal_ends_live_calls_at_once_and_writes_their_records(
     assert "second signal: ending 1 live calls now and writing their records" in text
 
 
-def test_a_second_signal_is_bounded_even_if_ending_the_calls_hangs() -> None:
-    """The backstop that bounds a second signal is a thread, so a stuck event loop can't hold it."""
-    from bridge.server import END_CALLS_SECONDS, SECOND_SIGNAL_EXIT_SECONDS
+SECOND_SIGNAL_BACKSTOP_SCRIPT = """
+import sys, time
+sys.path.insert(0, {root!r})
+import bridge.server
+bridge.server.SECOND_SIGNAL_EXIT_SECONDS = {backstop}  # shortened for the test
+import pharmacy_functions
 
-    source = (ROOT / "bridge" / "server.py").read_text()
-    assert "threading.Timer(SECOND_SIGNAL_EXIT_SECONDS, os._exit" in source
-    assert END_CALLS_SECONDS < SECOND_SIGNAL_EXIT_SECONDS <= 15
+def get_drug_info(drug_name):  # a thread that never finishes: it holds up the interpreter's exit
+    time.sleep(120)
+
+pharmacy_functions.function_map["get_drug_info"] = get_drug_info
+import main
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+async def test_a_second_signal_is_bounded_even_if_a_function_thread_hangs(fake_agent: FakeAgent, tmp_path: Path) -> None:
+    """A stuck ``def`` function keeps the interpreter from exiting: the backstop ends the process anyway."""
+    backstop = 4.0
+    port = free_port()
+    script = tmp_path / "bridge_with_a_stuck_function.py"
+    script.write_text(SECOND_SIGNAL_BACKSTOP_SCRIPT.format(root=str(ROOT), backstop=backstop))
+    env = {**os.environ, "DEEPGRAM_API_KEY": "k", "DEEPGRAM_AGENT_URL": fake_agent.url, "DRAIN_SECONDS": "30",
+           "RECORD_CALLS": "true", "CALLS_DIR": str(tmp_path / "calls")}
+    process = subprocess.Popen(
+        [sys.executable, str(script), "--host", "127.0.0.1", "--port", str(port), "--env-file", str(empty_env(tmp_path))],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        await eventually(lambda: _health(port)[0] == 200, 10, "the server to start")
+        async with FakeTwilioCaller(f"ws://127.0.0.1:{port}/twilio") as caller:
+            await caller.start()
+            await eventually(lambda: fake_agent.sessions and fake_agent.sessions[0].settings is not None)
+            await fake_agent.sessions[0].send_json({"type": "FunctionCallRequest", "functions": [
+                {"id": "f1", "name": "get_drug_info", "arguments": '{"drug_name": "ibuprofen"}', "client_side": True}]})
+            process.send_signal(signal.SIGTERM)
+            await eventually(lambda: _health(port)[0] == 503, 5, "draining")
+            await asyncio.sleep(DUPLICATE_SIGNAL_SECONDS)
+            started = time.monotonic()
+            process.send_signal(signal.SIGINT)
+            code = await asyncio.to_thread(process.wait, backstop + 5)
+            took = time.monotonic() - started
+        assert code == 1
+        assert backstop - 0.5 < took < backstop + 2, f"exited after {took:.1f} s; the backstop is {backstop} s"
+        events = read_record(tmp_path / "calls")
+        assert events[-1]["event"] == "summary" and events[-1]["ended_by"] == "server shutting down"
+        (function,) = [event for event in events if event["event"] == "function_call"]
+        assert function["error"] == "the call ended before it finished"
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 async def test_an_agent_session_that_opens_while_the_call_closes_is_closed_too(make_bridge: BridgeFactory) -> None:
