@@ -87,3 +87,11 @@ def test_bench_smoke_run_is_byte_exact(tmp_path):
     for direction in ("caller_to_agent_bytes", "agent_to_caller_bytes"):
         assert integrity[direction]["sent"] == integrity[direction]["received"] > 0
     assert r["latency_ms"]["caller_to_agent"]["n"] > 0 and r["latency_ms"]["agent_to_caller"]["n"] > 0
+
+
+def test_the_benchmark_says_it_needs_linux(monkeypatch, capsys):
+    from bench import runner
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert runner.main(["--calls", "1"]) == 2
+    assert capsys.readouterr().err == "bench: python -m bench needs Linux (it reads /proc and pins with taskset).\n"

@@ -297,6 +297,7 @@ def test_every_docs_page_is_linked_from_the_readme() -> None:
 def test_performance_page_names_real_bench_flags() -> None:
     performance = read_doc(PERFORMANCE)
     assert "python -m bench" in performance
+    assert "needs **Linux**" in performance, "the benchmark reads /proc: the page must say it needs Linux"
     bench = (ROOT / "bench" / "runner.py").read_text(encoding="utf-8")
     for flag in set(re.findall(r"(--[a-z][a-z-]*)", performance)) - {"--help"}:
         assert f'"{flag}"' in bench, f"{PERFORMANCE} names {flag}, which python -m bench lacks"
