@@ -4,7 +4,8 @@
     python main.py call +15551234567 [--param name=value ...]
 
 Loads ``.env``, validates the settings, config.json and pharmacy_functions.function_map, then
-serves WebSocket ``/twilio`` and ``GET /health`` until SIGTERM/SIGINT, draining live calls first.
+serves the routes ``bridge.server.routes`` lists (WebSocket ``/twilio``, ``GET /health``, ...) until
+SIGTERM/SIGINT, draining live calls first (a second signal ends them at once, records written).
 With ``--workers N`` it runs N server processes sharing the port (SO_REUSEPORT).
 """
 
@@ -31,7 +32,7 @@ from bridge.call_control import MODE_PARAMETER, place_call
 from bridge.config import E164, AgentConfig, ConfigError, Settings, load_agent_config, load_settings
 from bridge.functions import check_function_map
 from bridge.postgres import check_database_url, describe
-from bridge.server import BridgeServer
+from bridge.server import BridgeServer, routes
 from bridge.session import rest_client
 from bridge.twilio_rest import TwilioApiError
 
@@ -72,7 +73,7 @@ def load(args: argparse.Namespace) -> tuple[Settings, AgentConfig, dict[str, Cal
         from pharmacy_functions import function_map
     except Exception as exc:  # an error in the user's own functions file
         raise ConfigError(f"pharmacy_functions.py failed to import: {type(exc).__name__}: {exc}.") from None
-    warnings = check_function_map(function_map, agent_config.client_functions)
+    warnings = check_function_map(function_map, agent_config.client_functions, str(args.config))
     if "transfer_call" in agent_config.client_functions and not settings.transfer_enabled:
         raise ConfigError(
             f"{args.config.name} declares transfer_call, but transfer needs TWILIO_ACCOUNT_SID, "
@@ -88,16 +89,35 @@ def configure_logging(level: str) -> None:
 
 
 def announce(settings: Settings, workers: int, port: int) -> None:
+    """The startup banner: every route that is on, then what to do next.
+
+    Browser-only use (``Settings.browser_only``) gets the phone page's address and nothing about
+    Twilio; otherwise the TwiML to paste and what is missing for phone calls.
+    """
     where = f"http://{settings.host}:{port}"
-    logger.info("serving on %s (WebSocket /twilio, GET /health)%s", where, f" with {workers} workers" if workers > 1 else "")
-    print("\nPaste this TwiML into a TwiML Bin and attach the Bin to your number's incoming calls:\n")
-    print(f"    {settings.twiml}\n", flush=True)
-    if not settings.public_url:
-        logger.warning("PUBLIC_URL is not set: replace YOUR-NGROK-HOST above with your ngrok host")
-    if not settings.twilio_auth_token:
-        logger.warning("TWILIO_AUTH_TOKEN is not set: calls are not authenticated; anyone who finds the URL can connect")
-    for line in call_control_status(settings):
-        logger.info(line)
+    served = ", ".join(f"{path} ({what})" for path, what in routes(settings))
+    logger.info("serving on %s%s: %s", where, f" with {workers} workers" if workers > 1 else "", served)
+    if settings.browser_only:
+        if settings.host not in LOOPBACK_HOSTS:
+            logger.warning(
+                "/twilio takes unsigned connections: anyone who can reach port %d can talk to the agent "
+                "on your Deepgram account without the phone token; set HOST=127.0.0.1 to keep it to this machine",
+                port,
+            )
+    else:
+        print("\nPaste this TwiML into a TwiML Bin and attach the Bin to your number's incoming calls:\n")
+        print(f"    {settings.twiml}\n", flush=True)
+        if not settings.public_url:
+            logger.warning("PUBLIC_URL is not set: replace YOUR-NGROK-HOST above with your ngrok host")
+        if not settings.twilio_auth_token:
+            logger.warning(
+                "TWILIO_AUTH_TOKEN is not set: /twilio takes any WebSocket without a Twilio signature, so anyone "
+                "who finds this address can open agent sessions on your Deepgram account and spend its credit%s; "
+                "set TWILIO_AUTH_TOKEN and PUBLIC_URL on any public address",
+                " (the phone page's token does not prevent it)" if settings.phone_page else "",
+            )
+        for line in call_control_status(settings):
+            logger.info(line)
     if settings.database_url:
         logger.info("DATABASE_URL is set: orders are kept in PostgreSQL at %s", describe(settings.database_url))
     if settings.phone_page:
@@ -123,14 +143,14 @@ def call_control_status(settings: Settings) -> list[str]:
     return lines
 
 
-def run_loop(main: Coroutine[Any, Any, None]) -> None:
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop  # optional: a faster event loop, used when installed
     except ImportError:
-        asyncio.run(main)
+        return asyncio.run(main)
     else:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main)
+            return runner.run(main)
 
 
 async def serve(
@@ -140,7 +160,7 @@ async def serve(
     *,
     reuse_port: bool,
     announce_startup: bool,
-) -> None:
+) -> int:
     raise_open_file_limit(settings)
     server = BridgeServer(settings, agent_config, function_map, reuse_port=reuse_port)
     server.handle_signals(EARLY_SIGNALS[0] if EARLY_SIGNALS else None)
@@ -148,7 +168,7 @@ async def serve(
     freeze_startup_objects()
     if announce_startup:
         announce(settings, 1, server.port)
-    await server.serve_until_signalled()
+    return await server.serve_until_signalled()
 
 
 def check_writable_directory(directory: Path) -> None:
@@ -264,6 +284,7 @@ def run_workers(argv: Sequence[str], workers: int, phone_page_token: str) -> int
 # is remembered here and replayed once the server's own handlers are in place.
 EARLY_SIGNALS: list[int] = []
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -369,11 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if worker and args.parent_pid is not None:
         stop_when_parent_dies(args.parent_pid)
     try:
-        run_loop(serve(settings, agent_config, function_map, reuse_port=worker, announce_startup=not worker))
+        return run_loop(serve(settings, agent_config, function_map, reuse_port=worker, announce_startup=not worker))
     except OSError as exc:
         print(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}.", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

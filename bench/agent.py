@@ -201,7 +201,7 @@ class Session:
             if barge_at is not None and sent >= barge_at:
                 call.uss_sent.append(_monotonic_ns())
                 ws.send('{"type":"UserStartedSpeaking"}')
-                call.counts["uss"] += 1
+                call.counts["user_started_speaking"] += 1
                 return
             await asyncio.sleep(len(chunk) / 8000 / TTS_SPEED)
         ws.send('{"type":"AgentAudioDone"}')

@@ -76,7 +76,8 @@ def print_result(r: dict) -> None:
     pin = "bridge on CPU 0, generator on CPU 1" if cfg["pinned"] else "not pinned"
     print()
     print(f"bench: {cfg['calls']} calls, {cfg['seconds']:.1f} s window, {cfg['workers']} worker(s) "
-          f"({cfg['bridge_processes']} process(es)), INBOUND_BUFFER_BYTES {buf}, {pin}")
+          f"({cfg['bridge_processes']} process(es)), INBOUND_BUFFER_BYTES {buf}, {pin}, "
+          f"event loop {cfg['event_loop']}")
     print(f"  bridge CPU      {srv['cpu_percent']:6.1f} % of one core   "
           f"{srv['cpu_us_per_call_second']:7.0f} CPU µs per call-second")
     print(f"  bridge RSS      idle {srv['rss_idle_kb'] / 1024:.1f} MB, peak {srv['rss_peak_kb'] / 1024:.1f} MB"
@@ -116,7 +117,7 @@ def print_result(r: dict) -> None:
         print(f"    call {f['call']}: {'; '.join(f['problems'][:3])}")
     if integ["run_notes"]:
         print(f"  notes: {integ['run_notes']}")
-    print("  events: " + ", ".join(f"{k} {v}" for k, v in ev.items()))
+    print("  events (counted by the fake peers): " + ", ".join(f"{k} {v}" for k, v in ev.items()))
 
 
 def print_sweep(results: list[dict]) -> None:

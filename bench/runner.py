@@ -46,6 +46,16 @@ DEFAULT_SETTINGS = {
         "greeting": "Hello, this is the pharmacy."}}
 
 
+def bridge_event_loop() -> str:
+    """The event loop the bridge runs on: main.py uses uvloop when this interpreter has it."""
+    from importlib import metadata
+
+    try:
+        return f"uvloop {metadata.version('uvloop')}"
+    except metadata.PackageNotFoundError:
+        return "asyncio's own (uvloop is not installed)"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -269,6 +279,7 @@ async def run_once(args: argparse.Namespace, buffer_bytes: int, pinned: bool) ->
                 "calls": n, "seconds": round(window, 3), "workers": args.workers,
                 "inbound_buffer_bytes": buffer_bytes, "phases": args.phases, "ramp_s": args.ramp,
                 "pinned": pinned, "server_cmd": bridge.cmd, "bridge_processes": len(pids),
+                "event_loop": bridge_event_loop(),
             },
             "server": {
                 "cpu_percent": round(100.0 * server_cpu / window, 2),
@@ -338,6 +349,10 @@ async def amain(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not sys.platform.startswith("linux"):
+        # CPU and memory come from /proc, and pinning uses taskset: both Linux only.
+        print("bench: python -m bench needs Linux (it reads /proc and pins with taskset).", file=sys.stderr)
+        return 2
     try:
         import uvloop
     except ImportError:

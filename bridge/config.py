@@ -29,6 +29,12 @@ DEFAULT_VOICEMAIL_MESSAGE = (
 )
 E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
+# .env.example's value and its obvious variants: copied unchanged, they would fail only on the
+# first call (Deepgram's 401), so startup refuses them.
+PLACEHOLDER_API_KEYS = frozenset({
+    "your-deepgram-api-key", "your_deepgram_api_key", "your-api-key", "your_api_key", "your-key",
+    "<your-deepgram-api-key>", "changeme", "change-me", "xxx", "...", "…",
+})
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -94,6 +100,22 @@ class Settings:
     def rest_enabled(self) -> bool:
         """The bridge can change live calls through Twilio's REST API."""
         return bool(self.twilio_account_sid and self.twilio_auth_token)
+
+    @property
+    def browser_only(self) -> bool:
+        """Only the browser phone is in use: PHONE_PAGE on and nothing of Twilio's set.
+
+        Then startup says nothing about TwiML or Twilio; setting any of PUBLIC_URL or a TWILIO_*,
+        TRANSFER_NUMBER or FALLBACK_NUMBER variable means phone calls are meant too.
+        """
+        return self.phone_page and not (
+            self.public_url
+            or self.twilio_auth_token
+            or self.twilio_account_sid
+            or self.twilio_phone_number
+            or self.transfer_number
+            or self.fallback_number
+        )
 
     @property
     def transfer_enabled(self) -> bool:
@@ -198,12 +220,16 @@ def load_settings(
         raise ConfigError(
             "DEEPGRAM_API_KEY is not set: copy .env.example to .env and put your Deepgram API key in it."
         )
+    if api_key.lower() in PLACEHOLDER_API_KEYS:
+        raise ConfigError(
+            "DEEPGRAM_API_KEY is still the placeholder from .env.example: put your Deepgram API key in .env."
+        )
     agent_url = environ.get("DEEPGRAM_AGENT_URL", "").strip() or DEFAULT_AGENT_URL
     if urlsplit(agent_url).scheme not in {"ws", "wss"}:
         raise ConfigError(f"DEEPGRAM_AGENT_URL must start with wss:// or ws://, got {agent_url!r}.")
     log_level = environ.get("LOG_LEVEL", "").strip().upper() or "INFO"
     if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}.")
+        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {log_level!r}.")
     public_url = environ.get("PUBLIC_URL", "").strip().rstrip("/") or None
     if public_url and "://" not in public_url:
         public_url = "https://" + public_url

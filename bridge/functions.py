@@ -37,9 +37,11 @@ class FunctionOutcome:
 def check_function_map(
     function_map: Mapping[str, Callable[..., Any]],
     declared: Mapping[str, Mapping[str, Any]],
+    config_name: str = "config.json",
 ) -> list[str]:
     """Check config.json's client-side functions against ``function_map``; returns warnings.
 
+    ``config_name`` names the agent file (``--config``) in the messages.
     Raises ``ConfigError`` for a declared function that doesn't exist or whose Python signature
     doesn't accept a parameter the declaration marks as required.
     """
@@ -54,7 +56,7 @@ def check_function_map(
         function = function_map.get(name)
         if function is None:
             raise ConfigError(
-                f"config.json declares function {name!r} but pharmacy_functions.function_map has no such entry."
+                f"{config_name} declares function {name!r} but pharmacy_functions.function_map has no such entry."
             )
         parameters = definition.get("parameters")
         required = (parameters.get("required") or []) if isinstance(parameters, dict) else []
@@ -66,11 +68,11 @@ def check_function_map(
                 accepted is None or accepted.kind not in (accepted.POSITIONAL_OR_KEYWORD, accepted.KEYWORD_ONLY)
             ):
                 raise ConfigError(
-                    f"config.json marks parameter {parameter!r} of function {name!r} as required, "
+                    f"{config_name} marks parameter {parameter!r} of function {name!r} as required, "
                     f"but the Python function {name}() does not accept it."
                 )
     return [
-        f"function_map entry {name!r} is not declared in config.json, so the agent cannot call it."
+        f"function_map entry {name!r} is not declared in {config_name}, so the agent cannot call it."
         for name in function_map
         if name not in declared
     ]

@@ -1,7 +1,9 @@
 """The server process: HTTP routes, admission of calls, and a graceful drain on shutdown.
 
-Routes: ``/twilio`` (Twilio's Media Streams WebSocket, and the browser phone's), ``GET /health``,
-``GET /phone`` (only with ``PHONE_PAGE=true``), 404 for anything else. Admission happens in the
+Routes (``routes()`` lists the ones that are on; the startup banner and ``GET /`` show that list):
+``/twilio`` (Twilio's Media Streams WebSocket, and the browser phone's), ``/twilio/amd`` (only with
+Twilio's REST API on), ``GET /health``, ``GET /phone`` (only with ``PHONE_PAGE=true``), ``GET /``,
+404 for anything else. Admission happens in the
 HTTP handshake, before any Deepgram session opens: draining and ``MAX_CALLS`` answer 503, a bad
 Twilio signature or phone token 403. Each admitted connection becomes one ``CallSession``.
 Connections still in their HTTP request are bounded (``max_handshakes``), so a crowd of stalled
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,33 @@ DUPLICATE_SIGNAL_SECONDS = 1.0
 REFUSAL_LOG_SECONDS = 10.0
 # After the drain, ending calls close their sockets and write their records within this.
 END_CALLS_SECONDS = 6.0
+# After a second signal the process is gone within this, even if something hangs.
+SECOND_SIGNAL_EXIT_SECONDS = END_CALLS_SECONDS + 4.0
+
+
+def routes(settings: Settings) -> list[tuple[str, str]]:
+    """The routes a server with these settings answers, as ``(path, what it is)``.
+
+    One list for the startup banner, ``GET /`` and the router's own on/off decisions, so a new
+    route is added in one place.
+    """
+    served = [("/twilio", "WebSocket: Twilio Media Streams" + (" and the browser phone" if settings.phone_page else ""))]
+    if settings.rest_enabled:
+        served.append((AMD_PATH, "Twilio's answering-machine callback for outbound calls"))
+    if settings.phone_page:
+        served.append(("/phone", "GET: the browser phone (needs the token main.py printed)"))
+    served.append(("/health", "GET: health check"))
+    served.append(("/", "GET: this list"))
+    return served
+
+
+def index_page(settings: Settings) -> str:
+    """What ``GET /`` answers: the routes that are on, and nothing secret."""
+    lines = ["Twilio <-> Deepgram Voice Agent bridge. Served here:", ""]
+    lines += [f"  {path:<13} {what}" for path, what in routes(settings)]
+    if settings.phone_page:
+        lines += ["", "Browser phone: open /phone?token=... with the token main.py printed at startup."]
+    return "\n".join(lines) + "\n"
 
 
 class BridgeServer:
@@ -82,6 +112,8 @@ class BridgeServer:
         self._server: asyncio.Server | None = None
         self._stop_signal: asyncio.Future[int] | None = None
         self._phone_html = PHONE_PAGE.read_text(encoding="utf-8") if settings.phone_page else ""
+        self._index = index_page(settings)
+        self._end_now: asyncio.Event | None = None  # set by a second signal: end live calls now
 
     @property
     def port(self) -> int:
@@ -141,11 +173,15 @@ class BridgeServer:
 
     # ------------------------------------------------------------------------------- routing
 
+    def routes(self) -> list[tuple[str, str]]:
+        """The routes this server answers (see ``routes``)."""
+        return routes(self.settings)
+
     def route(self, request: HttpRequest) -> HttpReply | AcceptWebSocket:
         path = request.path
         if path == "/twilio":
             return self._admit_call(request)
-        if path == AMD_PATH:
+        if path == AMD_PATH and self.settings.rest_enabled:
             return self.answering_machine.handle(request)
         if request.method not in ("GET", "HEAD"):
             return HttpReply(405, "Method not allowed.\n", headers=(("Allow", "GET"),))
@@ -158,6 +194,8 @@ class BridgeServer:
                 logger.warning("refused /phone without a valid token")
                 return HttpReply(403, "Forbidden: the phone page needs the token main.py printed.\n")
             return HttpReply(200, self._phone_html, "text/html; charset=utf-8")
+        if path == "/":
+            return HttpReply(200, self._index, "text/plain; charset=utf-8")
         return HttpReply(404, "Not found.\n")
 
     def _phone_token_ok(self, query: str) -> bool:
@@ -167,8 +205,8 @@ class BridgeServer:
     def _admit_call(self, request: HttpRequest) -> HttpReply | AcceptWebSocket:
         if request.method != "GET":
             logger.warning(
-                "refused a %s to /twilio: /twilio is the Media Streams WebSocket; a voice webhook "
-                "must not point at it (use a TwiML Bin, see the README)",
+                "refused a %s to /twilio: /twilio is the Media Streams WebSocket, not a voice webhook; "
+                "point the number's voice webhook at /twiml, or use a TwiML Bin",
                 clean(request.method, 10),
             )
             return HttpReply(405, "Method not allowed: /twilio is a WebSocket.\n", headers=(("Allow", "GET"),))
@@ -219,7 +257,13 @@ class BridgeServer:
         self.draining = True
         if self._call_tasks and drain_seconds > 0:
             logger.info("draining: waiting up to %.0f s for %d live calls", drain_seconds, len(self.calls))
-            await asyncio.wait(list(self._call_tasks), timeout=drain_seconds)
+            calls_done = asyncio.ensure_future(asyncio.wait(list(self._call_tasks)))
+            waits = [calls_done]
+            if self._end_now is not None:  # a second signal cuts the drain short
+                waits.append(asyncio.ensure_future(self._end_now.wait()))
+            await asyncio.wait(waits, timeout=drain_seconds, return_when=asyncio.FIRST_COMPLETED)
+            for wait in waits:
+                wait.cancel()
         if self.calls:
             logger.info("ending %d live calls", len(self.calls))
             for session in list(self.calls):
@@ -234,25 +278,47 @@ class BridgeServer:
         self.services.records.close()
 
     def handle_signals(self, already_received: int | None = None) -> None:
-        """Route SIGTERM/SIGINT to a drain; a second signal exits at once. Call before serving.
+        """Route SIGTERM/SIGINT to a drain; a second signal ends live calls now. Call before serving.
 
-        ``already_received`` is a signal that arrived during startup, before the loop existed.
+        The second signal ends every live call at once, as the drain's end does (their records
+        are written), and the process exits with status 1 within ``SECOND_SIGNAL_EXIT_SECONDS``
+        even if something hangs; a third exits at once. ``already_received`` is a signal that
+        arrived during startup, before the loop existed.
         """
         loop = asyncio.get_running_loop()
         self._stop_signal = loop.create_future()
-        first_at = 0.0
+        self._end_now = asyncio.Event()
+        last_at = 0.0
 
         def on_signal(signum: int) -> None:
-            nonlocal first_at
+            nonlocal last_at
+            assert self._stop_signal is not None and self._end_now is not None
             if self._stop_signal.done():
-                if loop.time() - first_at < DUPLICATE_SIGNAL_SECONDS:
+                if loop.time() - last_at < DUPLICATE_SIGNAL_SECONDS:
                     # One stop delivered twice, e.g. by systemd to every process of the service
                     # and again by the --workers parent: not a person asking twice.
                     return
-                logger.warning("second signal: exiting now without draining")
-                os._exit(1)
-            first_at = loop.time()
-            logger.info("received %s: no new calls; draining", signal.Signals(signum).name)
+                last_at = loop.time()
+                if self._end_now.is_set():
+                    logger.warning("third signal: exiting now; records of calls still ending may be incomplete")
+                    os._exit(1)
+                logger.warning(
+                    "second signal: ending %d live calls now and writing their records; exiting within %.0f s",
+                    len(self.calls),
+                    SECOND_SIGNAL_EXIT_SECONDS,
+                )
+                # A backstop on a thread of its own: it fires even if the event loop is stuck.
+                backstop = threading.Timer(SECOND_SIGNAL_EXIT_SECONDS, os._exit, args=(1,))
+                backstop.daemon = True
+                backstop.start()
+                self._end_now.set()
+                return
+            last_at = loop.time()
+            logger.info(
+                "received %s: no new calls; draining (press Ctrl-C again, or send another SIGTERM, "
+                "to end live calls now)",
+                signal.Signals(signum).name,
+            )
             self.draining = True
             self._stop_signal.set_result(signum)
 
@@ -261,10 +327,17 @@ class BridgeServer:
         if already_received is not None:
             on_signal(already_received)
 
-    async def serve_until_signalled(self) -> None:
-        """Serve until a signal arrives (see ``handle_signals``), then drain and close."""
-        assert self._stop_signal is not None, "call handle_signals() first"
+    async def serve_until_signalled(self) -> int:
+        """Serve until a signal arrives (see ``handle_signals``), then drain and close.
+
+        Returns the process's exit status: 0 after a full drain, 1 when a second signal cut it short.
+        """
+        assert self._stop_signal is not None and self._end_now is not None, "call handle_signals() first"
         await self._stop_signal
         await self.shutdown(self.settings.drain_seconds)
+        if self._end_now.is_set():
+            logger.info("live calls ended and recorded; exiting")
+            return 1
         logger.info("drained; exiting")
+        return 0
 

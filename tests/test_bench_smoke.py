@@ -74,6 +74,9 @@ def test_bench_smoke_run_is_byte_exact(tmp_path):
     assert {"cpu_percent", "cpu_us_per_call_second", "rss_idle_kb", "rss_peak_kb", "rss_per_call_kb",
             "saturated"} <= set(r["server"])
     assert {"cpu_percent", "tick_lag_ms"} <= set(r["generator"])
+    assert r["config"]["event_loop"].startswith(("uvloop ", "asyncio's own")), r["config"]
+    assert "uss" not in r["events"] and r["events"].get("user_started_speaking", 0) >= 0
+    assert f"event loop {r['config']['event_loop']}" in proc.stdout
     assert isinstance(r["inconclusive"], list)
     assert set(r["latency_ms"]) == {"caller_to_agent", "agent_to_caller", "barge_in_to_clear", "function_call",
                                     "caller_to_agent_incl_buffering"}
@@ -84,3 +87,11 @@ def test_bench_smoke_run_is_byte_exact(tmp_path):
     for direction in ("caller_to_agent_bytes", "agent_to_caller_bytes"):
         assert integrity[direction]["sent"] == integrity[direction]["received"] > 0
     assert r["latency_ms"]["caller_to_agent"]["n"] > 0 and r["latency_ms"]["agent_to_caller"]["n"] > 0
+
+
+def test_the_benchmark_says_it_needs_linux(monkeypatch, capsys):
+    from bench import runner
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert runner.main(["--calls", "1"]) == 2
+    assert capsys.readouterr().err == "bench: python -m bench needs Linux (it reads /proc and pins with taskset).\n"

@@ -392,3 +392,132 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
+
+
+# ------------------------------------------------------------------- first-run frictions
+
+@pytest.mark.parametrize("placeholder", ["your-deepgram-api-key", " YOUR-DEEPGRAM-API-KEY ", "your_api_key", "changeme"])
+def test_the_placeholder_api_key_is_refused_in_one_sentence(placeholder: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"DEEPGRAM_API_KEY": placeholder})
+    assert str(caught.value) == (
+        "DEEPGRAM_API_KEY is still the placeholder from .env.example: put your Deepgram API key in .env."
+    )
+
+
+def test_env_example_copied_unchanged_does_not_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("DEEPGRAM_API_KEY", raising=False)
+    env_file = tmp_path / ".env"
+    env_file.write_text((ROOT / ".env.example").read_text())
+    assert main.main(["--env-file", str(env_file)]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: DEEPGRAM_API_KEY is still the placeholder from .env.example: put your Deepgram API key in .env.\n"
+
+
+def test_log_level_error_names_every_level() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"DEEPGRAM_API_KEY": "k", "LOG_LEVEL": "loud"})
+    assert str(caught.value) == "LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got 'LOUD'."
+    assert load_settings({"DEEPGRAM_API_KEY": "k", "LOG_LEVEL": "critical"}).log_level == "CRITICAL"
+
+
+def test_a_missing_function_error_names_the_config_file_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = json.loads((ROOT / "config.json").read_text())
+    config["agent"]["think"]["functions"].append({"name": "refill", "description": "d", "parameters": {"type": "object", "properties": {}}})
+    path = tmp_path / "my-agent.json"
+    path.write_text(json.dumps(config))
+    monkeypatch.setenv("DEEPGRAM_API_KEY", "k")
+    assert main.main(["--config", str(path), "--env-file", str(empty_env(tmp_path))]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {path} declares function 'refill' but pharmacy_functions.function_map has no such entry.\n"
+    )
+
+
+TWILIO_VARIABLES = {
+    "PUBLIC_URL": "https://abc.ngrok.app",
+    "TWILIO_AUTH_TOKEN": "t",
+    "TWILIO_PHONE_NUMBER": "+15551234567",
+    "TRANSFER_NUMBER": "+15551234567",
+    "FALLBACK_NUMBER": "+15551234567",
+}
+
+
+def test_browser_only_means_the_phone_page_and_nothing_of_twilios() -> None:
+    assert load_settings({"DEEPGRAM_API_KEY": "k", "PHONE_PAGE": "true"}).browser_only
+    assert not load_settings({"DEEPGRAM_API_KEY": "k"}).browser_only
+    for name, value in TWILIO_VARIABLES.items():
+        env = {"DEEPGRAM_API_KEY": "k", "PHONE_PAGE": "true", name: value}
+        if name == "TWILIO_AUTH_TOKEN":
+            env["PUBLIC_URL"] = "https://abc.ngrok.app"
+        assert not load_settings(env).browser_only, name
+    sid = {"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_AUTH_TOKEN": "t", "PUBLIC_URL": "https://abc.ngrok.app"}
+    assert not load_settings({"DEEPGRAM_API_KEY": "k", "PHONE_PAGE": "true", **sid}).browser_only
+
+
+def test_routes_lists_what_is_on() -> None:
+    from bridge.server import routes
+
+    plain = [path for path, _ in routes(load_settings({"DEEPGRAM_API_KEY": "k"}))]
+    assert plain == ["/twilio", "/health", "/"]
+    phone = [path for path, _ in routes(load_settings({"DEEPGRAM_API_KEY": "k", "PHONE_PAGE": "true"}))]
+    assert phone == ["/twilio", "/phone", "/health", "/"]
+    rest = {"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_AUTH_TOKEN": "t", "PUBLIC_URL": "https://abc.ngrok.app"}
+    assert "/twilio/amd" in [path for path, _ in routes(load_settings({"DEEPGRAM_API_KEY": "k", **rest}))]
+
+
+def start_main(tmp_path: Path, env_text: str) -> tuple[str, str, int]:
+    """Run main.py until it serves; returns (stdout, log, port) after SIGTERM ends it."""
+    env_file = tmp_path / "first-run.env"
+    env_file.write_text(env_text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DEEPGRAM_", "TWILIO_", "PUBLIC_URL", "PHONE_PAGE", "HOST", "PORT"))}
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "--port", str(port), "--env-file", str(env_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+    )
+    try:
+        assert process.stderr is not None
+        log = []
+        for line in process.stderr:
+            log.append(line)
+            if "serving on" in line:
+                break
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+            index = response.read().decode()
+            assert response.headers["Content-Type"].startswith("text/plain")
+    finally:
+        process.terminate()
+        stdout, rest = process.communicate(timeout=10)
+    return stdout, "".join(log) + rest + "\n---index---\n" + index, port
+
+
+def test_browser_only_startup_says_nothing_about_twilio(tmp_path: Path) -> None:
+    stdout, log, port = start_main(tmp_path, "DEEPGRAM_API_KEY=k\nPHONE_PAGE=true\nPHONE_PAGE_TOKEN=tok123\nRECORD_CALLS=false\nHOST=127.0.0.1\n")
+    log, index = log.split("\n---index---\n")
+    assert stdout.strip() == f"Browser phone: http://127.0.0.1:{port}/phone?token=tok123"
+    assert "TwiML" not in log + stdout and "TWILIO" not in log and "PUBLIC_URL" not in log, log
+    assert "WARNING" not in log, log
+    serving = next(line for line in log.splitlines() if "serving on" in line)
+    for path in ("/twilio (", "/phone (", "/health (", "/ ("):
+        assert path in serving, serving
+    assert "/phone" in index and "tok123" not in index
+
+
+def test_browser_only_on_every_address_warns_that_twilio_is_open(tmp_path: Path) -> None:
+    _, log, port = start_main(tmp_path, "DEEPGRAM_API_KEY=k\nPHONE_PAGE=true\nRECORD_CALLS=false\n")
+    assert f"anyone who can reach port {port} can talk to the agent" in log
+    assert "TwiML" not in log and "TWILIO" not in log
+
+
+def test_phone_startup_lists_the_routes_and_says_what_unsigned_twilio_exposes(tmp_path: Path) -> None:
+    stdout, log, _ = start_main(tmp_path, "DEEPGRAM_API_KEY=k\nRECORD_CALLS=false\nPUBLIC_URL=https://abc.ngrok.app\n")
+    log, index = log.split("\n---index---\n")
+    assert '<Response><Connect><Stream url="wss://abc.ngrok.app/twilio"/></Connect></Response>' in stdout
+    serving = next(line for line in log.splitlines() if "serving on" in line)
+    assert serving.endswith(": /twilio (WebSocket: Twilio Media Streams), /health (GET: health check), / (GET: this list)")
+    assert "anyone who finds this address can open agent sessions on your Deepgram account" in log
+    assert "/twilio" in index and "/health" in index and "/phone" not in index

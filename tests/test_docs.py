@@ -1,4 +1,4 @@
-"""The documentation agrees with the code: README.md, .env.example, the Dockerfile, deploy/kubernetes.yaml.
+"""The documentation agrees with the code: README.md, docs/, .env.example, the Dockerfile, deploy/kubernetes.yaml.
 
 Fast and offline. Each check reads what the code actually does (the settings it reads, the TwiML it
 prints, the answers it gives, the records it writes) and fails when the docs drift from it.
@@ -25,6 +25,7 @@ from bridge.records import CallRecord, RecordWriter
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 ENV_EXAMPLE = (ROOT / ".env.example").read_text(encoding="utf-8")
 DOCKERFILE = (ROOT / "Dockerfile").read_text(encoding="utf-8")
 DOCKERIGNORE = (ROOT / ".dockerignore").read_text(encoding="utf-8")
@@ -34,14 +35,19 @@ SAMPLE_PUBLIC_URL = "https://abc123.ngrok-free.app"
 
 # ----------------------------------------------------------------------------------- helpers
 
-def section(title: str, level: int = 2) -> str:
-    """The README text under the heading ``title``, up to the next heading of the same level."""
+def read_doc(name: str) -> str:
+    """A documentation file by its path from the repository root, e.g. ``docs/functions.md``."""
+    return (ROOT / name).read_text(encoding="utf-8")
+
+
+def section(title: str, level: int = 2, in_file: str = "README.md") -> str:
+    """The text of ``in_file`` under the heading ``title``, up to the next heading of the same level."""
     marker = "#" * level + " "
-    lines = README.splitlines()
+    lines = read_doc(in_file).splitlines()
     try:
         start = lines.index(marker + title)
     except ValueError:
-        raise AssertionError(f"README has no heading {marker + title!r}") from None
+        raise AssertionError(f"{in_file} has no heading {marker + title!r}") from None
     body = []
     for line in lines[start + 1:]:
         if re.match(rf"#{{1,{level}}} ", line):
@@ -105,9 +111,16 @@ def env_example_entries() -> dict[str, str]:
     return dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", ENV_EXAMPLE, flags=re.M))
 
 
+CONFIGURATION = "docs/configuration.md"  # the settings table, the flags, config.json
+FUNCTIONS = "docs/functions.md"
+CALL_RECORDS = "docs/call-records.md"
+DEPLOYMENT = "docs/deployment.md"
+PERFORMANCE = "docs/performance.md"
+
+
 def readme_settings_table() -> dict[str, str]:
-    """``NAME -> default cell`` from the README's settings table."""
-    rows = re.findall(r"^\| `([A-Z][A-Z0-9_]*)` \| ([^|]*) \|", section("Settings (`.env`)"), flags=re.M)
+    """``NAME -> default cell`` from the settings table (docs/configuration.md)."""
+    rows = re.findall(r"^\| `([A-Z][A-Z0-9_]*)` \| ([^|]*) \|", section("Settings (`.env`)", in_file=CONFIGURATION), flags=re.M)
     return {name: default.strip() for name, default in rows}
 
 
@@ -141,7 +154,7 @@ def test_env_example_lists_every_variable_under_a_comment() -> None:
 
 def test_env_example_changes_no_default() -> None:
     """Copying .env.example to .env must give the documented defaults, not stale copies of them."""
-    entries = env_example_entries()
+    entries = {**env_example_entries(), "DEEPGRAM_API_KEY": "a-real-key"}  # the placeholder is refused
     from_example = load_settings(entries)
     defaults = load_settings({"DEEPGRAM_API_KEY": entries["DEEPGRAM_API_KEY"]})
     for field in from_example.__dataclass_fields__:
@@ -151,7 +164,7 @@ def test_env_example_changes_no_default() -> None:
 
 def test_readme_settings_table_is_exactly_the_variables_with_their_defaults() -> None:
     table = readme_settings_table()
-    assert set(table) == documented_names(), "README's settings table must list exactly the variables the code reads"
+    assert set(table) == documented_names(), "the settings table must list exactly the variables the code reads"
     defaults = load_settings({"DEEPGRAM_API_KEY": "k"})
     attribute = {"DEEPGRAM_API_KEY": "deepgram_api_key", "DEEPGRAM_AGENT_URL": "agent_url"}
     for name, cell in table.items():
@@ -163,7 +176,7 @@ def test_readme_settings_table_is_exactly_the_variables_with_their_defaults() ->
         if literal is None:
             # "(required)", "(unset)", "(random at each start)": no fixed default.
             no_fixed_default = {"DEEPGRAM_API_KEY", "PHONE_PAGE_TOKEN", "VOICEMAIL_MESSAGE", "IDLE_REPROMPT_MESSAGE", "IDLE_GOODBYE_MESSAGE"}
-            assert name in no_fixed_default or value is None, f"{name}: README gives no default"
+            assert name in no_fixed_default or value is None, f"{name}: the settings table gives no default"
             continue
         text = literal.group(1)
         if isinstance(value, bool):
@@ -174,36 +187,45 @@ def test_readme_settings_table_is_exactly_the_variables_with_their_defaults() ->
             assert text == str(value), name
 
 
-def test_readme_documents_every_command_line_flag() -> None:
+def test_every_command_line_flag_is_documented() -> None:
     source = (ROOT / "main.py").read_text(encoding="utf-8")
     flags = [flag for flag, rest in re.findall(r'add_argument\("(--[a-z-]+)"(.*)', source) if "SUPPRESS" not in rest]
     assert {"--host", "--port", "--config", "--env-file", "--workers"} <= set(flags)
+    documented = table_first_cells(section("Command-line flags", in_file=CONFIGURATION))
     for flag in flags:
-        assert f"`{flag}" in README, f"README does not document {flag}"
+        assert any(cell.startswith(f"`{flag}") for cell in documented), f"{CONFIGURATION} does not document {flag}"
 
 
 # ------------------------------------------------------------------------- quick start, TwiML
 
 def test_quick_start_commands() -> None:
     quick = section("Quick start")
-    for command in (
-        "cp .env.example .env",
-        "pip install -r requirements.txt && python main.py",
-        "pip install -r requirements-dev.txt && pytest",
-    ):
+    for command in ("cp .env.example .env", "pip install -r requirements.txt && python main.py"):
         assert command in quick, f"Quick start lacks {command!r}"
+    assert "your-deepgram-api-key" in quick and "DEEPGRAM_API_KEY=your-deepgram-api-key" in ENV_EXAMPLE
+    assert "pip install -r requirements-dev.txt && pytest" in section("Running the tests")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "pytest" in [line.strip() for line in ci.splitlines()], ".ci/run must run the README's test command"
 
 
 def test_readme_twiml_is_what_main_prints() -> None:
     twiml = load_settings({"DEEPGRAM_API_KEY": "k", "PUBLIC_URL": SAMPLE_PUBLIC_URL}).twiml
-    assert twiml in code_blocks(section("Twilio setup"), "xml")[0]
+    assert twiml in code_blocks(section("Connect a Twilio number"), "xml")[0]
 
 
-def test_every_twiml_in_readme_streams_both_ways_and_ends_with_connect() -> None:
-    documents = re.findall(r"<Response>.*?</Response>", README)
-    assert documents
+def test_the_quick_start_shows_the_twiml_main_prints_without_public_url() -> None:
+    twiml = load_settings({"DEEPGRAM_API_KEY": "k"}).twiml
+    assert twiml in code_blocks(section("Quick start"), "text")[0]
+
+
+def test_every_twiml_in_the_docs_streams_both_ways_and_ends_with_connect() -> None:
+    documents = [
+        document
+        for path in DOC_FILES
+        for document in re.findall(r"<Response>.*?</Response>", path.read_text(encoding="utf-8"))
+        if "<Stream" in document and "{" not in document  # not a placeholder, not the fallback's <Dial>
+    ]
+    assert len(documents) >= 3
     for document in documents:
         response = ET.fromstring(document)
         assert [child.tag for child in response][-1] == "Connect", f"<Connect> must be the last verb: {document}"
@@ -213,30 +235,81 @@ def test_every_twiml_in_readme_streams_both_ways_and_ends_with_connect() -> None
         assert url.startswith("wss://") and url.endswith("/twilio") and "?" not in url, document
 
 
-def test_readme_internal_links_point_at_headings() -> None:
-    slugs = {
-        re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
-        for heading in re.findall(r"^#+ (.*)$", README, flags=re.M)
-    }
-    for anchor in re.findall(r"\]\(#([^)]+)\)", README):
-        assert anchor in slugs, f"README links to #{anchor}, which is no heading"
+def without_code(text: str) -> str:
+    """Markdown with its fenced code blocks removed: a ``#`` line in a shell block is no heading."""
+    return re.sub(r"^([ \t]*)```.*?^\1```", "", text, flags=re.S | re.M)
 
 
-def test_performance_section_names_real_bench_flags() -> None:
-    performance = section("Performance")
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a file's headings (a repeated heading gets -1, -2, ...)."""
+    anchors: set[str] = set()
+    for heading in re.findall(r"^#+ (.*)$", without_code(text), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchor, n = slug, 0
+        while anchor in anchors:
+            n += 1
+            anchor = f"{slug}-{n}"
+        anchors.add(anchor)
+    return anchors
+
+
+def relative_links(text: str) -> list[str]:
+    """The targets of the Markdown links in ``text`` that stay in the repository."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", without_code(text))
+    return [target for target in targets if not re.match(r"[a-z][a-z0-9+.-]*:", target)]
+
+
+def test_the_link_checker_finds_broken_links() -> None:
+    text = "# A b\n\n[ok](#a-b) [bad](#nope) [web](https://example.com)\n```sh\n# not a heading\n```\n"
+    assert heading_anchors(text) == {"a-b"}
+    assert relative_links(text) == ["#a-b", "#nope"]
+
+
+@pytest.mark.parametrize("path", DOC_FILES, ids=lambda path: str(path.relative_to(ROOT)))
+def test_every_relative_link_points_at_a_file_and_heading_that_exist(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    for target in relative_links(text):
+        file_part, _, anchor = target.partition("#")
+        destination = (path.parent / file_part).resolve() if file_part else path
+        assert destination.is_relative_to(ROOT), f"{path.name} links outside the repository: {target}"
+        assert destination.exists(), f"{path.relative_to(ROOT)} links to {target}, which does not exist"
+        if anchor and destination.suffix == ".md":
+            anchors = heading_anchors(destination.read_text(encoding="utf-8"))
+            assert anchor in anchors, f"{path.relative_to(ROOT)} links to {target}, which is no heading there"
+
+
+def test_the_readme_is_short_and_starts_with_the_quick_start() -> None:
+    lines = README.splitlines()
+    assert len(lines) <= 210, f"README.md has {len(lines)} lines; move detail into docs/"
+    headings = [line for line in lines if line.startswith("## ")]
+    assert headings[:3] == ["## Quick start", "## Try it without a phone", "## Connect a Twilio number"]
+    first_screen = "\n".join(lines[:60])
+    assert "cp .env.example .env" in first_screen
+    assert "pip install -r requirements.txt && python main.py" in first_screen
+
+
+def test_every_docs_page_is_linked_from_the_readme() -> None:
+    linked = {target.partition("#")[0] for target in relative_links(README)}
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        assert f"docs/{page.name}" in linked, f"README.md does not link docs/{page.name}"
+
+
+def test_performance_page_names_real_bench_flags() -> None:
+    performance = read_doc(PERFORMANCE)
     assert "python -m bench" in performance
+    assert "needs **Linux**" in performance, "the benchmark reads /proc: the page must say it needs Linux"
     bench = (ROOT / "bench" / "runner.py").read_text(encoding="utf-8")
     for flag in set(re.findall(r"(--[a-z][a-z-]*)", performance)) - {"--help"}:
-        assert f'"{flag}"' in bench, f"README's Performance section names {flag}, which python -m bench lacks"
+        assert f'"{flag}"' in bench, f"{PERFORMANCE} names {flag}, which python -m bench lacks"
 
 
 # -------------------------------------------------------------------------------- functions
 
 def readme_example_function() -> tuple[Any, dict[str, Any]]:
-    adding = section("Adding your own function")
+    adding = section("Adding your own function", in_file=FUNCTIONS)
     python = next(block for block in code_blocks(adding, "python") if "def get_opening_hours" in block)
     namespace: dict[str, Any] = {}
-    exec(compile(python, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    exec(compile(python, FUNCTIONS, "exec"), namespace)  # noqa: S102 - our own docs
     declaration = json.loads(next(block for block in code_blocks(adding, "json") if "get_opening_hours" in block))
     return namespace["get_opening_hours"], declaration
 
@@ -253,7 +326,7 @@ def test_readme_example_function_passes_the_startup_check_and_answers() -> None:
 def test_readme_function_map_example_keeps_the_real_entries() -> None:
     from pharmacy_functions import function_map
 
-    block = next(b for b in code_blocks(section("Adding your own function"), "python") if "function_map" in b)
+    block = next(b for b in code_blocks(section("Adding your own function", in_file=FUNCTIONS), "python") if "function_map" in b)
     keys = set(re.findall(r'^\s+"(\w+)":', block, flags=re.M))
     assert keys == set(function_map) | {"get_opening_hours"}
 
@@ -261,7 +334,7 @@ def test_readme_function_map_example_keeps_the_real_entries() -> None:
 def test_readme_pharmacy_table_lists_the_function_map() -> None:
     from pharmacy_functions import function_map
 
-    names = {cell.strip("`") for cell in table_first_cells(section("The pharmacy store"))}
+    names = {cell.strip("`") for cell in table_first_cells(section("The pharmacy store", in_file=FUNCTIONS))}
     assert names == set(function_map)
 
 
@@ -279,7 +352,7 @@ def _drug(drug_name: str) -> dict[str, str]:
     return {"drug": drug_name}
 
 
-# First column of the README's error table (a distinctive part of it) -> how to cause that case.
+# First column of the error table in docs/functions.md (a distinctive part of it) -> how to cause that case.
 ERROR_CASES: dict[str, tuple[dict[str, Any], str]] = {
     "No such function": ({}, "{}"),
     "is not JSON": ({"X": _drug}, "{"),
@@ -292,7 +365,7 @@ ERROR_CASES: dict[str, tuple[dict[str, Any], str]] = {
 
 
 def readme_error_table() -> dict[str, str]:
-    rows = re.findall(r'^\| ([^|]+) \| `(\{"error": .*?\})` \|', section("Adding your own function"), flags=re.M)
+    rows = re.findall(r'^\| ([^|]+) \| `(\{"error": .*?\})` \|', section("Adding your own function", in_file=FUNCTIONS), flags=re.M)
     return {case.strip(): answer for case, answer in rows}
 
 
@@ -300,7 +373,7 @@ def test_readme_error_table_covers_every_case() -> None:
     table = readme_error_table()
     assert len(table) == len(ERROR_CASES)
     for key in ERROR_CASES:
-        assert any(key in case for case in table), f"README's error table has no row for {key!r}"
+        assert any(key in case for case in table), f"the error table in {FUNCTIONS} has no row for {key!r}"
 
 
 @pytest.mark.parametrize("key", sorted(ERROR_CASES))
@@ -321,7 +394,7 @@ def test_readme_lists_every_record_event() -> None:
     source = (ROOT / "bridge" / "call.py").read_text(encoding="utf-8")
     emitted = set(re.findall(r'\bRecord\(\s*"(\w+)"', source))
     assert {"transcript", "function_call", "barge_in", "agent_started_speaking"} <= emitted
-    documented = {cell.strip("`") for cell in table_first_cells(section("Call records", 3))}
+    documented = {cell.strip("`") for cell in table_first_cells(section("Call records", in_file=CALL_RECORDS))}
     assert documented == emitted
 
 
@@ -329,9 +402,9 @@ def test_readme_lists_every_summary_field() -> None:
     from_call = set(Call(Settings(deepgram_api_key="unused"), {}, "{}").summary())
     assert "call_sid" in from_call
     fields = set(CallRecord(Path("unused"), False, RecordWriter()).summary()) | from_call
-    records = section("Call records", 3)
+    records = section("Call records", in_file=CALL_RECORDS)
     for field in fields - {"event"}:
-        assert f"`{field}`" in records, f"README's call records section does not mention the summary field {field}"
+        assert f"`{field}`" in records, f"{CALL_RECORDS} does not mention the summary field {field}"
 
 
 # ----------------------------------------------------------------------------------- Docker
@@ -491,7 +564,7 @@ def test_kubernetes_example_drains_before_it_is_killed() -> None:
 
 
 def test_readme_summarises_the_kubernetes_example() -> None:
-    kubernetes = section("Kubernetes", 3)
+    kubernetes = section("Kubernetes", in_file=DEPLOYMENT)
     grace = re.search(r"terminationGracePeriodSeconds: (\d+)", KUBERNETES)
     sleep = re.search(r'command: \["sleep", "(\d+)"\]', KUBERNETES)
     assert grace and f"terminationGracePeriodSeconds: {grace.group(1)}" in kubernetes

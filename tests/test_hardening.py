@@ -380,15 +380,15 @@ async def test_a_long_calls_events_reach_disk_before_it_ends(fake_agent: FakeAge
 
 @contextlib.asynccontextmanager
 async def bridge_process_with_a_call(
-    fake_agent: FakeAgent, tmp_path: Path
+    fake_agent: FakeAgent, tmp_path: Path, *, record: bool = False, log: Path | None = None
 ) -> AsyncIterator[tuple[subprocess.Popen[bytes], int, FakeTwilioCaller]]:
     """main.py as its own process (DRAIN_SECONDS 30), with one call up and its agent session ready."""
     port = free_port()
     env = {**os.environ, "DEEPGRAM_API_KEY": "k", "DEEPGRAM_AGENT_URL": fake_agent.url, "DRAIN_SECONDS": "30",
-           "RECORD_CALLS": "false"}
+           "RECORD_CALLS": "true" if record else "false", "CALLS_DIR": str(tmp_path / "calls")}
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port), "--env-file", str(empty_env(tmp_path))],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb") if log else subprocess.DEVNULL,
     )
     try:
         await eventually(lambda: _health(port)[0] == 200, 10, "the server to start")
@@ -401,8 +401,11 @@ async def bridge_process_with_a_call(
             process.kill()
 
 
-async def test_a_second_signal_exits_at_once(fake_agent: FakeAgent, tmp_path: Path) -> None:
-    async with bridge_process_with_a_call(fake_agent, tmp_path) as (process, port, _):
+async def test_a_second_signal_ends_live_calls_at_once_and_writes_their_records(
+    fake_agent: FakeAgent, tmp_path: Path
+) -> None:
+    log = tmp_path / "bridge.log"
+    async with bridge_process_with_a_call(fake_agent, tmp_path, record=True, log=log) as (process, port, caller):
         process.send_signal(signal.SIGTERM)
         await eventually(lambda: _health(port)[0] == 503, 5, "draining")
         await asyncio.sleep(DUPLICATE_SIGNAL_SECONDS)  # a person's second Ctrl-C, not a duplicate
@@ -411,6 +414,66 @@ async def test_a_second_signal_exits_at_once(fake_agent: FakeAgent, tmp_path: Pa
         code = await asyncio.to_thread(process.wait, 5)
         assert time.monotonic() - started < 2, "the second signal must not wait for the drain"
         assert code == 1
+        await asyncio.wait_for(caller.closed.wait(), 2)
+    events = read_record(tmp_path / "calls")
+    assert events[0]["event"] == "start"
+    assert events[-1]["event"] == "summary" and events[-1]["ended_by"] == "server shutting down"
+    text = log.read_text()
+    assert "press Ctrl-C again, or send another SIGTERM, to end live calls now" in text
+    assert "second signal: ending 1 live calls now and writing their records" in text
+
+
+SECOND_SIGNAL_BACKSTOP_SCRIPT = """
+import sys, time
+sys.path.insert(0, {root!r})
+import bridge.server
+bridge.server.SECOND_SIGNAL_EXIT_SECONDS = {backstop}  # shortened for the test
+import pharmacy_functions
+
+def get_drug_info(drug_name):  # a thread that never finishes: it holds up the interpreter's exit
+    time.sleep(120)
+
+pharmacy_functions.function_map["get_drug_info"] = get_drug_info
+import main
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+async def test_a_second_signal_is_bounded_even_if_a_function_thread_hangs(fake_agent: FakeAgent, tmp_path: Path) -> None:
+    """A stuck ``def`` function keeps the interpreter from exiting: the backstop ends the process anyway."""
+    backstop = 4.0
+    port = free_port()
+    script = tmp_path / "bridge_with_a_stuck_function.py"
+    script.write_text(SECOND_SIGNAL_BACKSTOP_SCRIPT.format(root=str(ROOT), backstop=backstop))
+    env = {**os.environ, "DEEPGRAM_API_KEY": "k", "DEEPGRAM_AGENT_URL": fake_agent.url, "DRAIN_SECONDS": "30",
+           "RECORD_CALLS": "true", "CALLS_DIR": str(tmp_path / "calls")}
+    process = subprocess.Popen(
+        [sys.executable, str(script), "--host", "127.0.0.1", "--port", str(port), "--env-file", str(empty_env(tmp_path))],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        await eventually(lambda: _health(port)[0] == 200, 10, "the server to start")
+        async with FakeTwilioCaller(f"ws://127.0.0.1:{port}/twilio") as caller:
+            await caller.start()
+            await eventually(lambda: fake_agent.sessions and fake_agent.sessions[0].settings is not None)
+            await fake_agent.sessions[0].send_json({"type": "FunctionCallRequest", "functions": [
+                {"id": "f1", "name": "get_drug_info", "arguments": '{"drug_name": "ibuprofen"}', "client_side": True}]})
+            process.send_signal(signal.SIGTERM)
+            await eventually(lambda: _health(port)[0] == 503, 5, "draining")
+            await asyncio.sleep(DUPLICATE_SIGNAL_SECONDS)
+            started = time.monotonic()
+            process.send_signal(signal.SIGINT)
+            code = await asyncio.to_thread(process.wait, backstop + 5)
+            took = time.monotonic() - started
+        assert code == 1
+        assert backstop - 0.5 < took < backstop + 2, f"exited after {took:.1f} s; the backstop is {backstop} s"
+        events = read_record(tmp_path / "calls")
+        assert events[-1]["event"] == "summary" and events[-1]["ended_by"] == "server shutting down"
+        (function,) = [event for event in events if event["event"] == "function_call"]
+        assert function["error"] == "the call ended before it finished"
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 async def test_an_agent_session_that_opens_while_the_call_closes_is_closed_too(make_bridge: BridgeFactory) -> None:
@@ -473,6 +536,42 @@ async def test_one_stop_delivered_twice_still_drains(fake_agent: FakeAgent, tmp_
         assert process.poll() is None and not caller.closed.is_set(), "the duplicate cut the drain short"
         await caller.stop()
         assert await asyncio.to_thread(process.wait, 10) == 0
+
+
+async def test_a_post_to_twilio_gets_405_and_one_line_saying_where_the_webhook_goes(
+    make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A number's voice webhook pointed at /twilio: Twilio POSTs its form there."""
+    async with make_bridge() as server:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.port}/twilio", data=b"CallSid=CA123&From=%2B15551234567", method="POST"
+        )
+        with caplog.at_level("WARNING", logger="bridge.server"):
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                await asyncio.to_thread(urllib.request.urlopen, request, timeout=3)
+        assert caught.value.code == 405 and caught.value.headers["Allow"] == "GET"
+    lines = [record.getMessage() for record in caplog.records if record.name == "bridge.server"]
+    assert lines == [
+        "refused a POST to /twilio: /twilio is the Media Streams WebSocket, not a voice webhook; "
+        "point the number's voice webhook at /twiml, or use a TwiML Bin"
+    ]
+
+
+def get_text(port: int, path: str) -> tuple[int, str, str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as response:
+        return response.status, response.headers["Content-Type"], response.read().decode()
+
+
+async def test_the_root_lists_what_is_served_without_secrets(make_bridge: BridgeFactory) -> None:
+    async with make_bridge(phone_page=True, phone_page_token="secret-token-123") as server:
+        status, kind, body = await asyncio.to_thread(get_text, server.port, "/")
+        assert status == 200 and kind == "text/plain; charset=utf-8"
+        for path, what in server.routes():
+            assert f"{path} " in body and what in body
+        assert "/phone?token=..." in body and "secret-token-123" not in body and "test-key-not-secret" not in body
+    async with make_bridge() as server:
+        _, _, body = await asyncio.to_thread(get_text, server.port, "/")
+        assert "/phone" not in body and "/twilio " in body and "/health " in body
 
 
 def test_a_record_write_cut_short_leaves_whole_lines(tmp_path: Path) -> None:
