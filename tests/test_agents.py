@@ -172,14 +172,14 @@ def test_the_agent_parameter_wins_then_the_called_number_then_the_default(tmp_pa
 @pytest.mark.parametrize(
     "name, text, expected",
     [
-        ("broken.json", "{", "broken.json is not valid JSON"),
+        ("broken.json", "{", "agents/broken.json is not valid JSON: Expecting property name"),
         ("default.json", agent_json("x"), "agents/default.json: the name 'default' is config.json's"),
         ("two words.json", agent_json("x"), "agents/two words.json: an agent's file name must be"),
         ("numbers.json", '{"555": "default"}', "agents/numbers.json: '555' is not a phone number in E.164 form"),
         ("numbers.json", '{"+15550009999": "french"}', "agents/numbers.json: +15550009999 maps to 'french', which is no agent"),
         ("numbers.json", '["+15550009999"]', "agents/numbers.json must be a JSON object"),
         ("typo.json", agent_json("{{From"), "agents/typo.json: \"agent.think.prompt\" has a malformed placeholder"),
-        ("wrong.json", json.dumps({**BASE, "type": "Nope"}), "wrong.json: \"type\" must be \"Settings\""),
+        ("wrong.json", json.dumps({**BASE, "type": "Nope"}), "agents/wrong.json: \"type\" must be \"Settings\""),
     ],
 )
 def test_a_bad_agent_file_is_named_in_one_sentence(tmp_path: Path, name: str, text: str, expected: str) -> None:
@@ -502,3 +502,108 @@ async def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
         sessions = [await process_call(bridge, agent, {"From": f"+1555123000{n}"}) for n in range(6)]
         assert bridge.process.poll() is None
     assert [prompt_of(s.settings or {}) for s in sessions] == [f"New prompt for +1555123000{n}." for n in range(6)]
+
+
+# ------------------------------------------------------------------- the call's state machine
+
+
+def start_event(parameters: dict[str, str]) -> str:
+    return json.dumps({"event": "start", "sequenceNumber": "1", "start": {
+        "accountSid": "AC1", "streamSid": "MZ1", "callSid": "CA1", "tracks": ["inbound"],
+        "customParameters": parameters, "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})
+
+
+def settings_sent(call: Any, parameters: dict[str, str]) -> tuple[list[Any], dict[str, Any]]:
+    """Start a pure ``Call`` with ``parameters``; the start's actions and the Settings it sends."""
+    from bridge.call import SendToAgent
+
+    call.connected(0.0)
+    actions = list(call.caller_text(start_event(parameters), 0.0))
+    call.agent_connected(0.1)
+    [sent] = [a for a in call.agent_text('{"type": "Welcome", "request_id": "r"}', 0.2) if isinstance(a, SendToAgent)]
+    return actions, json.loads(sent.data)
+
+
+def test_the_call_picks_its_agent_at_start_and_records_it(tmp_path: Path) -> None:
+    from bridge.call import Call, Log, Record
+
+    catalog = load_catalog(two_agents(tmp_path), {})
+    before = catalog.for_call({})
+    call = Call(bridge_settings(tmp_path), before.settings, before.settings_json, agents=catalog)
+    actions, sent = settings_sent(call, {"agent": "nobody\x1b[31m", "From": "+15551230000"})
+    [start] = [a for a in actions if isinstance(a, Record) and a.event == "start"]
+    assert start.fields["agent"] == "default" and call.agent_name == "default"
+    logs = [(a.level, a.message % a.args) for a in actions if isinstance(a, Log)]
+    assert (logging.WARNING, "no agent is named nobody\\x1b[31m: the call gets the default agent") in logs
+    assert (logging.INFO, "agent default") in logs
+    assert prompt_of(sent) == "English prompt for +15551230000."
+
+
+def test_a_voicemail_stream_leaves_its_message_with_the_agents_rendered_settings(tmp_path: Path) -> None:
+    from bridge.call import Call
+
+    catalog = load_catalog(two_agents(tmp_path), {})
+    before = catalog.for_call({})
+    settings = bridge_settings(tmp_path, voicemail_message="Your refill is ready.")
+    call = Call(settings, before.settings, before.settings_json, agents=catalog)
+    _, sent = settings_sent(call, {"agent": "spanish", "From": "+15551230000", "bridge_mode": "voicemail"})
+    assert sent["agent"]["greeting"] == "Your refill is ready."
+    assert prompt_of(sent) == "Spanish prompt for +15551230000."
+
+
+def test_startup_refuses_an_invalid_agent_file_in_one_sentence(tmp_path: Path) -> None:
+    config = two_agents(tmp_path, {"+15550009999": "french"})
+    env = {**os.environ, "DEEPGRAM_API_KEY": "k", "RECORD_CALLS": "false"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "--config", str(config), "--env-file", str(empty_env(tmp_path))],
+        env=env, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: agents/numbers.json: +15550009999 maps to 'french', which is no agent (the agents are default, spanish).\n"
+    )
+
+
+# ------------------------------------------------------------------------- docs/agents.md
+
+
+DOC = (ROOT / "docs" / "agents.md").read_text(encoding="utf-8")
+
+
+def json_blocks() -> list[Any]:
+    import re
+
+    return [json.loads(block) for block in re.findall(r"```json\n(.*?)```", DOC, flags=re.S) if block.strip().startswith("{")]
+
+
+def merged(base: Any, change: Any) -> Any:
+    """``base`` with the keys of ``change`` put in, recursively (the docs show only changed keys)."""
+    if not isinstance(base, dict) or not isinstance(change, dict):
+        return change
+    return {**base, **{key: merged(base.get(key), value) for key, value in change.items()}}
+
+
+def test_the_documented_examples_are_valid_agents_that_do_what_the_docs_say(tmp_path: Path) -> None:
+    from test_config import validate_settings
+
+    greeting_example, numbers, spanish = [b for b in json_blocks() if "agent" in b or "+15550009999" in b][:3]
+    greeting_example = merged(BASE, greeting_example)
+    settings, text = compile_template(greeting_example, "config.json").render({"From": "+15551230000"})
+    documented = "I see you're calling from +15551230000. How can I help?"
+    assert settings["agent"]["greeting"].endswith(documented) and f'{documented}"' in DOC
+    assert compile_template(greeting_example, "config.json").render({})[0]["agent"]["greeting"].endswith(
+        "calling from a withheld number. How can I help?"
+    )
+    validate_settings(text)
+    # The two-agent example, with the numbers file: startup's checks and Deepgram's schema pass.
+    config = write(tmp_path / "config.json", json.dumps(BASE))
+    write(tmp_path / "agents" / "spanish.json", json.dumps(merged(BASE, spanish)))
+    write(tmp_path / "agents" / "numbers.json", json.dumps({"+15550009999": "spanish"}))
+    assert "+15550009999" in numbers
+    catalog = load_catalog(config, {})
+    assert check_functions(catalog, pharmacy_functions.function_map, bridge_settings(tmp_path)) == []
+    choice = catalog.for_call({"To": "+15550009999", "From": "+15551230000"})
+    assert choice.name == "spanish" and "El cliente llama desde +15551230000." in prompt_of(choice.settings)
+    validate_settings(choice.settings_json)
+    for line in catalog.describe():
+        assert line in DOC
