@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twilio.request_validator import RequestValidator
 
 import pharmacy_functions
 from bridge.agents import MAX_VALUE_CHARS, AgentCatalog, check_functions, compile_template, load_catalog
 from bridge.config import ConfigError, load_agent_config
 from bridge.server import BridgeServer
-from conftest import ROOT, bridge_settings, empty_env, free_port, read_record, twilio_url
+from conftest import ROOT, bridge_settings, empty_env, free_port, twilio_url
 from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually
 
 BASE = json.loads((ROOT / "config.json").read_text())
@@ -64,6 +66,9 @@ def prompt_of(settings: dict[str, Any]) -> str:
     return str(settings["agent"]["think"]["prompt"])
 
 
+TEMPLATE_FOR_PROPERTY = template_of("{y} {{To|nobody}}", "Hi {{name|there}}, from {{From}}.")
+
+
 # ------------------------------------------------------------------------------ templates
 
 
@@ -95,6 +100,17 @@ def test_values_are_inserted_as_text_never_as_json_or_placeholders(value: str) -
     assert prompt_of(settings) == f"Hi {value} (n)."
     assert json.loads(text) == settings  # the message is valid JSON holding exactly that text
     assert "EXPANDED" not in text
+
+
+@given(st.dictionaries(st.sampled_from(["From", "To", "name", "y"]), st.text(max_size=600)))
+@settings(max_examples=200, deadline=None)
+def test_any_values_render_to_the_json_of_the_same_settings(parameters: dict[str, str]) -> None:
+    template = TEMPLATE_FOR_PROPERTY
+    settings_dict, text = template.render(parameters)
+    assert json.loads(text) == settings_dict
+    cut = {name: value[:MAX_VALUE_CHARS] for name, value in parameters.items()}
+    assert settings_dict["agent"]["greeting"] == f"Hi {cut.get('name', 'there')}, from {cut.get('From', '')}."
+    assert prompt_of(settings_dict) == "{y} " + cut.get("To", "nobody")
 
 
 def test_values_are_cut_to_a_bound() -> None:
