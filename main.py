@@ -3,9 +3,10 @@
     python main.py [--host HOST] [--port PORT] [--config config.json] [--workers N]
     python main.py call +15551234567 [--param name=value ...]
 
-Loads ``.env``, validates the settings, config.json and pharmacy_functions.function_map, then
-serves the routes ``bridge.server.routes`` lists (WebSocket ``/twilio``, ``GET /health``, ...) until
-SIGTERM/SIGINT, draining live calls first (a second signal ends them at once, records written).
+Loads ``.env``, validates the settings, config.json, the agents in ``agents/`` and
+pharmacy_functions.function_map, then serves the routes ``bridge.server.routes`` lists (WebSocket
+``/twilio``, ``/twiml``, ``GET /health``, ...) until SIGTERM/SIGINT, draining live calls first (a
+second signal ends them at once, records written). SIGHUP reads the agents again for new calls.
 With ``--workers N`` it runs N server processes sharing the port (SO_REUSEPORT).
 """
 
@@ -28,9 +29,9 @@ from typing import Any
 
 from dotenv import load_dotenv
 
+from bridge.agents import AgentCatalog, check_functions, load_catalog
 from bridge.call_control import MODE_PARAMETER, place_call
-from bridge.config import E164, AgentConfig, ConfigError, Settings, load_agent_config, load_settings
-from bridge.functions import check_function_map
+from bridge.config import E164, ConfigError, Settings, load_settings
 from bridge.postgres import check_database_url, describe
 from bridge.server import BridgeServer, routes
 from bridge.session import rest_client
@@ -56,7 +57,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def load(args: argparse.Namespace) -> tuple[Settings, AgentConfig, dict[str, Callable[..., Any]], list[str]]:
+def load(args: argparse.Namespace) -> tuple[Settings, AgentCatalog, dict[str, Callable[..., Any]], list[str]]:
     """Everything startup validates; raises ConfigError with one sentence."""
     if args.env_file != DEFAULT_ENV_FILE and not args.env_file.is_file():
         raise ConfigError(f"--env-file {args.env_file} does not exist.")  # .env itself is optional
@@ -68,18 +69,20 @@ def load(args: argparse.Namespace) -> tuple[Settings, AgentConfig, dict[str, Cal
         # The driver and the URL's syntax only, no connection now (see docs/scaling.md), since a database
         # that is down must not stop the bridge from starting; calls meanwhile hear it's unavailable.
         check_database_url(settings.database_url)
-    agent_config = load_agent_config(args.config, os.environ)
     try:
         from pharmacy_functions import function_map
     except Exception as exc:  # an error in the user's own functions file
         raise ConfigError(f"pharmacy_functions.py failed to import: {type(exc).__name__}: {exc}.") from None
-    warnings = check_function_map(function_map, agent_config.client_functions, str(args.config))
-    if "transfer_call" in agent_config.client_functions and not settings.transfer_enabled:
-        raise ConfigError(
-            f"{args.config.name} declares transfer_call, but transfer needs TWILIO_ACCOUNT_SID, "
-            "TWILIO_AUTH_TOKEN and TRANSFER_NUMBER in .env (or remove transfer_call from the functions)."
-        )
-    return settings, agent_config, function_map, warnings
+    agents, warnings = load_agents(args.config, function_map, settings)
+    return settings, agents, function_map, warnings
+
+
+def load_agents(
+    config: Path, function_map: dict[str, Callable[..., Any]], settings: Settings
+) -> tuple[AgentCatalog, list[str]]:
+    """config.json and agents/, checked against the function map: at startup and on SIGHUP."""
+    agents = load_catalog(config, os.environ)
+    return agents, check_functions(agents, function_map, settings)
 
 
 def configure_logging(level: str) -> None:
@@ -107,6 +110,7 @@ def announce(settings: Settings, workers: int, port: int) -> None:
     else:
         print("\nPaste this TwiML into a TwiML Bin and attach the Bin to your number's incoming calls:\n")
         print(f"    {settings.twiml}\n", flush=True)
+        print(f"Or set the number's voice webhook (A call comes in: Webhook) to {settings.public_base_url}/twiml\n", flush=True)
         if not settings.public_url:
             logger.warning("PUBLIC_URL is not set: replace YOUR-NGROK-HOST above with your ngrok host")
         if not settings.twilio_auth_token:
@@ -155,15 +159,20 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
 
 async def serve(
     settings: Settings,
-    agent_config: AgentConfig,
+    agents: AgentCatalog,
     function_map: dict[str, Callable[..., Any]],
     *,
     reuse_port: bool,
     announce_startup: bool,
+    config: Path | None = None,
 ) -> int:
+    """Serve until stopped; with ``config`` (config.json's path), SIGHUP reloads the agents."""
     raise_open_file_limit(settings)
-    server = BridgeServer(settings, agent_config, function_map, reuse_port=reuse_port)
+    reload = (lambda: load_agents(config, function_map, settings)[0]) if config is not None else None
+    server = BridgeServer(settings, agents, function_map, reuse_port=reuse_port, load_agents=reload)
     server.handle_signals(EARLY_SIGNALS[0] if EARLY_SIGNALS else None)
+    if EARLY_RELOADS:  # the files may have changed after startup read them
+        server.reload_agents()
     await server.start()
     freeze_startup_objects()
     if announce_startup:
@@ -254,7 +263,7 @@ def run_workers(argv: Sequence[str], workers: int, phone_page_token: str) -> int
     """Start N copies of this program on one port and pass signals on to them."""
     # Children inherit a blocked mask and unblock once their handlers exist, so a signal sent
     # while one is still importing waits for it instead of killing it.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS | {signal.SIGHUP})
     # Every worker must accept the one phone-page token the parent printed.
     env = {**os.environ, "PHONE_PAGE_TOKEN": phone_page_token}
     # Each worker in a process group of its own: a Ctrl-C at the terminal then reaches the parent
@@ -275,7 +284,8 @@ def run_workers(argv: Sequence[str], workers: int, phone_page_token: str) -> int
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    signal.signal(signal.SIGHUP, forward)  # each worker reloads its own agents
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS | {signal.SIGHUP})
     codes = [child.wait() for child in children]
     return max(codes, key=abs)
 
@@ -288,8 +298,16 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
+# The same for SIGHUP, whose default action would end the process: the reload happens once serving.
+EARLY_RELOADS: list[int] = []
+
+
 def remember_signal(signum: int, _frame: object) -> None:
     EARLY_SIGNALS.append(signum)
+
+
+def remember_reload(signum: int, _frame: object) -> None:
+    EARLY_RELOADS.append(signum)
 
 
 def parse_call_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -367,17 +385,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return place_outbound_call(argv[1:])
     args = parse_args(argv)
     try:
-        settings, agent_config, function_map, warnings = load(args)
+        settings, agents, function_map, warnings = load(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.worker_index is not None or args.workers == 1:
         signal.signal(signal.SIGTERM, remember_signal)
         signal.signal(signal.SIGINT, remember_signal)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        signal.signal(signal.SIGHUP, remember_reload)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS | {signal.SIGHUP})
     configure_logging(settings.log_level)
     for warning in warnings:
         logger.warning(warning)
+    if args.worker_index is None:  # the workers' parent said it already
+        for line in agents.describe():
+            logger.info(line)
     if args.workers > 1 and args.worker_index is None:
         try:
             port = claim_port(settings.host, settings.port)
@@ -390,7 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if worker and args.parent_pid is not None:
         stop_when_parent_dies(args.parent_pid)
     try:
-        return run_loop(serve(settings, agent_config, function_map, reuse_port=worker, announce_startup=not worker))
+        return run_loop(
+            serve(settings, agents, function_map, reuse_port=worker, announce_startup=not worker, config=args.config)
+        )
     except OSError as exc:
         print(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}.", file=sys.stderr)
         return 2

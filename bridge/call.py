@@ -95,6 +95,7 @@ from typing import Any
 
 from . import agent_protocol as agent
 from . import twilio
+from .agents import AgentCatalog
 from .config import Settings
 from .functions import FunctionOutcome
 from .logsafe import clean
@@ -422,10 +423,15 @@ class Call:
         async_functions: frozenset[str] = frozenset(),
         *,
         browser: bool = False,
+        agents: AgentCatalog | None = None,
     ) -> None:
         self.settings = settings
         self.agent_settings = agent_settings
         self.settings_json = settings_json  # the Settings message of a fresh session, encoded once
+        # The agents as they were when the call was admitted: a reload later changes only new calls.
+        # With them, the start event picks the agent and fills in its placeholders.
+        self.agents = agents
+        self.agent_name: str | None = None
         self.async_functions = async_functions
         self.browser = browser
         self.phase = Phase.WAITING_FOR_START
@@ -562,6 +568,17 @@ class Call:
         self.stream = stream
         self.outbound = twilio.TwilioOutbound(stream.stream_sid)
         params = sorted(stream.custom_parameters)
+        started: dict[str, Any] = {"stream_sid": stream.stream_sid, "custom_parameters": stream.custom_parameters}
+        chosen: list[Action] = []
+        if self.agents is not None:
+            choice = self.agents.for_call(stream.custom_parameters)
+            self.agent_name = started["agent"] = choice.name
+            self.agent_settings, self.settings_json = choice.settings, choice.settings_json
+            if choice.unknown is not None:
+                chosen.append(
+                    Log(logging.WARNING, "no agent is named %s: the call gets the default agent", (clean(choice.unknown, 64),))
+                )
+            chosen.append(Log(logging.INFO, "agent %s", (choice.name,)))
         actions: list[Action] = [
             CancelTimer(Timer.START),
             Identify(stream.call_sid),
@@ -570,7 +587,8 @@ class Call:
                 "stream %s started%s",
                 (clean(stream.stream_sid, 64), f" with parameters {clean(params, 300)}" if params else ""),
             ),
-            Record("start", {"stream_sid": stream.stream_sid, "custom_parameters": stream.custom_parameters}),
+            Record("start", started),
+            *chosen,
         ]
         if stream.custom_parameters.get(MODE_PARAMETER) == VOICEMAIL_MODE:
             # An answering machine took an outbound call: the agent's greeting is the message,

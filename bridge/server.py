@@ -1,9 +1,10 @@
 """The server process: HTTP routes, admission of calls, and a graceful drain on shutdown.
 
 Routes (``routes()`` lists the ones that are on; the startup banner and ``GET /`` show that list):
-``/twilio`` (Twilio's Media Streams WebSocket, and the browser phone's), ``/twilio/amd`` (only with
-Twilio's REST API on), ``GET /health``, ``GET /phone`` (only with ``PHONE_PAGE=true``), ``GET /``,
-404 for anything else. Admission happens in the
+``/twilio`` (Twilio's Media Streams WebSocket, and the browser phone's), ``/twiml`` (GET or POST:
+a number's voice webhook, answered with the TwiML that connects the call to ``/twilio``),
+``/twilio/amd`` (only with Twilio's REST API on), ``GET /health``, ``GET /phone`` (only with
+``PHONE_PAGE=true``), ``GET /``, 404 for anything else. Admission happens in the
 HTTP handshake, before any Deepgram session opens: draining and ``MAX_CALLS`` answer 503, a bad
 Twilio signature or phone token 403. Each admitted connection becomes one ``CallSession``.
 Connections still in their HTTP request are bounded (``max_handshakes``), so a crowd of stalled
@@ -27,8 +28,9 @@ from urllib.parse import parse_qs
 
 from . import twilio
 from .agent_protocol import settings_message
-from .call_control import AMD_PATH, AnsweringMachineCallback
-from .config import AgentConfig, Settings
+from .agents import AGENT_NAME, AGENT_PARAMETER, AgentCatalog
+from .call_control import AMD_PATH, AnsweringMachineCallback, form_parameters, signed_url
+from .config import AgentConfig, ConfigError, Settings
 from .functions import FunctionRunner
 from .logsafe import clean
 from .records import RecordWriter
@@ -47,6 +49,10 @@ DUPLICATE_SIGNAL_SECONDS = 1.0
 REFUSAL_LOG_SECONDS = 10.0
 # After the drain, ending calls close their sockets and write their records within this.
 END_CALLS_SECONDS = 6.0
+TWIML_PATH = "/twiml"
+# What a voice webhook passes on to the stream as <Parameter>s, and how much of each value.
+WEBHOOK_PARAMETERS = ("From", "To", "CallSid", "Direction")
+MAX_WEBHOOK_VALUE_CHARS = 200
 # After a second signal the process is gone within this, even if something hangs.
 SECOND_SIGNAL_EXIT_SECONDS = END_CALLS_SECONDS + 4.0
 
@@ -58,6 +64,8 @@ def routes(settings: Settings) -> list[tuple[str, str]]:
     route is added in one place.
     """
     served = [("/twilio", "WebSocket: Twilio Media Streams" + (" and the browser phone" if settings.phone_page else ""))]
+    if not settings.browser_only:
+        served.append((TWIML_PATH, "GET or POST: TwiML for a number's voice webhook"))
     if settings.rest_enabled:
         served.append((AMD_PATH, "Twilio's answering-machine callback for outbound calls"))
     if settings.phone_page:
@@ -77,18 +85,26 @@ def index_page(settings: Settings) -> str:
 
 
 class BridgeServer:
-    """One server process. ``connect_agent`` is the seam tests use to reach a fake agent."""
+    """One server process. ``connect_agent`` is the seam tests use to reach a fake agent.
+
+    ``agents`` is one agent (an ``AgentConfig``) or several (an ``AgentCatalog``); ``load_agents``
+    reads them again for ``reload_agents`` and raises ``ConfigError`` for an invalid file.
+    """
 
     def __init__(
         self,
         settings: Settings,
-        agent_config: AgentConfig,
+        agents: AgentConfig | AgentCatalog,
         function_map: Mapping[str, Callable[..., Any]],
         *,
         connect_agent: AgentConnector | None = None,
         reuse_port: bool = False,
+        load_agents: Callable[[], AgentCatalog] | None = None,
     ) -> None:
         self.settings = settings
+        self.agents = agents if isinstance(agents, AgentCatalog) else AgentCatalog.single(agents)
+        self._load_agents = load_agents
+        agent_config = self.agents.default.config
         self.functions = FunctionRunner(function_map, settings.function_timeout_seconds)
         self.services = CallServices(
             settings=settings,
@@ -183,6 +199,8 @@ class BridgeServer:
             return self._admit_call(request)
         if path == AMD_PATH and self.settings.rest_enabled:
             return self.answering_machine.handle(request)
+        if path == TWIML_PATH:
+            return self._twiml(request)
         if request.method not in ("GET", "HEAD"):
             return HttpReply(405, "Method not allowed.\n", headers=(("Allow", "GET"),))
         if path == "/health":
@@ -197,6 +215,54 @@ class BridgeServer:
         if path == "/":
             return HttpReply(200, self._index, "text/plain; charset=utf-8")
         return HttpReply(404, "Not found.\n")
+
+    def _twiml(self, request: HttpRequest) -> HttpReply:
+        """A number's voice webhook: TwiML connecting the call to ``/twilio`` with its details."""
+        if request.method not in ("GET", "POST"):
+            return HttpReply(405, "Method not allowed.\n", headers=(("Allow", "GET, POST"),))
+        settings = self.settings
+        if not settings.public_url:
+            logger.error("answered %s with 503: set PUBLIC_URL, the TwiML must name this bridge's public host", TWIML_PATH)
+            return HttpReply(503, "PUBLIC_URL is not set, so the bridge cannot name its own host in TwiML.\n")
+        params = form_parameters(request)
+        if settings.twilio_auth_token:
+            signature = request.header("x-twilio-signature")
+            if not twilio.webhook_signature_is_valid(
+                settings.twilio_auth_token,
+                signed_url(settings, request),
+                params if request.method == "POST" else {},
+                signature,
+            ):
+                logger.warning("refused a %s to %s: %s X-Twilio-Signature", request.method, TWIML_PATH, "invalid" if signature else "no")
+                return HttpReply(403, "Forbidden: invalid Twilio signature.\n")
+        stream_parameters = {
+            name: values[0][:MAX_WEBHOOK_VALUE_CHARS]
+            for name in WEBHOOK_PARAMETERS
+            if (values := params.get(name)) and values[0]
+        }
+        # ``/twiml?agent=NAME`` picks the agent for every call of the number the webhook belongs to.
+        agent_name = (parse_qs(request.query).get(AGENT_PARAMETER) or [""])[0]
+        if AGENT_NAME.fullmatch(agent_name):
+            stream_parameters[AGENT_PARAMETER] = agent_name
+        twiml = twilio.connect_twiml(settings.stream_url, stream_parameters, declaration=True)
+        return HttpReply(200, twiml, "text/xml")
+
+    def reload_agents(self) -> bool:
+        """Read the agents again (SIGHUP): new calls get them; live calls keep theirs.
+
+        An invalid file keeps every agent as it was, and says why in one sentence.
+        """
+        if self._load_agents is None:
+            logger.warning("this server cannot reload its agents")
+            return False
+        try:
+            agents = self._load_agents()
+        except ConfigError as exc:
+            logger.error("reload refused, the agents stay as they were: %s", exc)
+            return False
+        self.agents = agents
+        logger.info("reloaded the agents for new calls: %s", "; ".join(agents.describe()))
+        return True
 
     def _phone_token_ok(self, query: str) -> bool:
         tokens = parse_qs(query, keep_blank_values=True).get("token")
@@ -233,10 +299,11 @@ class BridgeServer:
                     self.settings.stream_url,
                 )
                 return HttpReply(403, "Forbidden: invalid Twilio signature.\n")
-        return AcceptWebSocket(lambda peer: self._start_call(peer, browser), self.caller_limits)
+        agents = self.agents  # the call keeps the agents of the moment it was admitted
+        return AcceptWebSocket(lambda peer: self._start_call(peer, browser, agents), self.caller_limits)
 
-    def _start_call(self, peer: ServerPeer, browser: bool) -> None:
-        session = CallSession(peer, self.services, f"conn-{next(self._connection_ids)}", browser=browser)
+    def _start_call(self, peer: ServerPeer, browser: bool, agents: AgentCatalog) -> None:
+        session = CallSession(peer, self.services, f"conn-{next(self._connection_ids)}", browser=browser, agents=agents)
         self.calls.add(session)
         task = asyncio.create_task(self._run_call(session))
         self._call_tasks.add(task)
@@ -324,8 +391,14 @@ class BridgeServer:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
+        if self._load_agents is not None:
+            loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         if already_received is not None:
             on_signal(already_received)
+
+    def _on_reload_signal(self) -> None:
+        logger.info("received SIGHUP: reloading the agents")
+        self.reload_agents()
 
     async def serve_until_signalled(self) -> int:
         """Serve until a signal arrives (see ``handle_signals``), then drain and close.

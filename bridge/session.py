@@ -34,6 +34,7 @@ from websockets.exceptions import InvalidHandshake, InvalidURI
 
 from . import call as machine
 from . import twilio
+from .agents import AgentCatalog
 from .call import Call, Timer
 from .config import AgentConfig, Settings
 from .functions import FunctionOutcome, FunctionRunner
@@ -133,19 +134,33 @@ class CallLog(logging.LoggerAdapter[logging.Logger]):
 class CallSession:
     """One call, from the Twilio handshake to the written record."""
 
-    def __init__(self, caller: ServerPeer, services: CallServices, connection_id: str, *, browser: bool = False) -> None:
+    def __init__(
+        self,
+        caller: ServerPeer,
+        services: CallServices,
+        connection_id: str,
+        *,
+        browser: bool = False,
+        agents: AgentCatalog | None = None,
+    ) -> None:
         settings = services.settings
         self.caller = caller
         self.services = services
         self.settings = settings
         self.loop = asyncio.get_running_loop()
         self.log = CallLog(logger, {"call": connection_id})
+        # ``agents``: the server's agents when the call was admitted; the start event picks one.
+        default_settings, default_json = services.agent_config.settings, services.settings_json
+        if agents is not None:
+            before_start = agents.for_call({})  # replaced at the start event; nothing is sent before it
+            default_settings, default_json = before_start.settings, before_start.settings_json
         self.call = Call(
             settings,
-            services.agent_config.settings,
-            services.settings_json,
+            default_settings,
+            default_json,
             services.functions.async_functions,
             browser=browser,
+            agents=agents,
         )
         self.record = CallRecord(settings.calls_dir, settings.record_calls, services.records, max_bytes=settings.record_max_bytes)
         self._timers: dict[Timer, asyncio.TimerHandle] = {}

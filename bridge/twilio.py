@@ -193,16 +193,20 @@ def webhook_signature_is_valid(
 # ------------------------------------------------------------------------------------- TwiML
 
 
-def connect_twiml(stream_url: str, parameters: Mapping[str, str] | None = None) -> str:
+XML_DECLARATION = '<?xml version="1.0" encoding="UTF-8"?>'
+
+
+def connect_twiml(stream_url: str, parameters: Mapping[str, str] | None = None, *, declaration: bool = False) -> str:
     """Connect the call to a bidirectional stream; each parameter becomes a ``<Parameter>``.
 
     ``<Connect>`` is the last verb, so closing the stream's socket hangs up (section 3).
+    ``declaration`` starts it with the XML declaration, for a TwiML document served over HTTP.
     """
     inner = "".join(
         f"<Parameter name={quoteattr(name)} value={quoteattr(value)}/>" for name, value in (parameters or {}).items()
     )
     stream = f"<Stream url={quoteattr(stream_url)}>{inner}</Stream>" if inner else f"<Stream url={quoteattr(stream_url)}/>"
-    return f"<Response><Connect>{stream}</Connect></Response>"
+    return (XML_DECLARATION if declaration else "") + f"<Response><Connect>{stream}</Connect></Response>"
 
 
 def dial_twiml(number: str, *, say: str | None = None) -> str:

@@ -433,7 +433,7 @@ def test_a_missing_function_error_names_the_config_file_given(
     monkeypatch.setenv("DEEPGRAM_API_KEY", "k")
     assert main.main(["--config", str(path), "--env-file", str(empty_env(tmp_path))]) == 2
     assert capsys.readouterr().err == (
-        f"error: {path} declares function 'refill' but pharmacy_functions.function_map has no such entry.\n"
+        f"error: {path.name} declares function 'refill' but pharmacy_functions.function_map has no such entry.\n"
     )
 
 
@@ -462,7 +462,7 @@ def test_routes_lists_what_is_on() -> None:
     from bridge.server import routes
 
     plain = [path for path, _ in routes(load_settings({"DEEPGRAM_API_KEY": "k"}))]
-    assert plain == ["/twilio", "/health", "/"]
+    assert plain == ["/twilio", "/twiml", "/health", "/"]
     phone = [path for path, _ in routes(load_settings({"DEEPGRAM_API_KEY": "k", "PHONE_PAGE": "true"}))]
     assert phone == ["/twilio", "/phone", "/health", "/"]
     rest = {"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_AUTH_TOKEN": "t", "PUBLIC_URL": "https://abc.ngrok.app"}
@@ -518,6 +518,9 @@ def test_phone_startup_lists_the_routes_and_says_what_unsigned_twilio_exposes(tm
     log, index = log.split("\n---index---\n")
     assert '<Response><Connect><Stream url="wss://abc.ngrok.app/twilio"/></Connect></Response>' in stdout
     serving = next(line for line in log.splitlines() if "serving on" in line)
-    assert serving.endswith(": /twilio (WebSocket: Twilio Media Streams), /health (GET: health check), / (GET: this list)")
+    assert serving.endswith(
+        ": /twilio (WebSocket: Twilio Media Streams), /twiml (GET or POST: TwiML for a number's voice webhook), "
+        "/health (GET: health check), / (GET: this list)"
+    )
     assert "anyone who finds this address can open agent sessions on your Deepgram account" in log
     assert "/twilio" in index and "/health" in index and "/phone" not in index
