@@ -22,6 +22,7 @@ import re
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ from bridge.agents import AgentCatalog, check_functions, load_catalog
 from bridge.call_control import MODE_PARAMETER, place_call
 from bridge.config import E164, ConfigError, Settings, load_settings
 from bridge.postgres import check_database_url, describe
+from bridge.metrics import WorkerShare
 from bridge.server import BridgeServer, routes
 from bridge.session import rest_client
 from bridge.twilio_rest import TwilioApiError
@@ -165,11 +167,14 @@ async def serve(
     reuse_port: bool,
     announce_startup: bool,
     config: Path | None = None,
+    metrics_share: WorkerShare | None = None,
 ) -> int:
     """Serve until stopped; with ``config`` (config.json's path), SIGHUP reloads the agents."""
     raise_open_file_limit(settings)
     reload = (lambda: load_agents(config, function_map, settings)[0]) if config is not None else None
-    server = BridgeServer(settings, agents, function_map, reuse_port=reuse_port, load_agents=reload)
+    server = BridgeServer(
+        settings, agents, function_map, reuse_port=reuse_port, load_agents=reload, metrics_share=metrics_share
+    )
     server.handle_signals(EARLY_SIGNALS[0] if EARLY_SIGNALS else None)
     if EARLY_RELOADS:  # the files may have changed after startup read them
         server.reload_agents()
@@ -264,8 +269,14 @@ def run_workers(argv: Sequence[str], workers: int, phone_page_token: str) -> int
     # Children inherit a blocked mask and unblock once their handlers exist, so a signal sent
     # while one is still importing waits for it instead of killing it.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS | {signal.SIGHUP})
-    # Every worker must accept the one phone-page token the parent printed.
-    env = {**os.environ, "PHONE_PAGE_TOKEN": phone_page_token}
+    # Every worker must accept the one phone-page token the parent printed, and each puts its
+    # metrics where the others can add them to a scrape (bridge/metrics.py).
+    with tempfile.TemporaryDirectory(prefix="bridge-metrics-") as metrics_dir:
+        env = {**os.environ, "PHONE_PAGE_TOKEN": phone_page_token, METRICS_DIR_VARIABLE: metrics_dir}
+        return supervise_workers(argv, workers, env)
+
+
+def supervise_workers(argv: Sequence[str], workers: int, env: dict[str, str]) -> int:
     # Each worker in a process group of its own: a Ctrl-C at the terminal then reaches the parent
     # only, and each worker hears it once, forwarded, instead of twice (which means "exit now").
     children = [
@@ -294,6 +305,8 @@ def run_workers(argv: Sequence[str], workers: int, phone_page_token: str) -> int
 # is remembered here and replayed once the server's own handlers are in place.
 EARLY_SIGNALS: list[int] = []
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# The private directory through which --workers share their metrics: set by the parent only.
+METRICS_DIR_VARIABLE = "BRIDGE_WORKER_METRICS_DIR"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -401,19 +414,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in agents.describe():
             logger.info(line)
     if args.workers > 1 and args.worker_index is None:
-        try:
-            port = claim_port(settings.host, settings.port)
-        except OSError as exc:
-            print(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}.", file=sys.stderr)
-            return 2
+        for wanted in (settings.port, settings.metrics_port):
+            if wanted is None:
+                continue
+            try:
+                claimed = claim_port(settings.host, wanted)
+            except OSError as exc:
+                print(f"error: cannot listen on {settings.host}:{wanted}: {exc.strerror or exc}.", file=sys.stderr)
+                return 2
+            if wanted == settings.port:
+                port = claimed
         announce(settings, args.workers, port)
         return run_workers([*argv, "--port", str(port)], args.workers, settings.phone_page_token)
     worker = args.worker_index is not None
     if worker and args.parent_pid is not None:
         stop_when_parent_dies(args.parent_pid)
+    metrics_dir = os.environ.get(METRICS_DIR_VARIABLE) if worker else None
+    metrics_share = WorkerShare(Path(metrics_dir), str(args.worker_index)) if metrics_dir else None
     try:
         return run_loop(
-            serve(settings, agents, function_map, reuse_port=worker, announce_startup=not worker, config=args.config)
+            serve(
+                settings,
+                agents,
+                function_map,
+                reuse_port=worker,
+                announce_startup=not worker,
+                config=args.config,
+                metrics_share=metrics_share,
+            )
         )
     except OSError as exc:
         print(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}.", file=sys.stderr)

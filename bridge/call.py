@@ -1078,6 +1078,7 @@ class Call:
                     "arguments": call.arguments,
                     "result": outcome.result,
                     "error": outcome.error,
+                    "outcome": outcome.outcome,
                     "duration_seconds": round(outcome.duration_seconds, 4),
                     "withdrawn": withdrawn,
                 },
@@ -1139,7 +1140,8 @@ class Call:
             return [
                 SendToAgent(agent.function_call_response(call, json.dumps(answer))),
                 Record("function_call", {"name": call.name, "arguments": call.arguments, "result": None,
-                                         "error": answer["error"], "duration_seconds": 0.0, "withdrawn": False}),
+                                         "error": answer["error"], "outcome": "error", "duration_seconds": 0.0,
+                                         "withdrawn": False}),
             ]
         # Only a reason is taken from the agent, for the record; never a number to dial.
         reason = _argument_text(call.arguments, "reason") or "the agent transferred the call"
@@ -1180,6 +1182,7 @@ class Call:
                     "arguments": call.arguments,
                     "result": answer,
                     "error": None,
+                    "outcome": "ok",
                     "duration_seconds": 0.0,
                     "withdrawn": False,
                 },

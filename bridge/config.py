@@ -72,6 +72,7 @@ class Settings:
     idle_hangup_seconds: float = 30.0  # further silence after the re-prompt before the goodbye
     idle_reprompt_message: str = DEFAULT_IDLE_REPROMPT_MESSAGE
     idle_goodbye_message: str = DEFAULT_IDLE_GOODBYE_MESSAGE
+    metrics_port: int | None = None  # /metrics on a port of its own instead of the main one
     max_calls: int = 200
     drain_seconds: float = 30.0
     record_calls: bool = True
@@ -189,6 +190,15 @@ def _phone_number(environ: Mapping[str, str], name: str) -> str | None:
     return number
 
 
+def _metrics_port(environ: Mapping[str, str], port: int) -> int | None:
+    if not environ.get("METRICS_PORT", "").strip():
+        return None
+    metrics_port = _int(environ, "METRICS_PORT", 0, 1, 65535)
+    if metrics_port == port:
+        raise ConfigError(f"METRICS_PORT must differ from the port the bridge listens on ({port}); leave it empty to serve /metrics there.")
+    return metrics_port
+
+
 def _message(environ: Mapping[str, str], name: str, default: str) -> str:
     """A sentence the agent says; whitespace (newlines from a .env) collapses to single spaces."""
     text = " ".join(environ.get(name, "").split()) or default
@@ -256,13 +266,14 @@ def load_settings(
         raise ConfigError(
             "DATABASE_URL must be a postgresql:// URL, like postgresql://user:password@host:5432/pharmacy."
         )
+    port_setting = _port(port) if port is not None else _int(environ, "PORT", 5000, 0, 65535)
     token = environ.get("PHONE_PAGE_TOKEN", "").strip()
     extra: dict[str, Any] = {"phone_page_token": token} if token else {}
     return Settings(
         deepgram_api_key=api_key,
         agent_url=agent_url,
         host=host or environ.get("HOST", "").strip() or "0.0.0.0",
-        port=_port(port) if port is not None else _int(environ, "PORT", 5000, 0, 65535),
+        port=port_setting,
         public_url=public_url,
         inbound_buffer_bytes=_int(environ, "INBOUND_BUFFER_BYTES", 3200, 160, 64000),
         log_level=log_level,
@@ -280,6 +291,7 @@ def load_settings(
         transfer_number=_phone_number(environ, "TRANSFER_NUMBER"),
         fallback_number=_phone_number(environ, "FALLBACK_NUMBER"),
         voicemail_message=voicemail,
+        metrics_port=_metrics_port(environ, port_setting),
         dtmf_timeout_seconds=_float(environ, "DTMF_TIMEOUT_SECONDS", 2.0, 0.1),
         idle_reprompt_seconds=_float(environ, "IDLE_REPROMPT_SECONDS", 10.0, 0.0),
         idle_hangup_seconds=_float(environ, "IDLE_HANGUP_SECONDS", 30.0, 1.0),

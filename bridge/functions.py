@@ -32,6 +32,14 @@ class FunctionOutcome:
     result: Any  # the decoded result, for records and the browser page
     error: str | None
     duration_seconds: float
+    # For metrics, a closed set: ok, error (the function answered {"error": ...}), bad_call (no such
+    # function, bad arguments), timeout, failed (it raised, or its result isn't JSON), cancelled.
+    # Left out, it is "ok" or "error" by ``error``.
+    outcome: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.outcome:
+            object.__setattr__(self, "outcome", "ok" if self.error is None else "error")
 
 
 def check_function_map(
@@ -78,8 +86,8 @@ def check_function_map(
     ]
 
 
-def _error(reason: str, started: float) -> FunctionOutcome:
-    return FunctionOutcome(json.dumps({"error": reason}), None, reason, time.monotonic() - started)
+def _error(reason: str, started: float, outcome: str) -> FunctionOutcome:
+    return FunctionOutcome(json.dumps({"error": reason}), None, reason, time.monotonic() - started, outcome)
 
 
 class FunctionRunner:
@@ -122,20 +130,20 @@ class FunctionRunner:
         function = self.function_map.get(name)
         if function is None:
             log.warning("agent called unknown function %r", name)
-            return _error(f"There is no function called {name}.", started)
+            return _error(f"There is no function called {name}.", started, "bad_call")
         try:
             arguments = json.loads(arguments_text) if arguments_text.strip() else {}
         except json.JSONDecodeError:
             log.warning("function %s: arguments are not JSON", name)
-            return _error(f"The arguments for {name} were not valid JSON.", started)
+            return _error(f"The arguments for {name} were not valid JSON.", started, "bad_call")
         if not isinstance(arguments, dict):
             log.warning("function %s: arguments are not a JSON object", name)
-            return _error(f"The arguments for {name} must be a JSON object.", started)
+            return _error(f"The arguments for {name} must be a JSON object.", started, "bad_call")
         try:
             self._signatures[name].bind(**arguments)
         except TypeError as exc:
             log.warning("function %s: bad arguments: %s", name, exc)
-            return _error(f"Bad arguments for {name}: {exc}.", started)
+            return _error(f"Bad arguments for {name}: {exc}.", started, "bad_call")
 
         try:
             if self._is_async[name]:
@@ -151,12 +159,12 @@ class FunctionRunner:
                     raise
         except TimeoutError:
             log.warning("function %s timed out after %.1f s", name, self.timeout_seconds)
-            return _error(f"{name} took too long to answer.", started)
+            return _error(f"{name} took too long to answer.", started, "timeout")
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("function %s raised", name)
-            return _error(f"{name} failed with an internal error.", started)
+            return _error(f"{name} failed with an internal error.", started, "failed")
         return _outcome(name, result, started, log)
 
     @staticmethod
@@ -172,7 +180,7 @@ class FunctionRunner:
         exc = job.exception()
         if exc is not None:
             log.error("function %s failed after it was abandoned", name, exc_info=exc)
-            outcome = _error(f"{name} failed with an internal error.", started)
+            outcome = _error(f"{name} failed with an internal error.", started, "failed")
         else:
             outcome = _outcome(name, job.result(), started, log)
             log.warning(
@@ -191,6 +199,6 @@ def _outcome(name: str, result: Any, started: float, log: logging.LoggerAdapter[
         content = json.dumps(result)
     except (TypeError, ValueError):
         log.error("function %s returned a %s, which is not JSON-serialisable", name, type(result).__name__)
-        return _error(f"{name} returned a result that could not be read.", started)
+        return _error(f"{name} returned a result that could not be read.", started, "failed")
     error = result.get("error") if isinstance(result, dict) and isinstance(result.get("error"), str) else None
     return FunctionOutcome(content, result, error, time.monotonic() - started)

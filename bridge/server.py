@@ -33,6 +33,8 @@ from .call_control import AMD_PATH, AnsweringMachineCallback, form_parameters, s
 from .config import AgentConfig, ConfigError, Settings
 from .functions import FunctionRunner
 from .logsafe import clean
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import METRICS_PATH, SHARE_SECONDS, Metrics, WorkerShare
 from .records import RecordWriter
 from .session import AgentConnector, CallServices, CallSession, caller_limits, rest_client, websocket_agent_connector
 from .transport import AcceptWebSocket, HttpReply, HttpRequest, PeerLimits, ServerPeer, start_server
@@ -71,6 +73,10 @@ def routes(settings: Settings) -> list[tuple[str, str]]:
     if settings.phone_page:
         served.append(("/phone", "GET: the browser phone (needs the token main.py printed)"))
     served.append(("/health", "GET: health check"))
+    if settings.metrics_port is None:
+        served.append((METRICS_PATH, "GET: Prometheus metrics"))
+    else:
+        served.append((METRICS_PATH, f"GET: Prometheus metrics, on port {settings.metrics_port} only"))
     served.append(("/", "GET: this list"))
     return served
 
@@ -100,12 +106,17 @@ class BridgeServer:
         connect_agent: AgentConnector | None = None,
         reuse_port: bool = False,
         load_agents: Callable[[], AgentCatalog] | None = None,
+        metrics_share: WorkerShare | None = None,
     ) -> None:
         self.settings = settings
         self.agents = agents if isinstance(agents, AgentCatalog) else AgentCatalog.single(agents)
         self._load_agents = load_agents
         agent_config = self.agents.default.config
         self.functions = FunctionRunner(function_map, settings.function_timeout_seconds)
+        self.metrics = Metrics(function_map)
+        self.metrics_share = metrics_share
+        self._metrics_server: asyncio.Server | None = None
+        self._metrics_writer: asyncio.Task[None] | None = None
         self.services = CallServices(
             settings=settings,
             agent_config=agent_config,
@@ -114,6 +125,7 @@ class BridgeServer:
             settings_json=settings_message(agent_config.settings, []),
             records=RecordWriter(),
             rest=rest_client(settings),
+            metrics=self.metrics,
         )
         self.caller_limits: PeerLimits = caller_limits(settings, TWILIO_MAX_MESSAGE_BYTES)
         self.answering_machine = AnsweringMachineCallback(settings, self.services.rest)
@@ -144,6 +156,17 @@ class BridgeServer:
             handshake_timeout=self.settings.handshake_timeout_seconds,
             reuse_port=self.reuse_port,
         )
+        if self.settings.metrics_port is not None:
+            # Its own port, so /metrics needn't be public; workers share it as they share the main one.
+            self._metrics_server = await start_server(
+                lambda: MetricsRouter(self),
+                self.settings.host,
+                self.settings.metrics_port,
+                handshake_timeout=self.settings.handshake_timeout_seconds,
+                reuse_port=self.reuse_port,
+            )
+        if self.metrics_share is not None:
+            self._metrics_writer = asyncio.create_task(self._share_metrics())
 
     async def __aenter__(self) -> BridgeServer:
         await self.start()
@@ -212,9 +235,26 @@ class BridgeServer:
                 logger.warning("refused /phone without a valid token")
                 return HttpReply(403, "Forbidden: the phone page needs the token main.py printed.\n")
             return HttpReply(200, self._phone_html, "text/html; charset=utf-8")
+        if path == METRICS_PATH and self.settings.metrics_port is None:
+            return self.metrics_reply()
         if path == "/":
             return HttpReply(200, self._index, "text/plain; charset=utf-8")
         return HttpReply(404, "Not found.\n")
+
+    # ------------------------------------------------------------------------------- metrics
+
+    def metrics_reply(self) -> HttpReply:
+        """``GET /metrics``: this process's metrics, and with ``--workers`` the other workers' too."""
+        if self.metrics_share is None:
+            return HttpReply(200, self.metrics.render(), METRICS_CONTENT_TYPE)
+        text = self.metrics.render(self.metrics_share.others(), worker=self.metrics_share.worker)
+        return HttpReply(200, text, METRICS_CONTENT_TYPE)
+
+    async def _share_metrics(self) -> None:
+        assert self.metrics_share is not None
+        while True:
+            self.metrics_share.write(self.metrics.snapshot())
+            await asyncio.sleep(SHARE_SECONDS)
 
     def _twiml(self, request: HttpRequest) -> HttpReply:
         """A number's voice webhook: TwiML connecting the call to ``/twilio`` with its details."""
@@ -305,6 +345,7 @@ class BridgeServer:
     def _start_call(self, peer: ServerPeer, browser: bool, agents: AgentCatalog) -> None:
         session = CallSession(peer, self.services, f"conn-{next(self._connection_ids)}", browser=browser, agents=agents)
         self.calls.add(session)
+        self.metrics.call_started()
         task = asyncio.create_task(self._run_call(session))
         self._call_tasks.add(task)
         task.add_done_callback(self._call_tasks.discard)
@@ -316,6 +357,10 @@ class BridgeServer:
             session.log.exception("the call failed unexpectedly")
         finally:
             self.calls.discard(session)
+            call = session.call
+            self.metrics.call_ended(call.end_reason, session.loop.time() - session.started, call.bad_input)
+            if self.metrics_share is not None:  # the other workers' scrapes see it now, not a second later
+                self.metrics_share.write(self.metrics.snapshot())
 
     # ------------------------------------------------------------------------------ shutdown
 
@@ -341,6 +386,12 @@ class BridgeServer:
         await self.answering_machine.close()
         if self._server is not None:
             self._server.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+        if self._metrics_writer is not None:
+            self._metrics_writer.cancel()
+        if self.metrics_share is not None:
+            self.metrics_share.write(self.metrics.snapshot())  # what this worker counted, to the end
         self.functions.close()
         self.services.records.close()
 
@@ -414,3 +465,22 @@ class BridgeServer:
         logger.info("drained; exiting")
         return 0
 
+
+class MetricsRouter:
+    """The router of ``METRICS_PORT``: ``GET /metrics`` and nothing else."""
+
+    def __init__(self, server: BridgeServer) -> None:
+        self.server = server
+
+    def route(self, request: HttpRequest) -> HttpReply | AcceptWebSocket:
+        if request.path != METRICS_PATH:
+            return HttpReply(404, "Not found: this port serves only /metrics.\n")
+        if request.method not in ("GET", "HEAD"):
+            return HttpReply(405, "Method not allowed.\n", headers=(("Allow", "GET"),))
+        return self.server.metrics_reply()
+
+    def handshake_started(self, peer: ServerPeer) -> bool:
+        return self.server.handshake_started(peer)  # the same bound on connections in their request
+
+    def handshake_finished(self, peer: ServerPeer) -> None:
+        self.server.handshake_finished(peer)

@@ -27,7 +27,7 @@ import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.exceptions import InvalidHandshake, InvalidURI
@@ -39,6 +39,7 @@ from .call import Call, Timer
 from .config import AgentConfig, Settings
 from .functions import FunctionOutcome, FunctionRunner
 from .logsafe import clean
+from .metrics import Metrics
 from .records import CallRecord, RecordWriter
 from .twilio_rest import TwilioApiError, TwilioRestClient
 from .transport import AgentPeer, MessageQueue, PeerGone, PeerLimits, ServerPeer, handshake_status, open_websocket
@@ -108,6 +109,7 @@ class CallServices:
     settings_json: str  # the Settings message, encoded once for every fresh session
     records: RecordWriter
     rest: TwilioRestClient | None = None  # Twilio's REST API, when TWILIO_ACCOUNT_SID is set
+    metrics: Metrics = field(default_factory=Metrics)  # the process's Prometheus metrics
 
 
 def rest_client(settings: Settings) -> TwilioRestClient | None:
@@ -148,6 +150,7 @@ class CallSession:
         self.services = services
         self.settings = settings
         self.loop = asyncio.get_running_loop()
+        self.started = self.loop.time()
         self.log = CallLog(logger, {"call": connection_id})
         # ``agents``: the server's agents when the call was admitted; the start event picks one.
         default_settings, default_json = services.agent_config.settings, services.settings_json
@@ -213,6 +216,7 @@ class CallSession:
                 self.caller.send_text(action.text)  # type: ignore[union-attr]
             elif kind is machine.Record:
                 self.record.add(action.event, **action.fields)  # type: ignore[union-attr]
+                self.services.metrics.on_record(action.event, action.fields)  # type: ignore[union-attr]
             elif kind is machine.Log:
                 self.log.log(action.level, action.message, *action.args)  # type: ignore[union-attr]
             elif kind is machine.ArmTimer:
@@ -432,7 +436,7 @@ class CallSession:
             )
         except asyncio.CancelledError:
             reason = self._cancel_reasons.pop(call.id, "the call ended before it finished")
-            outcome = FunctionOutcome(json.dumps({"error": reason}), None, reason, self.loop.time() - started)
+            outcome = FunctionOutcome(json.dumps({"error": reason}), None, reason, self.loop.time() - started, "cancelled")
         finally:
             self._function_tasks.pop(call.id, None)
         self._carry_out(self.call.function_finished(call.id, outcome, self.loop.time()))

@@ -462,9 +462,9 @@ def test_routes_lists_what_is_on() -> None:
     from bridge.server import routes
 
     plain = [path for path, _ in routes(load_settings({"DEEPGRAM_API_KEY": "k"}))]
-    assert plain == ["/twilio", "/twiml", "/health", "/"]
+    assert plain == ["/twilio", "/twiml", "/health", "/metrics", "/"]
     phone = [path for path, _ in routes(load_settings({"DEEPGRAM_API_KEY": "k", "PHONE_PAGE": "true"}))]
-    assert phone == ["/twilio", "/phone", "/health", "/"]
+    assert phone == ["/twilio", "/phone", "/health", "/metrics", "/"]
     rest = {"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_AUTH_TOKEN": "t", "PUBLIC_URL": "https://abc.ngrok.app"}
     assert "/twilio/amd" in [path for path, _ in routes(load_settings({"DEEPGRAM_API_KEY": "k", **rest}))]
 
@@ -520,7 +520,7 @@ def test_phone_startup_lists_the_routes_and_says_what_unsigned_twilio_exposes(tm
     serving = next(line for line in log.splitlines() if "serving on" in line)
     assert serving.endswith(
         ": /twilio (WebSocket: Twilio Media Streams), /twiml (GET or POST: TwiML for a number's voice webhook), "
-        "/health (GET: health check), / (GET: this list)"
+        "/health (GET: health check), /metrics (GET: Prometheus metrics), / (GET: this list)"
     )
     assert "anyone who finds this address can open agent sessions on your Deepgram account" in log
     assert "/twilio" in index and "/health" in index and "/phone" not in index

@@ -1,0 +1,184 @@
+"""Prometheus metrics (bridge/metrics.py): the text format read back with prometheus_client's own
+parser, values checked against the calls the tests made, METRICS_PORT, and one scrape covering
+every worker of a real ``main.py --workers 2``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from conftest import ROOT, BridgeFactory, free_port, twilio_url
+from fakes import FakeAgent, FakeTwilioCaller, eventually
+from prometheus_client.parser import text_string_to_metric_families
+from test_agents import MainProcess
+
+from bridge.metrics import END_CATEGORIES, OTHER_END, Metrics, ended_by_label
+
+
+def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample as {(name, sorted labels): value}, through prometheus_client's parser."""
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict[Any, float], metric: str, **labels: str) -> float:
+    return samples.get((metric, tuple(sorted(labels.items()))), 0.0)
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        assert reply.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        return reply.read().decode()
+
+
+# ------------------------------------------------------------------------------ the format
+
+
+def test_the_text_format_parses_and_histograms_are_cumulative() -> None:
+    metrics = Metrics(["get_drug_info"])
+    metrics.call_started()
+    metrics.call_started()
+    metrics.call_ended("caller hung up", 42.0, {"twilio:not-json": 3})
+    for seconds in (0.003, 0.2, 0.2, 30.0):
+        metrics.on_record("function_call", {"name": "get_drug_info", "outcome": "ok", "duration_seconds": seconds})
+    metrics.on_record("function_call", {"name": 'evil"\n{name}', "outcome": "bad_call", "duration_seconds": 0.0})
+    metrics.on_record("agent_started_speaking", {"total_latency": 0.6})
+    metrics.on_record("agent_resumed", {"attempt": 1})
+    samples = parse(metrics.render())
+    assert value(samples, "bridge_calls_active") == 1
+    assert value(samples, "bridge_calls_total", ended_by="caller_hung_up") == 1
+    assert value(samples, "bridge_call_duration_seconds_count") == 1
+    assert value(samples, "bridge_call_duration_seconds_bucket", le="60.0") == 1
+    assert value(samples, "bridge_call_duration_seconds_bucket", le="30.0") == 0
+    fn = {"name": "get_drug_info", "outcome": "ok"}
+    assert value(samples, "bridge_function_duration_seconds_bucket", le="0.005", **fn) == 1
+    assert value(samples, "bridge_function_duration_seconds_bucket", le="0.25", **fn) == 3
+    assert value(samples, "bridge_function_duration_seconds_bucket", le="+Inf", **fn) == 4
+    assert value(samples, "bridge_function_duration_seconds_count", **fn) == 4
+    assert abs(value(samples, "bridge_function_duration_seconds_sum", **fn) - 30.403) < 1e-9
+    # A name the LLM made up is no new series.
+    assert value(samples, "bridge_function_duration_seconds_count", name="unknown", outcome="bad_call") == 1
+    assert value(samples, "bridge_agent_latency_seconds_count") == 1
+    assert value(samples, "bridge_agent_reconnects_total") == 1
+    assert value(samples, "bridge_bad_input_total", kind="twilio:not-json") == 3
+    assert value(samples, "process_cpu_seconds_total") > 0
+    assert value(samples, "process_open_fds") > 0 and value(samples, "process_resident_memory_bytes") > 0
+
+
+def test_every_way_a_call_ends_has_its_own_label() -> None:
+    """Each end reason the state machine can give maps to a category, never to ``other``."""
+    source = (ROOT / "bridge" / "call.py").read_text()
+    reasons = set(re.findall(r'_end\(\s*f?"([^"{]+)', source))
+    reasons |= set(re.findall(r'_REASON = "([^"]+)"', source))
+    reasons |= {"voicemail", "transferred", "caller hung up during a failed transfer"}
+    assert len(reasons) >= 12, reasons
+    for reason in reasons:
+        assert ended_by_label(reason) != OTHER_END, reason
+    assert ended_by_label("something new") == OTHER_END
+    assert len({label for _, label in END_CATEGORIES}) == len(END_CATEGORIES)
+
+
+def test_snapshots_of_other_workers_are_summed_and_their_process_metrics_labelled() -> None:
+    one, two = Metrics(["f"]), Metrics(["f"])
+    one.call_started()
+    two.call_started()
+    two.call_started()
+    two.call_ended("agent ended the call", 10.0, {})
+    two.on_record("function_call", {"name": "f", "outcome": "timeout", "duration_seconds": 10.0})
+    samples = parse(one.render([("1", two.snapshot())], worker="0"))
+    assert value(samples, "bridge_calls_active") == 2
+    assert value(samples, "bridge_calls_total", ended_by="agent_ended") == 1
+    assert value(samples, "bridge_function_duration_seconds_count", name="f", outcome="timeout") == 1
+    assert value(samples, "process_start_time_seconds", worker="0") > 0
+    assert value(samples, "process_start_time_seconds", worker="1") > 0
+    # A damaged snapshot is skipped, not a failed scrape.
+    assert "bridge_calls_active 1" in one.render([("1", {"values": {"bridge_calls_total": [["x"]]}})], worker="0")
+
+
+# ------------------------------------------------------------------- through the real server
+
+
+async def test_metrics_count_the_calls_made(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    async with make_bridge(fake_agent) as server:
+        async with FakeTwilioCaller(twilio_url(server)) as caller:
+            await caller.start()
+            session = await fake_agent.session()
+            await eventually(lambda: session.settings is not None)
+            during = parse(await asyncio.to_thread(scrape, server.port))
+            assert value(during, "bridge_calls_active") == 1
+            await caller.send_raw("not json")
+            await session.send_json({"type": "AgentStartedSpeaking", "total_latency": 0.4})
+            await session.send_json({
+                "type": "FunctionCallRequest",
+                "functions": [
+                    {"id": "a", "name": "get_drug_info", "arguments": '{"drug_name": "ibuprofen"}', "client_side": True},
+                    {"id": "b", "name": "hack", "arguments": "{}", "client_side": True},
+                ],
+            })
+            await eventually(lambda: len(session.of_type("FunctionCallResponse")) == 2, what="both answers")
+            await session.close(1011, "restarting")  # resumable: a reconnect
+            second = await fake_agent.session(1)
+            await eventually(lambda: second.settings is not None)
+            await caller.stop()
+        async with FakeTwilioCaller(twilio_url(server)) as other:
+            await other.start()
+            third = await fake_agent.session(2)
+            await eventually(lambda: third.settings is not None)
+        await eventually(lambda: not server.calls, what="both calls to end")
+        after = parse(await asyncio.to_thread(scrape, server.port))
+    assert value(after, "bridge_calls_active") == 0
+    assert value(after, "bridge_calls_total", ended_by="caller_hung_up") == 2
+    assert value(after, "bridge_call_duration_seconds_count") == 2
+    assert value(after, "bridge_agent_latency_seconds_count") == 1
+    assert value(after, "bridge_agent_latency_seconds_sum") == 0.4
+    assert value(after, "bridge_function_duration_seconds_count", name="get_drug_info", outcome="ok") == 1
+    assert value(after, "bridge_function_duration_seconds_count", name="unknown", outcome="bad_call") == 1
+    assert value(after, "bridge_agent_reconnects_total") == 1
+    assert value(after, "bridge_bad_input_total", kind="twilio:not-json") == 1
+
+
+async def test_metrics_port_serves_metrics_there_only(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
+    metrics_port = free_port()
+    async with make_bridge(fake_agent, metrics_port=metrics_port) as server:
+        text = await asyncio.to_thread(scrape, metrics_port)
+        assert "# TYPE bridge_calls_total counter" in text
+        for port, path in ((server.port, "/metrics"), (metrics_port, "/health"), (metrics_port, "/twilio")):
+            try:
+                await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}{path}", timeout=5)
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 404, (port, path)
+            else:
+                raise AssertionError(f"{path} on port {port} should be 404")
+
+
+async def test_one_scrape_covers_every_worker(tmp_path: Path) -> None:
+    async with FakeAgent() as agent, MainProcess(tmp_path, agent, ROOT / "config.json", "--workers", "2") as bridge:
+        await eventually(lambda: bridge.count("serving on") >= 1, 10, "the workers")
+        calls = 8
+        for _ in range(calls):  # the kernel spreads them over the two workers
+            async with FakeTwilioCaller(bridge.url()) as caller:
+                await caller.start()
+                await caller.stop()
+        served_by = set()
+
+        def all_counted() -> bool:
+            samples = parse(scrape(bridge.port))
+            served_by.update(labels for name, labels in samples if name == "process_start_time_seconds")
+            return value(samples, "bridge_calls_total", ended_by="caller_hung_up") == calls
+
+        # Whichever worker answers, the totals are the same (each writes its snapshot as a call ends).
+        await eventually(lambda: all(all_counted() for _ in range(8)), 10, "every call in every scrape")
+        samples = parse(await asyncio.to_thread(scrape, bridge.port))
+        assert value(samples, "bridge_call_duration_seconds_count") == calls
+        assert value(samples, "bridge_calls_active") == 0
+    assert served_by == {(("worker", "0"),), (("worker", "1"),)}
+    log = bridge.log()
+    assert "calls" in log and "Traceback" not in log
