@@ -19,6 +19,7 @@ RUN groupadd --system --gid 10001 app \
 
 # The application. Add your own modules here if pharmacy_functions.py imports any.
 COPY main.py config.json pharmacy_functions.py ./
+COPY agents/ ./agents/
 COPY bridge/ ./bridge/
 
 # The only places the bridge writes: the pharmacy's SQLite file (PHARMACY_DB, default
