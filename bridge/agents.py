@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .agent_protocol import settings_message
-from .config import E164, AgentConfig, ConfigError, Settings, load_agent_config, parse_agent_config
+from .config import E164, AgentConfig, ConfigError, Settings, load_agent_config
 from .functions import check_function_map
 
 DEFAULT_AGENT = "default"
@@ -278,22 +278,11 @@ def load_catalog(config_path: Path, environ: Mapping[str, str]) -> AgentCatalog:
                 raise ConfigError(f"{source}: an agent's file name must be letters, digits, - and _ (at most 64), then .json.")
             if name == DEFAULT_AGENT:
                 raise ConfigError(f"{source}: the name {DEFAULT_AGENT!r} is config.json's; rename the file.")
-            named[name] = make_agent(name, source, _read_agent(path, source, environ))
+            named[name] = make_agent(name, source, load_agent_config(path, environ, Path(source)))
         numbers_path = directory / NUMBERS_FILE
         if numbers_path.exists():
             numbers = _load_numbers(numbers_path, named)
     return AgentCatalog(default, named, numbers)
-
-
-def _read_agent(path: Path, source: str, environ: Mapping[str, str]) -> AgentConfig:
-    # As load_agent_config, but errors name the file as agents/NAME.json wherever the folder is.
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"Cannot read the agent {source}: {exc.strerror or exc}.") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{source} is not UTF-8 text.") from None
-    return parse_agent_config(text, Path(source), environ)
 
 
 def _load_numbers(path: Path, named: Mapping[str, Agent]) -> dict[str, str]:

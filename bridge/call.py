@@ -1213,10 +1213,7 @@ class Call:
         if self.transfer_reason is None:
             return [Log(logging.INFO, "the agent's goodbye has played; hanging up"), *self._end(reason)]
         why = self.transfer_reason
-        self.hangup_requested = False
-        self.hangup_call_id = None
-        self.hangup_when_heard = False
-        self.transfer_reason = None
+        self._forget_departure()
         self.transferring = True
         return [
             CancelTimer(Timer.HANGUP_FALLBACK),
@@ -1255,17 +1252,21 @@ class Call:
             actions += self._inject("transfer-failed", agent.inject_agent_message(TRANSFER_FAILED_MESSAGE))
         return actions + self._rearm_idle(now)
 
+    def _forget_departure(self) -> None:
+        """No end_call, transfer_call or silence goodbye is pending any more."""
+        self.hangup_requested = False
+        self.hangup_call_id = None
+        self.hangup_when_heard = False
+        self.transfer_reason = None
+        self._hangup_reason = AGENT_HANGUP_REASON
+
     def _cancel_hangup(self, why: str, now: float) -> list[Action]:
         """The conversation goes on after end_call: the caller spoke, or the agent took it back."""
         if not self.hangup_requested or self.phase is Phase.ENDED:
             return []
         if self.voicemail:
             return []  # the message plays to the end whatever the machine does
-        self.hangup_requested = False
-        self.hangup_call_id = None
-        self.hangup_when_heard = False
-        self.transfer_reason = None
-        self._hangup_reason = AGENT_HANGUP_REASON
+        self._forget_departure()
         return [
             CancelTimer(Timer.HANGUP_FALLBACK),
             CancelTimer(Timer.HANGUP_GRACE),
@@ -1386,10 +1387,8 @@ class Call:
                 ArmTimer(Timer.IDLE, now + self.settings.idle_hangup_seconds),
             ]
         # Silent through the re-prompt too: the agent says goodbye and the call ends as with end_call.
+        self._forget_departure()
         self.hangup_requested = True
-        self.hangup_call_id = None
-        self.hangup_when_heard = False
-        self.transfer_reason = None
         self._hangup_reason = IDLE_HANGUP_REASON
         return [
             Log(logging.INFO, "the caller is still silent; the agent says goodbye and the call ends"),

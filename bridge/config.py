@@ -400,12 +400,13 @@ def parse_agent_config(text: str, path: Path, environ: Mapping[str, str]) -> Age
     return AgentConfig(settings=_substitute(settings, environ, path), client_functions=client_functions)
 
 
-def load_agent_config(path: Path, environ: Mapping[str, str]) -> AgentConfig:
-    """Read and validate config.json."""
+def load_agent_config(path: Path, environ: Mapping[str, str], shown_as: Path | None = None) -> AgentConfig:
+    """Read and validate config.json (or an agent file); errors name it as ``shown_as``, if given."""
+    shown = shown_as or path
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"Cannot read the agent config {path}: {exc.strerror or exc}.") from None
+        raise ConfigError(f"Cannot read the agent config {shown}: {exc.strerror or exc}.") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not UTF-8 text.") from None
-    return parse_agent_config(text, path, environ)
+        raise ConfigError(f"{shown} is not UTF-8 text.") from None
+    return parse_agent_config(text, shown, environ)

@@ -1597,16 +1597,6 @@ def test_deepgram_errors_mid_call_resume_a_bounded_number_of_times_then_end_the_
     assert h.call.summary()["errors"] == call_module.MAX_ERROR_RESUMES + 1
 
 
-def test_deepgram_error_before_settings_applied_still_ends_the_call() -> None:
-    h = Harness()
-    h.connected()
-    h.start()
-    h.agent_connected()
-    h.agent(WELCOME)
-    out = h.agent({"type": "Error", "code": "BAD_SETTINGS", "description": "nope"})
-    assert quiet(out)[-1] == HangUp("agent unavailable: Deepgram refused the session: BAD_SETTINGS: nope")
-
-
 # ======================================================================== before start, bad input
 
 
