@@ -439,7 +439,7 @@ def _check_variant(value: Any, shape: Shape, path: str) -> None:
     choices = ", ".join(f'"{name}"' for name in variants)
     if chosen is None:
         raise SchemaError(f'{where} needs "{key}", one of {choices}.')
-    if chosen not in variants or not isinstance(chosen, str):
+    if not isinstance(chosen, str) or chosen not in variants:  # a dict or list is unhashable
         raise SchemaError(
             f'"{_join(path, key)}" must be one of {choices}{_suggest(chosen, variants)}, got {_shown(chosen)}.'
         )

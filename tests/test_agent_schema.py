@@ -505,3 +505,10 @@ def test_config_json_uses_no_deprecated_key_and_validates_against_the_sdk() -> N
 def test_the_table_module_has_no_runtime_dependency_on_the_sdk() -> None:
     source = Path(agent_schema.__file__).read_text()
     assert "import deepgram" not in source and "from deepgram" not in source and "pydantic" not in source.split("import")[-1]
+
+
+def test_a_provider_type_that_is_an_object_is_a_sentence_not_a_crash() -> None:
+    """Found by the property test above: {"type": {}} used to raise TypeError (unhashable)."""
+    document = {"type": "Settings", "audio": {}, "agent": {"think": {"provider": {"type": {}}}}}
+    with pytest.raises(SchemaError, match=r'"agent.think.provider.type" must be one of'):
+        check_settings(document)
