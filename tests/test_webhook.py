@@ -11,6 +11,9 @@ import json
 import logging
 import math
 import re
+import shutil
+import ssl
+import subprocess
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -421,6 +424,39 @@ async def test_retries_stop_when_the_retry_time_is_up(receiver: FakeReceiver) ->
     assert await seconds_to_give_up(sender_for(receiver, retry_seconds=0.5, backoff=0.1)) < 1.5
     # Waits of about 0.1, 0.2, 0.4 s: the third would start after the 0.5 s.
     assert 2 <= len(receiver.requests) <= 4
+
+
+async def test_an_https_receiver_with_an_untrusted_certificate_is_refused_without_retries(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """https is TLS with the system's CAs: a self-signed receiver gets no request, and no retry."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=30,
+    )
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    connections = 0
+
+    async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.close()
+
+    server = await asyncio.start_server(count, "127.0.0.1", 0, ssl=tls)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        sender = WebhookSender(f"https://127.0.0.1:{port}/hooks", SECRET, retry_seconds=3.0, backoff=0.05)
+        assert await seconds_to_give_up(sender) < 2.0
+    finally:
+        server.close()
+    assert connections == 0  # the handshake failed: nothing reached the receiver
+    [warning] = webhook_lines(caplog, logging.WARNING)
+    assert "the webhook receiver's TLS certificate was refused" in warning
 
 
 async def test_a_full_queue_drops_and_counts_with_one_warning_then_one_line_when_there_is_room(
