@@ -427,7 +427,28 @@ async def post_once(
     progress = _Progress()
     try:
         async with asyncio.timeout(timeout):
-            return await _exchange(host, port, tls, target, headers, body, progress, peer)
+            reader, writer = await open_stream(host, port, tls)
+            done = False
+            try:
+                connection = h11.Connection(h11.CLIENT)
+                # One request per connection: "Connection: close".
+                headers = [*headers, ("Content-Length", str(len(body))), ("Connection", "close")]
+                request = h11.Request(method="POST", target=target, headers=headers)
+                # h11's send() returns None only for ConnectionClosed, which is never sent here.
+                data = b"".join(connection.send(event) or b"" for event in (request, h11.Data(data=body), h11.EndOfMessage()))
+                # From the first byte written, the peer may receive the whole request and act on it.
+                progress.sent = True
+                writer.write(data)
+                await writer.drain()
+                answer = await _read_answer(connection, reader, peer)
+                done = True
+                return answer
+            finally:
+                if done:
+                    writer.close()
+                else:
+                    # Abort: a half-read answer or a hung peer gets no graceful (TLS) goodbye to wait on.
+                    writer.transport.abort()
     # TimeoutError is an OSError, so it has to come first.
     except TimeoutError:
         raise AttemptFailed(f"no answer within {timeout:g} s", sent=progress.sent) from None
@@ -441,42 +462,6 @@ async def post_once(
         raise AttemptFailed(f"{what}: {clean(exc, 160)}", sent=progress.sent) from None
     except h11.RemoteProtocolError as exc:
         raise AttemptFailed(f"broken HTTP answer: {clean(exc, 160)}", sent=True) from None
-
-
-async def _exchange(
-    host: str,
-    port: int,
-    tls: ssl.SSLContext | None,
-    target: str,
-    headers: list[tuple[str, str]],
-    body: bytes,
-    progress: _Progress,
-    peer: str,
-) -> HttpAnswer:
-    reader, writer = await open_stream(host, port, tls)
-    done = False
-    try:
-        connection = h11.Connection(h11.CLIENT)
-        request = h11.Request(
-            method="POST",
-            target=target,
-            headers=[*headers, ("Content-Length", str(len(body))), ("Connection", "close")],  # one request per connection
-        )
-        # h11's send() returns None only for ConnectionClosed, which is never sent here.
-        data = b"".join(connection.send(event) or b"" for event in (request, h11.Data(data=body), h11.EndOfMessage()))
-        # From the first byte written, the peer may receive the whole request and act on it.
-        progress.sent = True
-        writer.write(data)
-        await writer.drain()
-        answer = await _read_answer(connection, reader, peer)
-        done = True
-        return answer
-    finally:
-        if done:
-            writer.close()
-        else:
-            # Abort: a half-read answer or a hung peer gets no graceful (TLS) goodbye to wait on.
-            writer.transport.abort()
 
 
 async def _read_answer(connection: h11.Connection, reader: asyncio.StreamReader, peer: str) -> HttpAnswer:
