@@ -103,8 +103,7 @@ class CallDigest:
         if event == "transcript":
             self._keep("transcript", {"role": fields.get("role"), "content": fields.get("content")})
         elif event == "function_call":
-            names = ("name", "arguments", "result", "error", "duration_seconds", "withdrawn")
-            self._keep("function_calls", _function_call({name: fields.get(name) for name in names}))
+            self._keep("function_calls", _function_call(dict(fields)))  # the record's fields, all of them
         elif event == "latency_report":
             self._keep("latency_reports", dict(fields))
         elif event == "start":
@@ -119,7 +118,7 @@ class CallDigest:
 def _function_call(entry: dict[str, Any]) -> dict[str, Any]:
     """A function call whose result is huge (a long list of orders) keeps that result as cut JSON text."""
     if len(_compact(entry)) > FUNCTION_CALL_MAX_CHARS:
-        entry["result"] = _compact(entry["result"]).decode("utf-8")  # cut by _bounded when kept
+        entry["result"] = _compact(entry.get("result")).decode("utf-8")  # cut by _bounded when kept
     return entry
 
 
