@@ -273,13 +273,14 @@ async def test_a_receiver_down_for_many_calls_logs_one_warning_and_never_holds_u
         for index in range(4):
             started = time.monotonic()
             await short_call(server, fake_agent, index)
-            assert time.monotonic() - started < 2.0
+            assert time.monotonic() - started < 3.0
         # Every call has ended and has its record while the webhook has delivered nothing yet.
         assert len(list((tmp_path / "calls").glob("*.jsonl"))) == 4
         assert not receiver.delivered and sender.pending >= 1
         await eventually(lambda: receiver.hanging == 1, what="the receiver to hold a request")
         await eventually(lambda: sender.failed >= 2, what="two deliveries to be given up")
         receiver.default = "200"
+        await short_call(server, fake_agent, 4)  # one more call, sure to be delivered
         await eventually(lambda: sender.pending == 0, timeout=10, what="the queue to drain")
     assert len(webhook_lines(caplog, logging.WARNING)) == 1, webhook_lines(caplog, logging.WARNING)
     [warning] = webhook_lines(caplog, logging.WARNING)
@@ -287,7 +288,7 @@ async def test_a_receiver_down_for_many_calls_logs_one_warning_and_never_holds_u
     assert "query-secret" not in caplog.text and SECRET not in caplog.text
     [recovered] = [line for line in webhook_lines(caplog, logging.INFO) if "reachable again" in line]
     assert f"{sender.failed} deliveries failed meanwhile" in recovered
-    assert sender.failed >= 2 and sender.delivered == 4 - sender.failed
+    assert sender.failed >= 2 and sender.delivered == 5 - sender.failed
     delivered_sids = {request.json["call_sid"] for request in receiver.delivered}
     assert len(delivered_sids) == sender.delivered
 
@@ -327,7 +328,7 @@ async def test_shutdown_waits_for_the_webhook_only_until_its_deadline(
         await short_call(server, fake_agent)
         await eventually(lambda: receiver.hanging == 1, what="the receiver to hold the request")
         started = time.monotonic()
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 5.0  # not the 30 s attempt
     assert any(
         "1 call summaries were not delivered to http://127.0.0.1:" in line and "/hooks/calls before shutdown" in line
         for line in webhook_lines(caplog, logging.WARNING)
@@ -413,7 +414,7 @@ async def seconds_to_give_up(sender: WebhookSender) -> float:
 
 async def test_a_hanging_receiver_times_out_each_attempt(receiver: FakeReceiver, caplog: pytest.LogCaptureFixture) -> None:
     receiver.default = "hang"
-    assert 0.2 <= await seconds_to_give_up(sender_for(receiver, attempt_timeout=0.2, retry_seconds=0.0)) < 1.5
+    assert 0.2 <= await seconds_to_give_up(sender_for(receiver, attempt_timeout=0.2, retry_seconds=0.0)) < 3.0
     assert len(receiver.requests) == 1  # RETRY_SECONDS 0: one attempt
     [warning] = webhook_lines(caplog, logging.WARNING)
     assert "(no answer within 0.2 s)" in warning
@@ -421,7 +422,7 @@ async def test_a_hanging_receiver_times_out_each_attempt(receiver: FakeReceiver,
 
 async def test_retries_stop_when_the_retry_time_is_up(receiver: FakeReceiver) -> None:
     receiver.default = "500"
-    assert await seconds_to_give_up(sender_for(receiver, retry_seconds=0.5, backoff=0.1)) < 1.5
+    assert await seconds_to_give_up(sender_for(receiver, retry_seconds=0.5, backoff=0.1)) < 3.0
     # Waits of about 0.1, 0.2, 0.4 s: the third would start after the 0.5 s.
     assert 2 <= len(receiver.requests) <= 4
 
@@ -451,7 +452,7 @@ async def test_an_https_receiver_with_an_untrusted_certificate_is_refused_withou
     try:
         port = server.sockets[0].getsockname()[1]
         sender = WebhookSender(f"https://127.0.0.1:{port}/hooks", SECRET, retry_seconds=3.0, backoff=0.05)
-        assert await seconds_to_give_up(sender) < 2.0
+        assert await seconds_to_give_up(sender) < 3.0
     finally:
         server.close()
     assert connections == 0  # the handshake failed: nothing reached the receiver
@@ -495,7 +496,7 @@ async def test_close_sends_what_is_queued_and_counts_what_it_could_not(
         sender.submit(b"{}")
     started = time.monotonic()
     await sender.close(0.3)
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 3.0  # not the 30 s attempt
     [left] = webhook_lines(caplog, logging.WARNING)
     assert left.startswith("3 call summaries were not delivered")
     assert not sender.submit(b"{}")  # closed: dropped, never queued
