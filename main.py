@@ -38,6 +38,7 @@ from bridge.metrics import WorkerShare
 from bridge.server import BridgeServer, routes
 from bridge.session import rest_client
 from bridge.twilio_rest import TwilioApiError
+from bridge.webhook import public_target
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ENV_FILE = HERE / ".env"
@@ -126,6 +127,8 @@ def announce(settings: Settings, workers: int, port: int) -> None:
             logger.info(line)
     if settings.database_url:
         logger.info("DATABASE_URL is set: orders are kept in PostgreSQL at %s", describe(settings.database_url))
+    if settings.call_webhook_url:
+        logger.info("each call's summary is POSTed, signed, to %s when it ends (docs/webhooks.md)", public_target(settings.call_webhook_url))
     if settings.phone_page:
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
         print(f"Browser phone: http://{host}:{port}/phone?token={settings.phone_page_token}\n", flush=True)

@@ -81,6 +81,14 @@ class Settings:
     phone_page_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     # PostgreSQL for the pharmacy store (pharmacy_functions.py); None keeps the SQLite file.
     database_url: str | None = None
+    # The end-of-call webhook (docs/webhooks.md): the summary of each call, POSTed and signed.
+    call_webhook_url: str | None = None
+    call_webhook_secret: str | None = field(default=None, repr=False)
+    call_webhook_retry_seconds: float = 60.0  # how long one delivery is retried
+    webhook_attempt_timeout_seconds: float = 10.0  # not from the environment, nor the three below
+    webhook_backoff_seconds: float = 0.5  # the first retry's wait; it doubles, up to 30 s
+    webhook_queue_max: int = 1000  # deliveries waiting; more are dropped (the records keep them)
+    webhook_drain_seconds: float = 5.0  # at shutdown, after the calls ended
     # Not from the environment: protocol timings that tests shorten.
     keepalive_seconds: float = 5.0
     start_timeout_seconds: float = 10.0
@@ -199,6 +207,39 @@ def _metrics_port(environ: Mapping[str, str], port: int) -> int | None:
     return metrics_port
 
 
+def _webhook_url(environ: Mapping[str, str]) -> str | None:
+    """CALL_WEBHOOK_URL, checked; never quoted back in an error, since its query may hold a token."""
+    raw = environ.get("CALL_WEBHOOK_URL", "").strip()
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    try:
+        port = parts.port  # raises ValueError for a port that is no number or out of range
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ConfigError("CALL_WEBHOOK_URL has a port that is not a number from 1 to 65535.")
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ConfigError("CALL_WEBHOOK_URL must be an http:// or https:// URL with a host, like https://example.com/hooks/calls.")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError("CALL_WEBHOOK_URL must not carry a user name or password: its requests are signed with CALL_WEBHOOK_SECRET.")
+    if parts.fragment or not raw.isascii() or not raw.isprintable() or " " in raw:
+        raise ConfigError("CALL_WEBHOOK_URL must be plain ASCII without spaces or a #fragment: percent-encode other characters.")
+    return raw
+
+
+def _webhook_secret(environ: Mapping[str, str], url: str | None) -> str | None:
+    secret = environ.get("CALL_WEBHOOK_SECRET", "").strip() or None
+    if url and secret is None:
+        raise ConfigError(
+            "CALL_WEBHOOK_URL is set but CALL_WEBHOOK_SECRET is not: the webhook's requests are signed with it "
+            "(at least 16 characters; python -c 'import secrets; print(secrets.token_hex(32))' makes one)."
+        )
+    if url and secret is not None and len(secret) < 16:
+        raise ConfigError(f"CALL_WEBHOOK_SECRET must be at least 16 characters, got {len(secret)}.")
+    return secret
+
+
 def _message(environ: Mapping[str, str], name: str, default: str) -> str:
     """A sentence the agent says; whitespace (newlines from a .env) collapses to single spaces."""
     text = " ".join(environ.get(name, "").split()) or default
@@ -267,6 +308,7 @@ def load_settings(
             "DATABASE_URL must be a postgresql:// URL, like postgresql://user:password@host:5432/pharmacy."
         )
     port_setting = _port(port) if port is not None else _int(environ, "PORT", 5000, 0, 65535)
+    webhook_url = _webhook_url(environ)
     token = environ.get("PHONE_PAGE_TOKEN", "").strip()
     extra: dict[str, Any] = {"phone_page_token": token} if token else {}
     return Settings(
@@ -298,6 +340,9 @@ def load_settings(
         idle_reprompt_message=_message(environ, "IDLE_REPROMPT_MESSAGE", DEFAULT_IDLE_REPROMPT_MESSAGE),
         idle_goodbye_message=_message(environ, "IDLE_GOODBYE_MESSAGE", DEFAULT_IDLE_GOODBYE_MESSAGE),
         database_url=database_url,
+        call_webhook_url=webhook_url,
+        call_webhook_secret=_webhook_secret(environ, webhook_url),
+        call_webhook_retry_seconds=_float(environ, "CALL_WEBHOOK_RETRY_SECONDS", 60.0, 0.0),
         **extra,
     )
 

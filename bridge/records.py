@@ -68,15 +68,15 @@ def _cut(text: str) -> str:
     return f"{text[:FIELD_MAX_CHARS]}…(+{len(text) - FIELD_MAX_CHARS} chars)"
 
 
-def _bounded(value: Any, depth: int = 0) -> Any:
+def bounded(value: Any, depth: int = 0) -> Any:
     """``value`` with every string longer than ``FIELD_MAX_CHARS`` cut, however deep it sits."""
     if isinstance(value, str):
         return value if len(value) <= FIELD_MAX_CHARS else _cut(value)
     if depth < _MAX_FIELD_DEPTH:
         if isinstance(value, dict):
-            return {key: _bounded(item, depth + 1) for key, item in value.items()}
+            return {key: bounded(item, depth + 1) for key, item in value.items()}
         if isinstance(value, list | tuple):
-            return [_bounded(item, depth + 1) for item in value]
+            return [bounded(item, depth + 1) for item in value]
     return value
 
 
@@ -86,7 +86,7 @@ def _as_text(value: object) -> str:
     return text if len(text) <= FIELD_MAX_CHARS else _cut(text)
 
 
-def _finite(value: Any, path: frozenset[int] = frozenset()) -> Any:
+def finite(value: Any, path: frozenset[int] = frozenset()) -> Any:
     """``value`` with every NaN and infinity, as a value or a key, replaced by None.
 
     Only used after a strict encode failed, so a container met again on its own path (a
@@ -100,8 +100,8 @@ def _finite(value: Any, path: frozenset[int] = frozenset()) -> Any:
             return "<circular>"
         inner = path | {id(value)}
         if isinstance(value, dict):
-            return {_finite(key, inner): _finite(item, inner) for key, item in value.items()}
-        return [_finite(item, inner) for item in value]
+            return {finite(key, inner): finite(item, inner) for key, item in value.items()}
+        return [finite(item, inner) for item in value]
     return value
 
 
@@ -111,7 +111,7 @@ def _encode(value: dict[str, Any]) -> str:
         return json.dumps(value, default=_as_text, allow_nan=False) + "\n"
     except ValueError:
         # Rare (Deepgram or a function handed us a non-finite float), so the walk is paid only here.
-        return json.dumps(_finite(value), default=_as_text, allow_nan=False) + "\n"
+        return json.dumps(finite(value), default=_as_text, allow_nan=False) + "\n"
 
 
 class RecordWriter:
@@ -253,7 +253,7 @@ class CallRecord:
         if self.events_dropped:  # full: don't even encode what will not be written
             self.events_dropped += 1
             return
-        line = _encode({"time": _now(), "event": event, **_bounded(fields)})
+        line = _encode({"time": _now(), "event": event, **bounded(fields)})
         # json.dumps escapes everything outside ASCII, so characters are bytes here.
         if self.event_bytes + len(line) > self.max_bytes:
             # From the first event that does not fit, everything is dropped: what is written
@@ -352,7 +352,7 @@ class CallRecord:
 
         # Set here too, so the count is current and present even in a summary built elsewhere.
         summary = {**summary, "record_events_dropped": self.events_dropped}
-        self._lines.append(_encode(_bounded(summary)))
+        self._lines.append(_encode(bounded(summary)))
         self.writer.append(self.path, "".join(self._lines), done)
         self._lines.clear()
         self._finished = True

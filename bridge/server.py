@@ -38,6 +38,7 @@ from .metrics import METRICS_PATH, SHARE_SECONDS, Metrics, WorkerShare
 from .records import RecordWriter
 from .session import AgentConnector, CallServices, CallSession, caller_limits, rest_client, websocket_agent_connector
 from .transport import AcceptWebSocket, HttpReply, HttpRequest, PeerLimits, ServerPeer, start_server
+from .webhook import webhook_sender
 
 logger = logging.getLogger("bridge.server")
 
@@ -126,6 +127,7 @@ class BridgeServer:
             records=RecordWriter(),
             rest=rest_client(settings),
             metrics=self.metrics,
+            webhook=webhook_sender(settings),
         )
         self.caller_limits: PeerLimits = caller_limits(settings, TWILIO_MAX_MESSAGE_BYTES)
         self.answering_machine = AnsweringMachineCallback(settings, self.services.rest)
@@ -167,6 +169,8 @@ class BridgeServer:
             )
         if self.metrics_share is not None:
             self._metrics_writer = asyncio.create_task(self._share_metrics())
+        if self.services.webhook is not None:
+            self.services.webhook.start()
 
     async def __aenter__(self) -> BridgeServer:
         await self.start()
@@ -383,6 +387,9 @@ class BridgeServer:
         if self._call_tasks:
             # Each call closes its sockets and writes its record, every step with a deadline.
             await asyncio.wait(list(self._call_tasks), timeout=END_CALLS_SECONDS)
+        if self.services.webhook is not None:
+            # After the calls ended, so the summaries of those the drain ended are sent too.
+            await self.services.webhook.close(self.settings.webhook_drain_seconds)
         await self.answering_machine.close()
         if self._server is not None:
             self._server.close()

@@ -17,7 +17,8 @@ agent's messages. A peer that stays full for ``stall_seconds`` is cut off by the
 
 ``CallSession.run`` ends when the machine says ``HangUp`` (or the caller's socket ends). Then,
 with a deadline on each step: what is queued for the agent goes out, both sockets close, running
-functions get a moment to finish, every task is awaited, and the record is written.
+functions get a moment to finish, every task is awaited, and the record is written (and, with
+``CALL_WEBHOOK_URL``, the call's summary is queued for the webhook, without waiting).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from .metrics import Metrics
 from .records import CallRecord, RecordWriter
 from .twilio_rest import TwilioApiError, TwilioRestClient
 from .transport import AgentPeer, MessageQueue, PeerGone, PeerLimits, ServerPeer, handshake_status, open_websocket
+from .webhook import CallDigest, WebhookSender, call_ended_payload
 
 logger = logging.getLogger("bridge.call")
 
@@ -110,6 +112,7 @@ class CallServices:
     records: RecordWriter
     rest: TwilioRestClient | None = None  # Twilio's REST API, when TWILIO_ACCOUNT_SID is set
     metrics: Metrics = field(default_factory=Metrics)  # the process's Prometheus metrics
+    webhook: WebhookSender | None = None  # the end-of-call webhook, when CALL_WEBHOOK_URL is set
 
 
 def rest_client(settings: Settings) -> TwilioRestClient | None:
@@ -166,6 +169,8 @@ class CallSession:
             agents=agents,
         )
         self.record = CallRecord(settings.calls_dir, settings.record_calls, services.records, max_bytes=settings.record_max_bytes)
+        # What the webhook's payload needs of the call, kept in memory (bounded) only when one is set.
+        self.digest = CallDigest() if services.webhook is not None else None
         self._timers: dict[Timer, asyncio.TimerHandle] = {}
         self._hung_up: asyncio.Future[None] = self.loop.create_future()
 
@@ -217,6 +222,8 @@ class CallSession:
             elif kind is machine.Record:
                 self.record.add(action.event, **action.fields)  # type: ignore[union-attr]
                 self.services.metrics.on_record(action.event, action.fields)  # type: ignore[union-attr]
+                if self.digest is not None:
+                    self.digest.add(action.event, action.fields)  # type: ignore[union-attr]
             elif kind is machine.Log:
                 self.log.log(action.level, action.message, *action.args)  # type: ignore[union-attr]
             elif kind is machine.ArmTimer:
@@ -542,9 +549,14 @@ class CallSession:
             path = await self.record.finish(stream.call_sid if stream else str(self.log.extra["call"]), summary)  # type: ignore[index]
         except OSError as exc:
             self.log.error("could not write the call record: %s", exc)
-            return
-        if path is not None:
-            self.log.debug("record written to %s", path)
+        else:
+            if path is not None:
+                self.log.debug("record written to %s", path)
+        webhook = self.services.webhook
+        # A connection that never sent ``start`` was no call: nothing to report.
+        if webhook is not None and self.digest is not None and stream is not None:
+            # Never waits: the summary joins the sender's queue, or is dropped if it is full.
+            webhook.submit(call_ended_payload(summary, self.digest))
 
 
 def _connect_failure(exc: Exception) -> str:

@@ -23,7 +23,9 @@ have to think about:
 - **Input.** Call SIDs are checked (``CA`` + 32 hex digits) before they go into a URL path, and
   the Account SID when the client is made, so no caller text can change the path.
 
-docs/protocols.md section 7 has the REST API facts this follows.
+One attempt (``post_once``: a POST on a fresh connection, within a deadline) is a plain function,
+which the call webhook (bridge/webhook.py) uses too. docs/protocols.md section 7 has the REST API
+facts this follows.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class _Operation:
 
 
 @dataclass(frozen=True, slots=True)
-class _Answer:
+class HttpAnswer:
     """One HTTP answer, whole."""
 
     status: int
@@ -112,11 +114,11 @@ class _Answer:
     body: bytes
 
 
-class _AttemptFailed(Exception):
+class AttemptFailed(Exception):
     """An attempt that got no usable answer.
 
-    ``sent`` is True once the whole request may have reached Twilio: from then on, creating a call
-    again could create a second one. ``retryable`` is False when trying again cannot help.
+    ``sent`` is True once the whole request may have reached the peer: from then on, creating a
+    call again could create a second one. ``retryable`` is False when trying again cannot help.
     """
 
     def __init__(self, reason: str, *, sent: bool, retryable: bool = True, status: int | None = None) -> None:
@@ -308,7 +310,7 @@ class TwilioRestClient:
 
     # -- one operation, with its retries ------------------------------------------------------
 
-    async def _post(self, operation: _Operation, fields: list[tuple[str, str]]) -> tuple[_Answer, int]:
+    async def _post(self, operation: _Operation, fields: list[tuple[str, str]]) -> tuple[HttpAnswer, int]:
         """POST ``fields`` for ``operation``, retrying what is safe; returns the last answer and the attempts made.
 
         Any HTTP answer is returned (the caller decides what it means); no answer at all, after the
@@ -321,7 +323,7 @@ class TwilioRestClient:
             started = time.monotonic()
             try:
                 answer = await self._attempt(path, body)
-            except _AttemptFailed as failure:
+            except AttemptFailed as failure:
                 # Retrying a create that may have reached Twilio could ring the person twice.
                 safe = failure.retryable and (not create or not failure.sent)
                 if safe and attempt < self.attempts:
@@ -380,7 +382,7 @@ class TwilioRestClient:
             text = text.replace(self._auth_token, "…")
         return text
 
-    def _json_object(self, operation: _Operation, answer: _Answer, attempts: int) -> dict[str, Any]:
+    def _json_object(self, operation: _Operation, answer: HttpAnswer, attempts: int) -> dict[str, Any]:
         try:
             data = json.loads(answer.body)
         except (ValueError, RecursionError):
@@ -391,88 +393,104 @@ class TwilioRestClient:
 
     # -- one attempt --------------------------------------------------------------------------
 
-    async def _attempt(self, path: str, body: bytes) -> _Answer:
+    async def _attempt(self, path: str, body: bytes) -> HttpAnswer:
         """One request on a fresh connection, all of it within ``timeout``."""
-        progress = _Progress()
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await self._exchange(path, body, progress)
-        # TimeoutError is an OSError, so it has to come first.
-        except TimeoutError:
-            raise _AttemptFailed(f"no answer within {self.timeout:g} s", sent=progress.sent) from None
-        except ssl.SSLCertVerificationError as exc:
-            # A certificate we don't trust will not become trusted by trying again.
-            raise _AttemptFailed(
-                f"Twilio's TLS certificate was refused: {clean(exc.verify_message, 120)}", sent=False, retryable=False
-            ) from None
-        except OSError as exc:
-            what = "connection failed" if not progress.sent else "connection lost before the answer"
-            raise _AttemptFailed(f"{what}: {clean(exc, 160)}", sent=progress.sent) from None
-        except h11.RemoteProtocolError as exc:
-            raise _AttemptFailed(f"broken HTTP answer: {clean(exc, 160)}", sent=True) from None
+        headers = [
+            ("Host", self._host_header),
+            ("Authorization", self._authorization),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Accept", "application/json"),
+            ("Accept-Charset", "utf-8"),
+            ("User-Agent", USER_AGENT),
+        ]
+        return await post_once(self._host, self._port, self._tls, path, headers, body, timeout=self.timeout, peer="Twilio")
 
-    async def _exchange(self, path: str, body: bytes, progress: _Progress) -> _Answer:
-        reader, writer = await open_stream(self._host, self._port, self._tls)
-        done = False
-        try:
-            connection = h11.Connection(h11.CLIENT)
-            request = h11.Request(
-                method="POST",
-                target=path,
-                headers=[
-                    ("Host", self._host_header),
-                    ("Authorization", self._authorization),
-                    ("Content-Type", "application/x-www-form-urlencoded"),
-                    ("Content-Length", str(len(body))),
-                    ("Accept", "application/json"),
-                    ("Accept-Charset", "utf-8"),
-                    ("User-Agent", USER_AGENT),
-                    ("Connection", "close"),  # one request per connection
-                ],
-            )
-            # h11's send() returns None only for ConnectionClosed, which is never sent here.
-            data = b"".join(connection.send(event) or b"" for event in (request, h11.Data(data=body), h11.EndOfMessage()))
-            # From the first byte written, Twilio may receive the whole request and act on it.
-            progress.sent = True
-            writer.write(data)
-            await writer.drain()
-            answer = await self._read_answer(connection, reader)
-            done = True
-            return answer
-        finally:
-            if done:
-                writer.close()
-            else:
-                # Abort: a half-read answer or a hung peer gets no graceful (TLS) goodbye to wait on.
-                writer.transport.abort()
 
-    async def _read_answer(self, connection: h11.Connection, reader: asyncio.StreamReader) -> _Answer:
-        status: int | None = None
-        headers: dict[str, str] = {}
-        body = bytearray()
-        while True:
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                chunk = await reader.read(READ_CHUNK_BYTES)
-                if not chunk and status is None:
-                    # Said plainly here: h11's own words for it name its internal states.
-                    raise ConnectionResetError("Twilio closed the connection without answering")
-                connection.receive_data(chunk)  # b"" tells h11 of EOF: a cut-off body is its error
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-                headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in event.headers}
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > MAX_RESPONSE_BYTES:
-                    raise _AttemptFailed(
-                        f"Twilio's answer is over {MAX_RESPONSE_BYTES} bytes", sent=True, retryable=False, status=status
-                    )
-            elif isinstance(event, h11.EndOfMessage):
-                assert status is not None  # h11 gives the Response before the end of its body
-                return _Answer(status, headers, bytes(body))
-            elif isinstance(event, h11.ConnectionClosed):
-                raise h11.RemoteProtocolError("connection closed before an answer")
-            # h11.InformationalResponse (100 Continue and the like): the real answer follows.
+async def post_once(
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None,
+    target: str,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    *,
+    timeout: float,
+    peer: str,
+) -> HttpAnswer:
+    """One POST on a fresh connection, all of it (connect, TLS, send, answer) within ``timeout``.
+
+    ``headers`` are the request's own (``Host`` among them); ``Content-Length`` and
+    ``Connection: close`` are added here. Any HTTP answer is returned whole; no usable answer
+    raises ``AttemptFailed`` saying why in words that name ``peer``. Used by this client and by
+    the call webhook (bridge/webhook.py).
+    """
+    progress = _Progress()
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await open_stream(host, port, tls)
+            done = False
+            try:
+                connection = h11.Connection(h11.CLIENT)
+                # One request per connection: "Connection: close".
+                headers = [*headers, ("Content-Length", str(len(body))), ("Connection", "close")]
+                request = h11.Request(method="POST", target=target, headers=headers)
+                # h11's send() returns None only for ConnectionClosed, which is never sent here.
+                data = b"".join(connection.send(event) or b"" for event in (request, h11.Data(data=body), h11.EndOfMessage()))
+                # From the first byte written, the peer may receive the whole request and act on it.
+                progress.sent = True
+                writer.write(data)
+                await writer.drain()
+                answer = await _read_answer(connection, reader, peer)
+                done = True
+                return answer
+            finally:
+                if done:
+                    writer.close()
+                else:
+                    # Abort: a half-read answer or a hung peer gets no graceful (TLS) goodbye to wait on.
+                    writer.transport.abort()
+    # TimeoutError is an OSError, so it has to come first.
+    except TimeoutError:
+        raise AttemptFailed(f"no answer within {timeout:g} s", sent=progress.sent) from None
+    except ssl.SSLCertVerificationError as exc:
+        # A certificate we don't trust will not become trusted by trying again.
+        raise AttemptFailed(
+            f"{peer}'s TLS certificate was refused: {clean(exc.verify_message, 120)}", sent=False, retryable=False
+        ) from None
+    except OSError as exc:
+        what = "connection failed" if not progress.sent else "connection lost before the answer"
+        raise AttemptFailed(f"{what}: {clean(exc, 160)}", sent=progress.sent) from None
+    except h11.RemoteProtocolError as exc:
+        raise AttemptFailed(f"broken HTTP answer: {clean(exc, 160)}", sent=True) from None
+
+
+async def _read_answer(connection: h11.Connection, reader: asyncio.StreamReader, peer: str) -> HttpAnswer:
+    status: int | None = None
+    headers: dict[str, str] = {}
+    body = bytearray()
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            chunk = await reader.read(READ_CHUNK_BYTES)
+            if not chunk and status is None:
+                # Said plainly here: h11's own words for it name its internal states.
+                raise ConnectionResetError(f"{peer} closed the connection without answering")
+            connection.receive_data(chunk)  # b"" tells h11 of EOF: a cut-off body is its error
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+            headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in event.headers}
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_RESPONSE_BYTES:
+                raise AttemptFailed(
+                    f"{peer}'s answer is over {MAX_RESPONSE_BYTES} bytes", sent=True, retryable=False, status=status
+                )
+        elif isinstance(event, h11.EndOfMessage):
+            assert status is not None  # h11 gives the Response before the end of its body
+            return HttpAnswer(status, headers, bytes(body))
+        elif isinstance(event, h11.ConnectionClosed):
+            raise h11.RemoteProtocolError("connection closed before an answer")
+        # h11.InformationalResponse (100 Continue and the like): the real answer follows.
 
 
 def _add(fields: list[tuple[str, str]], name: str, value: str | None) -> None:
@@ -490,4 +508,4 @@ def _check_twiml_or_url(twiml: str | None, url: str | None, *, required: bool) -
         raise ValueError(f"inline TwiML is limited to {MAX_TWIML_CHARS} characters by Twilio, got {len(twiml)}")
 
 
-__all__ = ["TwilioApiError", "TwilioRestClient"]
+__all__ = ["AttemptFailed", "HttpAnswer", "TwilioApiError", "TwilioRestClient", "post_once", "retry_after_seconds"]
