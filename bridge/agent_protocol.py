@@ -141,14 +141,16 @@ def history_item(message: dict[str, Any], max_text_chars: int) -> tuple[str, str
     """A ``History`` message from Deepgram as ``(key, item JSON)``, or None if it isn't usable.
 
     The key says which turn or function calls the item is about, so the bridge's own copy of the
-    same thing can be matched to it: ``t:<role>:<content>`` or ``f:<id>,<id>...``. Only the keys
-    the v1 schema gives a History item are kept, so a resumed Settings stays valid.
+    same thing can be matched to it: a turn's item is its own key (ours is the same text), function
+    calls are keyed ``f:<id>,<id>...``. Only the keys the v1 schema gives a History item are kept,
+    so a resumed Settings stays valid.
     """
     role, content, calls = message.get("role"), message.get("content"), message.get("function_calls")
     if isinstance(role, str) and isinstance(content, str) and calls is None:
         role = "user" if role == "user" else "assistant"
         content = content[:max_text_chars]
-        return f"t:{role}:{content}", history_text(role, content)
+        item = history_text(role, content)
+        return item, item
     if isinstance(calls, list) and calls and role is None and content is None:
         items = []
         for entry in calls:

@@ -316,18 +316,18 @@ class RunningFunction:
 class _HistoryEntry:
     __slots__ = ("key", "item", "from_deepgram", "unmatched")
 
-    def __init__(self, key: str, item: str, from_deepgram: bool, unmatched: set[str]) -> None:
-        self.key = key
+    def __init__(self, key: str, item: str, from_deepgram: bool, unmatched: tuple[str, ...]) -> None:
+        self.key = key  # a turn's item is its own key: no second copy of the text
         self.item = item
         self.from_deepgram = from_deepgram
         self.unmatched = unmatched  # what the other side's copy has yet to match
 
 
-def _history_parts(key: str) -> set[str]:
+def _history_parts(key: str) -> tuple[str, ...]:
     """A function-calls key names each call; Deepgram may put several calls in one item."""
     if key.startswith("f:"):
-        return {f"f:{call_id}" for call_id in key[2:].split(",")}
-    return {key}
+        return tuple(f"f:{call_id}" for call_id in key[2:].split(","))
+    return (key,)
 
 
 class ResumeHistory:
@@ -350,8 +350,8 @@ class ResumeHistory:
     def ours(self, key: str, item: str) -> None:
         parts = _history_parts(key)
         for entry in self._recent():
-            if entry.from_deepgram and parts <= entry.unmatched:
-                entry.unmatched -= parts
+            if entry.from_deepgram and set(parts) <= set(entry.unmatched):
+                entry.unmatched = tuple(part for part in entry.unmatched if part not in parts)
                 return
         self._append(_HistoryEntry(key, item, False, parts))
 
@@ -362,20 +362,20 @@ class ResumeHistory:
                 self._replay.popleft()
                 return False
             self._replay.clear()
-        parts = _history_parts(key)
-        unmatched = set(parts)
+        unmatched = set(_history_parts(key))
         replaced: _HistoryEntry | None = None
         for entry in self._recent():
-            if not entry.from_deepgram and entry.unmatched and entry.unmatched <= unmatched:
-                unmatched -= entry.unmatched
+            if not entry.from_deepgram and entry.unmatched and set(entry.unmatched) <= unmatched:
+                unmatched -= set(entry.unmatched)
                 if replaced is None:
                     replaced = entry
                 else:  # Deepgram put several of our calls in one item: it replaces them all
                     self._entries.remove(entry)
+        left = tuple(part for part in _history_parts(key) if part in unmatched)
         if replaced is None:
-            self._append(_HistoryEntry(key, item, True, unmatched))
+            self._append(_HistoryEntry(key, item, True, left))
         else:
-            replaced.key, replaced.item, replaced.from_deepgram, replaced.unmatched = key, item, True, unmatched
+            replaced.key, replaced.item, replaced.from_deepgram, replaced.unmatched = key, item, True, left
         return True
 
     def given_as_context(self, keys: list[str]) -> None:
@@ -475,7 +475,7 @@ class Call:
 
         # Keypad digits, silence and the texts injected into the conversation for them.
         self._digits: list[str] = []
-        self._keypad_echoes: deque[str] = deque(maxlen=KEYPAD_ECHOES_KEPT)
+        self._keypad_echoes: list[str] = []  # the newest KEYPAD_ECHOES_KEPT
         self._idle_stage = 0  # 0: waiting to re-prompt; 1: re-prompted, waiting to say goodbye
         self._injections_waiting: list[tuple[str, str]] = []  # (kind, message) until the agent is ready
         self._last_injection: tuple[str, str] | None = None
@@ -967,7 +967,8 @@ class Call:
         content = content[:MAX_TEXT_CHARS]
         self.turns += 1
         self.history.conversation_moved_on()
-        self.history.ours(f"t:{role}:{content}", agent.history_text(role, content))
+        item = agent.history_text(role, content)
+        self.history.ours(item, item)
         shown = content
         if role == "user" and content in self._keypad_echoes:
             # The agent's echo of injected keypad digits: they may be a PIN, kept out of logs and records.
@@ -1301,6 +1302,7 @@ class Call:
         self._digits.clear()
         text = f"The caller pressed {words}"
         self._keypad_echoes.append(text)
+        del self._keypad_echoes[:-KEYPAD_ECHOES_KEPT]
         self.keypad_entries += 1
         # The digits may be a PIN: the log and the record say how many, never which.
         actions: list[Action] = [
