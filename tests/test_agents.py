@@ -237,9 +237,13 @@ async def bridge(tmp_path: Path, agent: FakeAgent, config: Path, **overrides: An
 
 
 async def call(server: BridgeServer, agent: FakeAgent, parameters: dict[str, str]) -> FakeAgentSession:
+    return await call_at(twilio_url(server), agent, parameters)
+
+
+async def call_at(url: str, agent: FakeAgent, parameters: dict[str, str]) -> FakeAgentSession:
     """One call that lasts until its agent has the Settings; returns the agent's session."""
     before = len(agent.sessions)
-    async with FakeTwilioCaller(twilio_url(server)) as caller:
+    async with FakeTwilioCaller(url) as caller:
         await caller.start(parameters)
         session = await agent.session(before)
         await eventually(lambda: session.settings is not None, what="the agent's Settings")
@@ -460,13 +464,7 @@ class MainProcess:
 
 
 async def process_call(bridge: MainProcess, agent: FakeAgent, parameters: dict[str, str]) -> FakeAgentSession:
-    before = len(agent.sessions)
-    async with FakeTwilioCaller(bridge.url()) as caller:
-        await caller.start(parameters)
-        session = await agent.session(before)
-        await eventually(lambda: session.settings is not None, what="the agent's Settings")
-        await caller.stop()
-    return session
+    return await call_at(bridge.url(), agent, parameters)
 
 
 async def test_sighup_reloads_the_agents_of_the_real_process(tmp_path: Path) -> None:
