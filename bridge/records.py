@@ -231,13 +231,6 @@ class CallRecord:
         self.path: Path | None = None
         self._lines: list[str] = []  # encoded events not yet handed to the writer
         self._finished = False  # the summary is written: the file takes no more lines
-        self.agent_latencies: list[float] = []
-        self.turns = 0
-        self.barge_ins = 0
-        self.function_calls = 0
-        self.function_errors = 0
-        self.warnings = 0
-        self.errors = 0
 
     def name_after(self, call_sid: str) -> None:
         """Name the file after the call, once Twilio has said which call this is."""
@@ -271,66 +264,13 @@ class CallRecord:
             self.writer.append(self.path, "".join(self._lines))
             self._lines.clear()
 
-    def turn(self, role: str, content: str) -> None:
-        self.turns += 1
-        self.add("transcript", role=role, content=content)
-
-    def barge_in(self) -> None:
-        self.barge_ins += 1
-        self.add("barge_in")
-
-    def agent_latency(self, message: dict[str, Any]) -> None:
-        latencies = {key: message.get(key) for key in ("total_latency", "tts_latency", "ttt_latency")}
-        total = latencies["total_latency"]
-        if isinstance(total, int | float):
-            try:
-                seconds = float(total)
-            except OverflowError:  # an int too big for a float: no latency anyone measured
-                seconds = math.inf
-            # One NaN would make every percentile NaN; an infinity would skew them.
-            if math.isfinite(seconds):
-                self.agent_latencies.append(seconds)
-        self.add("agent_started_speaking", **latencies)
-
-    def function_call(
-        self, name: str, arguments: str, result: Any, error: str | None, duration: float, *, withdrawn: bool = False
-    ) -> None:
-        self.function_calls += 1
-        if error is not None:
-            self.function_errors += 1
-        self.add(
-            "function_call",
-            name=name,
-            arguments=arguments,
-            result=result,
-            error=error,
-            duration_seconds=round(duration, 4),
-            withdrawn=withdrawn,
-        )
-
-    def warning(self, code: Any, description: Any) -> None:
-        self.warnings += 1
-        self.add("warning", code=code, description=description)
-
-    def error(self, source: str, code: Any, description: Any) -> None:
-        self.errors += 1
-        self.add("error", source=source, code=code, description=description)
-
     def summary(self, **fields: Any) -> dict[str, Any]:
         ended_at = _now()
         duration = datetime.fromisoformat(ended_at) - datetime.fromisoformat(self.started_at)
-        # The counters kept here serve callers that add events through the methods above; the
-        # call's state machine keeps its own and passes them in ``fields``, which win.
+        # The call's own counts (turns, functions, latencies, ...) come from its state machine in
+        # ``fields``; the record adds what only it knows: the times and what it had to drop.
         return {
             "event": "summary",
-            "turns": self.turns,
-            "barge_ins": self.barge_ins,
-            "function_calls": self.function_calls,
-            "function_errors": self.function_errors,
-            "warnings": self.warnings,
-            "errors": self.errors,
-            "agent_latency_p50": percentile(self.agent_latencies, 0.50),
-            "agent_latency_p95": percentile(self.agent_latencies, 0.95),
             **fields,
             "started_at": self.started_at,
             "ended_at": ended_at,
