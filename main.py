@@ -185,6 +185,8 @@ async def serve(
     freeze_startup_objects()
     if announce_startup:
         announce(settings, 1, server.port)
+    else:  # a worker: the parent announced before its workers listened; this says each one does
+        logger.info("worker (pid %d) listening on port %d", os.getpid(), server.port)
     return await server.serve_until_signalled()
 
 

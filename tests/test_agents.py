@@ -507,8 +507,7 @@ async def test_sighup_reloads_the_agents_of_the_real_process(tmp_path: Path) -> 
 async def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
     config = write(tmp_path / "config.json", agent_json("Old prompt."))
     async with FakeAgent() as agent, MainProcess(tmp_path, agent, config, "--workers", "2") as bridge:
-        await eventually(lambda: bridge.count("serving on") >= 1, 10, "the workers")
-        await asyncio.sleep(0.5)  # both workers listening (the parent announced, the children may lag)
+        await eventually(lambda: bridge.count("worker (pid") == 2, 15, "both workers listening")
         write(config, agent_json("New prompt for {{From}}."))
         assert bridge.process is not None
         bridge.process.send_signal(signal.SIGHUP)

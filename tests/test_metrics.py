@@ -160,25 +160,39 @@ async def test_metrics_port_serves_metrics_there_only(fake_agent: FakeAgent, mak
 
 
 async def test_one_scrape_covers_every_worker(tmp_path: Path) -> None:
+    both_workers = {(("worker", "0"),), (("worker", "1"),)}
+
+    def workers_in(samples: dict[Any, float]) -> set[tuple[tuple[str, str], ...]]:
+        return {labels for name, labels in samples if name == "process_start_time_seconds"}
+
     async with FakeAgent() as agent, MainProcess(tmp_path, agent, ROOT / "config.json", "--workers", "2") as bridge:
-        await eventually(lambda: bridge.count("serving on") >= 1, 10, "the workers")
+        # The parent's banner comes before the workers listen; a worker shows in a scrape once it
+        # has written its first snapshot, so wait for both before counting on either.
+        def both_sharing() -> bool:
+            try:
+                return workers_in(parse(scrape(bridge.port))) == both_workers
+            except OSError:  # no worker listens yet
+                return False
+
+        await eventually(both_sharing, 15, "both workers sharing")
         calls = 8
         for _ in range(calls):  # the kernel spreads them over the two workers
             async with FakeTwilioCaller(bridge.url()) as caller:
                 await caller.start()
                 await caller.stop()
-        served_by = set()
 
         def all_counted() -> bool:
             samples = parse(scrape(bridge.port))
-            served_by.update(labels for name, labels in samples if name == "process_start_time_seconds")
-            return value(samples, "bridge_calls_total", ended_by="caller_hung_up") == calls
+            return (
+                workers_in(samples) == both_workers
+                and value(samples, "bridge_calls_total", ended_by="caller_hung_up") == calls
+            )
 
-        # Whichever worker answers, the totals are the same (each writes its snapshot as a call ends).
+        # Whichever worker answers, each scrape alone shows both workers and every call (each
+        # worker writes its snapshot as a call ends).
         await eventually(lambda: all(all_counted() for _ in range(8)), 10, "every call in every scrape")
         samples = parse(await asyncio.to_thread(scrape, bridge.port))
         assert value(samples, "bridge_call_duration_seconds_count") == calls
         assert value(samples, "bridge_calls_active") == 0
-    assert served_by == {(("worker", "0"),), (("worker", "1"),)}
     log = bridge.log()
-    assert "calls" in log and "Traceback" not in log
+    assert "calls" in log and "Traceback" not in log, log

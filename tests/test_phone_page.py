@@ -271,56 +271,78 @@ def sine_fit(x: list[float], freq: float, rate: float) -> tuple[float, float]:
     return amp, resid / amp
 
 
+# The page's worklet source plus, for the test only, subclasses that answer a "probe" message.
+# A worklet's port delivers in order both ways, so once the reply to a probe arrives, the worklet
+# has taken every message posted before it and everything it posted before has arrived here.
+PROBED_WORKLETS_JS = """
+  const probedSource = document.getElementById("workletSource").textContent + `
+    const answeringProbes = (Base) => class extends Base {
+      constructor(...args) {
+        super(...args);
+        const handle = this.port.onmessage;
+        this.port.onmessage = (e) => {
+          if (e.data.type === "probe") this.port.postMessage({type: "probe"});
+          else handle.call(this.port, e);
+        };
+      }
+    };
+    registerProcessor("probed-capture", answeringProbes(MulawCapture));
+    registerProcessor("probed-playback", answeringProbes(MulawPlayback));`;
+  const probedUrl = URL.createObjectURL(new Blob([probedSource], {type: "application/javascript"}));
+  // Route a node's messages to onData; the returned function resolves once a probe comes back.
+  const probing = (node, onData) => {
+    const waiting = [];
+    node.port.onmessage = (e) => { if (e.data.type === "probe") waiting.shift()(); else onData(e.data); };
+    return () => new Promise((resolve) => { waiting.push(resolve); node.port.postMessage({type: "probe"}); });
+  };
+"""
+
 CAPTURE_JS = """
 async ({rate, freq, amp, seconds, startAt}) => {
-  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-  const src = document.getElementById("workletSource").textContent;
-  const url = URL.createObjectURL(new Blob([src], {type: "application/javascript"}));
+""" + PROBED_WORKLETS_JS + """
   const ctx = new OfflineAudioContext(1, Math.round(rate * seconds), rate);
-  await ctx.audioWorklet.addModule(url);
+  await ctx.audioWorklet.addModule(probedUrl);
   const osc = new OscillatorNode(ctx, {frequency: freq});
   const gain = new GainNode(ctx, {gain: amp});
-  const cap = new AudioWorkletNode(ctx, "mulaw-capture",
+  const cap = new AudioWorkletNode(ctx, "probed-capture",
     {numberOfInputs: 1, numberOfOutputs: 1, outputChannelCount: [1]});
   const bytes = [];
-  cap.port.onmessage = (e) => { if (e.data.type === "frame") bytes.push(...new Uint8Array(e.data.bytes)); };
+  const settled = probing(cap, (data) => { if (data.type === "frame") bytes.push(...new Uint8Array(data.bytes)); });
   osc.connect(gain).connect(cap).connect(ctx.destination);
   osc.start();
-  ctx.suspend(startAt).then(async () => { cap.port.postMessage({type: "start"}); await sleep(50); ctx.resume(); });
+  ctx.suspend(startAt).then(async () => { cap.port.postMessage({type: "start"}); await settled(); ctx.resume(); });
   await ctx.startRendering();
-  await sleep(150);
+  await settled();                        // every frame rendered has arrived
   return bytes;
 }
 """
 
 PLAYBACK_JS = """
 async ({rate, seconds, plan}) => {
-  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-  const src = document.getElementById("workletSource").textContent;
-  const url = URL.createObjectURL(new Blob([src], {type: "application/javascript"}));
+""" + PROBED_WORKLETS_JS + """
   const ctx = new OfflineAudioContext(1, Math.round(rate * seconds), rate);
-  await ctx.audioWorklet.addModule(url);
-  const node = new AudioWorkletNode(ctx, "mulaw-playback",
+  await ctx.audioWorklet.addModule(probedUrl);
+  const node = new AudioWorkletNode(ctx, "probed-playback",
     {numberOfInputs: 0, numberOfOutputs: 1, outputChannelCount: [1]});
   node.connect(ctx.destination);
   const marks = [];
   let stats = null;
-  node.port.onmessage = (e) => { if (e.data.type === "mark") marks.push(e.data); else stats = e.data; };
+  const settled = probing(node, (data) => { if (data.type === "mark") marks.push(data); else stats = data; });
   const snapshots = [];
   for (const step of plan) {
     ctx.suspend(step.at).then(async () => {
-      await sleep(50);                    // whatever the worklet posted so far has arrived
+      await settled();                    // whatever the worklet posted so far has arrived
       snapshots.push(marks.map((m) => m.name));
       for (const a of step.actions) {
         if (a.type === "audio") node.port.postMessage({type: "audio", samples: new Float32Array(a.samples)});
         else node.port.postMessage(a);
       }
-      await sleep(50);                    // the worklet has taken them before rendering goes on
+      await settled();                    // the worklet has taken them before rendering goes on
       ctx.resume();
     });
   }
   const buf = await ctx.startRendering();
-  await sleep(150);
+  await settled();
   return {out: Array.from(buf.getChannelData(0)), marks, snapshots, stats};
 }
 """
