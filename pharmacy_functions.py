@@ -39,6 +39,7 @@ many processes place orders at once.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sqlite3
 import threading
@@ -51,6 +52,8 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from bridge.postgres import DatabaseUnavailable, PostgresConnections
+
+logger = logging.getLogger(__name__)
 
 CURRENCY: Final = "USD"
 MIN_QUANTITY: Final = 1
@@ -287,6 +290,11 @@ def _order_dict(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLite's "database is locked" / "database is busy": another connection holds the lock."""
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 def _answers_outages(method: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
     """An unreachable database becomes an answer the agent can say, not an exception."""
 
@@ -414,8 +422,9 @@ class SQLiteStore(PharmacyStore):
     see its own empty database.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_seconds: float = BUSY_TIMEOUT_SECONDS) -> None:
         self.path: Path = Path(path)
+        self.busy_timeout_seconds = busy_timeout_seconds
         _create_private_file(self.path)
         self._thread_connections = threading.local()
         self._initialise()
@@ -433,7 +442,7 @@ class SQLiteStore(PharmacyStore):
         """
         conn: sqlite3.Connection | None = getattr(self._thread_connections, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_seconds, isolation_level=None)
             conn.row_factory = sqlite3.Row
             self._thread_connections.conn = conn
         elif conn.in_transaction:
@@ -448,6 +457,28 @@ class SQLiteStore(PharmacyStore):
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+
+    @contextmanager
+    def _query(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """``_connect`` for the business queries: a lock held past the busy timeout is an outage.
+
+        Another process (a backup, a migration, a long write) holding the file's lock is, for the
+        caller, the same as a database that is down: nothing was written, and trying again later
+        works. So it is ``DatabaseUnavailable``, which the agent can say.
+        """
+        try:
+            with self._connect(write=write) as conn:
+                yield conn
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
+                raise
+            logger.warning(
+                "SQLite database %s stayed locked by another connection for %.1f s; the caller is told "
+                "to try again later",
+                self.path,
+                self.busy_timeout_seconds,
+            )
+            raise DatabaseUnavailable(str(exc)) from exc
 
     def _initialise(self) -> None:
         """Create the tables and seed the catalogue once, safely across processes."""
@@ -478,7 +509,7 @@ class SQLiteStore(PharmacyStore):
         timeout when several connections open a new file together, so retry
         here until the same deadline.
         """
-        deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+        deadline = time.monotonic() + self.busy_timeout_seconds
         delay = 0.005
         while True:
             try:
@@ -488,7 +519,7 @@ class SQLiteStore(PharmacyStore):
                     return
                 error: Exception = sqlite3.OperationalError(f"journal mode stayed {mode!r}")
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
+                if not _is_busy(exc):
                     raise
                 error = exc
             if time.monotonic() >= deadline:
@@ -497,17 +528,17 @@ class SQLiteStore(PharmacyStore):
             delay = min(delay * 2, 0.1)
 
     def drug_names(self) -> list[str]:
-        with self._connect() as conn:
+        with self._query() as conn:
             rows = conn.execute("SELECT name FROM drugs ORDER BY name COLLATE NOCASE").fetchall()
         return [row["name"] for row in rows]
 
     def _drug(self, name: str) -> sqlite3.Row | None:
-        with self._connect() as conn:
+        with self._query() as conn:
             row: sqlite3.Row | None = conn.execute("SELECT * FROM drugs WHERE name = ?", (name,)).fetchone()
         return row
 
     def _add_order(self, customer: str, drug_name: str, quantity: int, created_at: datetime) -> sqlite3.Row | None:
-        with self._connect(write=True) as conn:
+        with self._query(write=True) as conn:
             drug = conn.execute("SELECT name, price FROM drugs WHERE name = ?", (drug_name,)).fetchone()
             if drug is None:
                 return None
@@ -526,7 +557,7 @@ class SQLiteStore(PharmacyStore):
         return row
 
     def _order(self, number: int) -> sqlite3.Row | None:
-        with self._connect() as conn:
+        with self._query() as conn:
             row: sqlite3.Row | None = conn.execute(
                 f"SELECT {_ORDER_COLUMNS} FROM orders WHERE id = ?", (number,)
             ).fetchone()

@@ -628,6 +628,28 @@ def test_a_postgres_statement_stuck_behind_a_lock_times_out_and_the_next_call_wo
     assert postgres_server.rows(postgres_url, "SELECT customer_name FROM orders ORDER BY id") == [("Jane",), ("Sam",)]
 
 
+def test_a_sqlite_file_locked_past_the_busy_timeout_is_an_outage_the_agent_can_say(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sqlite3
+
+    store = SQLiteStore(tmp_path / "pharmacy.db", busy_timeout_seconds=0.3)
+    assert store.place_order("Jane", "Ibuprofen")["order_id"] == 1
+    locker = sqlite3.connect(tmp_path / "pharmacy.db", isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")  # another process's long write, say
+        with caplog.at_level("WARNING", logger="pharmacy_functions"):
+            assert store.place_order("Sam", "Ibuprofen") == UNAVAILABLE
+        assert store.lookup_order(1)["customer_name"] == "Jane"  # WAL: reads go on meanwhile
+        locker.execute("ROLLBACK")
+    finally:
+        locker.close()
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "pharmacy_functions"]
+    assert warning.endswith("pharmacy.db stayed locked by another connection for 0.3 s; the caller is told to try again later")
+    assert store.place_order("Sam", "Ibuprofen")["order_id"] == 2
+    assert [store.lookup_order(n)["customer_name"] for n in (1, 2)] == ["Jane", "Sam"]
+
+
 def test_pharmacy_store_of_a_path_is_still_the_sqlite_store(tmp_path: Path) -> None:
     store = PharmacyStore(tmp_path / "pharmacy.db")  # type: ignore[abstract]
     assert type(store) is SQLiteStore and store.path == tmp_path / "pharmacy.db"
