@@ -165,17 +165,40 @@ class Metrics:
         elif event == "agent_resumed":
             self.inc("bridge_agent_reconnects_total")
 
+    def _current(self, live_bad_input: Iterable[Mapping[str, int]]) -> Values:
+        """A copy of the values with the bad input of calls still running added in.
+
+        A call counts its bad input itself, and hands the totals over when it ends; adding the
+        live calls' counts at each scrape keeps the counter current (a flood shows while it
+        happens) and monotonic (a call's counts move from live to ended, never both).
+        """
+        current: Values = {name: dict(series) for name, series in self.values.items()}
+        bad_input = current["bridge_bad_input_total"]
+        for counts in live_bad_input:
+            for kind, count in counts.items():
+                bad_input[(kind,)] = bad_input.get((kind,), 0.0) + count
+        return current
+
     # -- snapshots, for --workers
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, live_bad_input: Iterable[Mapping[str, int]] = ()) -> dict[str, Any]:
         """The values and process metrics as JSON-ready data."""
         return {
-            "values": {name: [[list(labels), value] for labels, value in series.items()] for name, series in self.values.items()},
+            "values": {
+                name: [[list(labels), value] for labels, value in series.items()]
+                for name, series in self._current(live_bad_input).items()
+            },
             "process": process_metrics(self.started),
         }
 
-    def render(self, others: Iterable[tuple[str, dict[str, Any]]] = (), worker: str | None = None) -> str:
-        """The text exposition: this process's values plus ``others`` (worker name, snapshot)."""
-        merged: Values = {name: dict(series) for name, series in self.values.items()}
+    def render(
+        self,
+        others: Iterable[tuple[str, dict[str, Any]]] = (),
+        worker: str | None = None,
+        live_bad_input: Iterable[Mapping[str, int]] = (),
+    ) -> str:
+        """The text exposition: this process's values (with its live calls' bad input) plus
+        ``others`` (worker name, snapshot)."""
+        merged = self._current(live_bad_input)
         processes = [(worker, process_metrics(self.started))]
         for name, snapshot in others:
             try:

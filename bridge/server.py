@@ -250,14 +250,22 @@ class BridgeServer:
     def metrics_reply(self) -> HttpReply:
         """``GET /metrics``: this process's metrics, and with ``--workers`` the other workers' too."""
         if self.metrics_share is None:
-            return HttpReply(200, self.metrics.render(), METRICS_CONTENT_TYPE)
-        text = self.metrics.render(self.metrics_share.others(), worker=self.metrics_share.worker)
+            return HttpReply(200, self.metrics.render(live_bad_input=self._live_bad_input()), METRICS_CONTENT_TYPE)
+        text = self.metrics.render(
+            self.metrics_share.others(), worker=self.metrics_share.worker, live_bad_input=self._live_bad_input()
+        )
         return HttpReply(200, text, METRICS_CONTENT_TYPE)
 
-    async def _share_metrics(self) -> None:
+    def _live_bad_input(self) -> list[dict[str, int]]:
+        return [session.call.bad_input for session in self.calls]
+
+    def _share_metrics_now(self) -> None:
         assert self.metrics_share is not None
+        self.metrics_share.write(self.metrics.snapshot(self._live_bad_input()))
+
+    async def _share_metrics(self) -> None:
         while True:
-            self.metrics_share.write(self.metrics.snapshot())
+            self._share_metrics_now()
             await asyncio.sleep(SHARE_SECONDS)
 
     def _twiml(self, request: HttpRequest) -> HttpReply:
@@ -364,7 +372,7 @@ class BridgeServer:
             call = session.call
             self.metrics.call_ended(call.end_reason, session.loop.time() - session.started, call.bad_input)
             if self.metrics_share is not None:  # the other workers' scrapes see it now, not a second later
-                self.metrics_share.write(self.metrics.snapshot())
+                self._share_metrics_now()
 
     # ------------------------------------------------------------------------------ shutdown
 
@@ -398,7 +406,7 @@ class BridgeServer:
         if self._metrics_writer is not None:
             self._metrics_writer.cancel()
         if self.metrics_share is not None:
-            self.metrics_share.write(self.metrics.snapshot())  # what this worker counted, to the end
+            self._share_metrics_now()  # what this worker counted, to the end
         self.functions.close()
         self.services.records.close()
 

@@ -899,7 +899,9 @@ class AgentPeer(WebSocketPeer):
             self.protocol.receive_data(received[: len(received) - len(trailing)])
             self._handle_events(self.protocol.events_received())
             self._flush()
-            if trailing and self.opened.done() and not self.opened.exception():
+            # ``opened`` may be cancelled: the call ended while the response was on its way, and
+            # open_websocket aborts this connection next. Its frames are nobody's then.
+            if trailing and self.opened.done() and not self.opened.cancelled() and self.opened.exception() is None:
                 self._split(bytes(trailing))
         else:
             # A refusal (401, say) or something else: websockets reads all of it from here on.

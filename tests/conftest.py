@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import socket
 import sys
@@ -24,6 +25,36 @@ from fakes import FakeAgent  # noqa: E402
 from postgres_server import PostgresServer  # noqa: E402
 
 BridgeFactory = Callable[..., AbstractAsyncContextManager[BridgeServer]]
+
+
+class _ErrorRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def no_unhandled_asyncio_errors() -> Iterator[None]:
+    """Fail a test in which asyncio reported an error nobody handled.
+
+    An exception escaping a protocol callback, or a task's exception never retrieved, reaches
+    only asyncio's logger; the test that caused it would otherwise pass. Autouse fixtures are
+    set up first and torn down last, so this sees the event loop's close too.
+    """
+    errors = _ErrorRecords()
+    asyncio_logger = logging.getLogger("asyncio")
+    asyncio_logger.addHandler(errors)
+    try:
+        yield
+    finally:
+        asyncio_logger.removeHandler(errors)
+    if errors.records:
+        pytest.fail("asyncio reported unhandled errors:\n" + "\n".join(
+            logging.Formatter().format(record) for record in errors.records
+        ))
 
 
 @pytest.fixture(autouse=True)

@@ -445,6 +445,8 @@ class MainProcess:
         if self.process.poll() is None:
             self.process.terminate()
             await asyncio.to_thread(self.process.wait, 15)
+        if exc_info[0] is None:  # whatever the test checked, the bridge must not have failed unseen
+            assert "Traceback" not in self.log(), self.log()
 
     def up(self) -> bool:
         try:

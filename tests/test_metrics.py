@@ -69,6 +69,13 @@ def test_the_text_format_parses_and_histograms_are_cumulative() -> None:
     assert value(samples, "bridge_agent_latency_seconds_count") == 1
     assert value(samples, "bridge_agent_reconnects_total") == 1
     assert value(samples, "bridge_bad_input_total", kind="twilio:not-json") == 3
+    # A live call's bad input is added at each scrape, and in the snapshot the other workers read.
+    live = [{"twilio:not-json": 2, "deepgram:bad-history": 1}]
+    with_live = parse(metrics.render(live_bad_input=live))
+    assert value(with_live, "bridge_bad_input_total", kind="twilio:not-json") == 5
+    assert value(with_live, "bridge_bad_input_total", kind="deepgram:bad-history") == 1
+    assert [["twilio:not-json"], 5.0] in metrics.snapshot(live)["values"]["bridge_bad_input_total"]
+    assert value(parse(metrics.render()), "bridge_bad_input_total", kind="twilio:not-json") == 3  # not kept
     assert value(samples, "process_cpu_seconds_total") > 0
     assert value(samples, "process_open_fds") > 0 and value(samples, "process_resident_memory_bytes") > 0
 
@@ -115,6 +122,11 @@ async def test_metrics_count_the_calls_made(fake_agent: FakeAgent, make_bridge: 
             during = parse(await asyncio.to_thread(scrape, server.port))
             assert value(during, "bridge_calls_active") == 1
             await caller.send_raw("not json")
+            await caller.send_raw("still not json")
+            # Bad input shows while the call runs, not only once it ends (a flood is seen as it happens).
+            await eventually(lambda: [s.call.bad_input for s in server.calls] == [{"twilio:not-json": 2}])
+            during = parse(await asyncio.to_thread(scrape, server.port))
+            assert value(during, "bridge_bad_input_total", kind="twilio:not-json") == 2
             await session.send_json({"type": "AgentStartedSpeaking", "total_latency": 0.4})
             await session.send_json({
                 "type": "FunctionCallRequest",
@@ -142,7 +154,7 @@ async def test_metrics_count_the_calls_made(fake_agent: FakeAgent, make_bridge: 
     assert value(after, "bridge_function_duration_seconds_count", name="get_drug_info", outcome="ok") == 1
     assert value(after, "bridge_function_duration_seconds_count", name="unknown", outcome="bad_call") == 1
     assert value(after, "bridge_agent_reconnects_total") == 1
-    assert value(after, "bridge_bad_input_total", kind="twilio:not-json") == 1
+    assert value(after, "bridge_bad_input_total", kind="twilio:not-json") == 2  # handed over, not counted twice
 
 
 async def test_metrics_port_serves_metrics_there_only(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:

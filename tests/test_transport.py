@@ -23,7 +23,7 @@ from websockets.server import ServerProtocol
 from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
-from bridge.transport import AgentPeer, ServerPeer
+from bridge.transport import AgentPeer, PeerLimits, ServerPeer
 from bridge.server import BridgeServer
 from conftest import BridgeFactory, twilio_url
 from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually, media_event
@@ -347,6 +347,29 @@ async def test_a_caller_over_its_frame_budget_is_slowed_down_but_loses_nothing(
         assert bytes(agent.audio) == audio
         assert connection.frames_throttled >= 1
         assert elapsed >= 0.4, f"600 frames at 1000 a second past a burst of 100 took only {elapsed:.2f} s"
+
+
+async def test_a_handshake_answered_after_the_call_gave_up_on_it_is_dropped_quietly() -> None:
+    """The call ends (its open_websocket is cancelled) just as the agent's 101 and first frame arrive."""
+    written: list[bytes] = []
+
+    class Transport(asyncio.Transport):
+        def write(self, data: bytes) -> None:  # type: ignore[override]
+            written.append(bytes(data))
+
+    peer = AgentPeer(ClientProtocol(parse_uri("ws://agent.test/v1/agent/converse")), PeerLimits(1 << 20, 100.0, 100))
+    peer.connection_made(Transport())
+    assert isinstance(peer.protocol, ClientProtocol)
+    peer.send_request(peer.protocol.connect())
+    agent = ServerProtocol()
+    agent.receive_data(b"".join(written))
+    [request] = agent.events_received()
+    agent.send_response(agent.accept(request))
+    agent.send_text(b'{"type": "Welcome", "request_id": "r"}')
+    peer.opened.cancel()  # what cancelling ``await peer.opened`` does
+    peer.data_received(b"".join(agent.data_to_send()))  # the 101 with the Welcome behind it
+    assert peer.opened.cancelled()
+    assert len(peer.inbox) == 0, "a frame was delivered for a call that is gone"
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
