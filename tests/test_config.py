@@ -489,7 +489,12 @@ def start_main(tmp_path: Path, env_text: str) -> tuple[str, str, int]:
             assert response.headers["Content-Type"].startswith("text/plain")
     finally:
         process.terminate()
-        stdout, rest = process.communicate(timeout=10)
+        # Read on through the same reader: communicate() would read the pipe underneath it and
+        # lose the lines it had already buffered past "serving on".
+        assert process.stderr is not None and process.stdout is not None
+        rest = process.stderr.read()
+        stdout = process.stdout.read()
+        process.wait(timeout=10)
     return stdout, "".join(log) + rest + "\n---index---\n" + index, port
 
 
