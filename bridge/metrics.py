@@ -13,7 +13,9 @@ With ``--workers`` the kernel hands each scrape to any worker. Each worker write
 values to a private directory the parent made, every ``SHARE_SECONDS`` and when it stops; the
 worker that is scraped adds the others' latest snapshots to its own live values. Counters and
 histograms are summed, ``bridge_calls_active`` too (at most ``SHARE_SECONDS`` old for the other
-workers), and each worker's process metrics carry a ``worker`` label.
+workers), and each worker's process metrics carry a ``worker`` label. When a worker exits and the
+parent starts another in its place, its counts move into a ``retired`` snapshot, so that no sum
+ever goes down.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ logger = logging.getLogger("bridge.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 METRICS_PATH = "/metrics"
 SHARE_SECONDS = 1.0  # how often a worker writes its snapshot for the others
+RETIRED = "retired"  # the snapshot that keeps the counts of workers that have exited
 MAX_SNAPSHOT_BYTES = 1_000_000  # a snapshot file bigger than this is not ours: ignored
 
 DURATION_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -182,13 +185,7 @@ class Metrics:
     # -- snapshots, for --workers
     def snapshot(self, live_bad_input: Iterable[Mapping[str, int]] = ()) -> dict[str, Any]:
         """The values and process metrics as JSON-ready data."""
-        return {
-            "values": {
-                name: [[list(labels), value] for labels, value in series.items()]
-                for name, series in self._current(live_bad_input).items()
-            },
-            "process": process_metrics(self.started),
-        }
+        return {"values": _jsonable(self._current(live_bad_input)), "process": process_metrics(self.started)}
 
     def render(
         self,
@@ -203,7 +200,8 @@ class Metrics:
         for name, snapshot in others:
             try:
                 _add_snapshot(merged, snapshot["values"])
-                processes.append((name, dict(snapshot["process"])))
+                if "process" in snapshot:  # the retired workers' counts have no process
+                    processes.append((name, dict(snapshot["process"])))
             except (KeyError, TypeError, ValueError, IndexError):
                 logger.warning("ignoring worker %s's metrics snapshot: it is not in the expected form", name)
         lines: list[str] = []
@@ -211,6 +209,10 @@ class Metrics:
             lines += _family_lines(family, merged[family.name])
         lines += _process_lines(processes, labelled=worker is not None)
         return "\n".join(lines) + "\n"
+
+
+def _jsonable(values: Values) -> dict[str, list[list[Any]]]:
+    return {name: [[list(labels), value] for labels, value in series.items()] for name, series in values.items()}
 
 
 def _add_snapshot(merged: Values, values: Mapping[str, Any]) -> None:
@@ -357,6 +359,29 @@ class WorkerShare:
             os.replace(temporary, self.path)
         except OSError as exc:
             logger.warning("cannot write this worker's metrics for the others: %s", exc.strerror or exc)
+
+    @staticmethod
+    def retire(directory: Path, worker: str) -> None:
+        """Worker ``worker`` has exited: fold its last snapshot into the retired workers' one.
+
+        Its counters and histograms are kept, since a sum over the workers that fell would read as
+        a counter reset to Prometheus; its ``bridge_calls_active`` and process metrics go, since
+        its calls and its process are over. Only the parent calls this, for one worker at a time,
+        before it starts the worker's replacement.
+        """
+        gone = directory / f"worker-{worker}.json"
+        retired = directory / f"worker-{RETIRED}.json"
+        merged: Values = {family.name: {} for family in FAMILIES}
+        for path in (retired, gone):
+            try:
+                _add_snapshot(merged, json.loads(path.read_text(encoding="utf-8"))["values"])
+            except FileNotFoundError:
+                continue
+            except (OSError, KeyError, TypeError, ValueError, IndexError) as exc:
+                logger.warning("cannot keep the counts of %s: %s", path.name, exc)
+        merged["bridge_calls_active"] = {}
+        WorkerShare(directory, RETIRED).write({"values": _jsonable(merged)})
+        gone.unlink(missing_ok=True)
 
     def others(self) -> list[tuple[str, dict[str, Any]]]:
         """The other workers' latest snapshots, as (worker, snapshot)."""

@@ -392,6 +392,57 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
                 os.kill(int(pid), signal.SIGKILL)
 
 
+def test_the_restart_budget_allows_a_few_deaths_in_a_window_and_no_more() -> None:
+    budget = main.RestartBudget(limit=3, window=60.0)
+    assert [budget.allow(t) for t in (0.0, 1.0, 2.0)] == [True, True, True]
+    assert not budget.allow(30.0)  # a fourth within 60 s
+    assert budget.allow(60.5)  # the first has left the window (the refused one never counted)
+    assert budget.allow(61.0)  # and the second
+    assert not budget.allow(61.5)  # 2.0, 60.5 and 61.0 are within it
+    assert [main.exit_status(code) for code in (0, 3, -9, -15)] == [0, 3, 137, 143]
+    assert [main.exit_description(code) for code in (1, -9)] == ["exit code 1", "killed by SIGKILL"]
+
+
+def test_workers_that_keep_dying_stop_the_service(tmp_path: Path) -> None:
+    """A worker that dies is replaced; the sixth death within a minute stops the parent, nonzero."""
+    import re
+    import signal
+    import time
+
+    log_path = tmp_path / "bridge.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(free_port()),
+             "--workers", "2", "--env-file", str(empty_env(tmp_path))],
+            env={**os.environ, "DEEPGRAM_API_KEY": "k", "RECORD_CALLS": "false"},
+            stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True,
+        )
+
+    def listening() -> list[str]:
+        return re.findall(r"worker \(pid (\d+)\) listening", log_path.read_text())
+
+    def wait_for(condition: Any, what: str) -> None:
+        deadline = time.monotonic() + 15
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {log_path.read_text()}"
+            time.sleep(0.05)
+
+    try:
+        for death in range(1, main.MAX_WORKER_RESTARTS + 2):
+            wait_for(lambda: len(listening()) == death + 1, "the workers to listen")
+            os.kill(int(listening()[-1]), signal.SIGKILL)
+            if death <= main.MAX_WORKER_RESTARTS:
+                wait_for(lambda: log_path.read_text().count("starting another") == death, "the replacement")
+        assert process.wait(timeout=15) == 137  # 128 + SIGKILL, the way the last worker died
+        log = log_path.read_text()
+        assert "more than 5 worker exits within 60 s: stopping the others" in log
+        assert log.count("received SIGTERM: no new calls; draining") == 1  # the one worker left
+        assert "Traceback" not in log
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 # ------------------------------------------------------------------- first-run frictions
 
 @pytest.mark.parametrize("placeholder", ["your-deepgram-api-key", " YOUR-DEEPGRAM-API-KEY ", "your_api_key", "changeme"])

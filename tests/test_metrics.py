@@ -1,12 +1,14 @@
 """Prometheus metrics (bridge/metrics.py): the text format read back with prometheus_client's own
 parser, values checked against the calls the tests made, METRICS_PORT, and one scrape covering
-every worker of a real ``main.py --workers 2``.
+every worker of a real ``main.py --workers 2``, including a worker that was killed and replaced.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,7 +19,7 @@ from fakes import FakeAgent, FakeTwilioCaller, eventually
 from prometheus_client.parser import text_string_to_metric_families
 from test_agents import MainProcess
 
-from bridge.metrics import END_CATEGORIES, OTHER_END, Metrics, ended_by_label
+from bridge.metrics import END_CATEGORIES, OTHER_END, Metrics, WorkerShare, ended_by_label
 
 
 def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -108,6 +110,27 @@ def test_snapshots_of_other_workers_are_summed_and_their_process_metrics_labelle
     assert value(samples, "process_start_time_seconds", worker="1") > 0
     # A damaged snapshot is skipped, not a failed scrape.
     assert "bridge_calls_active 1" in one.render([("1", {"values": {"bridge_calls_total": [["x"]]}})], worker="0")
+
+
+def test_a_retired_worker_keeps_its_counts_but_not_its_live_calls(tmp_path: Path) -> None:
+    gone, alive = Metrics(["f"]), Metrics(["f"])
+    for _ in range(3):
+        gone.call_started()
+    gone.call_ended("caller hung up", 5.0, {"twilio:not-json": 1})
+    gone.on_record("function_call", {"name": "f", "outcome": "ok", "duration_seconds": 0.1})
+    WorkerShare(tmp_path, "0").write(gone.snapshot())
+    WorkerShare.retire(tmp_path, "0")
+    assert not (tmp_path / "worker-0.json").exists()
+    WorkerShare(tmp_path, "0").write(gone.snapshot())  # the same worker index dies a second time
+    WorkerShare.retire(tmp_path, "0")
+    share = WorkerShare(tmp_path, "1")
+    samples = parse(alive.render(share.others(), worker="1"))
+    assert value(samples, "bridge_calls_total", ended_by="caller_hung_up") == 2
+    assert value(samples, "bridge_call_duration_seconds_count") == 2
+    assert value(samples, "bridge_function_duration_seconds_count", name="f", outcome="ok") == 2
+    assert value(samples, "bridge_bad_input_total", kind="twilio:not-json") == 2
+    assert value(samples, "bridge_calls_active") == 0  # its calls ended with it
+    assert {labels for name, labels in samples if name == "process_start_time_seconds"} == {(("worker", "1"),)}
 
 
 # ------------------------------------------------------------------- through the real server
@@ -208,3 +231,52 @@ async def test_one_scrape_covers_every_worker(tmp_path: Path) -> None:
         assert value(samples, "bridge_calls_active") == 0
     log = bridge.log()
     assert "calls" in log and "Traceback" not in log, log
+
+
+async def test_a_killed_worker_is_replaced_and_no_count_is_lost(tmp_path: Path) -> None:
+    from test_config import worker_pids
+
+    both_workers = {(("worker", "0"),), (("worker", "1"),)}
+    async with FakeAgent() as agent, MainProcess(tmp_path, agent, ROOT / "config.json", "--workers", "2") as bridge:
+        await eventually(lambda: bridge.count("worker (pid") == 2, 15, "both workers listening")
+        assert bridge.process is not None
+        calls = 6
+        for _ in range(calls):
+            async with FakeTwilioCaller(bridge.url()) as caller:
+                await caller.start()
+                await caller.stop()
+        await eventually(
+            lambda: value(parse(scrape(bridge.port)), "bridge_calls_total", ended_by="caller_hung_up") == calls,
+            10, "every call counted",
+        )
+        before = await asyncio.to_thread(worker_pids, bridge.process)
+        victim = before[0]
+        os.kill(int(victim), signal.SIGKILL)  # the OOM killer, say
+        await eventually(lambda: bridge.count("starting another") == 1, 10, "the parent to notice")
+        [notice] = [line for line in bridge.log().splitlines() if "starting another" in line]
+        assert f"(pid {victim}) exited (killed by SIGKILL); starting another" in notice
+        await eventually(lambda: bridge.count("worker (pid") == 3, 15, "the new worker listening")
+        after = await asyncio.to_thread(worker_pids, bridge.process)
+        assert victim not in after and len(after) == 2
+
+        def counts_kept() -> bool:
+            try:
+                samples = parse(scrape(bridge.port))
+            except OSError:
+                return False
+            return (
+                {labels for name, labels in samples if name == "process_start_time_seconds"} == both_workers
+                and value(samples, "bridge_calls_total", ended_by="caller_hung_up") == calls
+            )
+
+        # Whichever worker answers, the dead worker's calls are still counted and both workers show.
+        await eventually(lambda: all(counts_kept() for _ in range(8)), 10, "the counts after the restart")
+        for _ in range(4):  # and calls still go through, whichever worker takes them
+            async with FakeTwilioCaller(bridge.url()) as caller:
+                sessions = len(agent.sessions)
+                await caller.start()
+                session = await agent.session(sessions)
+                await eventually(lambda: session.settings is not None, what="the agent configured")
+                await caller.stop()
+        bridge.process.terminate()
+        assert await asyncio.to_thread(bridge.process.wait, 15) == 0
