@@ -71,7 +71,7 @@ _TOP_LEVEL: Final = (
     "call_sid", "stream_sid", "custom_parameters", "started_at", "ended_at", "duration_seconds", "ended_by",
     "agent_latency_p50", "agent_latency_p95", "agent_request_ids",
 )
-_LISTS: Final = ("transcript", "function_calls", "latency_reports")
+_LISTS: Final = ("transcript", "function_calls", "functions_finished_late", "latency_reports")
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -89,12 +89,15 @@ def public_target(url: str) -> str:
 class CallDigest:
     """What one call's webhook payload needs, bounded; fed the events the call records."""
 
-    __slots__ = ("agent", "transcript", "function_calls", "latency_reports", "seen")
+    __slots__ = ("agent", "transcript", "function_calls", "functions_finished_late", "latency_reports", "seen")
 
     def __init__(self) -> None:
         self.agent: str | None = None
         self.transcript: deque[dict[str, Any]] = deque(maxlen=MAX_TRANSCRIPT_TURNS)
         self.function_calls: deque[dict[str, Any]] = deque(maxlen=MAX_FUNCTION_CALLS)
+        # A function abandoned at its timeout that returned later: an order the caller was told
+        # had failed may have gone through after all, which the business needs to hear of.
+        self.functions_finished_late: deque[dict[str, Any]] = deque(maxlen=MAX_FUNCTION_CALLS)
         self.latency_reports: deque[dict[str, Any]] = deque(maxlen=MAX_LATENCY_REPORTS)
         self.seen = dict.fromkeys(_LISTS, 0)  # entries ever added, kept or not
 
@@ -102,8 +105,9 @@ class CallDigest:
         """One event the call recorded (``Record`` action); the ones the payload has no use for are ignored."""
         if event == "transcript":
             self._keep("transcript", {"role": fields.get("role"), "content": fields.get("content")})
-        elif event == "function_call":
-            self._keep("function_calls", _function_call(dict(fields)))  # the record's fields, all of them
+        elif event in ("function_call", "function_finished_late"):
+            kind = "function_calls" if event == "function_call" else "functions_finished_late"
+            self._keep(kind, _function_call(dict(fields)))  # the record's fields, all of them
         elif event == "latency_report":
             self._keep("latency_reports", dict(fields))
         elif event == "start":

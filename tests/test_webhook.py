@@ -238,7 +238,35 @@ async def test_a_call_delivers_one_signed_post_with_its_summary(
     assert counts["turns"] == 3 and counts["function_calls"] == 1 and counts["latency_reports"] == 1
     assert counts["keypad_entries"] == 1 and counts["barge_ins"] == 0 and counts["bad_input"] == {}
     assert payload["truncated"] is False
-    assert payload["omitted"] == {"transcript": 0, "function_calls": 0, "latency_reports": 0}
+    assert payload["functions_finished_late"] == []
+    assert payload["omitted"] == {"transcript": 0, "function_calls": 0, "functions_finished_late": 0, "latency_reports": 0}
+
+
+async def test_a_function_that_returned_after_its_timeout_is_in_the_payload(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, receiver: FakeReceiver
+) -> None:
+    """The caller heard "took too long", but the order may have gone through: the business must see it."""
+    from test_functions import TEST_FUNCTIONS
+
+    overrides = webhook_overrides(receiver, function_map=TEST_FUNCTIONS, function_timeout_seconds=0.2)
+    async with make_bridge(fake_agent, **overrides) as server:
+        async with FakeTwilioCaller(twilio_url(server)) as caller:
+            await caller.start()
+            session = await ready_session(fake_agent)
+            await session.send_json({"type": "FunctionCallRequest", "functions": [
+                {"id": "late", "name": "slow", "arguments": '{"seconds": 0.5}', "client_side": True}]})
+            await eventually(lambda: session.of_type("FunctionCallResponse"), what="the timeout answer")
+            [live] = server.calls
+            await eventually(lambda: live.digest.functions_finished_late, 3, "the late result while the call runs")
+            await caller.stop()
+        await eventually(lambda: receiver.delivered, what="the webhook")
+    payload = receiver.requests[0].json
+    [abandoned] = payload["function_calls"]
+    assert abandoned["name"] == "slow" and abandoned["error"] == "slow took too long to answer."
+    [late] = payload["functions_finished_late"]
+    assert late["id"] == "late" and late["name"] == "slow" and late["result"] == {"slept": 0.5}
+    assert late["error"] is None and late["duration_seconds"] >= 0.5
+    assert payload["omitted"]["functions_finished_late"] == 0
 
 
 async def test_the_docs_verify_snippet_accepts_a_real_request_and_refuses_tampering(
