@@ -187,7 +187,9 @@ async def test_a_thread_that_outlives_its_timeout_is_recorded_when_it_returns(
         await session.send_json(request(("late", "slow", {"seconds": 0.6})))
         await eventually(lambda: session.of_type("FunctionCallResponse"), 2, "the timeout answer")
         assert responses(session)["late"] == {"name": "slow", "error": "slow took too long to answer."}
-        await asyncio.sleep(0.8)
+        await eventually(
+            lambda: any("after it was abandoned" in r.getMessage() for r in caplog.records), 3, "the thread to return"
+        )
         await caller.__aexit__(None, None, None)
     lines = read_record(tmp_path / "calls")
     late = [line for line in lines if line["event"] == "function_finished_late"]
