@@ -58,6 +58,30 @@ def no_unhandled_asyncio_errors() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def environment_unchanged() -> Iterator[None]:
+    """Fail a test that leaves os.environ changed (and put it back).
+
+    The bridge processes later tests start inherit os.environ, and with several tests per
+    process, one that leaked TWILIO_AUTH_TOKEN made an unrelated test's calls fail their
+    signature check. monkeypatch's changes are undone before this looks.
+    """
+    before = dict(os.environ)
+    yield
+    after = dict(os.environ)
+    changed = sorted(
+        name for name in before.keys() | after.keys()
+        if before.get(name) != after.get(name) and name != "PYTEST_CURRENT_TEST"  # pytest's own, per phase
+    )
+    if changed:
+        for name in changed:
+            if name in before:
+                os.environ[name] = before[name]
+            else:
+                del os.environ[name]
+        pytest.fail(f"the test left os.environ changed: {', '.join(changed)}")
+
+
+@pytest.fixture(autouse=True)
 def pharmacy_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own pharmacy database file."""
     path = tmp_path / "pharmacy.db"
@@ -149,8 +173,37 @@ def empty_env(directory: Path) -> Path:
     return path
 
 
+def _port_slice() -> range:
+    """The ports ``free_port`` hands out in this test process.
+
+    They lie below the kernel's ephemeral range, which every outgoing connection and every bind to
+    port 0 draws from: a port picked there could be taken (by a test's client socket, or by another
+    test process) between the moment it is picked and the moment a bridge process binds it; the
+    bridge would then fail to start while the test talked to whoever took it. Each pytest-xdist
+    worker gets a slice of its own, so two never pick the same port either.
+    """
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768  # Linux's default; elsewhere, the IANA range starts at 49152
+    low, high = max(1024, ephemeral_low - 8000), ephemeral_low
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % 8
+    size = (high - low) // 8
+    return range(low + worker * size, low + (worker + 1) * size)
+
+
+_PORTS = _port_slice()
+_next_port = iter(range(len(_PORTS) * 4))
+
+
 def free_port() -> int:
-    """A port nothing listens on, for a bridge started as its own process."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A port nothing listens on, for a bridge started as its own process (see ``_port_slice``)."""
+    for attempt in _next_port:
+        port = _PORTS[(attempt * 7919) % len(_PORTS)]  # stride by a prime: not the last one's neighbour
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # something else on this machine has it
+            return port
+    raise RuntimeError(f"no free port left in {_PORTS}")

@@ -454,15 +454,17 @@ def test_the_placeholder_api_key_is_refused_in_one_sentence(placeholder: str) ->
     )
 
 
-def test_env_example_copied_unchanged_does_not_start(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.delenv("DEEPGRAM_API_KEY", raising=False)
+def test_env_example_copied_unchanged_does_not_start(tmp_path: Path) -> None:
+    # Its own process: loading a .env fills os.environ, which later tests' bridges would inherit.
     env_file = tmp_path / ".env"
     env_file.write_text((ROOT / ".env.example").read_text())
-    assert main.main(["--env-file", str(env_file)]) == 2
-    err = capsys.readouterr().err
-    assert err == "error: DEEPGRAM_API_KEY is still the placeholder from .env.example: put your Deepgram API key in .env.\n"
+    env = {k: v for k, v in os.environ.items() if k != "DEEPGRAM_API_KEY"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "--env-file", str(env_file)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr == "error: DEEPGRAM_API_KEY is still the placeholder from .env.example: put your Deepgram API key in .env.\n"
 
 
 def test_log_level_error_names_every_level() -> None:

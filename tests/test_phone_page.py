@@ -18,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -48,6 +47,7 @@ except ImportError:  # pragma: no cover - environment dependent
 import websockets  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import free_port  # noqa: E402
 from fakes import FakeAgent, eventually  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -111,12 +111,6 @@ def voiced_seconds(rms: list[float], frame_s: float, threshold: float) -> float:
 
 
 # --------------------------------------------------------------------------- fixtures
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def start_server(tmp: Path, agent_url: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
