@@ -128,6 +128,12 @@ class FakeAgent:
         await eventually(lambda: len(self.sessions) > index, timeout, f"agent session #{index + 1}")
         return self.sessions[index]
 
+    async def ready_session(self, index: int = 0) -> FakeAgentSession:
+        """Session ``index`` once the bridge has sent its Settings."""
+        session = await self.session(index)
+        await eventually(lambda: session.settings is not None, what=f"agent session #{index + 1} to be set up")
+        return session
+
     async def _handle(self, socket: ServerConnection) -> None:
         session = FakeAgentSession(socket)
         self.sessions.append(session)

@@ -346,10 +346,10 @@ class Harness:
         return self.take(self.call.failed(self.now))
 
     # -- common stretches
-    def open(self) -> list[Any]:
-        """Connected, started, agent session ready; the actions of the step that made it ready."""
+    def open(self, params: dict[str, str] | None = None) -> list[Any]:
+        """Connected, started (with ``params``), agent session ready; the actions of the step that made it ready."""
         self.connected()
-        self.start()
+        self.start(params)
         self.agent_connected()
         self.agent(WELCOME)
         return self.agent(APPLIED)

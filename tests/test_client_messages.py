@@ -20,7 +20,7 @@ from bridge.call import Call, SendToAgent
 from bridge.config import load_agent_config
 from conftest import ROOT
 from sdk_oracle import CLIENT_MESSAGE_MODELS, assert_valid_client_message, sdk_problem
-from test_call import APPLIED, REST, WELCOME, Harness, outcome, request, text
+from test_call import REST, Harness, outcome, request, text
 
 CONFIG = load_agent_config(ROOT / "config.json", {}).settings
 CALL = FunctionCall(id="f1", name="get_drug_info", arguments='{"drug_name": "ibuprofen"}')
@@ -129,11 +129,7 @@ def test_every_text_the_call_sends_to_the_agent_is_valid() -> None:
 
     # A voicemail stream: its own Settings.
     v = config_harness()
-    v.connected()
-    v.start({"bridge_mode": "voicemail"})
-    v.agent_connected()
-    v.agent(WELCOME)
-    v.agent(APPLIED)
+    v.open({"bridge_mode": "voicemail"})
     sent += sent_text(v)
 
     # A transfer that fails: the agent is told to say so.

@@ -127,11 +127,7 @@ def test_a_dtmf_event_without_a_digit_is_bad_input_and_a_voicemail_ignores_keys(
     h.twilio(json.dumps({"event": "dtmf", "streamSid": "x", "dtmf": {"digit": "12"}}))
     assert h.call.bad_input == {"twilio:bad-dtmf": 1}
     v = Harness()
-    v.connected()
-    v.start({"bridge_mode": "voicemail"})
-    v.agent_connected()
-    v.agent(WELCOME)
-    v.agent(APPLIED)
+    v.open({"bridge_mode": "voicemail"})
     assert injected([*v.twilio(dtmf_frame("1")), *v.twilio(dtmf_frame("#"))]) == []
 
 

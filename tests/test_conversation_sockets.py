@@ -13,12 +13,6 @@ from conftest import BridgeFactory, read_record, twilio_url
 from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually
 
 
-async def ready_session(fake_agent: FakeAgent, index: int = 0) -> FakeAgentSession:
-    session = await fake_agent.session(index)
-    await eventually(lambda: session.settings is not None, what=f"agent session #{index + 1} to be set up")
-    return session
-
-
 async def speak_turn(session: FakeAgentSession) -> None:
     """The agent says something short: the caller hears it and echoes the mark after it."""
     await session.send_json({"type": "AgentStartedSpeaking", "total_latency": 0.4})
@@ -33,7 +27,7 @@ async def test_keypad_digits_reach_the_agent_as_one_message_and_stay_out_of_logs
     async with make_bridge(fake_agent, dtmf_timeout_seconds=0.3) as server:
         async with FakeTwilioCaller(twilio_url(server)) as caller:
             await caller.start()
-            session = await ready_session(fake_agent)
+            session = await fake_agent.ready_session()
             for digit in "8642":
                 await caller.press(digit)
             await caller.press("#")
@@ -64,7 +58,7 @@ async def test_a_silent_caller_is_reprompted_then_the_agent_says_goodbye_and_the
     async with make_bridge(fake_agent, idle_reprompt_seconds=0.3, idle_hangup_seconds=0.5) as server:
         async with FakeTwilioCaller(twilio_url(server)) as caller:
             await caller.start()
-            session = await ready_session(fake_agent)
+            session = await fake_agent.ready_session()
             await eventually(lambda: session.of_type("InjectAgentMessage"), what="the re-prompt")
             assert session.of_type("InjectAgentMessage") == [
                 {"type": "InjectAgentMessage", "message": server.settings.idle_reprompt_message}
@@ -85,7 +79,7 @@ async def test_a_caller_who_speaks_is_not_reprompted(fake_agent: FakeAgent, make
     async with make_bridge(fake_agent, idle_reprompt_seconds=0.4, idle_hangup_seconds=1.0) as server:
         async with FakeTwilioCaller(twilio_url(server)) as caller:
             await caller.start()
-            session = await ready_session(fake_agent)
+            session = await fake_agent.ready_session()
             for _ in range(4):  # speaking every 0.2 s keeps the 0.4 s clock from running out
                 await session.send_json({"type": "UserStartedSpeaking"})
                 await asyncio.sleep(0.2)
@@ -99,7 +93,7 @@ async def test_a_mid_call_error_resumes_on_a_new_session_with_deepgrams_history(
     async with make_bridge(fake_agent) as server:
         async with FakeTwilioCaller(twilio_url(server)) as caller:
             await caller.start()
-            first = await ready_session(fake_agent)
+            first = await fake_agent.ready_session()
             await first.send_json({"type": "ConversationText", "role": "user", "content": "Is ibuprofen in stock?"})
             await first.send_json({"type": "History", "role": "user", "content": "Is ibuprofen in stock?"})
             server_side = {"id": "s1", "name": "stock", "client_side": False, "arguments": "{}", "response": "yes"}
@@ -107,7 +101,7 @@ async def test_a_mid_call_error_resumes_on_a_new_session_with_deepgrams_history(
             await first.send_json({"type": "LatencyReport", "stt_latency": 0.12, "total_latency": 0.8})
             await first.send_json({"type": "Error", "code": "INTERNAL_SERVER_ERROR", "description": "boom"})
             await asyncio.wait_for(first.closed.wait(), 3)
-            second = await ready_session(fake_agent, 1)
+            second = await fake_agent.ready_session(1)
             assert second.settings is not None
             messages = second.settings["agent"]["context"]["messages"]
             assert messages[-2:] == [

@@ -159,17 +159,11 @@ def webhook_lines(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "bridge.webhook" and r.levelno == level]
 
 
-async def ready_session(fake_agent: FakeAgent, index: int = 0) -> FakeAgentSession:
-    session = await fake_agent.session(index)
-    await eventually(lambda: session.settings is not None, what=f"agent session #{index + 1} to be set up")
-    return session
-
-
 async def short_call(server: Any, fake_agent: FakeAgent, index: int = 0) -> FakeTwilioCaller:
     """A call with one turn that the caller ends."""
     async with FakeTwilioCaller(twilio_url(server)) as caller:
         await caller.start()
-        session = await ready_session(fake_agent, index)
+        session = await fake_agent.ready_session(index)
         await session.send_json({"type": "ConversationText", "role": "user", "content": f"Hello number {index}"})
         await eventually(lambda: server.calls and next(iter(server.calls)).call.turns == 1, what="the turn")
         await caller.stop()
@@ -185,7 +179,7 @@ async def test_a_call_delivers_one_signed_post_with_its_summary(
     async with make_bridge(fake_agent, **webhook_overrides(receiver), dtmf_timeout_seconds=0.3) as server:
         async with FakeTwilioCaller(twilio_url(server)) as caller:
             await caller.start({"From": "+15551234567"})
-            session = await ready_session(fake_agent)
+            session = await fake_agent.ready_session()
             await session.send_json({"type": "ConversationText", "role": "user", "content": "Is ibuprofen in stock?"})
             await session.send_json({"type": "FunctionCallRequest", "functions": [
                 {"id": "f1", "name": "get_drug_info", "arguments": '{"drug_name": "ibuprofen"}', "client_side": True}]})
@@ -252,7 +246,7 @@ async def test_a_function_that_returned_after_its_timeout_is_in_the_payload(
     async with make_bridge(fake_agent, **overrides) as server:
         async with FakeTwilioCaller(twilio_url(server)) as caller:
             await caller.start()
-            session = await ready_session(fake_agent)
+            session = await fake_agent.ready_session()
             await session.send_json({"type": "FunctionCallRequest", "functions": [
                 {"id": "late", "name": "slow", "arguments": '{"seconds": 0.5}', "client_side": True}]})
             await eventually(lambda: session.of_type("FunctionCallResponse"), what="the timeout answer")
@@ -340,7 +334,7 @@ async def test_a_call_ended_by_shutdown_is_delivered_before_the_server_stops(
         caller = FakeTwilioCaller(twilio_url(server))
         await caller.__aenter__()
         await caller.start()
-        await ready_session(fake_agent)
+        await fake_agent.ready_session()
         # Leaving the block shuts the server down with the call still live.
     await caller.__aexit__(None, None, None)
     [request] = receiver.requests
