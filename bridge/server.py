@@ -249,10 +249,11 @@ class BridgeServer:
 
     def metrics_reply(self) -> HttpReply:
         """``GET /metrics``: this process's metrics, and with ``--workers`` the other workers' too."""
-        if self.metrics_share is None:
-            return HttpReply(200, self.metrics.render(live_bad_input=self._live_bad_input()), METRICS_CONTENT_TYPE)
+        share = self.metrics_share
         text = self.metrics.render(
-            self.metrics_share.others(), worker=self.metrics_share.worker, live_bad_input=self._live_bad_input()
+            share.others() if share else (),
+            worker=share.worker if share else None,
+            live_bad_input=self._live_bad_input(),
         )
         return HttpReply(200, text, METRICS_CONTENT_TYPE)
 
