@@ -857,11 +857,14 @@ class Call:
         # What queued while the agent was away is stale: it would be answered out of turn.
         self.gap_bytes_dropped += len(self._buffer)
         self._buffer.clear()
+        # A turn the lost session was speaking gets no AgentAudioDone: its end is marked now, so
+        # that the silence clock (and a pending hang-up) go on once the caller has heard it.
+        actions = self._end_turn(now) if self._agent_speaking() else []
         if self.functions:
             # A function still running (an order being placed) must be in the history the new
             # session starts from, or the agent never learns its result and may ask again.
-            return [ArmTimer(Timer.FUNCTIONS_WAIT, now + self.settings.function_timeout_seconds + 1)]
-        return self._next_attempt(now)
+            return actions + [ArmTimer(Timer.FUNCTIONS_WAIT, now + self.settings.function_timeout_seconds + 1)]
+        return actions + self._next_attempt(now)
 
     def _next_attempt(self, now: float) -> list[Action]:
         delays = (0.0, *self.settings.agent_reconnect_delays)
@@ -996,6 +999,16 @@ class Call:
         return actions
 
     def _agent_audio_done(self, now: float) -> list[Action]:
+        actions = self._end_turn(now)
+        retry, self._injection_retry = self._injection_retry, None
+        if retry is not None and self._still_wanted(retry[0]):
+            # Refused earlier (the agent was busy); now it has finished speaking. Only once.
+            actions += self._inject(*retry)
+            self._injection_retried = True
+        return actions
+
+    def _end_turn(self, now: float) -> list[Action]:
+        """The agent's turn is over (AgentAudioDone, or its session lost mid-turn): mark its end."""
         assert self.outbound is not None
         self.agent_turn_open = False
         # A mark tells when the caller has actually heard the turn: AgentAudioDone only means sent.
@@ -1011,11 +1024,6 @@ class Call:
         self.audio_since_mark = 0
         self.marks_out.add(name)
         actions.append(MarkCaller(name, self.outbound.mark(name)))
-        retry, self._injection_retry = self._injection_retry, None
-        if retry is not None and self._still_wanted(retry[0]):
-            # Refused earlier (the agent was busy); now it has finished speaking. Only once.
-            actions += self._inject(*retry)
-            self._injection_retried = True
         return actions
 
     # ------------------------------------------------------------------------------ functions

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from test_call import (
     APPLIED,
     DONE,
@@ -154,6 +156,24 @@ def test_silence_brings_a_reprompt_then_a_goodbye_then_the_call_ends_as_caller_s
     h.at(45.0).echo(goodbye)
     assert h.hangups == [HangUp("caller silent")]
     assert h.call.summary()["idle_reprompts"] == 1
+
+
+@pytest.mark.parametrize("loss", ["drop", "error"])
+def test_a_session_lost_mid_turn_marks_the_turn_so_the_silence_clock_goes_on(loss: str) -> None:
+    """No AgentAudioDone comes for a turn whose session was lost: the clock must not wait for one."""
+    h = ready(**IDLE)
+    h.at(5.0).agent(STARTED)
+    h.speak(b"\x10" * 800)
+    if loss == "drop":
+        out = h.agent_closed(1011)
+    else:
+        out = h.agent({"type": "Error", "code": "INTERNAL", "description": "oops"})
+    [mark] = of(out, MarkCaller)  # what the lost session had said is marked where it ends
+    h.at(6.0).resume_ready()
+    assert Timer.IDLE not in h.armed  # Twilio may still be playing it
+    h.at(7.0).echo(mark.name)
+    assert h.armed[Timer.IDLE] == 17.0
+    assert injected(h.fire(Timer.IDLE)) == [{"type": "InjectAgentMessage", "message": h.settings.idle_reprompt_message}]
 
 
 def test_the_goodbye_ends_the_call_even_if_it_is_never_heard() -> None:
@@ -339,12 +359,15 @@ def test_a_malformed_history_message_is_bad_input() -> None:
 
 
 def test_resumed_settings_from_history_validate_against_the_sdk() -> None:
-    from deepgram.agent.v1 import AgentV1Settings
+    from sdk_oracle import assert_valid_client_message
 
     h = ready()
     h.agent(user("hello"))
     h.agent({"type": "History", "function_calls": [{"id": "s", "name": "n", "client_side": False, "arguments": "{}", "response": "r"}]})
-    AgentV1Settings.model_validate(resume_settings(h))
+    settings = resume_settings(h)
+    messages = settings["agent"]["context"]["messages"]
+    assert [m.get("content") or m["function_calls"][0]["id"] for m in messages[1:]] == ["hello", "s"]  # after config's own
+    assert_valid_client_message(settings)  # walking model_extra: no key the SDK doesn't know, at any depth
 
 
 # ===================================================================================== diagnostics
