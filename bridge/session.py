@@ -288,9 +288,8 @@ class CallSession:
             self._crashed()
         return True
 
-    def _agent_message_now(self, peer: AgentPeer, message: str | bytes) -> bool:
-        if peer is not self.agent:
-            return True  # a socket already dropped (frames behind an Error in one read): ignored
+    def _agent_message_now(self, message: str | bytes) -> bool:
+        # A dropped socket (frames behind an Error in one read) delivers nothing more: abort() stops it.
         if self.caller.writing_paused:
             return False
         try:
@@ -355,7 +354,7 @@ class CallSession:
             return
         self._agent_opening = None
         self.agent = peer
-        peer.take = functools.partial(self._agent_message_now, peer)
+        peer.take = self._agent_message_now
         self._to_agent = MessageQueue(self.loop)
         self._to_agent_bytes = 0
         self._update_caller_reading()

@@ -182,7 +182,7 @@ class WebSocketPeer(asyncio.Protocol):
         self._budget_timer: asyncio.TimerHandle | None = None
         self._fragments: list[bytes] = []
         self._fragmented_text = False
-        self._failed = False  # we failed the connection (websockets stops parsing when it does)
+        self._failed = False  # we failed (websockets stops parsing then) or aborted the connection
         self._partial = b""  # the start of a frame whose end hasn't arrived yet
         self._in_fragmented_message = False
         self._websockets_only = False  # after a fragmented message, or once closing, it gets every byte
@@ -273,6 +273,7 @@ class WebSocketPeer(asyncio.Protocol):
             self._close_timer = self.loop.call_later(self.limits.close_timeout, self.abort)
 
     def abort(self) -> None:
+        self._failed = True  # nothing more is delivered, not even frames parsed in the read under way
         if self.transport is not None and not self.closed.done():
             self.transport.abort()
 

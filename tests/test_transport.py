@@ -372,6 +372,47 @@ async def test_a_handshake_answered_after_the_call_gave_up_on_it_is_dropped_quie
     assert len(peer.inbox) == 0, "a frame was delivered for a call that is gone"
 
 
+@pytest.mark.parametrize("later", ["text", "audio"])
+async def test_an_aborted_peer_delivers_nothing_more_not_even_from_the_read_under_way(later: str) -> None:
+    """The session aborts the agent socket on an Error; frames behind it in one read are no one's."""
+    written: list[bytes] = []
+
+    class Transport(asyncio.Transport):
+        def write(self, data: bytes) -> None:  # type: ignore[override]
+            written.append(bytes(data))
+
+        def abort(self) -> None:
+            pass
+
+    peer = AgentPeer(ClientProtocol(parse_uri("ws://agent.test/v1/agent/converse")), PeerLimits(1 << 20, 100.0, 100))
+    peer.connection_made(Transport())
+    assert isinstance(peer.protocol, ClientProtocol)
+    peer.send_request(peer.protocol.connect())
+    agent = ServerProtocol()
+    agent.receive_data(b"".join(written))
+    [request] = agent.events_received()
+    agent.send_response(agent.accept(request))
+    peer.data_received(b"".join(agent.data_to_send()))
+    assert peer.opened.done() and peer.opened.exception() is None
+    taken: list[str | bytes] = []
+
+    def take(message: str | bytes) -> bool:
+        taken.append(message)
+        if message == '{"type": "Error"}':
+            peer.abort()  # what the session does
+        return True
+
+    peer.take = take
+    agent.send_text(b'{"type": "Error"}')
+    if later == "text":
+        agent.send_text(b'{"type": "ConversationText"}')
+    else:
+        agent.send_binary(b"\x10" * 400)
+    peer.data_received(b"".join(agent.data_to_send()))  # both frames in one read
+    assert taken == ['{"type": "Error"}']
+    assert len(peer.inbox) == 0
+
+
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
 async def test_text_frames_the_bridge_writes_itself_are_the_ones_websockets_writes(size: int) -> None:
     """The server frames its text messages itself; byte for byte, they must be websockets' frames."""
