@@ -147,9 +147,7 @@ def history_item(message: dict[str, Any], max_text_chars: int) -> tuple[str, str
     """
     role, content, calls = message.get("role"), message.get("content"), message.get("function_calls")
     if isinstance(role, str) and isinstance(content, str) and calls is None:
-        role = "user" if role == "user" else "assistant"
-        content = content[:max_text_chars]
-        item = history_text(role, content)
+        item = history_text(*turn(role, content, max_text_chars))
         return item, item
     if isinstance(calls, list) and calls and role is None and content is None:
         items = []
@@ -157,18 +155,40 @@ def history_item(message: dict[str, Any], max_text_chars: int) -> tuple[str, str
             if not isinstance(entry, dict):
                 return None
             item = {key: entry.get(key) for key in HISTORY_FUNCTION_CALL_KEYS}
-            if not all(isinstance(item[key], str) for key in ("id", "name", "arguments", "response")):
+            if not _short_id_and_name(item["id"], item["name"]):
+                return None
+            if not isinstance(item["arguments"], str) or not isinstance(item["response"], str):
                 return None
             if not isinstance(item["client_side"], bool) or len(item["arguments"]) > MAX_FUNCTION_ARGUMENTS_CHARS:
                 return None
             item["response"] = item["response"][:MAX_FUNCTION_ARGUMENTS_CHARS]
-            signature = entry.get("thought_signature")
-            if isinstance(signature, str) and len(signature) <= MAX_FUNCTION_ARGUMENTS_CHARS:
+            signature = _thought_signature(entry)
+            if signature is not None:
                 item["thought_signature"] = signature
             items.append(item)
         key = "f:" + ",".join(item["id"] for item in items)
         return key, json.dumps({"type": "History", "function_calls": items})
     return None
+
+
+def turn(role: str, content: str, max_chars: int) -> tuple[str, str]:
+    """A conversation turn as the bridge keeps it: ``user`` or ``assistant``, the text cut."""
+    return ("user" if role == "user" else "assistant"), content[:max_chars]
+
+
+def _short_id_and_name(call_id: Any, name: Any) -> bool:
+    """A function call's id and name are strings of sane length (they key the history and logs)."""
+    return (
+        isinstance(call_id, str)
+        and isinstance(name, str)
+        and 0 < len(call_id) <= MAX_FUNCTION_ID_CHARS
+        and 0 < len(name) <= MAX_FUNCTION_NAME_CHARS
+    )
+
+
+def _thought_signature(entry: dict[str, Any]) -> str | None:
+    signature = entry.get("thought_signature")
+    return signature if isinstance(signature, str) and len(signature) <= MAX_FUNCTION_ARGUMENTS_CHARS else None
 
 
 def function_call_response(call: FunctionCall, content: str) -> str:
@@ -203,19 +223,10 @@ def client_side_calls(message: dict[str, Any]) -> tuple[list[FunctionCall], int]
         if not isinstance(arguments, str):
             # Tolerate an already-decoded object; the runner expects the JSON text.
             arguments = json.dumps(arguments)
-        if (
-            not isinstance(call_id, str)
-            or not isinstance(name, str)
-            or not 0 < len(call_id) <= MAX_FUNCTION_ID_CHARS
-            or not 0 < len(name) <= MAX_FUNCTION_NAME_CHARS
-            or len(arguments) > MAX_FUNCTION_ARGUMENTS_CHARS
-        ):
+        if not _short_id_and_name(call_id, name) or len(arguments) > MAX_FUNCTION_ARGUMENTS_CHARS:
             malformed += 1
             continue
-        signature = entry.get("thought_signature")
-        if not isinstance(signature, str) or len(signature) > MAX_FUNCTION_ARGUMENTS_CHARS:
-            signature = None
-        calls.append(FunctionCall(id=call_id, name=name, arguments=arguments, thought_signature=signature))
+        calls.append(FunctionCall(id=call_id, name=name, arguments=arguments, thought_signature=_thought_signature(entry)))
     return calls, malformed
 
 

@@ -966,8 +966,7 @@ class Call:
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not isinstance(content, str):
             return self._reject("deepgram", "bad-conversation-text", "a ConversationText without role and content")
-        role = "user" if role == "user" else "assistant"
-        content = content[:MAX_TEXT_CHARS]
+        role, content = agent.turn(role, content, MAX_TEXT_CHARS)
         self.turns += 1
         self.history.conversation_moved_on()
         item = agent.history_text(role, content)

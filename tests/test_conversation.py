@@ -354,8 +354,12 @@ def test_a_malformed_history_message_is_bad_input() -> None:
     h = ready()
     h.agent({"type": "History", "role": 3})
     h.agent({"type": "History", "function_calls": [{"id": "x"}]})
-    assert h.call.bad_input == {"deepgram:bad-history": 2}
-    assert len(h.call.history) == 0
+    # An id past the bound a FunctionCallRequest's has too: it would key the history unbounded.
+    long_id = {"id": "x" * 257, "name": "n", "client_side": False, "arguments": "{}", "response": "r"}
+    h.agent({"type": "History", "function_calls": [long_id]})
+    h.agent({"type": "History", "function_calls": [{**long_id, "id": "x" * 256}]})  # at the bound: kept
+    assert h.call.bad_input == {"deepgram:bad-history": 3}
+    assert len(h.call.history) == 1  # only the one at the bound
 
 
 def test_resumed_settings_from_history_validate_against_the_sdk() -> None:
