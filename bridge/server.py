@@ -27,7 +27,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from . import twilio
-from .agent_protocol import settings_message
 from .agents import AGENT_NAME, AGENT_PARAMETER, AgentCatalog
 from .call_control import AMD_PATH, AnsweringMachineCallback, form_parameters, signed_url
 from .config import AgentConfig, ConfigError, Settings
@@ -112,7 +111,6 @@ class BridgeServer:
         self.settings = settings
         self.agents = agents if isinstance(agents, AgentCatalog) else AgentCatalog.single(agents)
         self._load_agents = load_agents
-        agent_config = self.agents.default.config
         self.functions = FunctionRunner(function_map, settings.function_timeout_seconds)
         self.metrics = Metrics(function_map)
         self.metrics_share = metrics_share
@@ -120,10 +118,8 @@ class BridgeServer:
         self._metrics_writer: asyncio.Task[None] | None = None
         self.services = CallServices(
             settings=settings,
-            agent_config=agent_config,
             functions=self.functions,
             connect_agent=connect_agent or websocket_agent_connector(settings),
-            settings_json=settings_message(agent_config.settings, []),
             records=RecordWriter(),
             rest=rest_client(settings),
             metrics=self.metrics,

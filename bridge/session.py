@@ -37,7 +37,7 @@ from . import call as machine
 from . import twilio
 from .agents import AgentCatalog
 from .call import Call, Timer
-from .config import AgentConfig, Settings
+from .config import Settings
 from .functions import FunctionOutcome, FunctionRunner
 from .logsafe import clean
 from .metrics import Metrics
@@ -105,10 +105,8 @@ class CallServices:
     """What every call of a server process shares; all of it is read-only once serving."""
 
     settings: Settings
-    agent_config: AgentConfig
     functions: FunctionRunner
     connect_agent: AgentConnector
-    settings_json: str  # the Settings message, encoded once for every fresh session
     records: RecordWriter
     rest: TwilioRestClient | None = None  # Twilio's REST API, when TWILIO_ACCOUNT_SID is set
     metrics: Metrics = field(default_factory=Metrics)  # the process's Prometheus metrics
@@ -145,8 +143,8 @@ class CallSession:
         services: CallServices,
         connection_id: str,
         *,
+        agents: AgentCatalog,
         browser: bool = False,
-        agents: AgentCatalog | None = None,
     ) -> None:
         settings = services.settings
         self.caller = caller
@@ -156,14 +154,11 @@ class CallSession:
         self.started = self.loop.time()
         self.log = CallLog(logger, {"call": connection_id})
         # ``agents``: the server's agents when the call was admitted; the start event picks one.
-        default_settings, default_json = services.agent_config.settings, services.settings_json
-        if agents is not None:
-            before_start = agents.for_call({})  # replaced at the start event; nothing is sent before it
-            default_settings, default_json = before_start.settings, before_start.settings_json
+        before_start = agents.for_call({})  # replaced at the start event; nothing is sent before it
         self.call = Call(
             settings,
-            default_settings,
-            default_json,
+            before_start.settings,
+            before_start.settings_json,
             services.functions.async_functions,
             browser=browser,
             agents=agents,
