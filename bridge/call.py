@@ -355,12 +355,12 @@ class ResumeHistory:
                 return
         self._append(_HistoryEntry(key, item, False, parts))
 
-    def theirs(self, key: str, item: str) -> bool:
-        """Deepgram's item; False if it only echoed context the session was given."""
+    def theirs(self, key: str, item: str) -> None:
+        """Deepgram's item; skipped if it only echoes context the session was given."""
         if self._replay:
             if self._replay[0] == key:
                 self._replay.popleft()
-                return False
+                return
             self._replay.clear()
         unmatched = set(_history_parts(key))
         replaced: _HistoryEntry | None = None
@@ -376,7 +376,6 @@ class ResumeHistory:
             self._append(_HistoryEntry(key, item, True, left))
         else:
             replaced.key, replaced.item, replaced.from_deepgram, replaced.unmatched = key, item, True, left
-        return True
 
     def given_as_context(self, keys: list[str]) -> None:
         """A new session starts from these items; echoes of them are not new history."""
@@ -431,7 +430,6 @@ class Call:
         # The agents as they were when the call was admitted: a reload later changes only new calls.
         # With them, the start event picks the agent and fills in its placeholders.
         self.agents = agents
-        self.agent_name: str | None = None
         self.async_functions = async_functions
         self.browser = browser
         self.phase = Phase.WAITING_FOR_START
@@ -572,7 +570,7 @@ class Call:
         chosen: list[Action] = []
         if self.agents is not None:
             choice = self.agents.for_call(stream.custom_parameters)
-            self.agent_name = started["agent"] = choice.name
+            started["agent"] = choice.name
             self.agent_settings, self.settings_json = choice.settings, choice.settings_json
             if choice.unknown is not None:
                 chosen.append(
