@@ -75,7 +75,7 @@ def test_bench_smoke_run_is_byte_exact(tmp_path):
             "saturated"} <= set(r["server"])
     assert {"cpu_percent", "tick_lag_ms"} <= set(r["generator"])
     assert r["config"]["event_loop"].startswith(("uvloop ", "asyncio's own")), r["config"]
-    assert "uss" not in r["events"] and r["events"].get("user_started_speaking", 0) >= 0
+    assert "uss" not in r["events"]  # spelled out: user_started_speaking, when a run has barge-ins
     assert f"event loop {r['config']['event_loop']}" in proc.stdout
     assert isinstance(r["inconclusive"], list)
     assert set(r["latency_ms"]) == {"caller_to_agent", "agent_to_caller", "barge_in_to_clear", "function_call",

@@ -194,8 +194,10 @@ def test_caller_speech_or_keys_restart_the_silence_clock_from_the_first_stage() 
     h.at(21.0).twilio(dtmf_frame("3"))
     assert h.armed[Timer.IDLE] == 31.0
     out = h.fire(Timer.IDLE)
-    assert injected(out)[-1]["type"] == "InjectAgentMessage"
-    assert h.call._idle_stage == 1
+    assert injected(out) == [  # the key's digits (their own timer came first), then a re-prompt, not the goodbye
+        {"type": "InjectUserMessage", "content": "The caller pressed 3"},
+        {"type": "InjectAgentMessage", "message": h.settings.idle_reprompt_message},
+    ]
 
 
 def test_no_reprompt_while_the_agent_speaks_or_a_function_runs() -> None:
