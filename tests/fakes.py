@@ -9,6 +9,7 @@ assert on bytes and messages.
 from __future__ import annotations
 
 import asyncio
+import re
 import base64
 import itertools
 import json
@@ -23,6 +24,13 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from sdk_oracle import sdk_problem
+
+
+def shows_digits(text: str | bytes, digits: str) -> bool:
+    """Whether ``text`` holds ``digits`` in order, however separated ("8642", "8 6 4 2", "['8', '6'...")."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return re.search("[^0-9A-Za-z]{0,6}".join(digits), text) is not None
 
 
 async def eventually(condition: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:

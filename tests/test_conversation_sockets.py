@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BridgeFactory, read_record, twilio_url
-from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually
+from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually, shows_digits
 
 
 async def speak_turn(session: FakeAgentSession) -> None:
@@ -43,12 +43,12 @@ async def test_keypad_digits_reach_the_agent_as_one_message_and_stay_out_of_logs
             await caller.stop()
         await eventually(lambda: not server.calls)
     record_text = "".join(path.read_text() for path in (tmp_path / "calls").iterdir())
-    assert "8 6 4 2" not in record_text and "8642" not in record_text
+    assert not shows_digits(record_text, "8642")
     assert '"keys": 4' in record_text
     # The bridge's own log lines (the fakes' websockets debug lines show the frames themselves).
     bridge_lines = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("bridge"))
     assert "keypad" in bridge_lines
-    assert "8 6 4 2" not in bridge_lines and "8642" not in bridge_lines
+    assert not shows_digits(bridge_lines, "8642")
     assert read_record(tmp_path / "calls")[-1]["keypad_entries"] == 2
 
 

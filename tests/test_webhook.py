@@ -23,7 +23,7 @@ from typing import Any
 import h11
 import pytest
 from conftest import ROOT, BridgeFactory, read_record, twilio_url
-from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually
+from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually, shows_digits
 
 import main
 from bridge.config import ConfigError, load_settings
@@ -218,7 +218,7 @@ async def test_a_call_delivers_one_signed_post_with_its_summary(
         {"role": "assistant", "content": "Yes, it is."},
         {"role": "user", "content": "(keypad digits)"},  # redacted as in the record
     ]
-    assert b"4 3 2 1" not in request.body
+    assert not shows_digits(request.body, "4321")
     [function] = payload["function_calls"]
     assert function["name"] == "get_drug_info" and json.loads(function["arguments"]) == {"drug_name": "ibuprofen"}
     assert function["error"] is None and function["result"]["name"].lower() == "ibuprofen"
