@@ -613,8 +613,12 @@ def test_the_documented_examples_are_valid_agents_that_do_what_the_docs_say(tmp_
     # The two-agent example, with the numbers file: startup's checks and Deepgram's schema pass.
     config = write(tmp_path / "config.json", json.dumps(BASE))
     write(tmp_path / "agents" / "spanish.json", json.dumps(merged(BASE, spanish)))
+    write(tmp_path / "agents" / "numbers.json", json.dumps(numbers))  # the docs' numbers.json block
+    documented_numbers = load_catalog(config, {})
+    assert [documented_numbers.for_call({"To": n}).name for n in ("+15550008888", "+15550009999")] == ["default", "spanish"]
+    # The two-agent example's layout, with the numbers file its comment shows.
     write(tmp_path / "agents" / "numbers.json", json.dumps({"+15550009999": "spanish"}))
-    assert "+15550009999" in numbers
+    assert '# {"+15550009999": "spanish"}' in DOC
     catalog = load_catalog(config, {})
     assert check_functions(catalog, pharmacy_functions.function_map, bridge_settings(tmp_path)) == []
     choice = catalog.for_call({"To": "+15550009999", "From": "+15551230000"})
