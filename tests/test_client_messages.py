@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 
 from bridge import agent_protocol
 from bridge.agent_protocol import FunctionCall, function_call_response, history_function_call, history_text
-from bridge.call import Call, SendToAgent
+from bridge.call import Call, SendToAgent, Timer
 from bridge.config import load_agent_config
 from conftest import ROOT
 from sdk_oracle import CLIENT_MESSAGE_MODELS, assert_valid_client_message, sdk_problem
-from test_call import REST, Harness, outcome, request, text
+from test_call import REST, Harness, dtmf_frame, outcome, request, text
 
 CONFIG = load_agent_config(ROOT / "config.json", {}).settings
 CALL = FunctionCall(id="f1", name="get_drug_info", arguments='{"drug_name": "ibuprofen"}')
@@ -140,10 +140,21 @@ def test_every_text_the_call_sends_to_the_agent_is_valid() -> None:
     t.take(t.call.transfer_finished("Twilio said 400", t.now))
     sent += sent_text(t)
 
+    # Keypad digits, then a silent caller: re-prompted, then the goodbye.
+    k = config_harness(idle_reprompt_seconds=10.0, idle_hangup_seconds=30.0)
+    k.open()
+    k.twilio(dtmf_frame("1"))
+    k.twilio(dtmf_frame("#"))
+    k.fire(Timer.IDLE)
+    k.fire(Timer.IDLE)
+    keypad_and_idle = [json.loads(message) for message in sent_text(k)][1:]  # after its Settings
+    assert [m["type"] for m in keypad_and_idle] == ["InjectUserMessage", "InjectAgentMessage", "InjectAgentMessage"]
+    sent += sent_text(k)
+
     for message in sent:
         assert_valid_client_message(message)
     kinds = [json.loads(message)["type"] for message in sent]
-    assert set(kinds) == {"Settings", "FunctionCallResponse", "KeepAlive", "InjectAgentMessage"}, kinds
+    assert set(kinds) == {"Settings", "FunctionCallResponse", "KeepAlive", "InjectAgentMessage", "InjectUserMessage"}, kinds
     resumed = [json.loads(m) for m in sent if json.loads(m)["type"] == "Settings" and "context" in json.loads(m)["agent"]]
     assert resumed and len(resumed[0]["agent"]["context"]["messages"]) == 4  # two turns, two function calls
     assert kinds.count("FunctionCallResponse") == 4  # f1, f2, end_call, transfer_call
