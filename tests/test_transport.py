@@ -349,22 +349,37 @@ async def test_a_caller_over_its_frame_budget_is_slowed_down_but_loses_nothing(
         assert elapsed >= 0.4, f"600 frames at 1000 a second past a burst of 100 took only {elapsed:.2f} s"
 
 
-async def test_a_handshake_answered_after_the_call_gave_up_on_it_is_dropped_quietly() -> None:
-    """The call ends (its open_websocket is cancelled) just as the agent's 101 and first frame arrive."""
-    written: list[bytes] = []
+class MemoryTransport(asyncio.Transport):
+    """A transport that keeps what is written to it; aborting it does nothing."""
 
-    class Transport(asyncio.Transport):
-        def write(self, data: bytes) -> None:  # type: ignore[override]
-            written.append(bytes(data))
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
 
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        self.written.append(bytes(data))
+
+    def abort(self) -> None:
+        pass
+
+
+def agent_peer_answered() -> tuple[AgentPeer, ServerProtocol]:
+    """An AgentPeer whose handshake request the (Sans-I/O) agent has accepted, the 101 not yet sent."""
+    transport = MemoryTransport()
     peer = AgentPeer(ClientProtocol(parse_uri("ws://agent.test/v1/agent/converse")), PeerLimits(1 << 20, 100.0, 100))
-    peer.connection_made(Transport())
+    peer.connection_made(transport)
     assert isinstance(peer.protocol, ClientProtocol)
     peer.send_request(peer.protocol.connect())
     agent = ServerProtocol()
-    agent.receive_data(b"".join(written))
+    agent.receive_data(b"".join(transport.written))
     [request] = agent.events_received()
     agent.send_response(agent.accept(request))
+    return peer, agent
+
+
+async def test_a_handshake_answered_after_the_call_gave_up_on_it_is_dropped_quietly() -> None:
+    """The call ends (its open_websocket is cancelled) just as the agent's 101 and first frame arrive."""
+    peer, agent = agent_peer_answered()
     agent.send_text(b'{"type": "Welcome", "request_id": "r"}')
     peer.opened.cancel()  # what cancelling ``await peer.opened`` does
     peer.data_received(b"".join(agent.data_to_send()))  # the 101 with the Welcome behind it
@@ -375,23 +390,7 @@ async def test_a_handshake_answered_after_the_call_gave_up_on_it_is_dropped_quie
 @pytest.mark.parametrize("later", ["text", "audio"])
 async def test_an_aborted_peer_delivers_nothing_more_not_even_from_the_read_under_way(later: str) -> None:
     """The session aborts the agent socket on an Error; frames behind it in one read are no one's."""
-    written: list[bytes] = []
-
-    class Transport(asyncio.Transport):
-        def write(self, data: bytes) -> None:  # type: ignore[override]
-            written.append(bytes(data))
-
-        def abort(self) -> None:
-            pass
-
-    peer = AgentPeer(ClientProtocol(parse_uri("ws://agent.test/v1/agent/converse")), PeerLimits(1 << 20, 100.0, 100))
-    peer.connection_made(Transport())
-    assert isinstance(peer.protocol, ClientProtocol)
-    peer.send_request(peer.protocol.connect())
-    agent = ServerProtocol()
-    agent.receive_data(b"".join(written))
-    [request] = agent.events_received()
-    agent.send_response(agent.accept(request))
+    peer, agent = agent_peer_answered()
     peer.data_received(b"".join(agent.data_to_send()))
     assert peer.opened.done() and peer.opened.exception() is None
     taken: list[str | bytes] = []
