@@ -6,7 +6,7 @@ the text exposition format (version 0.0.4), the usual ``process_*`` metrics, and
 outside the standard library; the tests read its output with ``prometheus_client``'s own parser.
 
 Label values are a closed vocabulary, so a peer can't grow the number of series: ``ended_by`` is
-one of ``END_CATEGORIES``, a function ``name`` one the process knows (others count as
+one of ``END_LABELS`` (the ``EndReason`` values), a function ``name`` one the process knows (others count as
 ``unknown``), a bad-input ``kind`` one of the state machine's own names.
 
 With ``--workers`` the kernel hands each scrape to any worker. Each worker writes a snapshot of its
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .call_events import CallEnd, EndReason, RecordEvent
 from .functions import BUILTIN_FUNCTIONS
 
 logger = logging.getLogger("bridge.metrics")
@@ -46,32 +47,15 @@ LATENCY_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 FUNCTION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 UNKNOWN_FUNCTION = "unknown"
 
-# How a call ended (``Call.end_reason``), as a label: the first matching prefix wins.
-END_CATEGORIES: tuple[tuple[str, str], ...] = (
-    ("caller hung up", "caller_hung_up"),
-    ("caller stopped reading", "caller_stalled"),
-    ("caller silent", "caller_silent"),
-    ("agent ended the call", "agent_ended"),
-    ("transferred", "transferred"),
-    ("voicemail", "voicemail"),
-    ("agent unavailable", "agent_unavailable"),
-    ("agent connection lost", "agent_lost"),
-    ("agent stopped reading", "agent_stalled"),
-    ("Deepgram error", "agent_error"),
-    ("Deepgram closed the session", "agent_closed"),
-    ("no start event from Twilio", "no_start"),
-    ("server shutting down", "shutdown"),
-    ("internal error", "internal_error"),
-)
+# A call that somehow ended without a reason (a bug) is counted here rather than lost.
 OTHER_END = "other"
+# Every label ``ended_by`` can take: the end reasons' own values, and ``other``.
+END_LABELS = (*(reason.value for reason in EndReason), OTHER_END)
 
 
-def ended_by_label(reason: str | None) -> str:
-    """The ``ended_by`` label of a call's end reason."""
-    for prefix, label in END_CATEGORIES:
-        if reason is not None and reason.startswith(prefix):
-            return label
-    return OTHER_END
+def ended_by_label(end: CallEnd | None) -> str:
+    """The ``ended_by`` label of how a call ended."""
+    return end.reason.value if end is not None else OTHER_END
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,27 +129,27 @@ class Metrics:
     def call_started(self) -> None:
         self.inc("bridge_calls_active")
 
-    def call_ended(self, end_reason: str | None, duration_seconds: float, bad_input: Mapping[str, int]) -> None:
+    def call_ended(self, end: CallEnd | None, duration_seconds: float, bad_input: Mapping[str, int]) -> None:
         self.inc("bridge_calls_active", amount=-1.0)
-        self.inc("bridge_calls_total", (ended_by_label(end_reason),))
+        self.inc("bridge_calls_total", (ended_by_label(end),))
         self.observe("bridge_call_duration_seconds", duration_seconds)
         for kind, count in bad_input.items():
             self.inc("bridge_bad_input_total", (kind,), count)
 
     def on_record(self, event: str, fields: Mapping[str, Any]) -> None:
         """A call's record event; the few that are metrics are counted here as they happen."""
-        if event == "agent_started_speaking":
+        if event == RecordEvent.AGENT_STARTED_SPEAKING:
             latency = fields.get("total_latency")
             if isinstance(latency, float):
                 self.observe("bridge_agent_latency_seconds", latency)
-        elif event == "function_call":
+        elif event == RecordEvent.FUNCTION_CALL:
             name = fields.get("name")
             label = name if name in self.function_names else UNKNOWN_FUNCTION
             outcome = fields.get("outcome") or "ok"
             duration = fields.get("duration_seconds")
             if isinstance(duration, float):
                 self.observe("bridge_function_duration_seconds", duration, (label, outcome))
-        elif event == "agent_resumed":
+        elif event == RecordEvent.AGENT_RESUMED:
             self.inc("bridge_agent_reconnects_total")
 
     def _current(self, live_bad_input: Iterable[Mapping[str, int]]) -> Values:

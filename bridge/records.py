@@ -23,7 +23,6 @@ import math
 import os
 import queue
 import re
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from .call_events import RecordEvent
 
 logger = logging.getLogger("bridge.records")
 
@@ -52,16 +52,6 @@ _FILE_FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def percentile(values: list[float], fraction: float) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    # statistics.quantiles with the inclusive method interpolates between the observed values.
-    cuts = statistics.quantiles(values, n=100, method="inclusive")
-    return round(cuts[int(fraction * 100) - 1], 4)
 
 
 def _cut(text: str) -> str:
@@ -270,7 +260,7 @@ class CallRecord:
         # The call's own counts (turns, functions, latencies, ...) come from its state machine in
         # ``fields``; the record adds what only it knows: the times and what it had to drop.
         return {
-            "event": "summary",
+            "event": RecordEvent.SUMMARY,
             **fields,
             "started_at": self.started_at,
             "ended_at": ended_at,

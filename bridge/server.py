@@ -367,7 +367,7 @@ class BridgeServer:
         finally:
             self.calls.discard(session)
             call = session.call
-            self.metrics.call_ended(call.end_reason, session.loop.time() - session.started, call.bad_input)
+            self.metrics.call_ended(call.end, session.loop.time() - session.started, call.bad_input)
             if self.metrics_share is not None:  # the other workers' scrapes see it now, not a second later
                 self._share_metrics_now()
 
@@ -388,7 +388,7 @@ class BridgeServer:
         if self.calls:
             logger.info("ending %d live calls", len(self.calls))
             for session in list(self.calls):
-                session.end("server shutting down")
+                session.shut_down()
         if self._call_tasks:
             # Each call closes its sockets and writes its record, every step with a deadline.
             await asyncio.wait(list(self._call_tasks), timeout=END_CALLS_SECONDS)

@@ -33,10 +33,32 @@ from typing import Any
 
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
-from . import call as machine
-from . import twilio
+from .agent_protocol import FunctionCall
 from .agents import AgentCatalog
-from .call import Call, Timer
+from .call import (
+    Action,
+    ArmTimer,
+    Call,
+    CancelFunction,
+    CancelTimer,
+    ClearCaller,
+    CloseAgent,
+    HangUp,
+    Identify,
+    Log,
+    MarkCaller,
+    OpenAgent,
+    PauseCaller,
+    Phase,
+    Record,
+    RedirectCall,
+    ResumeCaller,
+    SendToAgent,
+    SendToCaller,
+    StartFunction,
+    Timer,
+    TransferCall,
+)
 from .config import Settings
 from .functions import FunctionOutcome, FunctionRunner
 from .logsafe import clean
@@ -53,11 +75,9 @@ logger = logging.getLogger("bridge.call")
 FUNCTION_GRACE_SECONDS = 2.0
 # What was queued for the agent (the caller's last words) gets this long to go out at the end.
 AGENT_FLUSH_SECONDS = 1.0
-# Moving a caller to the fallback line gets this long (the REST client retries within it).
-FALLBACK_SECONDS = 8.0
-FALLBACK_APOLOGY = "I'm sorry, our automated assistant isn't available right now."
-FALLBACK_CONNECTING = "Please hold while I connect you to a member of our team."
-FALLBACK_CALL_BACK = "Please call us again in a few minutes. Goodbye."
+# A REST update of the call (a transfer, the fallback line) gets this long (the REST client
+# retries within it).
+REDIRECT_SECONDS = 8.0
 
 AgentConnector = Callable[[], Awaitable[AgentPeer]]
 
@@ -130,8 +150,12 @@ def rest_client(settings: Settings) -> TwilioRestClient | None:
 class CallLog(logging.LoggerAdapter[logging.Logger]):
     """Prefixes each line with the call it belongs to (the callSid once Twilio has told us)."""
 
+    def __init__(self, logger: logging.Logger, call_name: str) -> None:
+        super().__init__(logger, {})
+        self.call_name = call_name
+
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[{self.extra['call']}] {msg}", kwargs  # type: ignore[index]
+        return f"[{self.call_name}] {msg}", kwargs
 
 
 class CallSession:
@@ -152,17 +176,9 @@ class CallSession:
         self.settings = settings
         self.loop = asyncio.get_running_loop()
         self.started = self.loop.time()
-        self.log = CallLog(logger, {"call": connection_id})
+        self.log = CallLog(logger, connection_id)
         # ``agents``: the server's agents when the call was admitted; the start event picks one.
-        before_start = agents.for_call({})  # replaced at the start event; nothing is sent before it
-        self.call = Call(
-            settings,
-            before_start.settings,
-            before_start.settings_json,
-            services.functions.async_functions,
-            browser=browser,
-            agents=agents,
-        )
+        self.call = Call(settings, agents, services.functions.async_functions, browser=browser)
         self.record = CallRecord(settings.calls_dir, settings.record_calls, services.records, max_bytes=settings.record_max_bytes)
         # What the webhook's payload needs of the call, kept in memory (bounded) only when one is set.
         self.digest = CallDigest() if services.webhook is not None else None
@@ -172,25 +188,27 @@ class CallSession:
         self.agent: AgentPeer | None = None
         self._agent_opening: asyncio.Task[None] | None = None
         self._agent_tasks: list[asyncio.Task[None]] = []
-        # The agent queue: what the Deepgram sender takes to the current agent socket.
+        # The agent queue: what the Deepgram sender takes to the current agent socket. Its audio
+        # bytes are counted so the machine hears when it goes over (and back under) its cap.
         self._to_agent: MessageQueue[bytes | str | None] = MessageQueue(self.loop)
         self._to_agent_bytes = 0
-        self._caller_paused = False  # the machine holds as much caller audio as it may
-        self._may_read_caller = asyncio.Event()  # for the Twilio receiver coroutine to wait on
+        self._agent_backlogged = False
+        # Whether the caller's socket is read: set only by the machine's PauseCaller/ResumeCaller.
+        # An Event for the Twilio receiver coroutine to wait on; the data callback reads it too.
+        self._may_read_caller = asyncio.Event()
         self._may_read_caller.set()
-        self._caller_held = False  # the same, as a plain flag for the data callback
 
         self._function_tasks: dict[str, asyncio.Task[None]] = {}
         self._cancel_reasons: dict[str, str] = {}
-        self._fallback = False  # hand the caller to the fallback line before hanging up
+        self._fallback: RedirectCall | None = None  # where to send the caller before hanging up
         self._transfer: asyncio.Task[None] | None = None
 
     @property
     def ended(self) -> bool:
         return self._hung_up.done()
 
-    def end(self, reason: str) -> None:
-        """Ask the call to end now (the server is shutting down)."""
+    def shut_down(self) -> None:
+        """End the call now: the server is stopping and the drain time is over."""
         self._carry_out(self.call.shutdown(self.loop.time()))
 
     async def run(self) -> None:
@@ -207,48 +225,49 @@ class CallSession:
 
     # ------------------------------------------------------------------------- carrying out
 
-    def _carry_out(self, actions: Sequence[machine.Action]) -> None:
+    def _carry_out(self, actions: Sequence[Action]) -> None:
         for action in actions:
-            kind = type(action)
-            if kind is machine.SendToAgent:
-                self._send_to_agent(action.data)  # type: ignore[union-attr]
-            elif kind is machine.SendToCaller or kind is machine.ClearCaller or kind is machine.MarkCaller:
-                self.caller.send_text(action.text)  # type: ignore[union-attr]
-            elif kind is machine.Record:
-                self.record.add(action.event, **action.fields)  # type: ignore[union-attr]
-                self.services.metrics.on_record(action.event, action.fields)  # type: ignore[union-attr]
-                if self.digest is not None:
-                    self.digest.add(action.event, action.fields)  # type: ignore[union-attr]
-            elif kind is machine.Log:
-                self.log.log(action.level, action.message, *action.args)  # type: ignore[union-attr]
-            elif kind is machine.ArmTimer:
-                self._arm(action.timer, action.at)  # type: ignore[union-attr]
-            elif kind is machine.CancelTimer:
-                handle = self._timers.pop(action.timer, None)  # type: ignore[union-attr]
-                if handle is not None:
-                    handle.cancel()
-            elif kind is machine.StartFunction:
-                self._start_function(action.call)  # type: ignore[union-attr]
-            elif kind is machine.CancelFunction:
-                self._cancel_function(action.call_id, "cancelled: the agent withdrew the call")  # type: ignore[union-attr]
-            elif kind is machine.OpenAgent:
-                self._open_agent()
-            elif kind is machine.CloseAgent:
-                self._drop_agent()
-            elif kind is machine.PauseCaller or kind is machine.ResumeCaller:
-                self._caller_paused = kind is machine.PauseCaller
-                self._update_caller_reading()
-            elif kind is machine.Identify:
-                self.log.extra["call"] = clean(action.call_sid, 64)  # type: ignore[index, union-attr]
-                self.record.name_after(action.call_sid)  # type: ignore[union-attr]
-            elif kind is machine.HangUp:
-                if not self._hung_up.done():
-                    self._fallback = action.fallback  # type: ignore[union-attr]
-                    self._hung_up.set_result(None)
-            elif kind is machine.TransferCall:
-                self._start_transfer()
-            else:
-                raise AssertionError(f"unknown action {action!r}")
+            match action:
+                case SendToAgent(data=data):
+                    self._send_to_agent(data)
+                case SendToCaller(text=text) | ClearCaller(text=text) | MarkCaller(text=text):
+                    self.caller.send_text(text)
+                case Record(event=event, fields=fields):
+                    self.record.add(event, **fields)
+                    self.services.metrics.on_record(event, fields)
+                    if self.digest is not None:
+                        self.digest.add(event, fields)
+                case Log(level=level, message=message, args=args):
+                    self.log.log(level, message, *args)
+                case ArmTimer(timer=timer, at=at):
+                    self._arm(timer, at)
+                case CancelTimer(timer=timer):
+                    handle = self._timers.pop(timer, None)
+                    if handle is not None:
+                        handle.cancel()
+                case StartFunction(call=function_call):
+                    self._start_function(function_call)
+                case CancelFunction(call_id=call_id):
+                    self._cancel_function(call_id, "cancelled: the agent withdrew the call")
+                case OpenAgent():
+                    self._open_agent()
+                case CloseAgent():
+                    self._drop_agent()
+                case PauseCaller():
+                    self._may_read_caller.clear()
+                case ResumeCaller():
+                    self._may_read_caller.set()
+                case Identify(call_sid=call_sid):
+                    self.log.call_name = clean(call_sid, 64)
+                    self.record.name_after(call_sid)
+                case HangUp(fallback=fallback):
+                    if not self._hung_up.done():
+                        self._fallback = fallback
+                        self._hung_up.set_result(None)
+                case TransferCall(redirect=redirect):
+                    self._transfer = asyncio.create_task(self._transfer_call(redirect))
+                case _:
+                    raise AssertionError(f"unknown action {action!r}")
 
     def _arm(self, timer: Timer, at: float) -> None:
         handle = self._timers.pop(timer, None)
@@ -260,13 +279,6 @@ class CallSession:
         self._timers.pop(timer, None)
         self._carry_out(self.call.timer_fired(timer, self.loop.time()))
 
-    def _update_caller_reading(self) -> None:
-        self._caller_held = self._caller_paused or self._to_agent_bytes > self.settings.agent_queue_max_bytes
-        if self._caller_held:
-            self._may_read_caller.clear()
-        else:
-            self._may_read_caller.set()
-
     # ----------------------------------------------------------------------- Twilio receiver
 
     # The two receivers take a message straight from the socket's data callback whenever they are
@@ -275,7 +287,7 @@ class CallSession:
     # switch per message would cost more CPU than all the rest of the bridge's work on it.
 
     def _caller_message_now(self, message: str | bytes) -> bool:
-        if self._caller_held:
+        if not self._may_read_caller.is_set():
             return False
         try:
             self._caller_message(message)
@@ -351,8 +363,6 @@ class CallSession:
         self.agent = peer
         peer.take = self._agent_message_now
         self._to_agent = MessageQueue(self.loop)
-        self._to_agent_bytes = 0
-        self._update_caller_reading()
         self._agent_tasks = [
             asyncio.create_task(self._send_to_agent_loop(peer, self._to_agent)),
             asyncio.create_task(self._receive_from_agent(peer)),
@@ -370,7 +380,7 @@ class CallSession:
         for task in self._agent_tasks:
             task.cancel()
         self._to_agent_bytes = 0
-        self._update_caller_reading()
+        self._report_backlog()
 
     def _send_to_agent(self, data: bytes | str) -> None:
         if self.agent is None:
@@ -378,8 +388,15 @@ class CallSession:
         self._to_agent.put(data)
         if type(data) is bytes:
             self._to_agent_bytes += len(data)
-            if self._to_agent_bytes > self.settings.agent_queue_max_bytes:
-                self._update_caller_reading()
+            if not self._agent_backlogged and self._to_agent_bytes > self.settings.agent_queue_max_bytes:
+                self._report_backlog()
+
+    def _report_backlog(self) -> None:
+        """Tell the machine when the agent queue's audio crosses its cap, either way."""
+        backlogged = self._to_agent_bytes > self.settings.agent_queue_max_bytes
+        if backlogged != self._agent_backlogged:
+            self._agent_backlogged = backlogged
+            self._carry_out(self.call.agent_backlog(backlogged, self.loop.time()))
 
     async def _send_to_agent_loop(self, peer: AgentPeer, queue: MessageQueue[bytes | str | None]) -> None:
         """The Deepgram sender: the agent queue to the socket, in order, one writer."""
@@ -393,7 +410,8 @@ class CallSession:
                     peer.send_binary(item)
                     if peer is self.agent:
                         self._to_agent_bytes -= len(item)
-                        self._update_caller_reading()
+                        if self._agent_backlogged:
+                            self._report_backlog()
                 else:
                     peer.send_text(item)  # type: ignore[arg-type]
                 if peer.writing_paused:
@@ -420,7 +438,7 @@ class CallSession:
 
     # ---------------------------------------------------------------------------- functions
 
-    def _start_function(self, call: Any) -> None:
+    def _start_function(self, call: FunctionCall) -> None:
         self._function_tasks[call.id] = asyncio.create_task(self._run_function(call))
 
     def _cancel_function(self, call_id: str, reason: str) -> None:
@@ -429,7 +447,7 @@ class CallSession:
             self._cancel_reasons[call_id] = reason
             task.cancel()
 
-    async def _run_function(self, call: Any) -> None:
+    async def _run_function(self, call: FunctionCall) -> None:
         started = self.loop.time()
         try:
             outcome = await self.services.functions.run(
@@ -442,47 +460,28 @@ class CallSession:
             self._function_tasks.pop(call.id, None)
         self._carry_out(self.call.function_finished(call.id, outcome, self.loop.time()))
 
-    def _function_returned_late(self, call: Any, outcome: FunctionOutcome) -> None:
+    def _function_returned_late(self, call: FunctionCall, outcome: FunctionOutcome) -> None:
         # Dropped if the record is already written; the runner's log line remains.
         self._carry_out(self.call.function_finished_late(call, outcome))
 
     # ------------------------------------------------------------------------- call control
 
-    def _start_transfer(self) -> None:
-        self._transfer = asyncio.create_task(self._transfer_call())
-
-    async def _transfer_call(self) -> None:
-        """Move the live call to <Dial>TRANSFER_NUMBER (docs/protocols.md section 7)."""
-        rest, settings, stream = self.services.rest, self.settings, self.call.stream
-        error: str | None = None
-        if rest is None or settings.transfer_number is None or stream is None:
-            error = "transfer is not set up"
-        else:
-            try:
-                if await rest.update_call(stream.call_sid, twiml=twilio.dial_twiml(settings.transfer_number)) is None:
-                    error = "the call had already ended"
-            except (TwilioApiError, ValueError) as exc:
-                error = clean(exc, 200)
-        self._carry_out(self.call.transfer_finished(error, self.loop.time()))
-
-    async def _send_to_fallback(self) -> None:
-        """The agent can't be had: an apology, then the fallback number or a hang-up."""
-        rest, settings, stream = self.services.rest, self.settings, self.call.stream
-        if rest is None or stream is None:
-            return
-        number = settings.fallback_number
-        if number:
-            twiml = twilio.dial_twiml(number, say=FALLBACK_APOLOGY + " " + FALLBACK_CONNECTING)
-        else:
-            twiml = twilio.say_and_hang_up_twiml(FALLBACK_APOLOGY + " " + FALLBACK_CALL_BACK)
-        error: str | None = None
+    async def _redirect(self, redirect: RedirectCall) -> str | None:
+        """Send the machine's REST update (docs/protocols.md section 8); returns why it failed, if it did."""
+        rest = self.services.rest
+        if rest is None:
+            return "Twilio's REST API is not set up"
         try:
-            async with asyncio.timeout(FALLBACK_SECONDS):
-                if await rest.update_call(stream.call_sid, twiml=twiml) is None:
-                    error = "the call had already ended"
+            async with asyncio.timeout(REDIRECT_SECONDS):
+                if await rest.update_call(redirect.call_sid, twiml=redirect.twiml) is None:
+                    return "the call had already ended"
         except (TwilioApiError, ValueError, TimeoutError) as exc:
-            error = clean(exc, 200) or type(exc).__name__
-        self._carry_out(self.call.fallback_finished(number, error))
+            return clean(exc, 200) or type(exc).__name__
+        return None
+
+    async def _transfer_call(self, redirect: RedirectCall) -> None:
+        error = await self._redirect(redirect)
+        self._carry_out(self.call.transfer_finished(error, self.loop.time()))
 
     # ------------------------------------------------------------------------------ ending
 
@@ -490,11 +489,11 @@ class CallSession:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
-        if not self.call.phase is machine.Phase.ENDED:
+        if not self.call.phase is Phase.ENDED:
             self._carry_out(self.call.failed(self.loop.time()))
-        if self._fallback:
+        if self._fallback is not None:
             # Before the stream closes: with <Connect> as the last verb, closing it hangs up.
-            await self._send_to_fallback()
+            self._carry_out(self.call.fallback_finished(await self._redirect(self._fallback)))
         # The caller's socket closes now; the agent's once what was queued for it has gone out.
         self.caller.close()
         opening, self._agent_opening = self._agent_opening, None
@@ -516,7 +515,7 @@ class CallSession:
                 self._cancel_function(call_id, "the call ended before it finished")
         if self._transfer is not None and not self._transfer.done():
             # Twilio ends the stream as the call moves to <Dial>: let the REST answer be recorded.
-            await asyncio.wait((self._transfer,), timeout=FALLBACK_SECONDS)
+            await asyncio.wait((self._transfer,), timeout=REDIRECT_SECONDS)
         tasks = [twilio_receiver, *self._agent_tasks, *self._function_tasks.values()]
         if self._transfer is not None:
             tasks.append(self._transfer)
@@ -530,9 +529,9 @@ class CallSession:
         self.log.info(
             "call ended: %s; audio from caller %d bytes, to agent %d, to caller %d",
             call.end_reason,
-            call.bytes_from_caller,
-            call.bytes_to_agent,
-            call.bytes_to_caller,
+            call.inbound.bytes_from_caller,
+            call.inbound.bytes_to_agent,
+            call.playback.bytes_to_caller,
         )
 
     async def _write_record(self) -> None:
@@ -540,7 +539,7 @@ class CallSession:
         summary = self.record.summary(**call.summary())
         stream = call.stream
         try:
-            path = await self.record.finish(stream.call_sid if stream else str(self.log.extra["call"]), summary)  # type: ignore[index]
+            path = await self.record.finish(stream.call_sid if stream else self.log.call_name, summary)
         except OSError as exc:
             self.log.error("could not write the call record: %s", exc)
         else:

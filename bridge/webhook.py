@@ -43,6 +43,7 @@ from collections import deque
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from .call_events import RecordEvent
 from .config import Settings
 from .logsafe import clean
 from .records import bounded, finite
@@ -69,7 +70,7 @@ RETRYABLE_4XX: Final = frozenset({408, 429})
 # The summary's fields that stand at the payload's top level; all its others go into "counts".
 _TOP_LEVEL: Final = (
     "call_sid", "stream_sid", "custom_parameters", "started_at", "ended_at", "duration_seconds", "ended_by",
-    "agent_latency_p50", "agent_latency_p95", "agent_request_ids",
+    "end_reason", "agent_latency_p50", "agent_latency_p95", "agent_request_ids",
 )
 _LISTS: Final = ("transcript", "function_calls", "functions_finished_late", "latency_reports")
 
@@ -103,14 +104,14 @@ class CallDigest:
 
     def add(self, event: str, fields: dict[str, Any]) -> None:
         """One event the call recorded (``Record`` action); the ones the payload has no use for are ignored."""
-        if event == "transcript":
+        if event == RecordEvent.TRANSCRIPT:
             self._keep("transcript", {"role": fields.get("role"), "content": fields.get("content")})
-        elif event in ("function_call", "function_finished_late"):
-            kind = "function_calls" if event == "function_call" else "functions_finished_late"
+        elif event in (RecordEvent.FUNCTION_CALL, RecordEvent.FUNCTION_FINISHED_LATE):
+            kind = "function_calls" if event == RecordEvent.FUNCTION_CALL else "functions_finished_late"
             self._keep(kind, _function_call(dict(fields)))  # the record's fields, all of them
-        elif event == "latency_report":
+        elif event == RecordEvent.LATENCY_REPORT:
             self._keep("latency_reports", dict(fields))
-        elif event == "start":
+        elif event == RecordEvent.START:
             agent = fields.get("agent")
             self.agent = agent if isinstance(agent, str) else None
 

@@ -543,8 +543,7 @@ def test_the_call_picks_its_agent_at_start_and_records_it(tmp_path: Path) -> Non
     from bridge.call import Call, Log, Record
 
     catalog = load_catalog(two_agents(tmp_path), {})
-    before = catalog.for_call({})
-    call = Call(bridge_settings(tmp_path), before.settings, before.settings_json, agents=catalog)
+    call = Call(bridge_settings(tmp_path), catalog)
     actions, sent = settings_sent(call, {"agent": "nobody\x1b[31m", "From": "+15551230000"})
     [start] = [a for a in actions if isinstance(a, Record) and a.event == "start"]
     assert start.fields["agent"] == "default"
@@ -558,9 +557,8 @@ def test_a_voicemail_stream_leaves_its_message_with_the_agents_rendered_settings
     from bridge.call import Call
 
     catalog = load_catalog(two_agents(tmp_path), {})
-    before = catalog.for_call({})
     settings = bridge_settings(tmp_path, voicemail_message="Your refill is ready.")
-    call = Call(settings, before.settings, before.settings_json, agents=catalog)
+    call = Call(settings, catalog)
     _, sent = settings_sent(call, {"agent": "spanish", "From": "+15551230000", "bridge_mode": "voicemail"})
     assert sent["agent"]["greeting"] == "Your refill is ready."
     assert prompt_of(sent) == "Spanish prompt for +15551230000."

@@ -184,12 +184,12 @@ async def test_caller_audio_for_an_agent_that_never_gets_ready_is_capped(
             await agent.session()
             sending = asyncio.create_task(caller.send_audio(b"\x33" * 4_000_000, frame=8000))
             session = next(iter(server.calls))
-            await eventually(lambda: session._caller_held, 10, "reading from the caller to pause")
+            await eventually(lambda: session.call.inbound.reading_paused, 10, "reading from the caller to pause")
             await asyncio.sleep(0.3)
-            held = session.call._held_bytes
+            held = session.call.inbound.held_bytes
             assert 64_000 <= held <= 64_000 + 8000 + 3200, held  # at most one frame past the cap
             await asyncio.sleep(0.5)
-            assert session.call._held_bytes == held, "audio kept growing past the cap"
+            assert session.call.inbound.held_bytes == held, "audio kept growing past the cap"
             # What the caller sends meanwhile waits in the socket's inbox, then in TCP: both bounded.
             await eventually(lambda: sending.done() or session.caller.transport.is_reading() is False, 10)
             assert session.caller._inbox_bytes <= 2 * 256 * 1024 + 16_000  # the cap, plus the read that crossed it

@@ -30,9 +30,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bridge.call as call_module
+import bridge.call.stats as call_stats
 from bridge import agent_protocol
 from bridge.agent_protocol import FunctionCall
 from bridge.call import (
+    CallEnd,
+    EndReason,
+    RedirectCall,
     ArmTimer,
     Call,
     CancelFunction,
@@ -53,7 +57,8 @@ from bridge.call import (
     StartFunction,
     Timer,
 )
-from bridge.config import Settings
+from bridge.agents import AgentCatalog
+from bridge.config import AgentConfig, Settings
 from bridge.functions import FunctionOutcome
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -154,6 +159,12 @@ def mark_out(name: str) -> MarkCaller:
     return MarkCaller(name, '{"event":"mark","streamSid":"%s","mark":{"name":"%s"}}' % (SID, name))
 
 
+def hang_up(ended_by: str, fallback: RedirectCall | None = None) -> HangUp:
+    """The ``HangUp`` whose record says ``ended_by``: the reason whose words start it, and the rest."""
+    reason = max((r for r in EndReason if ended_by.startswith(r.text)), key=lambda r: len(r.text))
+    return HangUp(CallEnd(reason, ended_by[len(reason.text):]), fallback)
+
+
 CLEAR = ClearCaller('{"event":"clear","streamSid":"%s"}' % SID)
 
 
@@ -229,12 +240,18 @@ def records(actions: Iterable[Any], event: str | None = None) -> list[Record]:
 # ------------------------------------------------------------------------------------ harness
 
 
+def catalog_of(settings: dict[str, Any]) -> AgentCatalog:
+    """One agent with these Settings, as the server would hand a call its agents."""
+    return AgentCatalog.single(AgentConfig(settings=settings, client_functions={}))
+
+
+
 class Harness:
     """One ``Call`` with a fake clock and the shell's timer bookkeeping."""
 
     def __init__(self, *, browser: bool = False, async_functions: Iterable[str] = (), **overrides: Any) -> None:
         self.settings = dataclasses.replace(BASE, **overrides)
-        self.call = Call(self.settings, AGENT_SETTINGS, SETTINGS_JSON, frozenset(async_functions), browser=browser)
+        self.call = Call(self.settings, catalog_of(AGENT_SETTINGS), frozenset(async_functions), browser=browser)
         self.now = 0.0
         self.armed: dict[Timer, float] = {}
         self.actions: list[Any] = []  # everything the call returned, in order
@@ -395,7 +412,7 @@ def test_no_start_event_ends_the_call_when_the_start_timer_fires() -> None:
     h.connected()
     assert h.advance_to(9.99) == []
     out = h.advance_to(10.0)
-    assert quiet(out) == [HangUp("no start event from Twilio")]
+    assert quiet(out) == [hang_up("no start event from Twilio")]
     assert h.hung_up_at == 10.0 and h.call.phase is Phase.ENDED
 
 
@@ -407,7 +424,7 @@ def test_start_cancels_the_start_timer_identifies_the_call_and_opens_the_agent()
     assert quiet(out) == [
         CancelTimer(Timer.START),
         Identify(CALL_SID),
-        Record("start", {"stream_sid": SID, "custom_parameters": {"b": "2", "a": "1"}}),
+        Record("start", {"stream_sid": SID, "custom_parameters": {"b": "2", "a": "1"}, "agent": "default"}),
         ArmTimer(Timer.AGENT_OPEN, 11.0),
         OpenAgent(resuming=False),
     ]
@@ -432,7 +449,7 @@ def test_handshake_is_welcome_then_settings_then_settings_applied() -> None:
     h.now = 0.5
     out = h.agent(APPLIED)
     assert quiet(out) == [CancelTimer(Timer.AGENT_OPEN), ArmTimer(Timer.KEEPALIVE, 100.5)]
-    assert h.call.phase is Phase.CONVERSING and h.call.agent_ready and h.call.generation == 1
+    assert h.call.phase is Phase.CONVERSING and h.call.agent_ready and h.call.link.generation == 1
 
 
 def test_caller_audio_held_during_the_opening_is_flushed_in_order_when_the_agent_is_ready() -> None:
@@ -483,7 +500,7 @@ def test_error_before_settings_applied_ends_the_call() -> None:
     assert quiet(out) == [
         CancelTimer(Timer.AGENT_OPEN),
         CloseAgent(),
-        HangUp("agent unavailable: Deepgram refused the session: BAD_SETTINGS: unknown key"),
+        hang_up("agent unavailable: Deepgram refused the session: BAD_SETTINGS: unknown key"),
     ]
     assert logs(out)[0].level == logging.ERROR
 
@@ -500,7 +517,7 @@ def test_agent_open_timer_ends_a_handshake_that_never_finishes() -> None:
     assert quiet(out) == [
         CancelTimer(Timer.AGENT_OPEN),
         CloseAgent(),
-        HangUp("agent unavailable: timed out after 4.0 s waiting for SettingsApplied"),
+        hang_up("agent unavailable: timed out after 4.0 s waiting for SettingsApplied"),
     ]
     assert h.hung_up_at == 5.0
 
@@ -510,7 +527,7 @@ def test_agent_open_failures_name_the_stage() -> None:
     h.connected()
     h.start()
     out = h.agent_open_failed("Deepgram refused the connection with HTTP 401 (check DEEPGRAM_API_KEY)")
-    assert h.hangups == [HangUp("agent unavailable: Deepgram refused the connection with HTTP 401 (check DEEPGRAM_API_KEY)")]
+    assert h.hangups == [hang_up("agent unavailable: Deepgram refused the connection with HTTP 401 (check DEEPGRAM_API_KEY)")]
     assert of(out, CloseAgent) == [CloseAgent()]
 
     h = Harness()
@@ -519,7 +536,7 @@ def test_agent_open_failures_name_the_stage() -> None:
     h.agent_connected()
     h.agent_closed(None)
     assert h.hangups == [
-        HangUp("agent unavailable: Deepgram closed the connection while waiting for Deepgram's Welcome (code 1006)")
+        hang_up("agent unavailable: Deepgram closed the connection while waiting for Deepgram's Welcome (code 1006)")
     ]
 
 
@@ -531,7 +548,7 @@ def test_handshake_finished_after_the_hang_up_arms_no_keepalive() -> None:
     h.agent_connected()
     h.agent(WELCOME)
     h.media(pattern(800))
-    assert quiet(h.shutdown()) == [HangUp("server shutting down")]
+    assert quiet(h.shutdown()) == [hang_up("server shutting down")]
     assert h.agent(APPLIED) == []
     assert Timer.KEEPALIVE not in h.armed
     assert h.advance(60) == []  # AGENT_OPEN firing after the hang-up does nothing either
@@ -545,10 +562,10 @@ def test_caller_audio_goes_out_in_inbound_buffer_bytes_chunks() -> None:
     audio = pattern(1500)
     sent: list[bytes] = []
     for size in (100, 299, 1, 400, 700):
-        start = sum(len(chunk) for chunk in sent) + len(h.call._buffer)
+        start = sum(len(chunk) for chunk in sent) + len(h.call.inbound.partial)
         sent += audio_sent(h.media(audio[start : start + size]))
     assert sent == [audio[0:400], audio[400:800], audio[800:1200]]
-    assert bytes(h.call._buffer) == audio[1200:1500]
+    assert h.call.inbound.partial == audio[1200:1500]
 
 
 def test_the_tail_is_flushed_to_the_agent_when_twilio_stops() -> None:
@@ -557,16 +574,16 @@ def test_the_tail_is_flushed_to_the_agent_when_twilio_stops() -> None:
     h.media(audio[:500])
     h.media(audio[500:])
     out = h.stop()
-    assert quiet(out) == [SendToAgent(audio[800:]), HangUp("caller hung up")]
+    assert quiet(out) == [SendToAgent(audio[800:]), hang_up("caller hung up")]
     assert h.call.summary()["audio_bytes_to_agent"] == 950
 
 
 def test_the_tail_is_flushed_when_the_socket_closes_and_a_stalled_caller_is_named() -> None:
     h = ready()
     h.media(pattern(50))
-    assert quiet(h.caller_closed(stalled=True)) == [SendToAgent(pattern(50)), HangUp("caller stopped reading")]
+    assert quiet(h.caller_closed(stalled=True)) == [SendToAgent(pattern(50)), hang_up("caller stopped reading")]
     h = ready()
-    assert quiet(h.caller_closed()) == [HangUp("caller hung up")]  # nothing buffered: no empty frame
+    assert quiet(h.caller_closed()) == [hang_up("caller hung up")]  # nothing buffered: no empty frame
 
 
 def test_stop_during_the_opening_waits_for_the_agent_then_flushes_the_tail() -> None:
@@ -584,7 +601,7 @@ def test_stop_during_the_opening_waits_for_the_agent_then_flushes_the_tail() -> 
     h.now = 2.5
     out = quiet(h.agent(APPLIED))
     assert audio_sent(out) == [audio[:400], audio[400:]]
-    assert out[-2:] == [CancelTimer(Timer.TAIL_FLUSH), HangUp("caller hung up")]
+    assert out[-2:] == [CancelTimer(Timer.TAIL_FLUSH), hang_up("caller hung up")]
     assert Timer.TAIL_FLUSH not in h.armed
 
 
@@ -595,7 +612,7 @@ def test_stop_during_the_opening_hangs_up_when_the_tail_flush_timer_fires() -> N
     h.media(pattern(100))
     h.now = 1.0
     h.stop()
-    assert quiet(h.fire(Timer.TAIL_FLUSH)) == [HangUp("caller hung up")]
+    assert quiet(h.fire(Timer.TAIL_FLUSH)) == [hang_up("caller hung up")]
     assert h.hung_up_at == 2.0
 
 
@@ -637,7 +654,7 @@ def test_caller_audio_in_any_frame_sizes_reaches_the_agent_byte_exact(
     whole = len(data) - len(data) % chunk
     expected = [data[i : i + chunk] for i in range(0, whole, chunk)] + ([data[whole:]] if whole < len(data) else [])
     assert audio_sent(h.actions) == expected
-    assert h.hangups == [HangUp("caller hung up")]
+    assert h.hangups == [hang_up("caller hung up")]
     summary = h.call.summary()
     assert summary["audio_bytes_from_caller"] == summary["audio_bytes_to_agent"] == len(data)
 
@@ -653,7 +670,7 @@ def test_agent_audio_goes_to_the_caller_and_each_turn_ends_with_a_mark() -> None
     assert quiet(h.agent(DONE)) == [mark_out("agent-turn-2")]
     assert quiet(h.echo("agent-turn-1")) == [Record("mark_played", {"name": "agent-turn-1"})]
     assert quiet(h.echo("agent-turn-2")) == [Record("mark_played", {"name": "agent-turn-2"})]
-    assert h.call.marks_out == set() and h.call.summary()["audio_bytes_to_caller"] == 4
+    assert h.call.playback.all_heard and h.call.summary()["audio_bytes_to_caller"] == 4
 
 
 def test_agent_audio_before_ready_or_after_the_end_is_dropped() -> None:
@@ -715,7 +732,7 @@ def test_cleared_marks_do_not_hold_up_a_later_goodbye() -> None:
     h.at(3.0)
     h.agent(request(("bye", "end_call", {})))
     h.advance_to(4.5)
-    assert h.hangups == [HangUp("agent ended the call")] and h.hung_up_at == 4.5
+    assert h.hangups == [hang_up("agent ended the call")] and h.hung_up_at == 4.5
 
 
 # ==================================================================================== hang-up
@@ -748,7 +765,7 @@ def test_goodbye_after_end_call_hangs_up_when_its_end_call_mark_is_echoed() -> N
     h.advance_to(5.0)
     assert h.hangups == []  # heard only when echoed
     out = h.echo("end-call-1")
-    assert quiet(out) == [Record("mark_played", {"name": "end-call-1"}), HangUp("agent ended the call")]
+    assert quiet(out) == [Record("mark_played", {"name": "end-call-1"}), hang_up("agent ended the call")]
     assert h.hung_up_at == 5.0
 
 
@@ -761,14 +778,14 @@ def test_goodbye_after_a_silent_end_call_is_decided_by_its_mark_not_the_grace() 
     h.agent(STARTED)
     h.speak(b"\x10" * 800)
     assert h.advance_to(2.5) == []  # the grace ends mid-turn: nothing
-    assert not h.call.hangup_when_heard
+    assert not h.call.departure.leaving_when_all_heard
     h.speak(b"\x11" * 800)
     h.at(3.0)
     assert of(h.agent(DONE), MarkCaller) == [mark_out("end-call-1")]
     h.advance_to(6.0)
     assert h.hangups == []
     h.echo("end-call-1")
-    assert h.hangups == [HangUp("agent ended the call")] and h.hung_up_at == 6.0
+    assert h.hangups == [hang_up("agent ended the call")] and h.hung_up_at == 6.0
 
 
 def test_goodbye_before_end_call_hangs_up_after_the_grace_once_every_mark_is_heard() -> None:
@@ -783,10 +800,10 @@ def test_goodbye_before_end_call_hangs_up_after_the_grace_once_every_mark_is_hea
         ArmTimer(Timer.HANGUP_GRACE, 3.5),
     ]
     assert h.advance_to(3.5) == []  # the grace is over but the goodbye is still playing
-    assert h.call.hangup_when_heard
+    assert h.call.departure.leaving_when_all_heard
     h.at(4.0)
     out = h.echo(goodbye)
-    assert quiet(out) == [Record("mark_played", {"name": goodbye}), HangUp("agent ended the call")]
+    assert quiet(out) == [Record("mark_played", {"name": goodbye}), hang_up("agent ended the call")]
     assert h.hung_up_at == 4.0
 
 
@@ -798,7 +815,7 @@ def test_goodbye_before_end_call_already_heard_hangs_up_exactly_after_the_grace(
     h.at(2.5)
     assert quiet(h.echo(goodbye)) == [Record("mark_played", {"name": goodbye})]  # not yet: last words
     assert h.advance_to(3.49) == []
-    assert quiet(h.advance_to(3.5)) == [HangUp("agent ended the call")]
+    assert quiet(h.advance_to(3.5)) == [hang_up("agent ended the call")]
     assert h.hung_up_at == 3.5
 
 
@@ -810,7 +827,7 @@ def test_unmarked_agent_audio_keeps_the_grace_from_hanging_up() -> None:
     h.advance_to(2.5)
     assert h.hangups == []
     h.advance_to(11.0)
-    assert h.hangups == [HangUp("agent ended the call (goodbye not confirmed)")]
+    assert h.hangups == [hang_up("agent ended the call (goodbye not confirmed)")]
 
 
 def test_agent_audio_after_the_grace_is_heard_before_the_hang_up() -> None:
@@ -825,7 +842,7 @@ def test_agent_audio_after_the_grace_is_heard_before_the_hang_up() -> None:
     assert h.hangups == []
     assert of(h.agent(DONE), MarkCaller) == [mark_out("end-call-2")]
     h.echo("end-call-2")
-    assert h.hangups == [HangUp("agent ended the call")]
+    assert h.hangups == [hang_up("agent ended the call")]
 
 
 def test_fallback_hangs_up_when_no_goodbye_is_confirmed() -> None:
@@ -835,7 +852,7 @@ def test_fallback_hangs_up_when_no_goodbye_is_confirmed() -> None:
     h.agent(request(("bye", "end_call", {})))
     h.advance_to(10.99)
     assert h.hangups == []
-    assert quiet(h.advance_to(11.0)) == [HangUp("agent ended the call (goodbye not confirmed)")]
+    assert quiet(h.advance_to(11.0)) == [hang_up("agent ended the call (goodbye not confirmed)")]
     assert h.hung_up_at == 11.0
 
 
@@ -851,7 +868,7 @@ def test_fallback_waits_for_the_audio_still_queued_at_twilio() -> None:
     h.advance_to(13.49)
     assert h.hangups == []
     h.advance_to(13.5)
-    assert h.hangups == [HangUp("agent ended the call (goodbye not confirmed)")]
+    assert h.hangups == [hang_up("agent ended the call (goodbye not confirmed)")]
 
 
 def test_barge_in_during_the_goodbye_keeps_the_call_up() -> None:
@@ -900,7 +917,7 @@ def test_a_turn_cut_short_by_a_barge_in_is_not_still_speaking() -> None:
     h.at(1.0)
     assert ArmTimer(Timer.HANGUP_GRACE, 2.5) in h.agent(request(("bye", "end_call", {})))
     h.advance_to(2.5)
-    assert h.hangups == [HangUp("agent ended the call")]
+    assert h.hangups == [hang_up("agent ended the call")]
 
 
 def test_barge_in_without_a_hang_up_pending_cancels_nothing() -> None:
@@ -932,7 +949,7 @@ def test_function_call_cancelled_naming_another_call_does_not_cancel_the_hang_up
     out = h.agent(cancelled("something-else"))
     assert out == []
     h.advance(1.5)
-    assert h.hangups == [HangUp("agent ended the call")]
+    assert h.hangups == [hang_up("agent ended the call")]
 
 
 def test_repeated_end_call_while_speaking_cancels_the_earlier_grace() -> None:
@@ -969,14 +986,14 @@ def test_repeated_silent_end_call_restarts_the_grace() -> None:
     h.advance_to(3.49)
     assert h.hangups == []  # the first grace (2.5) is gone
     h.advance_to(3.5)
-    assert h.hangups == [HangUp("agent ended the call")]
+    assert h.hangups == [hang_up("agent ended the call")]
 
 
 def test_only_the_first_end_reason_is_recorded_and_only_one_hang_up() -> None:
     h = ready()
     h.agent(request(("bye", "end_call", {})))
     h.advance(1.5)
-    assert h.hangups == [HangUp("agent ended the call")]
+    assert h.hangups == [hang_up("agent ended the call")]
     assert h.shutdown() == [] and h.failed() == [] and h.stop() == [] and h.agent_closed(1006) == []
     assert h.call.summary()["ended_by"] == "agent ended the call"
 
@@ -1006,7 +1023,7 @@ def test_a_repeated_end_call_after_the_first_grace_ran_out_gets_a_fresh_grace() 
     h.echo(goodbye)
     assert h.hangups == [], "hung up inside the fresh grace"
     h.advance_to(4.5)
-    assert h.hangups == [HangUp("agent ended the call")]
+    assert h.hangups == [hang_up("agent ended the call")]
 
 
 # ---------------------------------------------------------------- hang-up, random interleavings
@@ -1141,10 +1158,10 @@ class TwilioModel:
         h = self.h
         assert self.requested is not None, "hung up with no end_call in force"
         [hang_up] = h.hangups
-        if hang_up.reason == "agent ended the call (goodbye not confirmed)":
+        if hang_up.end.ended_by == "agent ended the call (goodbye not confirmed)":
             assert self.fallback_at is not None and h.hung_up_at == pytest.approx(self.fallback_at)
         else:
-            assert hang_up.reason == "agent ended the call"
+            assert hang_up.end.ended_by == "agent ended the call"
             if echoed is not None and not echoed[1] and echoed[0].startswith("end-call"):
                 return  # way 1: a goodbye after the request, heard
             # Way 2: the goodbye came before the request: after the grace, once everything sent was heard.
@@ -1206,7 +1223,7 @@ def test_client_side_calls_start_and_their_results_are_answered_and_recorded() -
         answer("f1", "get_drug_info", '{"price": 5}'),
     ]
     assert h.finished("f1", outcome({"price": 5})) == []  # only once
-    assert h.call.summary()["function_calls"] == 1 and h.call.functions == {}
+    assert h.call.summary()["function_calls"] == 1 and not h.call.functions.any_running
 
 
 def test_a_second_request_for_a_running_id_is_bad_input() -> None:
@@ -1316,13 +1333,13 @@ def test_a_resumable_close_starts_a_resume(code: int | None) -> None:
 def test_other_close_codes_end_the_call(code: int) -> None:
     h = ready()
     out = h.agent_closed(code, "bye")
-    assert quiet(out) == [CancelTimer(Timer.KEEPALIVE), HangUp(f"Deepgram closed the session (code {code})")]
+    assert quiet(out) == [CancelTimer(Timer.KEEPALIVE), hang_up(f"Deepgram closed the session (code {code})")]
     assert of(h.actions, OpenAgent) == [OpenAgent(resuming=False)]
 
 
 def test_an_agent_that_stopped_reading_ends_the_call() -> None:
     h = ready()
-    assert quiet(h.agent_closed(1006, stalled=True)) == [CancelTimer(Timer.KEEPALIVE), HangUp("agent stopped reading")]
+    assert quiet(h.agent_closed(1006, stalled=True)) == [CancelTimer(Timer.KEEPALIVE), hang_up("agent stopped reading")]
 
 
 def test_resumed_session_gets_the_history_without_the_greeting() -> None:
@@ -1362,7 +1379,7 @@ def test_resumed_session_gets_the_history_without_the_greeting() -> None:
         ArmTimer(Timer.KEEPALIVE, 101.5),
         Record("agent_resumed", {"attempt": 1, "history_items": 3}),
     ]
-    assert h.call.phase is Phase.CONVERSING and h.call.generation == 2
+    assert h.call.phase is Phase.CONVERSING and h.call.link.generation == 2
 
 
 def test_a_first_session_gets_the_settings_as_configured() -> None:
@@ -1411,7 +1428,7 @@ def test_an_answer_for_an_older_agent_session_is_not_sent() -> None:
     h.agent_closed(1006)
     h.fire(Timer.FUNCTIONS_WAIT)
     h.resume_ready()
-    assert h.call.generation == 2
+    assert h.call.link.generation == 2
     h.agent(request(("o2", "lookup_order", {})))
     out = h.finished("o1", outcome({"order_id": 7}))
     assert json_sent(out) == []
@@ -1436,7 +1453,7 @@ def test_resume_makes_one_attempt_plus_one_per_delay_then_ends_the_call(delays: 
         else:
             out = h.fire(Timer.RECONNECT)
     assert opened_at == pytest.approx([1.0 + sum(delays[:n]) for n in range(len(delays) + 1)])
-    assert h.hangups == [HangUp("agent connection lost")]
+    assert h.hangups == [hang_up("agent connection lost")]
 
 
 def test_each_kind_of_failed_attempt_counts_and_a_later_attempt_resumes() -> None:
@@ -1457,7 +1474,7 @@ def test_each_kind_of_failed_attempt_counts_and_a_later_attempt_resumes() -> Non
     h.fire(Timer.RECONNECT)
     out = h.resume_ready()  # attempt 4
     assert records(out, "agent_resumed") == [Record("agent_resumed", {"attempt": 4, "history_items": 0})]
-    assert h.hangups == [] and h.call.attempt == 0
+    assert h.hangups == [] and h.call.link.attempt == 0
     assert len(of(h.actions, OpenAgent)) == 5 and len(of(h.actions, CloseAgent)) == 3
 
 
@@ -1476,7 +1493,7 @@ def test_gap_audio_is_dropped_and_counted_and_later_audio_goes_to_the_new_sessio
     h = ready()
     h.media(pattern(150))  # short of a chunk when the agent drops
     h.agent_closed(1006)
-    assert h.call.gap_bytes_dropped == 150
+    assert h.call.inbound.bytes_dropped == 150
     assert audio_sent(h.media(pattern(800, seed=4))) == []
     h.resume_ready()
     assert audio_sent(h.actions) == []
@@ -1492,14 +1509,14 @@ def test_gap_audio_shorter_than_a_chunk_is_dropped_too() -> None:
     h.resume_ready()
     fresh = pattern(400, seed=7)
     assert audio_sent(h.media(fresh)) == [fresh]
-    assert h.call.gap_bytes_dropped == 100
+    assert h.call.inbound.bytes_dropped == 100
 
 
 def test_caller_hanging_up_during_a_resume_ends_the_call() -> None:
     h = ready()
     h.agent_closed(1006)
     h.agent_open_failed()
-    assert quiet(h.stop()) == [HangUp("caller hung up")]
+    assert quiet(h.stop()) == [hang_up("caller hung up")]
 
 
 def test_a_failed_resume_ends_the_call_even_with_a_hang_up_pending() -> None:
@@ -1507,7 +1524,7 @@ def test_a_failed_resume_ends_the_call_even_with_a_hang_up_pending() -> None:
     h.agent(request(("bye", "end_call", {})))
     h.agent_closed(1006)
     h.agent_open_failed()
-    assert h.hangups == [HangUp("agent connection lost")]
+    assert h.hangups == [hang_up("agent connection lost")]
 
 
 # ================================================================================== keepalive
@@ -1549,15 +1566,15 @@ def test_the_first_end_reason_wins() -> None:
     h.agent_connected()
     h.agent(WELCOME)
     h.agent({"type": "Error", "code": "BUSY", "description": "later"})
-    assert h.hangups == [HangUp("caller hung up")]
+    assert h.hangups == [hang_up("caller hung up")]
     assert h.call.summary()["ended_by"] == "caller hung up"
 
 
 def test_shutdown_and_failure_reasons() -> None:
     h = ready()
-    assert quiet(h.shutdown()) == [HangUp("server shutting down")]
+    assert quiet(h.shutdown()) == [hang_up("server shutting down")]
     h = ready()
-    assert quiet(h.failed()) == [HangUp("internal error")]
+    assert quiet(h.failed()) == [hang_up("internal error")]
     assert h.shutdown() == [] and h.call.phase is Phase.ENDED
 
 
@@ -1593,7 +1610,7 @@ def test_deepgram_errors_mid_call_resume_a_bounded_number_of_times_then_end_the_
         h.agent(APPLIED)  # ready again, and the attempt count starts afresh: not the error count
         assert h.call.phase is Phase.CONVERSING
     out = h.agent(error)
-    assert quiet(out)[-1] == HangUp("Deepgram error E")
+    assert quiet(out)[-1] == hang_up("Deepgram error E")
     assert h.call.summary()["errors"] == call_module.MAX_ERROR_RESUMES + 1
 
 
@@ -1609,7 +1626,7 @@ def test_nothing_before_start_is_kept_only_counted() -> None:
     h.twilio(dtmf_frame("7"))
     assert quiet(h.actions) == [ArmTimer(Timer.START, 10.0)]
     assert h.call.bad_input == {"twilio:media-before-start": 3, "twilio:mark-before-start": 1, "twilio:dtmf-before-start": 1}
-    assert len(h.call._buffer) == 0 and h.call.summary()["audio_bytes_from_caller"] == 0
+    assert len(h.call.inbound.partial) == 0 and h.call.summary()["audio_bytes_from_caller"] == 0
     h.start()
     h.agent_connected()
     h.agent(WELCOME)
@@ -1648,7 +1665,7 @@ def test_bad_input_is_logged_once_per_kind_and_counted() -> None:
 
 
 def test_bad_input_kinds_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(call_module, "MAX_BAD_INPUT_KINDS", 2)
+    monkeypatch.setattr(call_stats, "MAX_BAD_INPUT_KINDS", 2)
     h = ready()
     out = h.caller_binary(b"\x00") + h.twilio("nope") + h.twilio("[]") + h.twilio("{}") + h.agent("{oops")
     out += h.twilio("[]")
@@ -1713,7 +1730,7 @@ def test_browser_events_go_to_the_browser_only() -> None:
 
 def test_the_browser_is_not_told_the_call_ended_when_it_hung_up_itself() -> None:
     h = ready(browser=True)
-    assert quiet(h.stop()) == [HangUp("caller hung up")]
+    assert quiet(h.stop()) == [hang_up("caller hung up")]
 
 
 def test_summary_fields() -> None:
@@ -1739,6 +1756,7 @@ def test_summary_fields() -> None:
         "stream_sid": SID,
         "custom_parameters": {"caller": "+15550100"},
         "ended_by": "caller hung up",
+        "end_reason": "caller_hung_up",
         "audio_bytes_from_caller": 900,
         "audio_bytes_to_agent": 900,
         "audio_bytes_to_caller": 320,
@@ -1780,7 +1798,7 @@ def test_an_agent_lost_during_a_transfer_sends_no_fallback_update_over_the_trans
     h = ready(**REST)
     h.agent(request(("t1", "transfer_call", {"reason": "pharmacist"})))
     h.advance_to(h.now + 2.0)  # the grace: nothing was being said, so the transfer goes out
-    assert of(h.actions, TransferCall) and h.call.transferring
+    assert of(h.actions, TransferCall) and h.call.departure.transferring
     actions = h.agent_closed(1000)  # Deepgram ends its session while the REST update is in flight
     [hang_up] = of(actions, HangUp)
     assert not hang_up.fallback, "a fallback update would race the transfer and could win"

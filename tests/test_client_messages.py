@@ -20,7 +20,7 @@ from bridge.call import Call, SendToAgent, Timer
 from bridge.config import load_agent_config
 from conftest import ROOT
 from sdk_oracle import CLIENT_MESSAGE_MODELS, assert_valid_client_message, sdk_problem
-from test_call import REST, Harness, dtmf_frame, outcome, request, text
+from test_call import REST, Harness, catalog_of, dtmf_frame, outcome, request, text
 
 CONFIG = load_agent_config(ROOT / "config.json", {}).settings
 CALL = FunctionCall(id="f1", name="get_drug_info", arguments='{"drug_name": "ibuprofen"}')
@@ -100,9 +100,7 @@ def test_resumed_settings_and_answers_are_valid_whatever_the_conversation_held(h
 def config_harness(**overrides: Any) -> Harness:
     """tests/test_call.py's harness, with the real config.json as the agent's settings."""
     harness = Harness(**overrides)
-    harness.call = Call(
-        harness.settings, CONFIG, agent_protocol.settings_message(CONFIG, []), frozenset(), browser=False
-    )
+    harness.call = Call(harness.settings, catalog_of(CONFIG), frozenset(), browser=False)
     return harness
 
 

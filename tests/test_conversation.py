@@ -14,6 +14,7 @@ import pytest
 
 from fakes import shows_digits
 from test_call import (
+    hang_up,
     APPLIED,
     DONE,
     STARTED,
@@ -27,8 +28,8 @@ from test_call import (
 )
 
 from bridge import agent_protocol
+from bridge.call.keypad import MAX_DTMF_DIGITS
 from bridge.call import (
-    MAX_DTMF_DIGITS,
     ArmTimer,
     CancelTimer,
     HangUp,
@@ -155,7 +156,7 @@ def test_silence_brings_a_reprompt_then_a_goodbye_then_the_call_ends_as_caller_s
     goodbye = h.at(43.0).turn(800)
     assert goodbye.startswith("end-call")
     h.at(45.0).echo(goodbye)
-    assert h.hangups == [HangUp("caller silent")]
+    assert h.hangups == [hang_up("caller silent")]
     assert h.call.summary()["idle_reprompts"] == 1
 
 
@@ -182,7 +183,7 @@ def test_the_goodbye_ends_the_call_even_if_it_is_never_heard() -> None:
     h.fire(Timer.IDLE)
     h.fire(Timer.IDLE)  # the re-prompt never played: the clock held from it
     h.fire(Timer.HANGUP_FALLBACK)
-    assert h.hangups == [HangUp("caller silent (goodbye not confirmed)")]
+    assert h.hangups == [hang_up("caller silent (goodbye not confirmed)")]
 
 
 def test_caller_speech_or_keys_restart_the_silence_clock_from_the_first_stage() -> None:

@@ -174,7 +174,7 @@ async def test_keepalive_when_no_audio_flows(fake_agent: FakeAgent, make_bridge:
 def agent_ready(server: BridgeServer, sessions: int = 1) -> bool:
     """The bridge has taken SettingsApplied on its ``sessions``-th agent session (not just connected)."""
     return bool(server.calls) and all(
-        session.call.generation >= sessions and session.call.agent_ready for session in server.calls
+        session.call.link.generation >= sessions and session.call.agent_ready for session in server.calls
     )
 
 
@@ -490,9 +490,9 @@ async def test_an_agent_session_that_opens_while_the_call_closes_is_closed_too(m
             assert not session.call.agent_ready
             assert caller.socket is not None
             caller.socket.transport.pause_reading()  # closing the caller's socket now takes its full timeout
-            session.end("test: ended during the agent handshake")
+            session.shut_down()
             await eventually(lambda: not server.calls, 5, "the call to end")
-            assert session.call.generation == 0, "an abandoned handshake must not become a session"
+            assert session.call.link.generation == 0, "an abandoned handshake must not become a session"
             await asyncio.wait_for(seen.closed.wait(), 2)
             assert not session._timers, f"timers left armed: {list(session._timers)}"
             caller.socket.transport.resume_reading()
@@ -512,7 +512,7 @@ async def test_a_resumed_session_hears_of_a_function_that_ran_across_the_drop(ma
             await eventually(lambda: agent_ready(server), what="the first agent session to be ready")
             await first.send_json({"type": "FunctionCallRequest", "functions": [
                 {"id": "o1", "name": "get_drug_info", "arguments": '{"drug_name": "ibuprofen"}', "client_side": True}]})
-            await eventually(lambda: any(session.call.functions for session in server.calls), what="the function to start")
+            await eventually(lambda: any(session.call.functions.any_running for session in server.calls), what="the function to start")
             first.drop()
             second = await agent.session(1, timeout=5)
             await eventually(lambda: second.settings is not None)

@@ -19,7 +19,8 @@ from fakes import FakeAgent, FakeTwilioCaller, eventually
 from prometheus_client.parser import text_string_to_metric_families
 from test_agents import MainProcess
 
-from bridge.metrics import END_CATEGORIES, OTHER_END, Metrics, WorkerShare, ended_by_label
+from bridge.call import CallEnd, EndReason
+from bridge.metrics import END_LABELS, OTHER_END, Metrics, WorkerShare
 
 
 def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -49,7 +50,7 @@ def test_the_text_format_parses_and_histograms_are_cumulative() -> None:
     metrics = Metrics(["get_drug_info"])
     metrics.call_started()
     metrics.call_started()
-    metrics.call_ended("caller hung up", 42.0, {"twilio:not-json": 3})
+    metrics.call_ended(CallEnd(EndReason.CALLER_HUNG_UP), 42.0, {"twilio:not-json": 3})
     for seconds in (0.003, 0.2, 0.2, 30.0):
         metrics.on_record("function_call", {"name": "get_drug_info", "outcome": "ok", "duration_seconds": seconds})
     metrics.on_record("function_call", {"name": 'evil"\n{name}', "outcome": "bad_call", "duration_seconds": 0.0})
@@ -84,16 +85,20 @@ def test_the_text_format_parses_and_histograms_are_cumulative() -> None:
 
 
 def test_every_way_a_call_ends_has_its_own_label() -> None:
-    """Each end reason the state machine can give maps to a category, never to ``other``."""
-    source = (ROOT / "bridge" / "call.py").read_text()
-    reasons = set(re.findall(r'_end\(\s*f?"([^"{]+)', source))
-    reasons |= set(re.findall(r'_REASON = "([^"]+)"', source))
-    reasons |= {"voicemail", "transferred", "caller hung up during a failed transfer"}
-    assert len(reasons) >= 12, reasons
-    for reason in reasons:
-        assert ended_by_label(reason) != OTHER_END, reason
-    assert ended_by_label("something new") == OTHER_END
-    assert len({label for _, label in END_CATEGORIES}) == len(END_CATEGORIES)
+    """Each end reason is counted under its own label, and the docs list every label there is."""
+    metrics = Metrics()
+    for reason in EndReason:
+        metrics.call_started()
+        metrics.call_ended(CallEnd(reason, " with some detail"), 1.0, {})
+    samples = parse(metrics.render())
+    labels = {reason.value for reason in EndReason}
+    assert len(labels) == len(EndReason) and OTHER_END not in labels
+    for label in labels:
+        assert value(samples, "bridge_calls_total", ended_by=label) == 1, label
+    assert set(END_LABELS) == labels | {OTHER_END}
+    documented = (ROOT / "docs" / "deployment.md").read_text()
+    [row] = [line for line in documented.splitlines() if line.startswith("| `bridge_calls_total`")]
+    assert set(re.findall(r"`([a-z_]+)`", row)) - {"bridge_calls_total", "ended_by", "end_reason"} == set(END_LABELS)
 
 
 def test_snapshots_of_other_workers_are_summed_and_their_process_metrics_labelled() -> None:
@@ -101,7 +106,7 @@ def test_snapshots_of_other_workers_are_summed_and_their_process_metrics_labelle
     one.call_started()
     two.call_started()
     two.call_started()
-    two.call_ended("agent ended the call", 10.0, {})
+    two.call_ended(CallEnd(EndReason.AGENT_ENDED), 10.0, {})
     two.on_record("function_call", {"name": "f", "outcome": "timeout", "duration_seconds": 10.0})
     samples = parse(one.render([("1", two.snapshot())], worker="0"))
     assert value(samples, "bridge_calls_active") == 2
@@ -117,7 +122,7 @@ def test_a_retired_worker_keeps_its_counts_but_not_its_live_calls(tmp_path: Path
     gone, alive = Metrics(["f"]), Metrics(["f"])
     for _ in range(3):
         gone.call_started()
-    gone.call_ended("caller hung up", 5.0, {"twilio:not-json": 1})
+    gone.call_ended(CallEnd(EndReason.CALLER_HUNG_UP), 5.0, {"twilio:not-json": 1})
     gone.on_record("function_call", {"name": "f", "outcome": "ok", "duration_seconds": 0.1})
     WorkerShare(tmp_path, "0").write(gone.snapshot())
     WorkerShare.retire(tmp_path, "0")

@@ -165,7 +165,7 @@ async def short_call(server: Any, fake_agent: FakeAgent, index: int = 0) -> Fake
         await caller.start()
         session = await fake_agent.ready_session(index)
         await session.send_json({"type": "ConversationText", "role": "user", "content": f"Hello number {index}"})
-        await eventually(lambda: server.calls and next(iter(server.calls)).call.turns == 1, what="the turn")
+        await eventually(lambda: server.calls and next(iter(server.calls)).call.stats.turns == 1, what="the turn")
         await caller.stop()
     await eventually(lambda: not server.calls, what="the call to end")
     return caller
@@ -191,7 +191,7 @@ async def test_a_call_delivers_one_signed_post_with_its_summary(
                 await caller.press(digit)
             await eventually(lambda: session.of_type("InjectUserMessage"), what="the keypad digits")
             await session.send_json({"type": "ConversationText", "role": "user", "content": "The caller pressed 4 3 2 1"})
-            await eventually(lambda: next(iter(server.calls)).call.turns == 3, what="the third turn")
+            await eventually(lambda: next(iter(server.calls)).call.stats.turns == 3, what="the third turn")
             await caller.stop()
         await eventually(lambda: not server.calls, what="the call to end")
         await eventually(lambda: receiver.delivered, what="the webhook")

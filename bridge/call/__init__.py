@@ -1,0 +1,41 @@
+"""One call's rules as small state machines with no I/O: events in, actions out, time passed in.
+
+``Call`` (core.py) is the one event API; the machines it is made of, and the theory of
+operation, are described there and in docs/architecture.md. This package's public names are
+re-exported here.
+"""
+
+from .actions import (
+    NO_ACTIONS,
+    Action,
+    ArmTimer,
+    CancelFunction,
+    CancelTimer,
+    ClearCaller,
+    CloseAgent,
+    HangUp,
+    Identify,
+    Log,
+    MarkCaller,
+    OpenAgent,
+    PauseCaller,
+    Record,
+    RedirectCall,
+    ResumeCaller,
+    SendToAgent,
+    SendToCaller,
+    StartFunction,
+    Timer,
+    TransferCall,
+)
+from .agent_link import MAX_ERROR_RESUMES
+from .core import MODE_PARAMETER, VOICEMAIL_MODE, Call
+from .phase import Phase
+from ..call_events import CallEnd, EndReason, RecordEvent
+
+__all__ = [
+    "MAX_ERROR_RESUMES", "MODE_PARAMETER", "NO_ACTIONS", "VOICEMAIL_MODE", "Action", "ArmTimer", "Call", "CallEnd",
+    "CancelFunction", "CancelTimer", "ClearCaller", "CloseAgent", "EndReason", "HangUp", "Identify", "Log",
+    "MarkCaller", "OpenAgent", "PauseCaller", "Phase", "Record", "RecordEvent", "RedirectCall", "ResumeCaller",
+    "SendToAgent", "SendToCaller", "StartFunction", "Timer", "TransferCall",
+]

@@ -1,0 +1,46 @@
+"""The sentences the bridge itself has a call say: re-prompts, goodbyes, voicemail, apologies.
+
+The agent's LLM writes everything else a caller hears; these few lines are the bridge's own, said
+when the LLM can't be asked (the agent is down) or shouldn't be (a silent caller, a voicemail
+machine). They belong to an agent, so that a Spanish agent says them in Spanish: each agent file
+may set its own in its ``bridge.lines`` section (docs/agents.md), and ``CallerLines()`` holds
+the English defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+IDLE_REPROMPT = "Are you still there? I'm here if you need anything."
+IDLE_GOODBYE = "I haven't heard anything for a while, so I'll end the call now. Please call again any time. Goodbye."
+VOICEMAIL = (
+    "Hello, this is your pharmacy calling with a message about your prescription. "
+    "Please call us back when it suits you. Thank you, and goodbye."
+)
+TRANSFER_FAILED = (
+    "I'm sorry, I couldn't connect you to a pharmacist just now. Is there anything else I can help you with?"
+)
+FALLBACK_TRANSFER = (
+    "I'm sorry, our automated assistant isn't available right now. "
+    "Please hold while I connect you to a member of our team."
+)
+FALLBACK_GOODBYE = (
+    "I'm sorry, our automated assistant isn't available right now. Please call us again in a few minutes. Goodbye."
+)
+# A line is said aloud in one breath; longer is a mistake in the file.
+MAX_LINE_CHARS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class CallerLines:
+    """One agent's lines, each one sentence or two, said as written."""
+
+    idle_reprompt: str = IDLE_REPROMPT  # to a caller silent for IDLE_REPROMPT_SECONDS
+    idle_goodbye: str = IDLE_GOODBYE  # before hanging up on a caller still silent
+    voicemail: str = VOICEMAIL  # to an answering machine on an outbound call
+    transfer_failed: str = TRANSFER_FAILED  # the agent's line when a transfer could not be made
+    fallback_transfer: str = FALLBACK_TRANSFER  # Twilio says it when the agent fails, before FALLBACK_NUMBER
+    fallback_goodbye: str = FALLBACK_GOODBYE  # Twilio says it when the agent fails and there is no FALLBACK_NUMBER
+
+
+LINE_NAMES = tuple(field.name for field in fields(CallerLines))
