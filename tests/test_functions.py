@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from deepgram.agent.v1 import AgentV1SendFunctionCallResponse
 import bridge.session
 import main
 from bridge.config import ConfigError, parse_agent_config
-from bridge.functions import check_function_map
+from bridge.functions import MAX_NESTING, MAX_RESULT_CHARS, check_function_map
 from conftest import ROOT, BridgeFactory, empty_env, read_record, twilio_url
 from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually
 
@@ -68,12 +69,26 @@ def greet(name: str) -> dict[str, Any]:
     return {"greeting": f"Hello {name}"}
 
 
+def nested(levels: int) -> dict[str, Any]:
+    """An object ``levels`` deep."""
+    value: dict[str, Any] = {"bottom": True}
+    for _ in range(levels - 1):
+        value = {"in": value}
+    return value
+
+
+def sized(chars: int) -> dict[str, Any]:
+    return {"text": "x" * chars}
+
+
 TEST_FUNCTIONS = {
     "boom": boom,
     "unserialisable": unserialisable,
     "slow": slow,
     "async_slow": async_slow,
     "greet": greet,
+    "nested": nested,
+    "sized": sized,
 }
 
 
@@ -128,6 +143,75 @@ async def test_every_failure_is_an_answer_with_the_right_id(fake_agent: FakeAgen
         assert set(found[call_id]) == {"name", "error"}, found[call_id]
         assert fragment in found[call_id]["error"], (call_id, found[call_id])
     assert "database on fire" not in json.dumps(found)  # the traceback stays in the log
+
+
+def nested_json(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+async def test_arguments_nested_thousands_deep_get_an_answer_a_record_and_one_warning(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deeper than Python's JSON parser can go, or just deeper than any real call: both refused.
+
+    Unanswered, the function stayed "running" for the rest of the call, which also stopped the
+    silence clock: the re-prompt after the answer shows it is over.
+    """
+    async with make_bridge(fake_agent, function_map=TEST_FUNCTIONS, idle_reprompt_seconds=0.5) as server:
+        caller, session = await open_call(fake_agent, server)
+        await session.send_json(request(
+            ("deep", "greet", f'{{"name": {nested_json(3000)}}}'),
+            ("deeper-than-allowed", "greet", f'{{"name": {nested_json(MAX_NESTING)}}}'),
+            ("allowed", "greet", f'{{"name": {nested_json(MAX_NESTING - 1)}}}'),
+        ))
+        await eventually(lambda: len(session.of_type("FunctionCallResponse")) == 3, 2, "three answers")
+        await eventually(lambda: session.of_type("InjectAgentMessage"), 2, "the silence clock's re-prompt")
+        await caller.__aexit__(None, None, None)
+    found = responses(session)
+    for call_id in ("deep", "deeper-than-allowed"):
+        assert found[call_id] == {"name": "greet", "error": "The arguments for greet are nested too deeply."}
+    assert found["allowed"]["greeting"].startswith("Hello [[[")
+    lines = read_record(tmp_path / "calls")
+    refused = [line for line in lines if line["event"] == "function_call" and line["outcome"] == "bad_call"]
+    assert [(line["error"], line["result"]) for line in refused] == [
+        ("The arguments for greet are nested too deeply.", None)
+    ] * 2
+    # The arguments are kept as the text the agent sent (the long one cut, like any long field).
+    assert sorted(line["arguments"][:40] for line in refused) == [f'{{"name": {nested_json(3000)}'[:40]] * 2
+    assert f'{{"name": {nested_json(MAX_NESTING)}}}' in [line["arguments"] for line in refused]
+    assert [e["event"] for e in lines].index("idle_reprompt") > [e["event"] for e in lines].index("function_call")
+    warnings = [r.getMessage().partition("] ")[2] for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [f"function greet: arguments are nested more than {MAX_NESTING} levels deep"] * 2
+
+
+async def test_a_result_too_deep_or_too_large_to_pass_on_is_an_error_answer(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with make_bridge(fake_agent, function_map=TEST_FUNCTIONS) as server:
+        caller, session = await open_call(fake_agent, server)
+        await session.send_json(request(
+            ("deep", "nested", {"levels": 3000}),
+            ("deeper-than-allowed", "nested", {"levels": MAX_NESTING + 1}),
+            ("allowed", "nested", {"levels": MAX_NESTING}),
+            ("huge", "sized", {"chars": MAX_RESULT_CHARS}),
+            ("large", "sized", {"chars": MAX_RESULT_CHARS - 20}),
+        ))
+        await eventually(lambda: len(session.of_type("FunctionCallResponse")) == 5, 2, "five answers")
+        await caller.__aexit__(None, None, None)
+    found = responses(session)
+    for call_id in ("deep", "deeper-than-allowed"):
+        assert found[call_id] == {"name": "nested", "error": "nested returned a result that could not be read."}
+    assert found["huge"] == {"name": "sized", "error": "sized returned a result too large to pass on."}
+    assert len(found["large"]["text"]) == MAX_RESULT_CHARS - 20
+    assert {"name": "nested", **nested(MAX_NESTING)} == found["allowed"]
+    recorded = [line for line in read_record(tmp_path / "calls") if line["event"] == "function_call"]
+    assert sorted(line["outcome"] for line in recorded) == ["failed", "failed", "failed", "ok", "ok"]
+    errors = sorted(r.getMessage().partition("] ")[2] for r in caplog.records if r.levelno >= logging.ERROR)
+    assert errors == [
+        f"function nested returned a result nested more than {MAX_NESTING} levels deep",
+        f"function nested returned a result nested more than {MAX_NESTING} levels deep",
+        f"function sized returned {MAX_RESULT_CHARS + 12} characters of JSON, more than {MAX_RESULT_CHARS}",
+    ]
 
 
 async def test_a_slow_function_does_not_stall_audio(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
