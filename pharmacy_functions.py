@@ -13,8 +13,9 @@ with keyword arguments parsed from the LLM's JSON, in a worker thread, and
 sends the returned dict back to the agent. Every result is therefore a plain,
 JSON-serialisable dict worded so the agent can read it aloud; failures the
 caller can fix (unknown drug, bad quantity, unknown order number) come back as
-``{"error": "..."}`` rather than exceptions, and so does an order system that
-can't be reached right now.
+``{"error": "..."}`` rather than exceptions, and so do a name holding a
+character no database takes (a NUL, half of a character) and an order system
+that can't be reached right now.
 
 The catalogue and the orders live in a ``PharmacyStore``: one interface (the
 business operations, written once) over two backends that each supply four
@@ -41,6 +42,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -193,11 +195,35 @@ _SCHEMA: Final[tuple[str, ...]] = (
     """,
 )
 
-def _normalise_name(value: object) -> str:
-    """Trim and collapse whitespace; speech-to-text often pads or doubles spaces."""
+
+# Characters no text argument may hold. NUL: PostgreSQL can't store it in text (psycopg raises
+# DataError), and C code reading the text would stop at it. A lone surrogate (what JSON's
+# "\ud800" decodes to): half of a character, which no UTF-8 encoder takes (sqlite3 and psycopg
+# raise UnicodeEncodeError). Neither comes from speech, only from a broken or hostile agent.
+_UNUSABLE_CHARACTER: Final = re.compile("[\x00\ud800-\udfff]")
+
+
+class UnusableText(ValueError):
+    """A text argument holds a character no store takes; ``answer`` is for the agent to say."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"the {what} holds a NUL or a lone surrogate")
+        self.what = what
+        self.answer = f"That {what} has a character in it that I can't use. Please say it again."
+
+
+def _normalise_name(value: object, what: str) -> str:
+    """Trim and collapse whitespace; speech-to-text often pads or doubles spaces.
+
+    Raises ``UnusableText`` (naming the argument as ``what``) for a NUL or a lone surrogate, here
+    where every name enters, so both backends refuse them alike before any query.
+    """
     if value is None:
         return ""
-    return " ".join(str(value).split())
+    text = " ".join(str(value).split())
+    if _UNUSABLE_CHARACTER.search(text):
+        raise UnusableText(what)
+    return text
 
 
 def _parse_quantity(value: object) -> int | None:
@@ -295,8 +321,8 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-def _answers_outages(method: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
-    """An unreachable database becomes an answer the agent can say, not an exception."""
+def _answers_failures(method: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """An unreachable database, or an unusable argument, becomes an answer the agent can say."""
 
     @functools.wraps(method)
     def answer(*args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -304,6 +330,9 @@ def _answers_outages(method: Callable[..., dict[str, Any]]) -> Callable[..., dic
             return method(*args, **kwargs)
         except DatabaseUnavailable:  # logged (once per outage) by bridge.postgres
             return {"error": UNAVAILABLE_MESSAGE}
+        except UnusableText as exc:
+            logger.warning("%s refused its arguments: %s", method.__name__, exc)  # never the text itself
+            return {"error": exc.answer}
 
     return answer
 
@@ -350,8 +379,8 @@ class PharmacyStore(ABC):
     # -- lower-level queries ----------------------------------------------------------------
 
     def find_drug(self, drug_name: str) -> dict[str, Any] | None:
-        """The catalogue entry for ``drug_name`` (any case/spacing), or None."""
-        name = _normalise_name(drug_name)
+        """The catalogue entry for ``drug_name`` (any case/spacing), or None; see ``UnusableText``."""
+        name = _normalise_name(drug_name, "drug name")
         row = self._drug(name) if name else None
         if row is None:
             return None
@@ -367,22 +396,22 @@ class PharmacyStore(ABC):
 
     def _unknown_drug(self, drug_name: object) -> dict[str, Any]:
         """The error for a drug we don't stock, with the list to choose from."""
-        name = _normalise_name(drug_name)
+        name = _normalise_name(drug_name, "drug name")
         message = f"We don't carry {name}." if name else "Please say which drug you mean."
         return {"error": message, "available": self.drug_names()}
 
     # -- business operations (the module-level functions delegate here) -------------------
 
-    @_answers_outages
+    @_answers_failures
     def get_drug_info(self, drug_name: str) -> dict[str, Any]:
         """Describe a drug, or list what we carry if we don't have it."""
         drug = self.find_drug(drug_name)
         return drug if drug is not None else self._unknown_drug(drug_name)
 
-    @_answers_outages
+    @_answers_failures
     def place_order(self, customer_name: str, drug_name: str, quantity: int | str = 1) -> dict[str, Any]:
         """Record an order and return it with its new order number."""
-        customer = _normalise_name(customer_name)
+        customer = _normalise_name(customer_name, "customer name")
         if not customer:
             return {"error": "I need the customer's name to place the order."}
         count = _parse_quantity(quantity)
@@ -390,7 +419,7 @@ class PharmacyStore(ABC):
             return {
                 "error": f"The quantity must be a whole number from {MIN_QUANTITY} to {MAX_QUANTITY}."
             }
-        name = _normalise_name(drug_name)
+        name = _normalise_name(drug_name, "drug name")
         created_at = datetime.now(timezone.utc).replace(microsecond=0)
         row = self._add_order(customer, name, count, created_at) if name else None
         if row is None:
@@ -399,7 +428,7 @@ class PharmacyStore(ABC):
             return self._unknown_drug(drug_name)
         return _order_dict(row)
 
-    @_answers_outages
+    @_answers_failures
     def lookup_order(self, order_id: int | str) -> dict[str, Any]:
         """Read an order back by its number (12, "12", " 12 " or "#12")."""
         number = _parse_order_id(order_id)

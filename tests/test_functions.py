@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from deepgram.agent.v1 import AgentV1SendFunctionCallResponse
 
 import bridge.session
 import main
+import pharmacy_functions
 from bridge.config import ConfigError, parse_agent_config
 from bridge.functions import MAX_NESTING, MAX_RESULT_CHARS, check_function_map
 from conftest import ROOT, BridgeFactory, empty_env, read_record, twilio_url
@@ -447,6 +449,56 @@ async def test_orders_survive_a_restart(fake_agent: FakeAgent, make_bridge: Brid
 
     reopened = pharmacy_functions.PharmacyStore(Path(pharmacy_functions.os.environ["PHARMACY_DB"]))
     assert reopened.lookup_order(str(placed["order_id"]))["customer_name"] == "Ann Lee"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def pharmacy_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The pharmacy functions on a fresh SQLite file (conftest's PHARMACY_DB) or PostgreSQL database."""
+    if request.param == "postgresql":
+        monkeypatch.setenv("DATABASE_URL", request.getfixturevalue("postgres_url"))
+    stores: dict[Any, pharmacy_functions.PharmacyStore] = {}
+    monkeypatch.setattr(pharmacy_functions, "_stores", stores)  # this test's own, closed after it
+    yield request.param
+    for store in stores.values():
+        store.close()
+
+
+async def test_a_nul_or_half_a_character_in_a_name_is_refused_alike_on_both_stores(
+    pharmacy_backend: str, fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """PostgreSQL can't store a NUL, and neither database can encode a lone surrogate (JSON "\\ud800")."""
+    drug_name = "That drug name has a character in it that I can't use. Please say it again."
+    customer_name = "That customer name has a character in it that I can't use. Please say it again."
+    async with make_bridge(fake_agent) as server:
+        caller, session = await open_call(fake_agent, server)
+        await session.send_json(request(
+            ("nul-info", "get_drug_info", {"drug_name": "Ibu\u0000profen"}),
+            ("nul-customer", "place_order", {"customer_name": "Ann\u0000Lee", "drug_name": "Ibuprofen"}),
+            ("nul-drug", "place_order", {"customer_name": "Ann Lee", "drug_name": "Ibuprofen\u0000"}),
+            ("surrogate-info", "get_drug_info", {"drug_name": "\udc00"}),
+            ("surrogate-customer", "place_order", {"customer_name": "Ann \ud83d", "drug_name": "Ibuprofen"}),
+            ("surrogate-drug", "place_order", {"customer_name": "Ann Lee", "drug_name": "Ibuprofen\ud800"}),
+            ("whole-emoji", "place_order", {"customer_name": "Ann \U0001f600", "drug_name": "Ibuprofen"}),
+        ))
+        await eventually(lambda: len(session.of_type("FunctionCallResponse")) == 7, 3, "seven answers")
+        await caller.__aexit__(None, None, None)
+    found = responses(session)
+    assert {call_id: answer.get("error") for call_id, answer in found.items()} == {
+        "nul-info": drug_name, "nul-customer": customer_name, "nul-drug": drug_name,
+        "surrogate-info": drug_name, "surrogate-customer": customer_name, "surrogate-drug": drug_name,
+        "whole-emoji": None,
+    }
+    assert found["whole-emoji"]["order_id"] == 1  # nothing was written for the refused ones
+    assert found["whole-emoji"]["customer_name"] == "Ann \U0001f600"
+    recorded = {line["error"] for line in read_record(tmp_path / "calls") if line["event"] == "function_call"}
+    assert recorded == {drug_name, customer_name, None}
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []  # no traceback
+    assert sorted(r.getMessage() for r in caplog.records if r.name == "pharmacy_functions") == sorted(
+        ["get_drug_info refused its arguments: the drug name holds a NUL or a lone surrogate"] * 2
+        + ["place_order refused its arguments: the customer name holds a NUL or a lone surrogate"] * 2
+        + ["place_order refused its arguments: the drug name holds a NUL or a lone surrogate"] * 2
+    )
 
 
 def test_startup_check_of_declared_functions() -> None:
