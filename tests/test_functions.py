@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
+import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -449,6 +452,55 @@ async def test_orders_survive_a_restart(fake_agent: FakeAgent, make_bridge: Brid
 
     reopened = pharmacy_functions.PharmacyStore(Path(pharmacy_functions.os.environ["PHARMACY_DB"]))
     assert reopened.lookup_order(str(placed["order_id"]))["customer_name"] == "Ann Lee"
+
+
+async def ask(session: FakeAgentSession, call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """One function call, and the agent's answer to it."""
+    await session.send_json(request((call_id, name, arguments)))
+    await eventually(lambda: call_id in responses(session), 3, f"the answer to {call_id}")
+    return responses(session)[call_id]
+
+
+async def test_orders_are_refused_while_the_sqlite_file_is_not_at_its_path(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Orders acknowledged into a deleted file would vanish at the restart, their numbers used again."""
+    caplog.set_level(logging.INFO, logger="pharmacy_functions")
+    data = tmp_path / "data"
+    path = data / "pharmacy.db"
+    monkeypatch.setenv("PHARMACY_DB", str(path))
+    order = {"customer_name": "Ann Lee", "drug_name": "Ibuprofen"}
+    unavailable = {"name": "place_order", "error": pharmacy_functions.UNAVAILABLE_MESSAGE}
+    async with make_bridge(fake_agent) as server:
+        caller, session = await open_call(fake_agent, server)
+        assert (await ask(session, "1", "place_order", order))["order_id"] == 1
+
+        data.rename(tmp_path / "moved")  # the same file, elsewhere: refused until it is back
+        assert await ask(session, "moved", "place_order", order) == unavailable
+        assert await ask(session, "moved-lookup", "lookup_order", {"order_id": 1}) == {**unavailable, "name": "lookup_order"}
+        (tmp_path / "moved").rename(data)
+        assert (await ask(session, "2", "place_order", order))["order_id"] == 2
+
+        shutil.rmtree(data)
+        for call_id in ("gone-1", "gone-2", "gone-3"):
+            assert await ask(session, call_id, "place_order", order) == unavailable
+        # A new database at the path (a worker restarted meanwhile made it) is not taken up either:
+        # its order numbers would start again at 1.
+        pharmacy_functions.SQLiteStore(path)
+        assert await ask(session, "new-file", "place_order", order) == unavailable
+        await caller.__aexit__(None, None, None)
+    with closing(sqlite3.connect(path)) as fresh:
+        assert fresh.execute("SELECT COUNT(*) FROM orders").fetchall() == [(0,)]
+    recorded = [line for line in read_record(tmp_path / "calls") if line["event"] == "function_call"]
+    assert [line["error"] for line in recorded].count(pharmacy_functions.UNAVAILABLE_MESSAGE) == 6
+    store_lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "pharmacy_functions"]
+    assert [(level, message.split(" while ")[0]) for level, message in store_lines] == [
+        ("WARNING", f"SQLite database {path} was deleted (or moved, or its folder was)"),
+        ("INFO", f"SQLite database {path} is back at its path; orders are taken again"),
+        ("WARNING", f"SQLite database {path} was deleted (or moved, or its folder was)"),
+    ]
+    assert "restore a backup, then restart the bridge" in store_lines[0][1]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
