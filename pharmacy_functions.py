@@ -13,8 +13,9 @@ with keyword arguments parsed from the LLM's JSON, in a worker thread, and
 sends the returned dict back to the agent. Every result is therefore a plain,
 JSON-serialisable dict worded so the agent can read it aloud; failures the
 caller can fix (unknown drug, bad quantity, unknown order number) come back as
-``{"error": "..."}`` rather than exceptions, and so does an order system that
-can't be reached right now.
+``{"error": "..."}`` rather than exceptions, and so do a name holding a
+character no database takes (a NUL, half of a character) and an order system
+that can't be reached right now.
 
 The catalogue and the orders live in a ``PharmacyStore``: one interface (the
 business operations, written once) over two backends that each supply four
@@ -24,7 +25,9 @@ small queries.
   library only. Orders carry customers' names and medicines, so a database file
   this module creates is owner-only (0600), as are SQLite's side files, and so
   is a directory it creates for it (0700). One process, or several on one
-  machine (``--workers``), share it.
+  machine (``--workers``), share it. A store keeps to the file it opened: if
+  the path stops naming it (deleted, moved, replaced), orders are refused
+  rather than written where they would be lost.
 * ``PostgresStore``, when ``DATABASE_URL`` is set (``postgresql://...``): the
   store for several bridge processes on several machines, e.g. pods behind a
   load balancer, which must all see the same orders. It needs psycopg 3
@@ -41,9 +44,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
+import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -193,11 +198,35 @@ _SCHEMA: Final[tuple[str, ...]] = (
     """,
 )
 
-def _normalise_name(value: object) -> str:
-    """Trim and collapse whitespace; speech-to-text often pads or doubles spaces."""
+
+# Characters no text argument may hold. NUL: PostgreSQL can't store it in text (psycopg raises
+# DataError), and C code reading the text would stop at it. A lone surrogate (what JSON's
+# "\ud800" decodes to): half of a character, which no UTF-8 encoder takes (sqlite3 and psycopg
+# raise UnicodeEncodeError). Neither comes from speech, only from a broken or hostile agent.
+_UNUSABLE_CHARACTER: Final = re.compile("[\x00\ud800-\udfff]")
+
+
+class UnusableText(ValueError):
+    """A text argument holds a character no store takes; ``answer`` is for the agent to say."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"the {what} holds a NUL or a lone surrogate")
+        self.what = what
+        self.answer = f"That {what} has a character in it that I can't use. Please say it again."
+
+
+def _normalise_name(value: object, what: str) -> str:
+    """Trim and collapse whitespace; speech-to-text often pads or doubles spaces.
+
+    Raises ``UnusableText`` (naming the argument as ``what``) for a NUL or a lone surrogate, here
+    where every name enters, so both backends refuse them alike before any query.
+    """
     if value is None:
         return ""
-    return " ".join(str(value).split())
+    text = " ".join(str(value).split())
+    if _UNUSABLE_CHARACTER.search(text):
+        raise UnusableText(what)
+    return text
 
 
 def _parse_quantity(value: object) -> int | None:
@@ -295,15 +324,18 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-def _answers_outages(method: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
-    """An unreachable database becomes an answer the agent can say, not an exception."""
+def _answers_failures(method: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """An unreachable database, or an unusable argument, becomes an answer the agent can say."""
 
     @functools.wraps(method)
     def answer(*args: Any, **kwargs: Any) -> dict[str, Any]:
         try:
             return method(*args, **kwargs)
-        except DatabaseUnavailable:  # logged (once per outage) by bridge.postgres
+        except DatabaseUnavailable:  # logged once per outage, by bridge.postgres or SQLiteStore
             return {"error": UNAVAILABLE_MESSAGE}
+        except UnusableText as exc:
+            logger.warning("%s refused its arguments: %s", method.__name__, exc)  # never the text itself
+            return {"error": exc.answer}
 
     return answer
 
@@ -350,8 +382,8 @@ class PharmacyStore(ABC):
     # -- lower-level queries ----------------------------------------------------------------
 
     def find_drug(self, drug_name: str) -> dict[str, Any] | None:
-        """The catalogue entry for ``drug_name`` (any case/spacing), or None."""
-        name = _normalise_name(drug_name)
+        """The catalogue entry for ``drug_name`` (any case/spacing), or None; see ``UnusableText``."""
+        name = _normalise_name(drug_name, "drug name")
         row = self._drug(name) if name else None
         if row is None:
             return None
@@ -367,22 +399,22 @@ class PharmacyStore(ABC):
 
     def _unknown_drug(self, drug_name: object) -> dict[str, Any]:
         """The error for a drug we don't stock, with the list to choose from."""
-        name = _normalise_name(drug_name)
+        name = _normalise_name(drug_name, "drug name")
         message = f"We don't carry {name}." if name else "Please say which drug you mean."
         return {"error": message, "available": self.drug_names()}
 
     # -- business operations (the module-level functions delegate here) -------------------
 
-    @_answers_outages
+    @_answers_failures
     def get_drug_info(self, drug_name: str) -> dict[str, Any]:
         """Describe a drug, or list what we carry if we don't have it."""
         drug = self.find_drug(drug_name)
         return drug if drug is not None else self._unknown_drug(drug_name)
 
-    @_answers_outages
+    @_answers_failures
     def place_order(self, customer_name: str, drug_name: str, quantity: int | str = 1) -> dict[str, Any]:
         """Record an order and return it with its new order number."""
-        customer = _normalise_name(customer_name)
+        customer = _normalise_name(customer_name, "customer name")
         if not customer:
             return {"error": "I need the customer's name to place the order."}
         count = _parse_quantity(quantity)
@@ -390,7 +422,7 @@ class PharmacyStore(ABC):
             return {
                 "error": f"The quantity must be a whole number from {MIN_QUANTITY} to {MAX_QUANTITY}."
             }
-        name = _normalise_name(drug_name)
+        name = _normalise_name(drug_name, "drug name")
         created_at = datetime.now(timezone.utc).replace(microsecond=0)
         row = self._add_order(customer, name, count, created_at) if name else None
         if row is None:
@@ -399,7 +431,7 @@ class PharmacyStore(ABC):
             return self._unknown_drug(drug_name)
         return _order_dict(row)
 
-    @_answers_outages
+    @_answers_failures
     def lookup_order(self, order_id: int | str) -> dict[str, Any]:
         """Read an order back by its number (12, "12", " 12 " or "#12")."""
         number = _parse_order_id(order_id)
@@ -420,12 +452,33 @@ class SQLiteStore(PharmacyStore):
     query), so it is opened once per thread, not per operation. The file must
     be a real path (not ``:memory:``), since each connection would otherwise
     see its own empty database.
+
+    The store keeps to the one file it opened, known by its device and inode.
+    A file deleted (or moved, or replaced) while open stays readable and
+    writable through the connections that have it, so SQLite would go on
+    committing orders that vanish at the next restart, whose order numbers a
+    new database would then hand out again. So before each write commits
+    (one ``stat``, about a microsecond) and when a thread opens its
+    connection, the store checks that ``path`` still names that file; if not,
+    that write is rolled back and from then on nothing is written or read:
+    every function answers ``UNAVAILABLE_MESSAGE``, and the log says once what
+    happened and what to do. A different file at the path, even a
+    restored backup or a new empty database another process made, is never
+    taken up while the store lives: only a restart opens it. The same file
+    moved back (same inode) is taken up again at once.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout_seconds: float = BUSY_TIMEOUT_SECONDS) -> None:
         self.path: Path = Path(path)
         self.busy_timeout_seconds = busy_timeout_seconds
         _create_private_file(self.path)
+        opened = os.stat(self.path)
+        self._file_identity = (opened.st_dev, opened.st_ino)
+        # mode=rw: a connection never creates the file (``_create_private_file`` does, owner-only),
+        # so a thread connecting after the file vanished can't start an empty database there.
+        self._uri = f"file:{urllib.parse.quote(os.fspath(self.path))}?mode=rw"
+        self._file_lost = False  # logged as lost; the next check that finds it logs that it is back
+        self._file_state_lock = threading.Lock()
         self._thread_connections = threading.local()
         self._initialise()
 
@@ -442,7 +495,16 @@ class SQLiteStore(PharmacyStore):
         """
         conn: sqlite3.Connection | None = getattr(self._thread_connections, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_seconds, isolation_level=None)
+            try:
+                conn = sqlite3.connect(self._uri, uri=True, timeout=self.busy_timeout_seconds, isolation_level=None)
+            except sqlite3.OperationalError:
+                self._check_file()  # "unable to open database file": most likely gone from its path
+                raise
+            try:
+                self._check_file()  # a new connection opens whatever the path names now: is it ours?
+            except DatabaseUnavailable:
+                conn.close()
+                raise
             conn.row_factory = sqlite3.Row
             self._thread_connections.conn = conn
         elif conn.in_transaction:
@@ -464,11 +526,17 @@ class SQLiteStore(PharmacyStore):
 
         Another process (a backup, a migration, a long write) holding the file's lock is, for the
         caller, the same as a database that is down: nothing was written, and trying again later
-        works. So it is ``DatabaseUnavailable``, which the agent can say.
+        works. So it is ``DatabaseUnavailable``, which the agent can say. So is a file that is no
+        longer at its path (``_check_file``): checked before a write commits, and before reads
+        only once it has been found gone, so that reads cost no system call.
         """
+        if self._file_lost and not write:
+            self._check_file()
         try:
             with self._connect(write=write) as conn:
                 yield conn
+                if write:
+                    self._check_file()  # raising here rolls the write back: nothing is acknowledged
         except sqlite3.OperationalError as exc:
             if not _is_busy(exc):
                 raise
@@ -479,6 +547,41 @@ class SQLiteStore(PharmacyStore):
                 self.busy_timeout_seconds,
             )
             raise DatabaseUnavailable(str(exc)) from exc
+
+    def _check_file(self) -> None:
+        """Raise ``DatabaseUnavailable`` unless ``path`` still names the file this store opened."""
+        try:
+            status = os.stat(self.path)
+            problem = None if (status.st_dev, status.st_ino) == self._file_identity else "was replaced by another file"
+        except FileNotFoundError:
+            problem = "was deleted (or moved, or its folder was)"
+        except OSError as exc:
+            problem = f"can't be checked ({exc.strerror})"
+        if problem is None:
+            if self._file_lost:
+                self._file_found()
+            return
+        with self._file_state_lock:
+            first, self._file_lost = not self._file_lost, True
+        if first:
+            logger.warning(
+                "SQLite database %s %s while this process (pid %d) had it open; functions answer that "
+                "the order system can't be reached, since orders written to the old file would be lost. "
+                "If it was moved, move it back and orders resume. Otherwise copy it back out of this "
+                "process (docs/troubleshooting.md) or restore a backup, then restart the bridge: started "
+                "without it, the bridge makes an empty database whose order numbers begin at 1 again, "
+                "numbers callers may already have.",
+                self.path,
+                problem,
+                os.getpid(),
+            )
+        raise DatabaseUnavailable(f"the SQLite database {self.path} {problem}")
+
+    def _file_found(self) -> None:
+        with self._file_state_lock:
+            was_lost, self._file_lost = self._file_lost, False
+        if was_lost:
+            logger.info("SQLite database %s is back at its path; orders are taken again", self.path)
 
     def _initialise(self) -> None:
         """Create the tables and seed the catalogue once, safely across processes."""

@@ -5,6 +5,11 @@ of any kind (unknown name, bad arguments, an exception, a result JSON can't enco
 is answered with ``{"error": "<short reason the agent can say>"}``; the traceback goes to the log
 only. Plain ``def`` functions run in a worker thread, ``async def`` ones on the event loop, so a
 slow function never holds up the call's audio.
+
+Nothing the agent sends, and nothing a function returns, can make the runner itself raise: the
+arguments and the result are both held to ``MAX_NESTING`` levels (Python's JSON parser and encoder
+recurse, and past about a thousand levels they raise RecursionError, as would the call record's
+encoder and the browser page's), and a result to ``MAX_RESULT_CHARS`` of JSON.
 """
 
 from __future__ import annotations
@@ -21,9 +26,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import ConfigError
+from .logsafe import clean
 
 # Functions the bridge implements itself; config.json declares them like any other.
 BUILTIN_FUNCTIONS = frozenset({"end_call", "transfer_call"})
+
+# Levels of objects and arrays allowed in a call's arguments and in a function's result. Real ones
+# have two or three; the bound is far below where anything that encodes or parses JSON recurses
+# too deep, wherever on the stack it runs.
+MAX_NESTING = 32
+# Characters of JSON a function's answer may have: it goes to the LLM, the conversation history
+# that a resumed session is given, and the call record. The same bound as the agent's arguments.
+MAX_RESULT_CHARS = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,16 +147,22 @@ class FunctionRunner:
             return _error(f"There is no function called {name}.", started, "bad_call")
         try:
             arguments = json.loads(arguments_text) if arguments_text.strip() else {}
+            too_deep = _nested_deeper_than(arguments, MAX_NESTING)
         except json.JSONDecodeError:
             log.warning("function %s: arguments are not JSON", name)
             return _error(f"The arguments for {name} were not valid JSON.", started, "bad_call")
+        except RecursionError:  # thousands of levels: deeper than the parser can go
+            too_deep = True
+        if too_deep:
+            log.warning("function %s: arguments are nested more than %d levels deep", name, MAX_NESTING)
+            return _error(f"The arguments for {name} are nested too deeply.", started, "bad_call")
         if not isinstance(arguments, dict):
             log.warning("function %s: arguments are not a JSON object", name)
             return _error(f"The arguments for {name} must be a JSON object.", started, "bad_call")
         try:
             self._signatures[name].bind(**arguments)
         except TypeError as exc:
-            log.warning("function %s: bad arguments: %s", name, exc)
+            log.warning("function %s: bad arguments: %s", name, clean(exc, 300))  # it quotes the agent's keys
             return _error(f"Bad arguments for {name}: {exc}.", started, "bad_call")
 
         try:
@@ -193,12 +213,41 @@ class FunctionRunner:
             on_late(outcome)
 
 
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` has objects or arrays (dicts, lists, tuples) more than ``limit`` levels deep.
+
+    A loop, not recursion, so that it cannot itself run out of stack; a circular structure counts
+    as too deep.
+    """
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        # A tuple of types, not dict | list | tuple: isinstance checks it twice as fast.
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, tuple)))
+    return False
+
+
 def _outcome(name: str, result: Any, started: float, log: logging.LoggerAdapter[Any]) -> FunctionOutcome:
-    """A function's return value as the answer the agent gets."""
+    """A function's return value as the answer the agent gets; this never raises."""
     try:
-        content = json.dumps(result)
-    except (TypeError, ValueError):
+        too_deep = _nested_deeper_than(result, MAX_NESTING)
+        content = "" if too_deep else json.dumps(result)
+        error = result.get("error") if isinstance(result, dict) and isinstance(result.get("error"), str) else None
+    except Exception:  # not JSON (TypeError, ValueError), or a dict or list subclass that raises
         log.error("function %s returned a %s, which is not JSON-serialisable", name, type(result).__name__)
         return _error(f"{name} returned a result that could not be read.", started, "failed")
-    error = result.get("error") if isinstance(result, dict) and isinstance(result.get("error"), str) else None
+    if too_deep:
+        log.error("function %s returned a result nested more than %d levels deep", name, MAX_NESTING)
+        return _error(f"{name} returned a result that could not be read.", started, "failed")
+    if len(content) > MAX_RESULT_CHARS:
+        log.error("function %s returned %d characters of JSON, more than %d", name, len(content), MAX_RESULT_CHARS)
+        return _error(f"{name} returned a result too large to pass on.", started, "failed")
     return FunctionOutcome(content, result, error, time.monotonic() - started)

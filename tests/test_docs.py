@@ -363,8 +363,10 @@ ERROR_CASES: dict[str, tuple[dict[str, Any], str]] = {
     "is not JSON": ({"X": _drug}, "{"),
     "is not a JSON object": ({"X": _drug}, "[1]"),
     "missing or unexpected": ({"X": _drug}, "{}"),
+    "`arguments` nested": ({"X": _drug}, '{"drug_name": ' + "[" * 40 + "]" * 40 + "}"),
     "raised an exception": ({"X": _raises}, "{}"),
     "isn't JSON-serialisable": ({"X": lambda: object()}, "{}"),
+    "64 KB": ({"X": lambda: "x" * 70_000}, "{}"),
     "FUNCTION_TIMEOUT_SECONDS": ({"X": _slow}, "{}"),
 }
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import shutil
+import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +18,9 @@ from deepgram.agent.v1 import AgentV1SendFunctionCallResponse
 
 import bridge.session
 import main
+import pharmacy_functions
 from bridge.config import ConfigError, parse_agent_config
-from bridge.functions import check_function_map
+from bridge.functions import MAX_NESTING, MAX_RESULT_CHARS, check_function_map
 from conftest import ROOT, BridgeFactory, empty_env, read_record, twilio_url
 from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually
 
@@ -68,12 +74,26 @@ def greet(name: str) -> dict[str, Any]:
     return {"greeting": f"Hello {name}"}
 
 
+def nested(levels: int) -> dict[str, Any]:
+    """An object ``levels`` deep."""
+    value: dict[str, Any] = {"bottom": True}
+    for _ in range(levels - 1):
+        value = {"in": value}
+    return value
+
+
+def sized(chars: int) -> dict[str, Any]:
+    return {"text": "x" * chars}
+
+
 TEST_FUNCTIONS = {
     "boom": boom,
     "unserialisable": unserialisable,
     "slow": slow,
     "async_slow": async_slow,
     "greet": greet,
+    "nested": nested,
+    "sized": sized,
 }
 
 
@@ -128,6 +148,75 @@ async def test_every_failure_is_an_answer_with_the_right_id(fake_agent: FakeAgen
         assert set(found[call_id]) == {"name", "error"}, found[call_id]
         assert fragment in found[call_id]["error"], (call_id, found[call_id])
     assert "database on fire" not in json.dumps(found)  # the traceback stays in the log
+
+
+def nested_json(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+async def test_arguments_nested_thousands_deep_get_an_answer_a_record_and_one_warning(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deeper than Python's JSON parser can go, or just deeper than any real call: both refused.
+
+    Unanswered, the function stayed "running" for the rest of the call, which also stopped the
+    silence clock: the re-prompt after the answer shows it is over.
+    """
+    async with make_bridge(fake_agent, function_map=TEST_FUNCTIONS, idle_reprompt_seconds=0.5) as server:
+        caller, session = await open_call(fake_agent, server)
+        await session.send_json(request(
+            ("deep", "greet", f'{{"name": {nested_json(3000)}}}'),
+            ("deeper-than-allowed", "greet", f'{{"name": {nested_json(MAX_NESTING)}}}'),
+            ("allowed", "greet", f'{{"name": {nested_json(MAX_NESTING - 1)}}}'),
+        ))
+        await eventually(lambda: len(session.of_type("FunctionCallResponse")) == 3, 2, "three answers")
+        await eventually(lambda: session.of_type("InjectAgentMessage"), 2, "the silence clock's re-prompt")
+        await caller.__aexit__(None, None, None)
+    found = responses(session)
+    for call_id in ("deep", "deeper-than-allowed"):
+        assert found[call_id] == {"name": "greet", "error": "The arguments for greet are nested too deeply."}
+    assert found["allowed"]["greeting"].startswith("Hello [[[")
+    lines = read_record(tmp_path / "calls")
+    refused = [line for line in lines if line["event"] == "function_call" and line["outcome"] == "bad_call"]
+    assert [(line["error"], line["result"]) for line in refused] == [
+        ("The arguments for greet are nested too deeply.", None)
+    ] * 2
+    # The arguments are kept as the text the agent sent (the long one cut, like any long field).
+    assert sorted(line["arguments"][:40] for line in refused) == [f'{{"name": {nested_json(3000)}'[:40]] * 2
+    assert f'{{"name": {nested_json(MAX_NESTING)}}}' in [line["arguments"] for line in refused]
+    assert [e["event"] for e in lines].index("idle_reprompt") > [e["event"] for e in lines].index("function_call")
+    warnings = [r.getMessage().partition("] ")[2] for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [f"function greet: arguments are nested more than {MAX_NESTING} levels deep"] * 2
+
+
+async def test_a_result_too_deep_or_too_large_to_pass_on_is_an_error_answer(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with make_bridge(fake_agent, function_map=TEST_FUNCTIONS) as server:
+        caller, session = await open_call(fake_agent, server)
+        await session.send_json(request(
+            ("deep", "nested", {"levels": 3000}),
+            ("deeper-than-allowed", "nested", {"levels": MAX_NESTING + 1}),
+            ("allowed", "nested", {"levels": MAX_NESTING}),
+            ("huge", "sized", {"chars": MAX_RESULT_CHARS}),
+            ("large", "sized", {"chars": MAX_RESULT_CHARS - 20}),
+        ))
+        await eventually(lambda: len(session.of_type("FunctionCallResponse")) == 5, 2, "five answers")
+        await caller.__aexit__(None, None, None)
+    found = responses(session)
+    for call_id in ("deep", "deeper-than-allowed"):
+        assert found[call_id] == {"name": "nested", "error": "nested returned a result that could not be read."}
+    assert found["huge"] == {"name": "sized", "error": "sized returned a result too large to pass on."}
+    assert len(found["large"]["text"]) == MAX_RESULT_CHARS - 20
+    assert {"name": "nested", **nested(MAX_NESTING)} == found["allowed"]
+    recorded = [line for line in read_record(tmp_path / "calls") if line["event"] == "function_call"]
+    assert sorted(line["outcome"] for line in recorded) == ["failed", "failed", "failed", "ok", "ok"]
+    errors = sorted(r.getMessage().partition("] ")[2] for r in caplog.records if r.levelno >= logging.ERROR)
+    assert errors == [
+        f"function nested returned a result nested more than {MAX_NESTING} levels deep",
+        f"function nested returned a result nested more than {MAX_NESTING} levels deep",
+        f"function sized returned {MAX_RESULT_CHARS + 12} characters of JSON, more than {MAX_RESULT_CHARS}",
+    ]
 
 
 async def test_a_slow_function_does_not_stall_audio(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
@@ -363,6 +452,105 @@ async def test_orders_survive_a_restart(fake_agent: FakeAgent, make_bridge: Brid
 
     reopened = pharmacy_functions.PharmacyStore(Path(pharmacy_functions.os.environ["PHARMACY_DB"]))
     assert reopened.lookup_order(str(placed["order_id"]))["customer_name"] == "Ann Lee"
+
+
+async def ask(session: FakeAgentSession, call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """One function call, and the agent's answer to it."""
+    await session.send_json(request((call_id, name, arguments)))
+    await eventually(lambda: call_id in responses(session), 3, f"the answer to {call_id}")
+    return responses(session)[call_id]
+
+
+async def test_orders_are_refused_while_the_sqlite_file_is_not_at_its_path(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Orders acknowledged into a deleted file would vanish at the restart, their numbers used again."""
+    caplog.set_level(logging.INFO, logger="pharmacy_functions")
+    data = tmp_path / "data"
+    path = data / "pharmacy.db"
+    monkeypatch.setenv("PHARMACY_DB", str(path))
+    order = {"customer_name": "Ann Lee", "drug_name": "Ibuprofen"}
+    unavailable = {"name": "place_order", "error": pharmacy_functions.UNAVAILABLE_MESSAGE}
+    async with make_bridge(fake_agent) as server:
+        caller, session = await open_call(fake_agent, server)
+        assert (await ask(session, "1", "place_order", order))["order_id"] == 1
+
+        data.rename(tmp_path / "moved")  # the same file, elsewhere: refused until it is back
+        assert await ask(session, "moved", "place_order", order) == unavailable
+        assert await ask(session, "moved-lookup", "lookup_order", {"order_id": 1}) == {**unavailable, "name": "lookup_order"}
+        (tmp_path / "moved").rename(data)
+        assert (await ask(session, "2", "place_order", order))["order_id"] == 2
+
+        shutil.rmtree(data)
+        for call_id in ("gone-1", "gone-2", "gone-3"):
+            assert await ask(session, call_id, "place_order", order) == unavailable
+        # A new database at the path (a worker restarted meanwhile made it) is not taken up either:
+        # its order numbers would start again at 1.
+        pharmacy_functions.SQLiteStore(path)
+        assert await ask(session, "new-file", "place_order", order) == unavailable
+        await caller.__aexit__(None, None, None)
+    with closing(sqlite3.connect(path)) as fresh:
+        assert fresh.execute("SELECT COUNT(*) FROM orders").fetchall() == [(0,)]
+    recorded = [line for line in read_record(tmp_path / "calls") if line["event"] == "function_call"]
+    assert [line["error"] for line in recorded].count(pharmacy_functions.UNAVAILABLE_MESSAGE) == 6
+    store_lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "pharmacy_functions"]
+    assert [(level, message.split(" while ")[0]) for level, message in store_lines] == [
+        ("WARNING", f"SQLite database {path} was deleted (or moved, or its folder was)"),
+        ("INFO", f"SQLite database {path} is back at its path; orders are taken again"),
+        ("WARNING", f"SQLite database {path} was deleted (or moved, or its folder was)"),
+    ]
+    assert "restore a backup, then restart the bridge" in store_lines[0][1]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def pharmacy_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The pharmacy functions on a fresh SQLite file (conftest's PHARMACY_DB) or PostgreSQL database."""
+    if request.param == "postgresql":
+        monkeypatch.setenv("DATABASE_URL", request.getfixturevalue("postgres_url"))
+    stores: dict[Any, pharmacy_functions.PharmacyStore] = {}
+    monkeypatch.setattr(pharmacy_functions, "_stores", stores)  # this test's own, closed after it
+    yield request.param
+    for store in stores.values():
+        store.close()
+
+
+async def test_a_nul_or_half_a_character_in_a_name_is_refused_alike_on_both_stores(
+    pharmacy_backend: str, fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """PostgreSQL can't store a NUL, and neither database can encode a lone surrogate (JSON "\\ud800")."""
+    drug_name = "That drug name has a character in it that I can't use. Please say it again."
+    customer_name = "That customer name has a character in it that I can't use. Please say it again."
+    async with make_bridge(fake_agent) as server:
+        caller, session = await open_call(fake_agent, server)
+        await session.send_json(request(
+            ("nul-info", "get_drug_info", {"drug_name": "Ibu\u0000profen"}),
+            ("nul-customer", "place_order", {"customer_name": "Ann\u0000Lee", "drug_name": "Ibuprofen"}),
+            ("nul-drug", "place_order", {"customer_name": "Ann Lee", "drug_name": "Ibuprofen\u0000"}),
+            ("surrogate-info", "get_drug_info", {"drug_name": "\udc00"}),
+            ("surrogate-customer", "place_order", {"customer_name": "Ann \ud83d", "drug_name": "Ibuprofen"}),
+            ("surrogate-drug", "place_order", {"customer_name": "Ann Lee", "drug_name": "Ibuprofen\ud800"}),
+            ("whole-emoji", "place_order", {"customer_name": "Ann \U0001f600", "drug_name": "Ibuprofen"}),
+        ))
+        await eventually(lambda: len(session.of_type("FunctionCallResponse")) == 7, 3, "seven answers")
+        await caller.__aexit__(None, None, None)
+    found = responses(session)
+    assert {call_id: answer.get("error") for call_id, answer in found.items()} == {
+        "nul-info": drug_name, "nul-customer": customer_name, "nul-drug": drug_name,
+        "surrogate-info": drug_name, "surrogate-customer": customer_name, "surrogate-drug": drug_name,
+        "whole-emoji": None,
+    }
+    assert found["whole-emoji"]["order_id"] == 1  # nothing was written for the refused ones
+    assert found["whole-emoji"]["customer_name"] == "Ann \U0001f600"
+    recorded = {line["error"] for line in read_record(tmp_path / "calls") if line["event"] == "function_call"}
+    assert recorded == {drug_name, customer_name, None}
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []  # no traceback
+    assert sorted(r.getMessage() for r in caplog.records if r.name == "pharmacy_functions") == sorted(
+        ["get_drug_info refused its arguments: the drug name holds a NUL or a lone surrogate"] * 2
+        + ["place_order refused its arguments: the customer name holds a NUL or a lone surrogate"] * 2
+        + ["place_order refused its arguments: the drug name holds a NUL or a lone surrogate"] * 2
+    )
 
 
 def test_startup_check_of_declared_functions() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -648,6 +649,46 @@ def test_a_sqlite_file_locked_past_the_busy_timeout_is_an_outage_the_agent_can_s
     assert warning.endswith("pharmacy.db stayed locked by another connection for 0.3 s; the caller is told to try again later")
     assert store.place_order("Sam", "Ibuprofen")["order_id"] == 2
     assert [store.lookup_order(n)["customer_name"] for n in (1, 2)] == ["Jane", "Sam"]
+
+
+def test_every_thread_of_a_sqlite_store_stops_at_a_deleted_file_and_none_makes_a_new_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A thread with a connection to the deleted file, and one that connects afterwards."""
+    path = tmp_path / "data" / "pharmacy.db"
+    store = SQLiteStore(path)
+    with ThreadPoolExecutor(max_workers=1) as connected, ThreadPoolExecutor(max_workers=1) as newcomer:
+        assert connected.submit(store.place_order, "Jane", "Ibuprofen").result()["order_id"] == 1
+        shutil.rmtree(path.parent)
+        path.parent.mkdir()  # the folder is back, empty: connecting must not make a database in it
+        # The newcomer's first read opens a connection, which finds the file gone...
+        assert newcomer.submit(store.lookup_order, 1).result() == UNAVAILABLE
+        assert not path.exists()
+        # ...and from then on the old connection's reads are refused too, not answered from the old file.
+        assert connected.submit(store.lookup_order, 1).result() == UNAVAILABLE
+        assert connected.submit(store.place_order, "Sam", "Ibuprofen").result() == UNAVAILABLE
+        restarted = SQLiteStore(path)  # another process starts, with a new, empty database
+        for thread in (connected, newcomer):
+            assert thread.submit(store.place_order, "Sam", "Ibuprofen").result() == UNAVAILABLE
+            assert thread.submit(store.get_drug_info, "Ibuprofen").result() == UNAVAILABLE
+    assert restarted.lookup_order(1) == {"error": "There is no order 1."}
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "pharmacy_functions"]
+    assert warning.startswith(f"SQLite database {path} was deleted (or moved, or its folder was) while this process")
+    assert f"(pid {os.getpid()})" in warning
+
+
+def test_a_sqlite_file_replaced_under_the_store_is_neither_read_nor_written(tmp_path: Path) -> None:
+    """A new thread doesn't read the new file; an order is rolled back, not left in the old one."""
+    data = tmp_path / "data"
+    store = SQLiteStore(data / "pharmacy.db")
+    assert store.place_order("Jane", "Ibuprofen")["order_id"] == 1
+    data.rename(tmp_path / "old")
+    SQLiteStore(data / "pharmacy.db")  # a new, empty database where the old one was
+    with ThreadPoolExecutor(max_workers=1) as newcomer:
+        assert newcomer.submit(store.lookup_order, 1).result() == UNAVAILABLE  # not "There is no order 1."
+    assert store.place_order("Sam", "Ibuprofen") == UNAVAILABLE
+    assert _rows(tmp_path / "old" / "pharmacy.db", "SELECT customer_name FROM orders") == [("Jane",)]
+    assert _rows(data / "pharmacy.db", "SELECT customer_name FROM orders") == []
 
 
 def test_pharmacy_store_of_a_path_is_still_the_sqlite_store(tmp_path: Path) -> None:
