@@ -1814,3 +1814,20 @@ def test_the_browser_phone_gets_no_transfer_and_no_fallback() -> None:
     assert not of(h.actions, TransferCall)
     [hang_up] = of(h.agent_closed(1000), HangUp)
     assert not hang_up.fallback
+
+
+def test_the_phase_changes_only_as_its_table_allows() -> None:
+    """phase.TRANSITIONS is the whole truth: every listed move is made, every other one refused."""
+    from bridge.call.phase import TRANSITIONS, PhaseError, PhaseEvent, PhaseMachine
+
+    for phase, moves in TRANSITIONS.items():
+        for event in PhaseEvent:
+            machine = PhaseMachine()
+            machine.phase = phase
+            if event in moves:
+                assert machine.move(event) is moves[event]
+            else:
+                with pytest.raises(PhaseError):
+                    machine.move(event)
+    assert TRANSITIONS[Phase.ENDED] == {}
+    assert all(PhaseEvent.ENDED in TRANSITIONS[phase] for phase in Phase if phase is not Phase.ENDED)
