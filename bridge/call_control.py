@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from urllib.parse import parse_qs, urlencode
 
 from . import twilio
+from .binding import BINDING_PARAMETER, binding_mac
 from .config import Settings
 from .logsafe import clean
 from .transport import HttpReply, HttpRequest
@@ -105,6 +106,7 @@ class AnsweringMachineCallback:
                 logger.warning("refused a %s to %s: %s X-Twilio-Signature", request.method, AMD_PATH, "invalid" if signature else "no")
                 return HttpReply(403, "Forbidden: invalid Twilio signature.\n")
         call_sid = (params.get("CallSid") or [""])[0]
+        account_sid = (params.get("AccountSid") or [""])[0]
         answered_by = (params.get("AnsweredBy") or [""])[0]
         if not call_sid.startswith("CA") or not answered_by:
             return HttpReply(400, "A CallSid and AnsweredBy are required.\n")
@@ -122,6 +124,11 @@ class AnsweringMachineCallback:
             for name, values in parse_qs(request.query, keep_blank_values=True).items()
             if request.method == "POST" or name not in TWILIO_CALLBACK_PARAMETERS  # a GET's query has both
         }
+        # The voicemail stream is bound to the call like any other the bridge writes TwiML for.
+        key = settings.binding_key
+        call_parameters.pop(BINDING_PARAMETER, None)
+        if key is not None and account_sid:
+            call_parameters[BINDING_PARAMETER] = binding_mac(key, call_sid, account_sid)
         task = asyncio.get_running_loop().create_task(self._redirect(call_sid, answered_by, call_parameters))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .agent_schema import SchemaError, check_settings
+from .binding import binding_key
 
 DEFAULT_AGENT_URL = "wss://agent.deepgram.com/v1/agent/converse"
 DEFAULT_TWILIO_API_URL = "https://api.twilio.com"
@@ -64,6 +65,9 @@ class Settings:
     transfer_number: str | None = None
     fallback_number: str | None = None
     voicemail_message: str = DEFAULT_VOICEMAIL_MESSAGE
+    # Binding streams to their calls (bridge/binding.py): the MAC key's own setting, and the risk switch.
+    stream_binding_secret: str | None = field(default=None, repr=False)
+    allow_unbound_call_control: bool = False
     twilio_api_timeout_seconds: float = 10.0  # per REST attempt; tests shorten it
     twilio_api_backoff_seconds: float = 0.5
     # Keypad and silence (docs/call-control.md).
@@ -109,6 +113,11 @@ class Settings:
     def rest_enabled(self) -> bool:
         """The bridge can change live calls through Twilio's REST API."""
         return bool(self.twilio_account_sid and self.twilio_auth_token)
+
+    @property
+    def binding_key(self) -> bytes | None:
+        """The key of the MACs that bind streams to their calls; None when the bridge has none."""
+        return binding_key(self.stream_binding_secret, self.twilio_auth_token)
 
     @property
     def browser_only(self) -> bool:

@@ -28,6 +28,7 @@ from urllib.parse import parse_qs
 
 from . import twilio
 from .agents import AGENT_NAME, AGENT_PARAMETER, AgentCatalog
+from .binding import BINDING_PARAMETER, binding_mac
 from .call_control import AMD_PATH, AnsweringMachineCallback, form_parameters, signed_url
 from .config import AgentConfig, ConfigError, Settings
 from .functions import FunctionRunner
@@ -274,6 +275,7 @@ class BridgeServer:
             logger.error("answered %s with 503: set PUBLIC_URL, the TwiML must name this bridge's public host", TWIML_PATH)
             return HttpReply(503, "PUBLIC_URL is not set, so the bridge cannot name its own host in TwiML.\n")
         params = form_parameters(request)
+        signed = False
         if settings.twilio_auth_token:
             signature = request.header("x-twilio-signature")
             if not twilio.webhook_signature_is_valid(
@@ -284,6 +286,7 @@ class BridgeServer:
             ):
                 logger.warning("refused a %s to %s: %s X-Twilio-Signature", request.method, TWIML_PATH, "invalid" if signature else "no")
                 return HttpReply(403, "Forbidden: invalid Twilio signature.\n")
+            signed = True
         stream_parameters = {
             name: values[0][:MAX_WEBHOOK_VALUE_CHARS]
             for name in WEBHOOK_PARAMETERS
@@ -293,6 +296,11 @@ class BridgeServer:
         agent_name = (parse_qs(request.query).get(AGENT_PARAMETER) or [""])[0]
         if AGENT_NAME.fullmatch(agent_name):
             stream_parameters[AGENT_PARAMETER] = agent_name
+        # Only Twilio's own signed request names the call: only then is the stream bound to it.
+        call_sid, account_sid = (params.get("CallSid") or [""])[0], (params.get("AccountSid") or [""])[0]
+        key = settings.binding_key
+        if signed and key is not None and call_sid and account_sid:
+            stream_parameters[BINDING_PARAMETER] = binding_mac(key, call_sid, account_sid)
         twiml = twilio.connect_twiml(settings.stream_url, stream_parameters, declaration=True)
         return HttpReply(200, twiml, "text/xml")
 

@@ -41,6 +41,7 @@ to the record).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -50,6 +51,7 @@ from typing import Any
 from .. import agent_protocol as agent
 from .. import twilio
 from ..agents import AgentCatalog, AgentChoice
+from ..binding import BINDING_PARAMETER
 from ..caller_lines import CallerLines
 from ..config import Settings
 from ..functions import FunctionOutcome
@@ -73,6 +75,7 @@ from .actions import (
 )
 from .agent_link import MAX_ERROR_RESUMES, RESUMABLE_CLOSE_CODES, AgentLink
 from .browser import NO_FEED, BrowserFeed, NoFeed
+from .control import CallControl
 from .departure import DepartureKind, DepartureMachine
 from .function_calls import FunctionCalls
 from .history import ResumeHistory
@@ -118,8 +121,10 @@ class Call:
             voicemail=settings.voicemail_message,
         )
         self._page: NoFeed = BrowserFeed() if browser else NO_FEED
-        # Twilio's REST API may act on this call: it is set up, and the stream is a phone call's.
-        self._call_control = settings.rest_enabled and not browser
+        # Whether Twilio's REST API may act on this call: decided at start, by the stream's binding.
+        self.control = CallControl(
+            rest_enabled=settings.rest_enabled, allow_unbound=settings.allow_unbound_call_control, browser=browser
+        )
         self._phase = PhaseMachine()
         self.stream: twilio.StreamStart | None = None
         self._end: CallEnd | None = None
@@ -256,6 +261,23 @@ class Call:
     def _on_start(self, stream: twilio.StreamStart, now: float) -> list[Action]:
         if self.stream is not None:
             return self.stats.reject("twilio", "second-start", "Twilio sent a second start event")
+        expected_account = self.settings.twilio_account_sid
+        if expected_account and stream.account_sid != expected_account:
+            # Not our account's call: no agent session, no record named after its callSid.
+            return [
+                Log(
+                    logging.WARNING,
+                    "closing a stream whose start names another Twilio account (%s) than TWILIO_ACCOUNT_SID",
+                    (clean(stream.account_sid, 40),),
+                ),
+                *self._end_call(CallEnd(EndReason.STREAM_REFUSED, ": another Twilio account")),
+            ]
+        # The binding MAC is a credential for this call: checked here, and kept out of the record,
+        # the agent's placeholders and the logs.
+        parameters = dict(stream.custom_parameters)
+        mac = parameters.pop(BINDING_PARAMETER, None)
+        stream = dataclasses.replace(stream, custom_parameters=parameters)
+        self.control.stream_started(self.settings.binding_key, stream.call_sid, stream.account_sid, mac)
         self.stream = stream
         self.playback.stream_started(stream.stream_sid)
         choice = self._agent = self._agents.for_call(stream.custom_parameters)
@@ -271,7 +293,12 @@ class Call:
             ),
             Record(
                 RecordEvent.START,
-                {"stream_sid": stream.stream_sid, "custom_parameters": stream.custom_parameters, "agent": choice.name},
+                {
+                    "stream_sid": stream.stream_sid,
+                    "custom_parameters": stream.custom_parameters,
+                    "agent": choice.name,
+                    "bound": self.control.bound,
+                },
             ),
         ]
         if choice.unknown is not None:
@@ -688,8 +715,12 @@ class Call:
     # ----------------------------------------------------------------------------- departures
 
     def _transfer_requested(self, call: agent.FunctionCall, now: float) -> list[Action]:
-        if not (self.settings.transfer_enabled and self._call_control) or self.departure.voicemail_mode:
+        if not self.settings.transfer_enabled or self.departure.voicemail_mode or self._page is not NO_FEED:
             return self._builtin_refused(call, "Transferring calls is not set up on this line.")
+        if not self.control.may_act:
+            return self.control.refused("transferring the call") + self._builtin_refused(
+                call, "Transferring is not available on this call."
+            )
         # Only a reason is taken from the agent, for the record; never a number to dial.
         reason = _argument_text(call.arguments, "reason") or "the agent transferred the call"
         return self._departure_requested(
@@ -939,9 +970,11 @@ class Call:
         # The caller is still there but the agent can't be: hand them to the fallback line. Not
         # while a transfer is under way (the last REST update would win).
         redirect = None
-        if fallback and self._call_control and self.stream is not None and self._caller_left is None:
-            if not self.departure.transferring:
+        if fallback and self.stream is not None and self._caller_left is None and not self.departure.transferring:
+            if self.control.may_act:
                 redirect = self._fallback_redirect(self.stream.call_sid)
+            else:
+                actions += self.control.refused("sending the caller to the fallback line")
         actions.append(HangUp(self._end, redirect))
         return actions
 
