@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from . import jsontext
 
 logger = logging.getLogger("bridge.records")
 
@@ -106,12 +107,18 @@ def finite(value: Any, path: frozenset[int] = frozenset()) -> Any:
 
 
 def _encode(value: dict[str, Any]) -> str:
-    """One strict JSON line: NaN and Infinity are not JSON, and strict readers reject the file."""
+    """One strict JSON line: NaN, Infinity and lone surrogates are not JSON strict readers take."""
     try:
-        return json.dumps(value, default=_as_text, allow_nan=False) + "\n"
+        line = json.dumps(value, default=_as_text, allow_nan=False)
     except ValueError:
         # Rare (Deepgram or a function handed us a non-finite float), so the walk is paid only here.
-        return json.dumps(finite(value), default=_as_text, allow_nan=False) + "\n"
+        line = json.dumps(finite(value), default=_as_text, allow_nan=False)
+    if "\\ud" in line:
+        # A surrogate's escape: half of an astral character's pair, or a lone surrogate (from a
+        # function's result, say; the codecs mend what peers send), which strict readers refuse.
+        # Rare, so the round trip that mends it is paid only here.
+        line = json.dumps(jsontext.loads(line), allow_nan=False)
+    return line + "\n"
 
 
 class RecordWriter:

@@ -8,7 +8,7 @@ Three parts, each owning one thing:
   same events the record is, so it says what the record says (keypad digits are already
   redacted), with ``RECORD_CALLS`` on or off.
 - ``call_ended_payload`` turns the record's summary and the digest into the JSON body: compact,
-  UTF-8, strict (no NaN), at most ``MAX_PAYLOAD_BYTES``; what had to be left out is counted in
+  UTF-8, strict (no NaN, no lone surrogate), at most ``MAX_PAYLOAD_BYTES``; what had to be left out is counted in
   ``omitted`` and flagged by ``truncated``.
 - ``WebhookSender`` (one per server process) delivers the bodies. A call only does a
   non-blocking ``submit``: the body joins a bounded queue (``webhook_queue_max`` bodies,
@@ -44,6 +44,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from .config import Settings
+from .jsontext import valid_text
 from .logsafe import clean
 from .records import bounded, finite
 from .twilio_rest import USER_AGENT, AttemptFailed, post_once, retry_after_seconds
@@ -127,12 +128,20 @@ def _function_call(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _compact(value: Any) -> bytes:
-    """Strict, compact UTF-8 JSON: NaN and Infinity (which JSON parsers reject) become null."""
+    """Strict, compact UTF-8 JSON: NaN and Infinity (which JSON parsers reject) become null.
+
+    A lone surrogate (which no UTF-8 encoder takes) becomes U+FFFD. The codecs already repair what
+    Twilio and Deepgram send; this is the backstop for text from anywhere else (a function's result).
+    """
     try:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
     except ValueError:
         text = json.dumps(finite(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
-    return text.encode("utf-8")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # With ensure_ascii=False a surrogate is written as itself, so the JSON text can be mended.
+        return valid_text(text).encode("utf-8")
 
 
 def call_ended_payload(

@@ -171,6 +171,13 @@ async def short_call(server: Any, fake_agent: FakeAgent, index: int = 0) -> Fake
     return caller
 
 
+async def ask_for_function(session: FakeAgentSession, call_id: str, name: str, arguments: str) -> None:
+    """The agent asks for one client-side function; returns once the bridge has answered it."""
+    await session.send_json({"type": "FunctionCallRequest", "functions": [
+        {"id": call_id, "name": name, "arguments": arguments, "client_side": True}]})
+    await eventually(lambda: session.of_type("FunctionCallResponse"), what=f"the answer to {name}")
+
+
 # ----------------------------------------------------------------------------- real calls
 
 async def test_a_call_delivers_one_signed_post_with_its_summary(
@@ -181,9 +188,7 @@ async def test_a_call_delivers_one_signed_post_with_its_summary(
             await caller.start({"From": "+15551234567"})
             session = await fake_agent.ready_session()
             await session.send_json({"type": "ConversationText", "role": "user", "content": "Is ibuprofen in stock?"})
-            await session.send_json({"type": "FunctionCallRequest", "functions": [
-                {"id": "f1", "name": "get_drug_info", "arguments": '{"drug_name": "ibuprofen"}', "client_side": True}]})
-            await eventually(lambda: session.of_type("FunctionCallResponse"), what="the function's answer")
+            await ask_for_function(session, "f1", "get_drug_info", '{"drug_name": "ibuprofen"}')
             await session.send_json({"type": "AgentStartedSpeaking", "total_latency": 0.4})
             await session.send_json({"type": "ConversationText", "role": "assistant", "content": "Yes, it is."})
             await session.send_json({"type": "LatencyReport", "stt_latency": 0.12, "total_latency": 0.8})
@@ -247,9 +252,7 @@ async def test_a_function_that_returned_after_its_timeout_is_in_the_payload(
         async with FakeTwilioCaller(twilio_url(server)) as caller:
             await caller.start()
             session = await fake_agent.ready_session()
-            await session.send_json({"type": "FunctionCallRequest", "functions": [
-                {"id": "late", "name": "slow", "arguments": '{"seconds": 0.5}', "client_side": True}]})
-            await eventually(lambda: session.of_type("FunctionCallResponse"), what="the timeout answer")
+            await ask_for_function(session, "late", "slow", '{"seconds": 0.5}')  # answered at its timeout
             [live] = server.calls
             await eventually(lambda: live.digest.functions_finished_late, 3, "the late result while the call runs")
             await caller.stop()
@@ -624,3 +627,95 @@ def test_startup_says_where_webhooks_go_without_the_query_or_the_secret(caplog: 
     [line] = [r.getMessage() for r in caplog.records if "POSTed" in r.getMessage()]
     assert line == "each call's summary is POSTed, signed, to https://hooks.example.com:8443/calls when it ends (docs/webhooks.md)"
     assert "abc" not in caplog.text and SECRET not in caplog.text
+
+
+# ---------------------------------------------------------------------------- hostile text
+
+LONE = "\ud800"  # sent as the JSON escape "\ud800": valid JSON, yet no UTF-8 encoder takes it
+
+
+def strict_json(data: bytes) -> Any:
+    """``data`` as strict UTF-8 JSON whose every string (keys too) is valid Unicode, parsed."""
+    value = json.loads(data.decode("utf-8"))
+    # A "\ud800" escape parses into a lone surrogate, which no UTF-8 encoder takes: this raises.
+    json.dumps(value, ensure_ascii=False).encode("utf-8")
+    return value
+
+
+def strict_record(directory: Path) -> list[dict[str, Any]]:
+    [path] = directory.glob("*.jsonl")
+    return [strict_json(line) for line in path.read_bytes().splitlines()]
+
+
+def call_ended_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "bridge.call" and "] call ended: " in r.getMessage()]
+
+
+async def test_lone_surrogates_from_twilio_and_deepgram_leave_the_bridge_as_valid_utf8(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, receiver: FakeReceiver, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A custom parameter (one a placeholder puts in the prompt) and a turn holding "\\ud800".
+
+    The parameter reaches the Settings, the record and the webhook; the turn the record, the
+    webhook and the history in a resumed session's Settings. All of it is mended to U+FFFD.
+    """
+    caplog.set_level(logging.INFO)
+    settings = json.loads((ROOT / "config.json").read_text(encoding="utf-8"))
+    settings["agent"]["think"]["prompt"] = "The caller's note: {{note}}."
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(settings), encoding="utf-8")
+    async with make_bridge(fake_agent, config_path=config, **webhook_overrides(receiver)) as server:
+        async with FakeTwilioCaller(twilio_url(server)) as caller:
+            await caller.start({"note": f"refill {LONE}", f"key{LONE}": "value"})
+            session = await fake_agent.ready_session()
+            await session.send_json({"type": "ConversationText", "role": "user", "content": f"Hello {LONE} there"})
+            await eventually(lambda: server.calls and next(iter(server.calls)).call.turns == 1, what="the turn")
+            session.drop()  # the resumed session's Settings carry the turn as history
+            resumed = await fake_agent.ready_session(1)
+            await caller.stop()
+        await eventually(lambda: not server.calls, what="the call to end")
+        await eventually(lambda: receiver.delivered, what="the webhook")
+    assert session.settings_raw is not None and resumed.settings_raw is not None
+    sent = strict_json(session.settings_raw.encode("utf-8"))
+    assert sent["agent"]["think"]["prompt"] == "The caller's note: refill \ufffd."
+    sent = strict_json(resumed.settings_raw.encode("utf-8"))
+    assert sent["agent"]["think"]["prompt"] == "The caller's note: refill \ufffd."
+    assert {"type": "History", "role": "user", "content": "Hello \ufffd there"} in sent["agent"]["context"]["messages"]
+    repaired = {"note": "refill \ufffd", "key\ufffd": "value"}
+    record = strict_record(tmp_path / "calls")
+    assert record[0]["custom_parameters"] == repaired and record[-1]["custom_parameters"] == repaired
+    assert {"role": "user", "content": "Hello \ufffd there"} in [
+        {"role": line["role"], "content": line["content"]} for line in record if line["event"] == "transcript"
+    ]
+    payload = strict_json(receiver.delivered[0].body)
+    assert payload["custom_parameters"] == repaired
+    assert payload["transcript"] == [{"role": "user", "content": "Hello \ufffd there"}]
+    assert len(call_ended_lines(caplog)) == 1
+
+
+def lone_text() -> dict[str, Any]:
+    """A function of the bridge's user that hands back a lone surrogate (os.listdir of a bad name, say)."""
+    return {"file": f"report{LONE}.pdf", f"key{LONE}": [LONE]}
+
+
+async def test_a_lone_surrogate_from_a_function_still_gives_a_valid_record_and_webhook(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, receiver: FakeReceiver, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not from a peer, so no codec mends it: the record's and the webhook's encoders must."""
+    caplog.set_level(logging.INFO)
+    overrides = webhook_overrides(receiver, function_map={"lone_text": lone_text})
+    async with make_bridge(fake_agent, **overrides) as server:
+        async with FakeTwilioCaller(twilio_url(server)) as caller:
+            await caller.start()
+            session = await fake_agent.ready_session()
+            await ask_for_function(session, "f1", "lone_text", "{}")
+            await caller.stop()
+        await eventually(lambda: not server.calls, what="the call to end")
+        await eventually(lambda: receiver.delivered, what="the webhook")
+    repaired = {"file": "report\ufffd.pdf", "key\ufffd": ["\ufffd"]}
+    [function] = [line for line in strict_record(tmp_path / "calls") if line["event"] == "function_call"]
+    assert function["result"] == repaired
+    assert strict_json(receiver.delivered[0].body)["function_calls"][0]["result"] == repaired
+    assert len(call_ended_lines(caplog)) == 1
