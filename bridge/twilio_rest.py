@@ -19,12 +19,14 @@ have to think about:
   caller wanted the call changed or ended, and it has ended.
 - **Secrets.** Logs and exception texts never carry the auth token, the Authorization header or
   the Account SID (paths are logged with it replaced by ``AC…``); text from Twilio is escaped
-  with ``clean``. Answers are read up to ``MAX_RESPONSE_BYTES``.
+  with ``clean``. Answers are read up to ``MAX_RESPONSE_BYTES``; a longer one is not read on
+  and counts as unreadable.
 - **Input.** Call SIDs are checked (``CA`` + 32 hex digits) before they go into a URL path, and
   the Account SID when the client is made, so no caller text can change the path.
 
-One attempt (``post_once``: a POST on a fresh connection, within a deadline) is a plain function,
-which the call webhook (bridge/webhook.py) uses too. docs/protocols.md section 7 has the REST API
+One attempt (``post_once``: a POST on a fresh connection, within a deadline, reading as much of
+the answer's body as its caller asks) is a plain function, which the call webhook
+(bridge/webhook.py) uses too. docs/protocols.md section 7 has the REST API
 facts this follows.
 """
 
@@ -39,6 +41,7 @@ import random
 import re
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -107,11 +110,17 @@ class _Operation:
 
 @dataclass(frozen=True, slots=True)
 class HttpAnswer:
-    """One HTTP answer, whole."""
+    """One HTTP answer: its status, its headers and as much of its body as was asked for."""
 
     status: int
     headers: dict[str, str]  # names lower-cased; a repeated header keeps its last value
     body: bytes
+    complete: bool = True  # False when the body went on past what was read
+
+
+def _up_to_the_cap(status: int) -> int:
+    """``post_once``'s default: read the body up to ``MAX_RESPONSE_BYTES``, whatever the status."""
+    return MAX_RESPONSE_BYTES
 
 
 class AttemptFailed(Exception):
@@ -416,13 +425,16 @@ async def post_once(
     *,
     timeout: float,
     peer: str,
+    body_limit: Callable[[int], int] = _up_to_the_cap,
 ) -> HttpAnswer:
     """One POST on a fresh connection, all of it (connect, TLS, send, answer) within ``timeout``.
 
     ``headers`` are the request's own (``Host`` among them); ``Content-Length`` and
-    ``Connection: close`` are added here. Any HTTP answer is returned whole; no usable answer
-    raises ``AttemptFailed`` saying why in words that name ``peer``. Used by this client and by
-    the call webhook (bridge/webhook.py).
+    ``Connection: close`` are added here. Any HTTP answer is returned, with at most
+    ``body_limit(status)`` bytes of its body: it is returned as soon as those are in, and the
+    rest (however long, or slow to come) is never read (``HttpAnswer.complete`` is then False).
+    No usable answer raises ``AttemptFailed`` saying why in words that name ``peer``. Used by
+    this client and by the call webhook (bridge/webhook.py).
     """
     progress = _Progress()
     try:
@@ -440,8 +452,8 @@ async def post_once(
                 progress.sent = True
                 writer.write(data)
                 await writer.drain()
-                answer = await _read_answer(connection, reader, peer)
-                done = True
+                answer = await _read_answer(connection, reader, peer, body_limit)
+                done = answer.complete  # the rest of a cut answer is not waited for
                 return answer
             finally:
                 if done:
@@ -464,13 +476,19 @@ async def post_once(
         raise AttemptFailed(f"broken HTTP answer: {clean(exc, 160)}", sent=True) from None
 
 
-async def _read_answer(connection: h11.Connection, reader: asyncio.StreamReader, peer: str) -> HttpAnswer:
+async def _read_answer(
+    connection: h11.Connection, reader: asyncio.StreamReader, peer: str, body_limit: Callable[[int], int]
+) -> HttpAnswer:
     status: int | None = None
     headers: dict[str, str] = {}
     body = bytearray()
+    limit = 0
     while True:
         event = connection.next_event()
         if event is h11.NEED_DATA:
+            if status is not None and len(body) >= limit:
+                # Enough of the body: what h11 already holds was looked at, the rest is not awaited.
+                return HttpAnswer(status, headers, bytes(body[:limit]), complete=False)
             chunk = await reader.read(READ_CHUNK_BYTES)
             if not chunk and status is None:
                 # Said plainly here: h11's own words for it name its internal states.
@@ -479,14 +497,13 @@ async def _read_answer(connection: h11.Connection, reader: asyncio.StreamReader,
         elif isinstance(event, h11.Response):
             status = event.status_code
             headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in event.headers}
+            limit = body_limit(status)
         elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > MAX_RESPONSE_BYTES:
-                raise AttemptFailed(
-                    f"{peer}'s answer is over {MAX_RESPONSE_BYTES} bytes", sent=True, retryable=False, status=status
-                )
+            body += event.data  # at most one read's worth past the limit, cut when returned
         elif isinstance(event, h11.EndOfMessage):
             assert status is not None  # h11 gives the Response before the end of its body
+            if len(body) > limit:
+                return HttpAnswer(status, headers, bytes(body[:limit]), complete=False)
             return HttpAnswer(status, headers, bytes(body))
         elif isinstance(event, h11.ConnectionClosed):
             raise h11.RemoteProtocolError("connection closed before an answer")

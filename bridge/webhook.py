@@ -14,8 +14,10 @@ Three parts, each owning one thing:
   non-blocking ``submit``: the body joins a bounded queue (``webhook_queue_max`` bodies,
   ``QUEUE_MAX_BYTES`` in all) or is dropped and counted. One task sends them one at a time, each
   attempt within ``webhook_attempt_timeout_seconds`` and each body retried with exponential
-  backoff for ``CALL_WEBHOOK_RETRY_SECONDS``. The call record on disk is the source of truth: a
-  delivery that fails loses nothing that is not also in ``CALLS_DIR``.
+  backoff for ``CALL_WEBHOOK_RETRY_SECONDS``. A 2xx is delivered the moment its status line
+  and headers are in (its body is never read); of any other answer, the first
+  ``REFUSAL_BODY_BYTES`` are read. The call record on disk is the source of truth: a delivery
+  that fails loses nothing that is not also in ``CALLS_DIR``.
 
 Logging follows outages, not calls: one WARNING when deliveries start failing (with the reason),
 one WARNING per distinct refusal status (a 4xx is not retried), one INFO when a delivery gets
@@ -67,6 +69,9 @@ QUEUE_MAX_BYTES: Final = 64 * 1024 * 1024
 MAX_BACKOFF_SECONDS: Final = 30.0
 # 408 Request Timeout and 429 Too Many Requests are worth another try; other 4xx are not.
 RETRYABLE_4XX: Final = frozenset({408, 429})
+# Of a refusal's body, only the start is read (for its log line); of a 2xx's, nothing: the status
+# says it all, and a receiver's long or never-ending body must not turn a delivery into a failure.
+REFUSAL_BODY_BYTES: Final = 4096
 # The summary's fields that stand at the payload's top level; all its others go into "counts".
 _TOP_LEVEL: Final = (
     "call_sid", "stream_sid", "custom_parameters", "started_at", "ended_at", "duration_seconds", "ended_by",
@@ -346,7 +351,7 @@ class WebhookSender:
             try:
                 answer = await post_once(
                     self._host, self._port, self._tls, self._request_target, headers, body,
-                    timeout=self.attempt_timeout, peer="the webhook receiver",
+                    timeout=self.attempt_timeout, peer="the webhook receiver", body_limit=_answer_body_limit,
                 )
             except AttemptFailed as failure:
                 reason, retryable = failure.reason, failure.retryable
@@ -416,6 +421,11 @@ class WebhookSender:
         self.failed += 1
         self._failed_in_outage += 1
         logger.debug("webhook delivery given up after %d attempt%s: %s", attempts, "" if attempts == 1 else "s", reason)
+
+
+def _answer_body_limit(status: int) -> int:
+    """How much of an answer's body is read: none of a 2xx, the start of any other."""
+    return 0 if 200 <= status < 300 else REFUSAL_BODY_BYTES
 
 
 def webhook_sender(settings: Settings) -> WebhookSender | None:

@@ -63,7 +63,9 @@ class FakeReceiver:
     """A webhook receiver: answers each request as ``script`` says (then as ``default``).
 
     Answers: a status code as text ("200", "500", "400", ...), "hang" (read the request, never
-    answer, until the client gives up) or "close" (close the connection without answering).
+    answer, until the client gives up), "close" (close the connection without answering),
+    or a status with "-huge" (a 2 MB body) or "-trickle" (a byte of body every 20 ms, for as long
+    as the client listens): "200-huge", "400-trickle".
     """
 
     def __init__(self) -> None:
@@ -71,7 +73,9 @@ class FakeReceiver:
         self.default = "200"
         self.requests: list[Received] = []
         self.hanging = 0  # requests being held unanswered right now
+        self.trickling = 0  # answers whose body is still being trickled
         self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()  # connections being handled
 
     @property
     def url(self) -> str:
@@ -89,8 +93,18 @@ class FakeReceiver:
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._server is not None
         self._server.close()
+        for writer in self._open:  # a test that failed may leave one hanging or trickling
+            writer.transport.abort()
+        await eventually(lambda: not self._open, what="the receiver's connections to end")
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open.add(writer)
+        try:
+            await self._answer(reader, writer)
+        finally:
+            self._open.discard(writer)
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection = h11.Connection(h11.SERVER)
         request: h11.Request | None = None
         body = bytearray()
@@ -121,6 +135,10 @@ class FakeReceiver:
                 return
             if answer == "close":
                 return
+            status, _, body_kind = answer.partition("-")
+            if body_kind:
+                await self._long_answer(connection, writer, int(status), 2 * 1024 * 1024 if body_kind == "huge" else None)
+                return
             text = b'{"error": "nope"}' if answer.startswith("4") else b"ok"
             reply = connection.send(h11.Response(status_code=int(answer), headers=[("Content-Length", str(len(text)))]))
             writer.write((reply or b"") + (connection.send(h11.Data(data=text)) or b"") + (connection.send(h11.EndOfMessage()) or b""))
@@ -129,6 +147,25 @@ class FakeReceiver:
             return
         finally:
             writer.close()
+
+
+    async def _long_answer(self, connection: h11.Connection, writer: asyncio.StreamWriter, status: int, size: int | None) -> None:
+        """``status`` with a body of ``size`` bytes at once, or (None) one that trickles until the client leaves."""
+        if size is not None:
+            body = b"refused " + b"x" * size
+            writer.write(connection.send(h11.Response(status_code=status, headers=[("Content-Length", str(len(body)))])) or b"")
+            writer.write(connection.send(h11.Data(data=body)) or b"")
+            await writer.drain()
+            return
+        writer.write(connection.send(h11.Response(status_code=status, headers=[("Content-Length", str(10**9))])) or b"")
+        self.trickling += 1
+        try:
+            while not writer.is_closing():
+                writer.write(connection.send(h11.Data(data=b"x")) or b"")
+                await writer.drain()
+                await asyncio.sleep(0.02)
+        finally:
+            self.trickling -= 1
 
 
 @pytest.fixture
@@ -424,6 +461,39 @@ async def test_a_4xx_is_not_retried_and_each_status_is_logged_once(
     assert "HTTP 422" in warnings[1]
     [recovered] = webhook_lines(caplog, logging.INFO)
     assert "4 deliveries failed meanwhile" in recovered
+
+
+@pytest.mark.parametrize("answer", ["200-huge", "200-trickle"])
+async def test_a_2xx_with_a_huge_or_endless_body_is_delivered_at_once(
+    receiver: FakeReceiver, caplog: pytest.LogCaptureFixture, answer: str
+) -> None:
+    """Any 2xx is delivered, whatever its body: only the status is waited for."""
+    caplog.set_level(logging.DEBUG)
+    receiver.default = answer
+    sender = sender_for(receiver, attempt_timeout=5.0)
+    sender.start()
+    started = time.monotonic()
+    sender.submit(b'{"n":1}')
+    await eventually(lambda: sender.delivered == 1, what="the delivery")
+    assert time.monotonic() - started < 1.0  # not the 5 s attempt timeout
+    await sender.close(1.0)
+    assert sender.failed == 0 and len(receiver.requests) == 1
+    assert webhook_lines(caplog, logging.WARNING) == [] and webhook_lines(caplog, logging.INFO) == []
+    await eventually(lambda: receiver.trickling == 0, what="the receiver to see the connection closed")
+
+
+async def test_a_refusal_with_a_huge_body_is_a_refusal_logged_with_the_start_of_its_body(
+    receiver: FakeReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.script.append("400-huge")
+    sender = sender_for(receiver)
+    sender.start()
+    sender.submit(b"{}")
+    await eventually(lambda: sender.failed == 1, what="the refusal")
+    await sender.close(1.0)
+    assert len(receiver.requests) == 1  # a refusal: not retried
+    [warning] = webhook_lines(caplog, logging.WARNING)
+    assert "refused a call summary with HTTP 400 (refused xxxxxxxx" in warning and len(warning) < 600
 
 
 async def seconds_to_give_up(sender: WebhookSender) -> float:
