@@ -74,17 +74,36 @@ class TwilioApiError(Exception):
 
     ``status`` is the HTTP status (``None`` when no answer came), ``code`` Twilio's error code from
     its JSON body (``None`` when there was none) and ``message`` Twilio's message, unescaped, or
-    our description of what went wrong. ``str(exc)`` is one log-safe line.
+    our description of what went wrong. ``sent`` is False when the request certainly never reached
+    Twilio (the connection failed before it was written). ``str(exc)`` is one log-safe line.
     """
 
     def __init__(
-        self, message: str, *, status: int | None = None, code: int | None = None, operation: str | None = None
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: int | None = None,
+        operation: str | None = None,
+        sent: bool = True,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.code = code
         self.operation = operation
+        self.sent = sent
+
+    @property
+    def may_have_acted(self) -> bool:
+        """Whether Twilio may have done what was asked (created the call) although this failed.
+
+        So it may when the request was sent and no answer came, the answer was a 2xx that could
+        not be read, or a 5xx other than 503 (which, like 429, means Twilio did not act).
+        """
+        if not self.sent:
+            return False
+        return self.status is None or 200 <= self.status < 300 or (self.status >= 500 and self.status != 503)
 
     def __str__(self) -> str:
         details = []
@@ -252,7 +271,9 @@ class TwilioRestClient:
         """Place a call from ``from_`` to ``to``; returns Twilio's JSON, whose ``"sid"`` is the Call SID.
 
         The call runs ``twiml`` (inline) or the TwiML at ``url`` (fetched with ``method``) once
-        answered; give exactly one. Raises ``TwilioApiError`` if Twilio refuses or cannot be reached.
+        answered; give exactly one. Raises ``TwilioApiError`` if Twilio refuses or cannot be reached,
+        or if its yes can't be read (no JSON object with a ``sid``: ``may_have_acted`` says the
+        call may exist all the same).
         """
         if not to or not from_:
             raise ValueError("a call needs both a To and a From number")
@@ -276,7 +297,10 @@ class TwilioRestClient:
         operation = _Operation("create call", "Calls.json", create=True)
         answer, attempts = await self._post(operation, fields)
         if 200 <= answer.status < 300:
-            return self._json_object(operation, answer, attempts)
+            created = self._json_object(operation, answer, attempts)
+            if not isinstance(created.get("sid"), str):
+                raise self._failed(operation, answer.status, attempts, None, reason="Twilio's answer has no Call SID")
+            return created
         raise self._failed(operation, answer.status, attempts, answer.body)
 
     async def update_call(
@@ -346,7 +370,7 @@ class TwilioRestClient:
                 reason = failure.reason
                 if failure.retryable and create and failure.sent:
                     reason += "; not retried, since Twilio may have created the call"
-                raise self._failed(operation, failure.status, attempt, None, reason=reason) from None
+                raise self._failed(operation, failure.status, attempt, None, reason=reason, sent=failure.sent) from None
             logger.debug(
                 "Twilio %s: attempt %d/%d answered HTTP %d in %.2f s",
                 operation.name, attempt, self.attempts, answer.status, time.monotonic() - started,
@@ -370,14 +394,21 @@ class TwilioRestClient:
         return delay + random.uniform(0, delay / 2)
 
     def _failed(
-        self, operation: _Operation, status: int | None, attempts: int, body: bytes | None, *, reason: str | None = None
+        self,
+        operation: _Operation,
+        status: int | None,
+        attempts: int,
+        body: bytes | None,
+        *,
+        reason: str | None = None,
+        sent: bool = True,
     ) -> TwilioApiError:
         """The error for a failed operation, logged here as the operation's one warning line."""
         code, message = _twilio_error(body) if body is not None else (None, None)
         if message is None:
             message = reason or (f"Twilio answered HTTP {status}" if status is not None else "no answer from Twilio")
         # Twilio's 404 message quotes the request's path, Account SID included.
-        error = TwilioApiError(self._redact(message), status=status, code=code, operation=operation.name)
+        error = TwilioApiError(self._redact(message), status=status, code=code, operation=operation.name, sent=sent)
         logger.warning(
             "%s (POST %s/%s/Accounts/AC…/%s, %d attempt%s)",
             error, self._prefix, API_VERSION, operation.tail, attempts, "" if attempts == 1 else "s",
@@ -392,6 +423,11 @@ class TwilioRestClient:
         return text
 
     def _json_object(self, operation: _Operation, answer: HttpAnswer, attempts: int) -> dict[str, Any]:
+        """A 2xx answer's JSON object; anything else raises (``may_have_acted``: Twilio said yes)."""
+        if not answer.complete:
+            raise self._failed(
+                operation, answer.status, attempts, None, reason=f"Twilio's answer is over {MAX_RESPONSE_BYTES} bytes"
+            )
         try:
             data = json.loads(answer.body)
         except (ValueError, RecursionError):
