@@ -39,6 +39,7 @@ from bridge.call_control import MODE_PARAMETER, outbound_call, place_call
 from bridge.config import E164, ConfigError, Settings, load_settings
 from bridge.logsafe import clean
 from bridge.postgres import check_database_url, describe
+from bridge.records import make_private_dirs
 from bridge.metrics import WorkerShare
 from bridge.server import BridgeServer, routes
 from bridge.session import rest_client
@@ -196,9 +197,12 @@ async def serve(
 
 
 def check_writable_directory(directory: Path) -> None:
-    """CALLS_DIR must take files now: finding out on the first call would lose its record."""
+    """CALLS_DIR must take files now: finding out on the first call would lose its record.
+
+    What is missing of it is made owner-only (0700), as the records it will hold are.
+    """
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(directory)
     except OSError as exc:
         raise ConfigError(f"CALLS_DIR {directory} cannot be created: {exc.strerror or exc}.") from None
     if not os.access(directory, os.W_OK | os.X_OK):

@@ -7,8 +7,9 @@ rarely: a thread woken for every event would fight the loop for the GIL under lo
 ``CallRecord.finish`` returns once the summary line is on disk.
 
 Records hold what callers said, so they are the caller's personal data: each file is created
-owner-only (0600) and each directory this module creates is 0700, whatever the umask. Every line
-is strict JSON (no ``NaN``/``Infinity``, which other JSON readers reject), and one call's events
+owner-only (0600) and each directory this module creates is 0700, whatever the umask
+(``make_private_dirs`` makes every directory the bridge creates). Every line is strict JSON (no
+``NaN``/``Infinity`` and no lone surrogate, which other JSON readers reject), and one call's events
 take at most ``RECORD_MAX_BYTES`` (a peer flooding transcripts cannot fill the disk); events past
 the cap are counted in the summary's ``record_events_dropped`` instead of written.
 """
@@ -175,8 +176,8 @@ class RecordWriter:
                     logger.error("could not write to the call record %s: %s", path, error)
 
 
-def _make_private_dirs(directory: Path) -> None:
-    """Create ``directory`` and any missing parents, each 0700.
+def make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` and any missing parents, each 0700; every directory the bridge makes.
 
     Not ``Path.mkdir(parents=True)`` or ``os.makedirs``: both create the parents with the
     umask's default mode (often 0755), whatever mode is asked for the last one.
@@ -196,7 +197,7 @@ def _open_record(path: Path) -> int:
         return os.open(path, _FILE_FLAGS, _FILE_MODE)
     except FileNotFoundError:
         # Only the first write of a call (or of a new CALLS_DIR) gets here: no stat per batch.
-        _make_private_dirs(path.parent)
+        make_private_dirs(path.parent)
         return os.open(path, _FILE_FLAGS, _FILE_MODE)
 
 
