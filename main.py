@@ -35,9 +35,11 @@ from typing import Any
 from dotenv import load_dotenv
 
 from bridge.agents import AgentCatalog, check_functions, load_catalog
-from bridge.call_control import MODE_PARAMETER, place_call
+from bridge.call_control import MODE_PARAMETER, outbound_call, place_call
 from bridge.config import E164, ConfigError, Settings, load_settings
+from bridge.logsafe import clean
 from bridge.postgres import check_database_url, describe
+from bridge.records import make_private_dirs
 from bridge.metrics import WorkerShare
 from bridge.server import BridgeServer, routes
 from bridge.session import rest_client
@@ -195,9 +197,12 @@ async def serve(
 
 
 def check_writable_directory(directory: Path) -> None:
-    """CALLS_DIR must take files now: finding out on the first call would lose its record."""
+    """CALLS_DIR must take files now: finding out on the first call would lose its record.
+
+    What is missing of it is made owner-only (0700), as the records it will hold are.
+    """
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(directory)
     except OSError as exc:
         raise ConfigError(f"CALLS_DIR {directory} cannot be created: {exc.strerror or exc}.") from None
     if not os.access(directory, os.W_OK | os.X_OK):
@@ -456,10 +461,17 @@ def place_outbound_call(argv: Sequence[str]) -> int:
             )
         if MODE_PARAMETER in args.parameters:
             raise ConfigError(f"--param {MODE_PARAMETER} is the bridge's own; pick another name.")
+        try:
+            outbound_call(settings, args.parameters)  # what Twilio would refuse is said now, not after a request
+        except ValueError as exc:
+            raise ConfigError(f"{exc}.") from None
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    # The REST client logs a failure as a WARNING, for a server's log; here the "error:" line
+    # below says it, and once is enough. Its DEBUG lines (each attempt) still show.
+    logging.getLogger("bridge.twilio_rest").addFilter(lambda record: record.levelno != logging.WARNING)
     rest = rest_client(settings)
     assert rest is not None
 
@@ -472,10 +484,27 @@ def place_outbound_call(argv: Sequence[str]) -> int:
     try:
         sid = asyncio.run(call())
     except TwilioApiError as exc:
-        print(f"error: Twilio refused the call: {exc}", file=sys.stderr)
+        print(f"error: {outbound_failure(exc, settings.twilio_api_url)}", file=sys.stderr)
         return 1
     print(sid)
     return 0
+
+
+def outbound_failure(exc: TwilioApiError, api_url: str) -> str:
+    """One sentence for a call that failed: never reached Twilio, refused, or perhaps placed after all."""
+    detail = clean(exc.message, 300)
+    if not exc.sent:
+        return f"could not reach Twilio's API at {api_url} ({detail}); no call was placed."
+    answer = "no answer" if exc.status is None else f"HTTP {exc.status}"
+    if exc.code is not None:
+        answer += f", Twilio error {exc.code}"
+    if exc.may_have_acted:
+        return (
+            f"Twilio's answer could not be used ({answer}: {detail}), but the call may have been placed: "
+            "check the call log in the Twilio console before trying again."
+        )
+    hint = "; check TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN" if exc.status == 401 else ""
+    return f"Twilio refused the call ({answer}: {detail}){hint}."
 
 
 def normalise_number(raw: str) -> str:

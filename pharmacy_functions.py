@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from bridge.postgres import DatabaseUnavailable, PostgresConnections
+from bridge.records import make_private_dirs
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +83,11 @@ MAX_ORDER_ID: Final = 2**63 - 1
 # through afterwards; the call record then shows it as function_finished_late.
 BUSY_TIMEOUT_SECONDS: Final = 5.0
 
-# Owner-only. SQLite creates its -wal, -shm and -journal files with the
-# database file's own permission bits (it fchmods them to match, whatever the
-# umask), so a database file made 0600 keeps its side files 0600 too.
+# Owner-only, and so are the folders made for it (0700). SQLite creates its
+# -wal, -shm and -journal files with the database file's own permission bits
+# (it fchmods them to match, whatever the umask), so a database file made 0600
+# keeps its side files 0600 too.
 DB_FILE_MODE: Final = 0o600
-DB_DIR_MODE: Final = 0o700
 
 # Relative to this file rather than the working directory, so the bridge finds
 # the same orders however it is started. PHARMACY_DB overrides it.
@@ -279,17 +280,7 @@ def _create_private_file(path: Path) -> None:
     SQLite takes an empty file as a new database. An existing file, and its
     mode, are left alone: O_EXCL never opens it.
     """
-    missing: list[Path] = []
-    folder = path.parent
-    # Not mkdir(parents=True) or os.makedirs: both give parents the umask's mode.
-    while not folder.exists() and folder.parent != folder:
-        missing.append(folder)
-        folder = folder.parent
-    for folder in reversed(missing):
-        try:
-            os.mkdir(folder, DB_DIR_MODE)
-        except FileExistsError:  # another process starting at the same time made it
-            pass
+    make_private_dirs(path.parent)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, DB_FILE_MODE)
     except FileExistsError:

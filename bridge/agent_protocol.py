@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from . import jsontext
 from .errors import ProtocolError
 
 KEEPALIVE = '{"type":"KeepAlive"}'
@@ -55,10 +56,11 @@ def parse_message(text: str) -> dict[str, Any]:
     """Parse a text frame from the agent; every valid one is an object with a string ``type``.
 
     NaN and Infinity are refused: Python's json accepts them, but they are not JSON, and a
-    record holding one could not be read back by a strict parser.
+    record holding one could not be read back by a strict parser. A lone surrogate (``\\ud800``)
+    in a string becomes U+FFFD, so every string handed on can be encoded as UTF-8.
     """
     try:
-        message = json.loads(text, parse_constant=_refuse_constant)
+        message = jsontext.loads(text, parse_constant=_refuse_constant)
     except (json.JSONDecodeError, RecursionError):
         raise AgentProtocolError("not-json", "a text frame from Deepgram is not JSON") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):

@@ -26,7 +26,7 @@ from .binding import BINDING_PARAMETER, binding_mac
 from .config import Settings
 from .logsafe import clean
 from .transport import HttpReply, HttpRequest
-from .twilio_rest import TwilioApiError, TwilioRestClient
+from .twilio_rest import MAX_TWIML_CHARS, TwilioApiError, TwilioRestClient
 
 logger = logging.getLogger("bridge.call_control")
 
@@ -42,6 +42,9 @@ TWILIO_CALLBACK_PARAMETERS = frozenset(
 )
 # Callbacks being acted on at once; more are answered 503 and Twilio retries them.
 MAX_PENDING_CALLBACKS = 64
+# The answering-machine callback URL carries every parameter too; Twilio documents this limit for
+# its callback URLs, and a longer one would fail only once the call was placed.
+MAX_CALLBACK_URL_CHARS = 4000
 
 
 def amd_callback_url(settings: Settings, parameters: Mapping[str, str]) -> str:
@@ -49,23 +52,46 @@ def amd_callback_url(settings: Settings, parameters: Mapping[str, str]) -> str:
     return f"{settings.public_base_url}{AMD_PATH}" + (f"?{query}" if query else "")
 
 
-async def place_call(settings: Settings, rest: TwilioRestClient, to: str, parameters: Mapping[str, str]) -> str:
-    """Dial ``to`` from TWILIO_PHONE_NUMBER into this bridge; returns the Call SID."""
-    assert settings.twilio_phone_number is not None
+def outbound_call(settings: Settings, parameters: Mapping[str, str]) -> tuple[str, str]:
+    """The TwiML and the answering-machine callback URL of a call placed with ``parameters``.
+
+    Both carry every parameter, and so does the TwiML of its voicemail stream later. Raises
+    ``ValueError`` with one sentence, before anything is sent, if any of them would be longer
+    than Twilio takes.
+    """
     twiml = twilio.connect_twiml(settings.stream_url, parameters)
+    callback = amd_callback_url(settings, parameters)
+    voicemail = twilio.connect_twiml(settings.stream_url, {**parameters, MODE_PARAMETER: VOICEMAIL_MODE})
+    if len(voicemail) > MAX_TWIML_CHARS:
+        raise ValueError(
+            f"the parameters make the call's TwiML {len(voicemail):,} characters long, over the "
+            f"{MAX_TWIML_CHARS:,} Twilio takes: shorten them or pass fewer"
+        )
+    if len(callback) > MAX_CALLBACK_URL_CHARS:
+        raise ValueError(
+            f"the parameters make the call's answering-machine callback URL {len(callback):,} characters long, "
+            f"over the {MAX_CALLBACK_URL_CHARS:,} Twilio takes: shorten them or pass fewer"
+        )
+    return twiml, callback
+
+
+async def place_call(settings: Settings, rest: TwilioRestClient, to: str, parameters: Mapping[str, str]) -> str:
+    """Dial ``to`` from TWILIO_PHONE_NUMBER into this bridge; returns the Call SID.
+
+    ``ValueError`` (from ``outbound_call``) before any request if the parameters are too long.
+    """
+    assert settings.twilio_phone_number is not None
+    twiml, callback = outbound_call(settings, parameters)
     created = await rest.create_call(
         to,
         settings.twilio_phone_number,
         twiml=twiml,
         machine_detection="DetectMessageEnd",
         async_amd=True,
-        async_amd_status_callback=amd_callback_url(settings, parameters),
+        async_amd_status_callback=callback,
         async_amd_status_callback_method="POST",
     )
-    sid = created.get("sid")
-    if not isinstance(sid, str):
-        raise TwilioApiError("Twilio's answer to the new call has no Call SID.", status=None, code=None)
-    return sid
+    return str(created["sid"])  # create_call checked it is there
 
 
 def form_parameters(request: HttpRequest) -> dict[str, list[str]]:

@@ -7,8 +7,9 @@ rarely: a thread woken for every event would fight the loop for the GIL under lo
 ``CallRecord.finish`` returns once the summary line is on disk.
 
 Records hold what callers said, so they are the caller's personal data: each file is created
-owner-only (0600) and each directory this module creates is 0700, whatever the umask. Every line
-is strict JSON (no ``NaN``/``Infinity``, which other JSON readers reject), and one call's events
+owner-only (0600) and each directory this module creates is 0700, whatever the umask
+(``make_private_dirs`` makes every directory the bridge creates). Every line is strict JSON (no
+``NaN``/``Infinity`` and no lone surrogate, which other JSON readers reject), and one call's events
 take at most ``RECORD_MAX_BYTES`` (a peer flooding transcripts cannot fill the disk); events past
 the cap are counted in the summary's ``record_events_dropped`` instead of written.
 """
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .call_events import RecordEvent
+from . import jsontext
 
 logger = logging.getLogger("bridge.records")
 
@@ -96,12 +98,18 @@ def finite(value: Any, path: frozenset[int] = frozenset()) -> Any:
 
 
 def _encode(value: dict[str, Any]) -> str:
-    """One strict JSON line: NaN and Infinity are not JSON, and strict readers reject the file."""
+    """One strict JSON line: NaN, Infinity and lone surrogates are not JSON strict readers take."""
     try:
-        return json.dumps(value, default=_as_text, allow_nan=False) + "\n"
+        line = json.dumps(value, default=_as_text, allow_nan=False)
     except ValueError:
         # Rare (Deepgram or a function handed us a non-finite float), so the walk is paid only here.
-        return json.dumps(finite(value), default=_as_text, allow_nan=False) + "\n"
+        line = json.dumps(finite(value), default=_as_text, allow_nan=False)
+    if "\\ud" in line:
+        # A surrogate's escape: half of an astral character's pair, or a lone surrogate (from a
+        # function's result, say; the codecs mend what peers send), which strict readers refuse.
+        # Rare, so the round trip that mends it is paid only here.
+        line = json.dumps(jsontext.loads(line), allow_nan=False)
+    return line + "\n"
 
 
 class RecordWriter:
@@ -158,8 +166,8 @@ class RecordWriter:
                     logger.error("could not write to the call record %s: %s", path, error)
 
 
-def _make_private_dirs(directory: Path) -> None:
-    """Create ``directory`` and any missing parents, each 0700.
+def make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` and any missing parents, each 0700; every directory the bridge makes.
 
     Not ``Path.mkdir(parents=True)`` or ``os.makedirs``: both create the parents with the
     umask's default mode (often 0755), whatever mode is asked for the last one.
@@ -179,7 +187,7 @@ def _open_record(path: Path) -> int:
         return os.open(path, _FILE_FLAGS, _FILE_MODE)
     except FileNotFoundError:
         # Only the first write of a call (or of a new CALLS_DIR) gets here: no stat per batch.
-        _make_private_dirs(path.parent)
+        make_private_dirs(path.parent)
         return os.open(path, _FILE_FLAGS, _FILE_MODE)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
+from . import jsontext
 from .errors import ProtocolError
 
 
@@ -35,9 +36,9 @@ class StreamStart:
 
 
 def parse_event(text: str) -> tuple[str, dict[str, Any]]:
-    """Parse one text frame from Twilio into ``(event name, message)``."""
+    """Parse one text frame from Twilio into ``(event name, message)``; its strings are valid Unicode."""
     try:
-        message = json.loads(text)
+        message = jsontext.loads(text)
     except (json.JSONDecodeError, RecursionError):
         raise TwilioProtocolError("not-json", "a text frame from Twilio is not JSON") from None
     if not isinstance(message, dict):

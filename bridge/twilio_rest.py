@@ -19,12 +19,14 @@ have to think about:
   caller wanted the call changed or ended, and it has ended.
 - **Secrets.** Logs and exception texts never carry the auth token, the Authorization header or
   the Account SID (paths are logged with it replaced by ``AC…``); text from Twilio is escaped
-  with ``clean``. Answers are read up to ``MAX_RESPONSE_BYTES``.
+  with ``clean``. Answers are read up to ``MAX_RESPONSE_BYTES``; a longer one is not read on
+  and counts as unreadable.
 - **Input.** Call SIDs are checked (``CA`` + 32 hex digits) before they go into a URL path, and
   the Account SID when the client is made, so no caller text can change the path.
 
-One attempt (``post_once``: a POST on a fresh connection, within a deadline) is a plain function,
-which the call webhook (bridge/webhook.py) uses too. docs/protocols.md section 7 has the REST API
+One attempt (``post_once``: a POST on a fresh connection, within a deadline, reading as much of
+the answer's body as its caller asks) is a plain function, which the call webhook
+(bridge/webhook.py) uses too. docs/protocols.md section 7 has the REST API
 facts this follows.
 """
 
@@ -39,6 +41,7 @@ import random
 import re
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -71,17 +74,36 @@ class TwilioApiError(Exception):
 
     ``status`` is the HTTP status (``None`` when no answer came), ``code`` Twilio's error code from
     its JSON body (``None`` when there was none) and ``message`` Twilio's message, unescaped, or
-    our description of what went wrong. ``str(exc)`` is one log-safe line.
+    our description of what went wrong. ``sent`` is False when the request certainly never reached
+    Twilio (the connection failed before it was written). ``str(exc)`` is one log-safe line.
     """
 
     def __init__(
-        self, message: str, *, status: int | None = None, code: int | None = None, operation: str | None = None
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: int | None = None,
+        operation: str | None = None,
+        sent: bool = True,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.code = code
         self.operation = operation
+        self.sent = sent
+
+    @property
+    def may_have_acted(self) -> bool:
+        """Whether Twilio may have done what was asked (created the call) although this failed.
+
+        So it may when the request was sent and no answer came, the answer was a 2xx that could
+        not be read, or a 5xx other than 503 (which, like 429, means Twilio did not act).
+        """
+        if not self.sent:
+            return False
+        return self.status is None or 200 <= self.status < 300 or (self.status >= 500 and self.status != 503)
 
     def __str__(self) -> str:
         details = []
@@ -107,11 +129,17 @@ class _Operation:
 
 @dataclass(frozen=True, slots=True)
 class HttpAnswer:
-    """One HTTP answer, whole."""
+    """One HTTP answer: its status, its headers and as much of its body as was asked for."""
 
     status: int
     headers: dict[str, str]  # names lower-cased; a repeated header keeps its last value
     body: bytes
+    complete: bool = True  # False when the body went on past what was read
+
+
+def _up_to_the_cap(status: int) -> int:
+    """``post_once``'s default: read the body up to ``MAX_RESPONSE_BYTES``, whatever the status."""
+    return MAX_RESPONSE_BYTES
 
 
 class AttemptFailed(Exception):
@@ -243,7 +271,9 @@ class TwilioRestClient:
         """Place a call from ``from_`` to ``to``; returns Twilio's JSON, whose ``"sid"`` is the Call SID.
 
         The call runs ``twiml`` (inline) or the TwiML at ``url`` (fetched with ``method``) once
-        answered; give exactly one. Raises ``TwilioApiError`` if Twilio refuses or cannot be reached.
+        answered; give exactly one. Raises ``TwilioApiError`` if Twilio refuses or cannot be reached,
+        or if its yes can't be read (no JSON object with a ``sid``: ``may_have_acted`` says the
+        call may exist all the same).
         """
         if not to or not from_:
             raise ValueError("a call needs both a To and a From number")
@@ -267,7 +297,10 @@ class TwilioRestClient:
         operation = _Operation("create call", "Calls.json", create=True)
         answer, attempts = await self._post(operation, fields)
         if 200 <= answer.status < 300:
-            return self._json_object(operation, answer, attempts)
+            created = self._json_object(operation, answer, attempts)
+            if not isinstance(created.get("sid"), str):
+                raise self._failed(operation, answer.status, attempts, None, reason="Twilio's answer has no Call SID")
+            return created
         raise self._failed(operation, answer.status, attempts, answer.body)
 
     async def update_call(
@@ -337,7 +370,7 @@ class TwilioRestClient:
                 reason = failure.reason
                 if failure.retryable and create and failure.sent:
                     reason += "; not retried, since Twilio may have created the call"
-                raise self._failed(operation, failure.status, attempt, None, reason=reason) from None
+                raise self._failed(operation, failure.status, attempt, None, reason=reason, sent=failure.sent) from None
             logger.debug(
                 "Twilio %s: attempt %d/%d answered HTTP %d in %.2f s",
                 operation.name, attempt, self.attempts, answer.status, time.monotonic() - started,
@@ -361,14 +394,21 @@ class TwilioRestClient:
         return delay + random.uniform(0, delay / 2)
 
     def _failed(
-        self, operation: _Operation, status: int | None, attempts: int, body: bytes | None, *, reason: str | None = None
+        self,
+        operation: _Operation,
+        status: int | None,
+        attempts: int,
+        body: bytes | None,
+        *,
+        reason: str | None = None,
+        sent: bool = True,
     ) -> TwilioApiError:
         """The error for a failed operation, logged here as the operation's one warning line."""
         code, message = _twilio_error(body) if body is not None else (None, None)
         if message is None:
             message = reason or (f"Twilio answered HTTP {status}" if status is not None else "no answer from Twilio")
         # Twilio's 404 message quotes the request's path, Account SID included.
-        error = TwilioApiError(self._redact(message), status=status, code=code, operation=operation.name)
+        error = TwilioApiError(self._redact(message), status=status, code=code, operation=operation.name, sent=sent)
         logger.warning(
             "%s (POST %s/%s/Accounts/AC…/%s, %d attempt%s)",
             error, self._prefix, API_VERSION, operation.tail, attempts, "" if attempts == 1 else "s",
@@ -383,6 +423,11 @@ class TwilioRestClient:
         return text
 
     def _json_object(self, operation: _Operation, answer: HttpAnswer, attempts: int) -> dict[str, Any]:
+        """A 2xx answer's JSON object; anything else raises (``may_have_acted``: Twilio said yes)."""
+        if not answer.complete:
+            raise self._failed(
+                operation, answer.status, attempts, None, reason=f"Twilio's answer is over {MAX_RESPONSE_BYTES} bytes"
+            )
         try:
             data = json.loads(answer.body)
         except (ValueError, RecursionError):
@@ -416,13 +461,16 @@ async def post_once(
     *,
     timeout: float,
     peer: str,
+    body_limit: Callable[[int], int] = _up_to_the_cap,
 ) -> HttpAnswer:
     """One POST on a fresh connection, all of it (connect, TLS, send, answer) within ``timeout``.
 
     ``headers`` are the request's own (``Host`` among them); ``Content-Length`` and
-    ``Connection: close`` are added here. Any HTTP answer is returned whole; no usable answer
-    raises ``AttemptFailed`` saying why in words that name ``peer``. Used by this client and by
-    the call webhook (bridge/webhook.py).
+    ``Connection: close`` are added here. Any HTTP answer is returned, with at most
+    ``body_limit(status)`` bytes of its body: it is returned as soon as those are in, and the
+    rest (however long, or slow to come) is never read (``HttpAnswer.complete`` is then False).
+    No usable answer raises ``AttemptFailed`` saying why in words that name ``peer``. Used by
+    this client and by the call webhook (bridge/webhook.py).
     """
     progress = _Progress()
     try:
@@ -440,8 +488,8 @@ async def post_once(
                 progress.sent = True
                 writer.write(data)
                 await writer.drain()
-                answer = await _read_answer(connection, reader, peer)
-                done = True
+                answer = await _read_answer(connection, reader, peer, body_limit)
+                done = answer.complete  # the rest of a cut answer is not waited for
                 return answer
             finally:
                 if done:
@@ -464,13 +512,19 @@ async def post_once(
         raise AttemptFailed(f"broken HTTP answer: {clean(exc, 160)}", sent=True) from None
 
 
-async def _read_answer(connection: h11.Connection, reader: asyncio.StreamReader, peer: str) -> HttpAnswer:
+async def _read_answer(
+    connection: h11.Connection, reader: asyncio.StreamReader, peer: str, body_limit: Callable[[int], int]
+) -> HttpAnswer:
     status: int | None = None
     headers: dict[str, str] = {}
     body = bytearray()
+    limit = 0
     while True:
         event = connection.next_event()
         if event is h11.NEED_DATA:
+            if status is not None and len(body) >= limit:
+                # Enough of the body: what h11 already holds was looked at, the rest is not awaited.
+                return HttpAnswer(status, headers, bytes(body[:limit]), complete=False)
             chunk = await reader.read(READ_CHUNK_BYTES)
             if not chunk and status is None:
                 # Said plainly here: h11's own words for it name its internal states.
@@ -479,14 +533,13 @@ async def _read_answer(connection: h11.Connection, reader: asyncio.StreamReader,
         elif isinstance(event, h11.Response):
             status = event.status_code
             headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in event.headers}
+            limit = body_limit(status)
         elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > MAX_RESPONSE_BYTES:
-                raise AttemptFailed(
-                    f"{peer}'s answer is over {MAX_RESPONSE_BYTES} bytes", sent=True, retryable=False, status=status
-                )
+            body += event.data  # at most one read's worth past the limit, cut when returned
         elif isinstance(event, h11.EndOfMessage):
             assert status is not None  # h11 gives the Response before the end of its body
+            if len(body) > limit:
+                return HttpAnswer(status, headers, bytes(body[:limit]), complete=False)
             return HttpAnswer(status, headers, bytes(body))
         elif isinstance(event, h11.ConnectionClosed):
             raise h11.RemoteProtocolError("connection closed before an answer")

@@ -8,14 +8,16 @@ Three parts, each owning one thing:
   same events the record is, so it says what the record says (keypad digits are already
   redacted), with ``RECORD_CALLS`` on or off.
 - ``call_ended_payload`` turns the record's summary and the digest into the JSON body: compact,
-  UTF-8, strict (no NaN), at most ``MAX_PAYLOAD_BYTES``; what had to be left out is counted in
+  UTF-8, strict (no NaN, no lone surrogate), at most ``MAX_PAYLOAD_BYTES``; what had to be left out is counted in
   ``omitted`` and flagged by ``truncated``.
 - ``WebhookSender`` (one per server process) delivers the bodies. A call only does a
   non-blocking ``submit``: the body joins a bounded queue (``webhook_queue_max`` bodies,
   ``QUEUE_MAX_BYTES`` in all) or is dropped and counted. One task sends them one at a time, each
   attempt within ``webhook_attempt_timeout_seconds`` and each body retried with exponential
-  backoff for ``CALL_WEBHOOK_RETRY_SECONDS``. The call record on disk is the source of truth: a
-  delivery that fails loses nothing that is not also in ``CALLS_DIR``.
+  backoff for ``CALL_WEBHOOK_RETRY_SECONDS``. A 2xx is delivered the moment its status line
+  and headers are in (its body is never read); of any other answer, the first
+  ``REFUSAL_BODY_BYTES`` are read. The call record on disk is the source of truth: a delivery
+  that fails loses nothing that is not also in ``CALLS_DIR``.
 
 Logging follows outages, not calls: one WARNING when deliveries start failing (with the reason),
 one WARNING per distinct refusal status (a 4xx is not retried), one INFO when a delivery gets
@@ -45,6 +47,7 @@ from urllib.parse import urlsplit
 
 from .call_events import RecordEvent
 from .config import Settings
+from .jsontext import valid_text
 from .logsafe import clean
 from .records import bounded, finite
 from .twilio_rest import USER_AGENT, AttemptFailed, post_once, retry_after_seconds
@@ -67,6 +70,9 @@ QUEUE_MAX_BYTES: Final = 64 * 1024 * 1024
 MAX_BACKOFF_SECONDS: Final = 30.0
 # 408 Request Timeout and 429 Too Many Requests are worth another try; other 4xx are not.
 RETRYABLE_4XX: Final = frozenset({408, 429})
+# Of a refusal's body, only the start is read (for its log line); of a 2xx's, nothing: the status
+# says it all, and a receiver's long or never-ending body must not turn a delivery into a failure.
+REFUSAL_BODY_BYTES: Final = 4096
 # The summary's fields that stand at the payload's top level; all its others go into "counts".
 _TOP_LEVEL: Final = (
     "call_sid", "stream_sid", "custom_parameters", "started_at", "ended_at", "duration_seconds", "ended_by",
@@ -128,12 +134,20 @@ def _function_call(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _compact(value: Any) -> bytes:
-    """Strict, compact UTF-8 JSON: NaN and Infinity (which JSON parsers reject) become null."""
+    """Strict, compact UTF-8 JSON: NaN and Infinity (which JSON parsers reject) become null.
+
+    A lone surrogate (which no UTF-8 encoder takes) becomes U+FFFD. The codecs already repair what
+    Twilio and Deepgram send; this is the backstop for text from anywhere else (a function's result).
+    """
     try:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
     except ValueError:
         text = json.dumps(finite(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
-    return text.encode("utf-8")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # With ensure_ascii=False a surrogate is written as itself, so the JSON text can be mended.
+        return valid_text(text).encode("utf-8")
 
 
 def call_ended_payload(
@@ -338,7 +352,7 @@ class WebhookSender:
             try:
                 answer = await post_once(
                     self._host, self._port, self._tls, self._request_target, headers, body,
-                    timeout=self.attempt_timeout, peer="the webhook receiver",
+                    timeout=self.attempt_timeout, peer="the webhook receiver", body_limit=_answer_body_limit,
                 )
             except AttemptFailed as failure:
                 reason, retryable = failure.reason, failure.retryable
@@ -408,6 +422,11 @@ class WebhookSender:
         self.failed += 1
         self._failed_in_outage += 1
         logger.debug("webhook delivery given up after %d attempt%s: %s", attempts, "" if attempts == 1 else "s", reason)
+
+
+def _answer_body_limit(status: int) -> int:
+    """How much of an answer's body is read: none of a 2xx, the start of any other."""
+    return 0 if 200 <= status < 300 else REFUSAL_BODY_BYTES
 
 
 def webhook_sender(settings: Settings) -> WebhookSender | None:

@@ -31,7 +31,7 @@ from bridge import twilio
 from bridge.call import MAX_ERROR_RESUMES
 from bridge.server import BridgeServer
 from conftest import ROOT, BridgeFactory, empty_env, free_port, read_record, twilio_url
-from fake_twilio_rest import FakeTwilioRest, RecordedRequest, twilio_error
+from fake_twilio_rest import FakeTwilioRest, RecordedRequest, Reply, twilio_error
 from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually
 
 HOST = "bridge.example.ngrok.app"
@@ -549,8 +549,12 @@ async def test_an_outbound_call_request_is_exact(tmp_path: Path) -> None:
         (["call", "5551230000"], {}, "E.164"),
         (["call", "+1555"], {}, "E.164"),
         (["call", "+15551230000", "--param", "bridge_mode=voicemail"], {}, "bridge_mode"),
+        (["call", "+15551230000", "--param", "note=" + "n" * 5000], {}, "the call's TwiML 5,"),
+        (["call", "+15551230000", *[f"--param=p{n}=v" for n in range(150)]], {}, "over the 4,000 Twilio takes"),
+        # Fits the TwiML (an "é" is one character there) but not the callback URL ("%C3%A9": six).
+        (["call", "+15551230000", "--param", "note=" + "é" * 1000], {}, "callback URL 6,"),
     ],
-    ids=["no-phone-number", "no-plus", "too-short", "reserved-param"],
+    ids=["no-phone-number", "no-plus", "too-short", "reserved-param", "long-param", "many-params", "long-url"],
 )
 async def test_an_outbound_call_that_cannot_be_placed_is_refused_in_one_sentence(
     tmp_path: Path, args: list[str], env_change: dict[str, str], expected: str
@@ -562,6 +566,53 @@ async def test_an_outbound_call_that_cannot_be_placed_is_refused_in_one_sentence
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("error: ") and done.stderr.endswith(".\n") and done.stderr.count("\n") == 1, done.stderr
     assert expected in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def run_call(fake: FakeTwilioRest, tmp_path: Path, **env_change: str) -> subprocess.CompletedProcess[str]:
+    """``main.py call +15551230000`` against ``fake``; asserts it printed one "error: …." line."""
+    done = await asyncio.to_thread(run_main, ["call", "+15551230000"], {**outbound_env(fake), **env_change}, tmp_path)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("error: ") and done.stderr.endswith(".\n") and done.stderr.count("\n") == 1, done.stderr
+    return done
+
+
+@pytest.mark.parametrize(
+    "reply", [Reply(201, b"<html>Created</html>"), Reply(201, {"status": "queued"})], ids=["not-json", "no-sid"]
+)
+async def test_a_yes_from_twilio_that_cannot_be_read_says_the_call_may_have_been_placed(
+    tmp_path: Path, reply: Reply
+) -> None:
+    async with FakeTwilioRest() as fake:
+        fake.script("create", reply)
+        done = await run_call(fake, tmp_path)
+    assert len(fake.requests) == 1  # never tried again: a second call could ring twice
+    assert "(HTTP 201: " in done.stderr and "refused" not in done.stderr
+    assert "the call may have been placed: check the call log in the Twilio console before trying again." in done.stderr
+
+
+async def test_a_refusal_is_said_once_and_a_401_names_the_settings_to_check(tmp_path: Path) -> None:
+    async with FakeTwilioRest() as fake:
+        fake.script("create", twilio_error(400, 21211, "The 'To' number +15551230000 is not a valid phone number."))
+        refused = await run_call(fake, tmp_path)
+        wrong_token = await run_call(fake, tmp_path, TWILIO_AUTH_TOKEN="not-the-token-0123456789abcdef")
+    assert refused.stderr == (
+        "error: Twilio refused the call (HTTP 400, Twilio error 21211: "
+        "The 'To' number +15551230000 is not a valid phone number.).\n"
+    )  # the one line: no WARNING log line saying it first
+    assert wrong_token.stderr == (
+        "error: Twilio refused the call (HTTP 401, Twilio error 20003: Authenticate); "
+        "check TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN.\n"
+    )
+    assert "not-the-token" not in wrong_token.stderr
+
+
+async def test_an_unreachable_api_is_not_called_a_refusal(tmp_path: Path) -> None:
+    async with FakeTwilioRest() as fake:
+        pass  # closed: its port now refuses connections
+    done = await run_call(fake, tmp_path)
+    assert done.stderr.startswith(f"error: could not reach Twilio's API at {fake.url} (connection failed: ")
+    assert done.stderr.endswith("; no call was placed.\n") and "refused the call" not in done.stderr
 
 
 # ------------------------------------------------------------------- answering-machine verdicts

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import urllib.error
@@ -356,6 +357,17 @@ def test_calls_dir_that_cannot_take_files_is_refused_at_startup(
     monkeypatch.setenv("RECORD_CALLS", "false")  # not recording: the directory doesn't matter
     settings, *_ = main.load(main.parse_args(["--env-file", str(empty_env(tmp_path))]))
     assert not settings.record_calls
+
+
+def test_the_calls_dir_startup_makes_is_owner_only_under_the_usual_umask(tmp_path: Path) -> None:
+    """The real program makes CALLS_DIR and its missing parents 0700, as the records module does."""
+    previous = os.umask(0o022)  # the usual one, which gives os.makedirs' folders 0755
+    try:
+        start_main(tmp_path, "DEEPGRAM_API_KEY=k\nPHONE_PAGE=true\nHOST=127.0.0.1\nCALLS_DIR=new/deeper/calls\n")
+    finally:
+        os.umask(previous)
+    made = [tmp_path / "new", tmp_path / "new" / "deeper", tmp_path / "new" / "deeper" / "calls"]
+    assert [oct(stat.S_IMODE(folder.stat().st_mode)) for folder in made] == [oct(0o700)] * 3
 
 
 def test_workers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:

@@ -123,3 +123,38 @@ def test_agent_messages() -> None:
             parse_message(f'{{"type":"AgentStartedSpeaking","total_latency":{constant}}}')
     response = json.loads(function_call_response(FunctionCall("a", "f", "{}"), '{"ok": true}'))
     assert response == {"type": "FunctionCallResponse", "id": "a", "name": "f", "content": '{"ok": true}'}
+
+
+# Any text, surrogates included: json.dumps writes each one as its "\udXXX" escape.
+text_with_surrogates = st.text(st.characters(codec=None, categories=["Cs", "L", "N", "P", "Zs"]), max_size=8)
+json_values = st.recursive(
+    st.none() | st.integers() | text_with_surrogates,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text_with_surrogates, inner, max_size=3),
+    max_leaves=12,
+)
+
+
+def without_lone_surrogates(value: Any) -> Any:
+    """The oracle: the same value, each surrogate code point replaced by U+FFFD, however deep."""
+    if isinstance(value, str):
+        return "".join("\ufffd" if 0xD800 <= ord(char) <= 0xDFFF else char for char in value)
+    if isinstance(value, list):
+        return [without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {without_lone_surrogates(key): without_lone_surrogates(item) for key, item in value.items()}
+    return value
+
+
+@given(value=json_values)
+def test_both_codecs_hand_on_only_valid_unicode(value: Any) -> None:
+    """A lone surrogate anywhere in a peer's frame (a key, a nested value) becomes U+FFFD."""
+    twilio_text = json.dumps({"event": "start", "x": value})
+    agent_text = json.dumps({"type": "ConversationText", "x": value})
+    for message, text in ((twilio.parse_event(twilio_text)[1], twilio_text), (parse_message(agent_text), agent_text)):
+        assert message == without_lone_surrogates(json.loads(text))
+        json.dumps(message, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
+
+
+def test_a_valid_pair_of_surrogate_escapes_is_one_character_and_stays() -> None:
+    assert twilio.parse_event('{"event":"x","e":"\\ud83d\\ude00\\ud800"}')[1]["e"] == "\U0001f600\ufffd"
+    assert parse_message('{"type":"x","\\uDFFF":"\\\\ud800"}') == {"type": "x", "\ufffd": "\\ud800"}

@@ -63,7 +63,9 @@ class FakeReceiver:
     """A webhook receiver: answers each request as ``script`` says (then as ``default``).
 
     Answers: a status code as text ("200", "500", "400", ...), "hang" (read the request, never
-    answer, until the client gives up) or "close" (close the connection without answering).
+    answer, until the client gives up), "close" (close the connection without answering),
+    or a status with "-huge" (a 2 MB body) or "-trickle" (a byte of body every 20 ms, for as long
+    as the client listens): "200-huge", "400-trickle".
     """
 
     def __init__(self) -> None:
@@ -71,7 +73,9 @@ class FakeReceiver:
         self.default = "200"
         self.requests: list[Received] = []
         self.hanging = 0  # requests being held unanswered right now
+        self.trickling = 0  # answers whose body is still being trickled
         self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()  # connections being handled
 
     @property
     def url(self) -> str:
@@ -89,8 +93,18 @@ class FakeReceiver:
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._server is not None
         self._server.close()
+        for writer in self._open:  # a test that failed may leave one hanging or trickling
+            writer.transport.abort()
+        await eventually(lambda: not self._open, what="the receiver's connections to end")
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open.add(writer)
+        try:
+            await self._answer(reader, writer)
+        finally:
+            self._open.discard(writer)
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection = h11.Connection(h11.SERVER)
         request: h11.Request | None = None
         body = bytearray()
@@ -121,6 +135,10 @@ class FakeReceiver:
                 return
             if answer == "close":
                 return
+            status, _, body_kind = answer.partition("-")
+            if body_kind:
+                await self._long_answer(connection, writer, int(status), 2 * 1024 * 1024 if body_kind == "huge" else None)
+                return
             text = b'{"error": "nope"}' if answer.startswith("4") else b"ok"
             reply = connection.send(h11.Response(status_code=int(answer), headers=[("Content-Length", str(len(text)))]))
             writer.write((reply or b"") + (connection.send(h11.Data(data=text)) or b"") + (connection.send(h11.EndOfMessage()) or b""))
@@ -129,6 +147,25 @@ class FakeReceiver:
             return
         finally:
             writer.close()
+
+
+    async def _long_answer(self, connection: h11.Connection, writer: asyncio.StreamWriter, status: int, size: int | None) -> None:
+        """``status`` with a body of ``size`` bytes at once, or (None) one that trickles until the client leaves."""
+        if size is not None:
+            body = b"refused " + b"x" * size
+            writer.write(connection.send(h11.Response(status_code=status, headers=[("Content-Length", str(len(body)))])) or b"")
+            writer.write(connection.send(h11.Data(data=body)) or b"")
+            await writer.drain()
+            return
+        writer.write(connection.send(h11.Response(status_code=status, headers=[("Content-Length", str(10**9))])) or b"")
+        self.trickling += 1
+        try:
+            while not writer.is_closing():
+                writer.write(connection.send(h11.Data(data=b"x")) or b"")
+                await writer.drain()
+                await asyncio.sleep(0.02)
+        finally:
+            self.trickling -= 1
 
 
 @pytest.fixture
@@ -171,6 +208,13 @@ async def short_call(server: Any, fake_agent: FakeAgent, index: int = 0) -> Fake
     return caller
 
 
+async def ask_for_function(session: FakeAgentSession, call_id: str, name: str, arguments: str) -> None:
+    """The agent asks for one client-side function; returns once the bridge has answered it."""
+    await session.send_json({"type": "FunctionCallRequest", "functions": [
+        {"id": call_id, "name": name, "arguments": arguments, "client_side": True}]})
+    await eventually(lambda: session.of_type("FunctionCallResponse"), what=f"the answer to {name}")
+
+
 # ----------------------------------------------------------------------------- real calls
 
 async def test_a_call_delivers_one_signed_post_with_its_summary(
@@ -181,9 +225,7 @@ async def test_a_call_delivers_one_signed_post_with_its_summary(
             await caller.start({"From": "+15551234567"})
             session = await fake_agent.ready_session()
             await session.send_json({"type": "ConversationText", "role": "user", "content": "Is ibuprofen in stock?"})
-            await session.send_json({"type": "FunctionCallRequest", "functions": [
-                {"id": "f1", "name": "get_drug_info", "arguments": '{"drug_name": "ibuprofen"}', "client_side": True}]})
-            await eventually(lambda: session.of_type("FunctionCallResponse"), what="the function's answer")
+            await ask_for_function(session, "f1", "get_drug_info", '{"drug_name": "ibuprofen"}')
             await session.send_json({"type": "AgentStartedSpeaking", "total_latency": 0.4})
             await session.send_json({"type": "ConversationText", "role": "assistant", "content": "Yes, it is."})
             await session.send_json({"type": "LatencyReport", "stt_latency": 0.12, "total_latency": 0.8})
@@ -247,9 +289,7 @@ async def test_a_function_that_returned_after_its_timeout_is_in_the_payload(
         async with FakeTwilioCaller(twilio_url(server)) as caller:
             await caller.start()
             session = await fake_agent.ready_session()
-            await session.send_json({"type": "FunctionCallRequest", "functions": [
-                {"id": "late", "name": "slow", "arguments": '{"seconds": 0.5}', "client_side": True}]})
-            await eventually(lambda: session.of_type("FunctionCallResponse"), what="the timeout answer")
+            await ask_for_function(session, "late", "slow", '{"seconds": 0.5}')  # answered at its timeout
             [live] = server.calls
             await eventually(lambda: live.digest.functions_finished_late, 3, "the late result while the call runs")
             await caller.stop()
@@ -421,6 +461,39 @@ async def test_a_4xx_is_not_retried_and_each_status_is_logged_once(
     assert "HTTP 422" in warnings[1]
     [recovered] = webhook_lines(caplog, logging.INFO)
     assert "4 deliveries failed meanwhile" in recovered
+
+
+@pytest.mark.parametrize("answer", ["200-huge", "200-trickle"])
+async def test_a_2xx_with_a_huge_or_endless_body_is_delivered_at_once(
+    receiver: FakeReceiver, caplog: pytest.LogCaptureFixture, answer: str
+) -> None:
+    """Any 2xx is delivered, whatever its body: only the status is waited for."""
+    caplog.set_level(logging.DEBUG)
+    receiver.default = answer
+    sender = sender_for(receiver, attempt_timeout=5.0)
+    sender.start()
+    started = time.monotonic()
+    sender.submit(b'{"n":1}')
+    await eventually(lambda: sender.delivered == 1, what="the delivery")
+    assert time.monotonic() - started < 1.0  # not the 5 s attempt timeout
+    await sender.close(1.0)
+    assert sender.failed == 0 and len(receiver.requests) == 1
+    assert webhook_lines(caplog, logging.WARNING) == [] and webhook_lines(caplog, logging.INFO) == []
+    await eventually(lambda: receiver.trickling == 0, what="the receiver to see the connection closed")
+
+
+async def test_a_refusal_with_a_huge_body_is_a_refusal_logged_with_the_start_of_its_body(
+    receiver: FakeReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.script.append("400-huge")
+    sender = sender_for(receiver)
+    sender.start()
+    sender.submit(b"{}")
+    await eventually(lambda: sender.failed == 1, what="the refusal")
+    await sender.close(1.0)
+    assert len(receiver.requests) == 1  # a refusal: not retried
+    [warning] = webhook_lines(caplog, logging.WARNING)
+    assert "refused a call summary with HTTP 400 (refused xxxxxxxx" in warning and len(warning) < 600
 
 
 async def seconds_to_give_up(sender: WebhookSender) -> float:
@@ -624,3 +697,95 @@ def test_startup_says_where_webhooks_go_without_the_query_or_the_secret(caplog: 
     [line] = [r.getMessage() for r in caplog.records if "POSTed" in r.getMessage()]
     assert line == "each call's summary is POSTed, signed, to https://hooks.example.com:8443/calls when it ends (docs/webhooks.md)"
     assert "abc" not in caplog.text and SECRET not in caplog.text
+
+
+# ---------------------------------------------------------------------------- hostile text
+
+LONE = "\ud800"  # sent as the JSON escape "\ud800": valid JSON, yet no UTF-8 encoder takes it
+
+
+def strict_json(data: bytes) -> Any:
+    """``data`` as strict UTF-8 JSON whose every string (keys too) is valid Unicode, parsed."""
+    value = json.loads(data.decode("utf-8"))
+    # A "\ud800" escape parses into a lone surrogate, which no UTF-8 encoder takes: this raises.
+    json.dumps(value, ensure_ascii=False).encode("utf-8")
+    return value
+
+
+def strict_record(directory: Path) -> list[dict[str, Any]]:
+    [path] = directory.glob("*.jsonl")
+    return [strict_json(line) for line in path.read_bytes().splitlines()]
+
+
+def call_ended_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "bridge.call" and "] call ended: " in r.getMessage()]
+
+
+async def test_lone_surrogates_from_twilio_and_deepgram_leave_the_bridge_as_valid_utf8(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, receiver: FakeReceiver, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A custom parameter (one a placeholder puts in the prompt) and a turn holding "\\ud800".
+
+    The parameter reaches the Settings, the record and the webhook; the turn the record, the
+    webhook and the history in a resumed session's Settings. All of it is mended to U+FFFD.
+    """
+    caplog.set_level(logging.INFO)
+    settings = json.loads((ROOT / "config.json").read_text(encoding="utf-8"))
+    settings["agent"]["think"]["prompt"] = "The caller's note: {{note}}."
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(settings), encoding="utf-8")
+    async with make_bridge(fake_agent, config_path=config, **webhook_overrides(receiver)) as server:
+        async with FakeTwilioCaller(twilio_url(server)) as caller:
+            await caller.start({"note": f"refill {LONE}", f"key{LONE}": "value"})
+            session = await fake_agent.ready_session()
+            await session.send_json({"type": "ConversationText", "role": "user", "content": f"Hello {LONE} there"})
+            await eventually(lambda: server.calls and next(iter(server.calls)).call.turns == 1, what="the turn")
+            session.drop()  # the resumed session's Settings carry the turn as history
+            resumed = await fake_agent.ready_session(1)
+            await caller.stop()
+        await eventually(lambda: not server.calls, what="the call to end")
+        await eventually(lambda: receiver.delivered, what="the webhook")
+    assert session.settings_raw is not None and resumed.settings_raw is not None
+    sent = strict_json(session.settings_raw.encode("utf-8"))
+    assert sent["agent"]["think"]["prompt"] == "The caller's note: refill \ufffd."
+    sent = strict_json(resumed.settings_raw.encode("utf-8"))
+    assert sent["agent"]["think"]["prompt"] == "The caller's note: refill \ufffd."
+    assert {"type": "History", "role": "user", "content": "Hello \ufffd there"} in sent["agent"]["context"]["messages"]
+    repaired = {"note": "refill \ufffd", "key\ufffd": "value"}
+    record = strict_record(tmp_path / "calls")
+    assert record[0]["custom_parameters"] == repaired and record[-1]["custom_parameters"] == repaired
+    assert {"role": "user", "content": "Hello \ufffd there"} in [
+        {"role": line["role"], "content": line["content"]} for line in record if line["event"] == "transcript"
+    ]
+    payload = strict_json(receiver.delivered[0].body)
+    assert payload["custom_parameters"] == repaired
+    assert payload["transcript"] == [{"role": "user", "content": "Hello \ufffd there"}]
+    assert len(call_ended_lines(caplog)) == 1
+
+
+def lone_text() -> dict[str, Any]:
+    """A function of the bridge's user that hands back a lone surrogate (os.listdir of a bad name, say)."""
+    return {"file": f"report{LONE}.pdf", f"key{LONE}": [LONE]}
+
+
+async def test_a_lone_surrogate_from_a_function_still_gives_a_valid_record_and_webhook(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, receiver: FakeReceiver, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not from a peer, so no codec mends it: the record's and the webhook's encoders must."""
+    caplog.set_level(logging.INFO)
+    overrides = webhook_overrides(receiver, function_map={"lone_text": lone_text})
+    async with make_bridge(fake_agent, **overrides) as server:
+        async with FakeTwilioCaller(twilio_url(server)) as caller:
+            await caller.start()
+            session = await fake_agent.ready_session()
+            await ask_for_function(session, "f1", "lone_text", "{}")
+            await caller.stop()
+        await eventually(lambda: not server.calls, what="the call to end")
+        await eventually(lambda: receiver.delivered, what="the webhook")
+    repaired = {"file": "report\ufffd.pdf", "key\ufffd": ["\ufffd"]}
+    [function] = [line for line in strict_record(tmp_path / "calls") if line["event"] == "function_call"]
+    assert function["result"] == repaired
+    assert strict_json(receiver.delivered[0].body)["function_calls"][0]["result"] == repaired
+    assert len(call_ended_lines(caplog)) == 1
