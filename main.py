@@ -35,7 +35,8 @@ from typing import Any
 from dotenv import load_dotenv
 
 from bridge.agents import AgentCatalog, check_functions, load_catalog
-from bridge.call_control import MODE_PARAMETER, outbound_call, place_call
+from bridge.binding import BINDING_PARAMETER
+from bridge.call_control import outbound_call, place_call
 from bridge.config import E164, ConfigError, Settings, load_settings
 from bridge.logsafe import clean
 from bridge.postgres import check_database_url, describe
@@ -43,6 +44,7 @@ from bridge.records import make_private_dirs
 from bridge.metrics import WorkerShare
 from bridge.server import BridgeServer, routes
 from bridge.session import rest_client
+from bridge.twilio import MODE_PARAMETER
 from bridge.twilio_rest import TwilioApiError
 from bridge.webhook import public_target
 
@@ -459,8 +461,9 @@ def place_outbound_call(argv: Sequence[str]) -> int:
             raise ConfigError(
                 "outbound calls need TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, TWILIO_PHONE_NUMBER and PUBLIC_URL in .env."
             )
-        if MODE_PARAMETER in args.parameters:
-            raise ConfigError(f"--param {MODE_PARAMETER} is the bridge's own; pick another name.")
+        for reserved in (MODE_PARAMETER, BINDING_PARAMETER):
+            if reserved in args.parameters:
+                raise ConfigError(f"--param {reserved} is the bridge's own; pick another name.")
         try:
             outbound_call(settings, args.parameters)  # what Twilio would refuse is said now, not after a request
         except ValueError as exc:

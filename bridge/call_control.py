@@ -2,9 +2,12 @@
 
 What lives here is what any bridge process can do for any call, with no call state of its own:
 
-- ``place_call`` dials out (``python main.py call``): the call's TwiML connects it to this
-  bridge's ``/twilio`` with the caller's ``<Parameter>``s, and Twilio's asynchronous answering-
-  machine detection is on, so a person hears the agent at once instead of seconds of silence.
+- ``place_call`` dials out (``python main.py call``). A call's SID exists only once the create
+  has returned, so the call fetches its TwiML from this bridge's ``/twiml`` when it is answered
+  (``Url``, POST, the call's ``<Parameter>``s in the query): Twilio signs that request with the
+  CallSid, so the TwiML can carry the MAC that binds the stream to the call (bridge/binding.py).
+  Twilio's asynchronous answering-machine detection is on, so a person hears the agent at once
+  instead of seconds of silence.
 - ``AnsweringMachineCallback`` takes Twilio's verdict (``POST /twilio/amd``), which may reach a
   different process or pod than the one holding the call. So it keeps nothing in memory: for a
   machine, it moves the live call through the REST API into a fresh stream with
@@ -22,6 +25,7 @@ from collections.abc import Mapping
 from urllib.parse import parse_qs, urlencode
 
 from . import twilio
+from .twilio import MODE_PARAMETER, VOICEMAIL_MODE
 from .binding import BINDING_PARAMETER, binding_mac
 from .config import Settings
 from .logsafe import clean
@@ -31,9 +35,7 @@ from .twilio_rest import MAX_TWIML_CHARS, TwilioApiError, TwilioRestClient
 logger = logging.getLogger("bridge.call_control")
 
 AMD_PATH = "/twilio/amd"
-# The <Parameter> that tells a stream why it exists; the agent's own parameters stay untouched.
-MODE_PARAMETER = "bridge_mode"
-VOICEMAIL_MODE = "voicemail"
+TWIML_PATH = "/twiml"
 # Verdicts of DetectMessageEnd that mean "a machine, and its greeting is over": leave the message.
 MACHINE_VERDICTS = frozenset({"machine_end_beep", "machine_end_silence", "machine_end_other", "machine_start"})
 # What Twilio adds to a GET callback's query string, next to the call's own parameters.
@@ -42,9 +44,9 @@ TWILIO_CALLBACK_PARAMETERS = frozenset(
 )
 # Callbacks being acted on at once; more are answered 503 and Twilio retries them.
 MAX_PENDING_CALLBACKS = 64
-# The answering-machine callback URL carries every parameter too; Twilio documents this limit for
-# its callback URLs, and a longer one would fail only once the call was placed.
-MAX_CALLBACK_URL_CHARS = 4000
+# The TwiML URL and the answering-machine callback URL carry every parameter; Twilio documents
+# this limit for its URLs, and a longer one would fail only once the call was placed.
+MAX_URL_CHARS = 4000
 
 
 def amd_callback_url(settings: Settings, parameters: Mapping[str, str]) -> str:
@@ -52,27 +54,37 @@ def amd_callback_url(settings: Settings, parameters: Mapping[str, str]) -> str:
     return f"{settings.public_base_url}{AMD_PATH}" + (f"?{query}" if query else "")
 
 
+def twiml_url(settings: Settings, parameters: Mapping[str, str]) -> str:
+    """Where an outbound call fetches its TwiML: ``/twiml``, its parameters in the (signed) query."""
+    query = urlencode(sorted(parameters.items()))
+    return f"{settings.public_base_url}{TWIML_PATH}" + (f"?{query}" if query else "")
+
+
 def outbound_call(settings: Settings, parameters: Mapping[str, str]) -> tuple[str, str]:
-    """The TwiML and the answering-machine callback URL of a call placed with ``parameters``.
+    """The TwiML URL and the answering-machine callback URL of a call placed with ``parameters``.
 
     Both carry every parameter, and so does the TwiML of its voicemail stream later. Raises
     ``ValueError`` with one sentence, before anything is sent, if any of them would be longer
     than Twilio takes.
     """
-    twiml = twilio.connect_twiml(settings.stream_url, parameters)
+    url = twiml_url(settings, parameters)
     callback = amd_callback_url(settings, parameters)
-    voicemail = twilio.connect_twiml(settings.stream_url, {**parameters, MODE_PARAMETER: VOICEMAIL_MODE})
+    # The voicemail stream's TwiML: the same parameters, the mode and a binding MAC (43 characters).
+    voicemail = twilio.connect_twiml(
+        settings.stream_url, {**parameters, MODE_PARAMETER: VOICEMAIL_MODE, BINDING_PARAMETER: "m" * 43}
+    )
     if len(voicemail) > MAX_TWIML_CHARS:
         raise ValueError(
             f"the parameters make the call's TwiML {len(voicemail):,} characters long, over the "
             f"{MAX_TWIML_CHARS:,} Twilio takes: shorten them or pass fewer"
         )
-    if len(callback) > MAX_CALLBACK_URL_CHARS:
-        raise ValueError(
-            f"the parameters make the call's answering-machine callback URL {len(callback):,} characters long, "
-            f"over the {MAX_CALLBACK_URL_CHARS:,} Twilio takes: shorten them or pass fewer"
-        )
-    return twiml, callback
+    for what, text in (("TwiML URL", url), ("answering-machine callback URL", callback)):
+        if len(text) > MAX_URL_CHARS:
+            raise ValueError(
+                f"the parameters make the call's {what} {len(text):,} characters long, "
+                f"over the {MAX_URL_CHARS:,} Twilio takes: shorten them or pass fewer"
+            )
+    return url, callback
 
 
 async def place_call(settings: Settings, rest: TwilioRestClient, to: str, parameters: Mapping[str, str]) -> str:
@@ -81,11 +93,12 @@ async def place_call(settings: Settings, rest: TwilioRestClient, to: str, parame
     ``ValueError`` (from ``outbound_call``) before any request if the parameters are too long.
     """
     assert settings.twilio_phone_number is not None
-    twiml, callback = outbound_call(settings, parameters)
+    url, callback = outbound_call(settings, parameters)
     created = await rest.create_call(
         to,
         settings.twilio_phone_number,
-        twiml=twiml,
+        url=url,
+        method="POST",
         machine_detection="DetectMessageEnd",
         async_amd=True,
         async_amd_status_callback=callback,
@@ -151,8 +164,10 @@ class AnsweringMachineCallback:
             if request.method == "POST" or name not in TWILIO_CALLBACK_PARAMETERS  # a GET's query has both
         }
         # The voicemail stream is bound to the call like any other the bridge writes TwiML for.
-        key = settings.binding_key
         call_parameters.pop(BINDING_PARAMETER, None)
+        call_parameters.pop(MODE_PARAMETER, None)
+        call_parameters[MODE_PARAMETER] = VOICEMAIL_MODE
+        key = settings.binding_key
         if key is not None and account_sid:
             call_parameters[BINDING_PARAMETER] = binding_mac(key, call_sid, account_sid)
         task = asyncio.get_running_loop().create_task(self._redirect(call_sid, answered_by, call_parameters))
@@ -165,7 +180,7 @@ class AnsweringMachineCallback:
         if answered_by == "fax":
             twiml = "<Response><Hangup/></Response>"
         else:
-            twiml = twilio.connect_twiml(self.settings.stream_url, {**parameters, MODE_PARAMETER: VOICEMAIL_MODE})
+            twiml = twilio.connect_twiml(self.settings.stream_url, parameters)
         try:
             updated = await self.rest.update_call(call_sid, twiml=twiml)
         except (TwilioApiError, ValueError) as exc:

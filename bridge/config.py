@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from .agent_schema import SchemaError, check_settings
 from .binding import binding_key
+from .twilio import ACCOUNT_SID
 
 DEFAULT_AGENT_URL = "wss://agent.deepgram.com/v1/agent/converse"
 DEFAULT_TWILIO_API_URL = "https://api.twilio.com"
@@ -29,7 +30,6 @@ DEFAULT_VOICEMAIL_MESSAGE = (
     "Please call us back when it suits you. Thank you, and goodbye."
 )
 E164 = re.compile(r"\+[1-9][0-9]{6,14}")
-ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 # .env.example's value and its obvious variants: copied unchanged, they would fail only on the
 # first call (Deepgram's 401), so startup refuses them.
 PLACEHOLDER_API_KEYS = frozenset({

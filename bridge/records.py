@@ -31,8 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from .call_events import RecordEvent
 from . import jsontext
+from .call_events import RecordEvent
 
 logger = logging.getLogger("bridge.records")
 

@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import signal
 import threading
 from collections.abc import Callable, Mapping
@@ -29,7 +30,7 @@ from urllib.parse import parse_qs
 from . import twilio
 from .agents import AGENT_NAME, AGENT_PARAMETER, AgentCatalog
 from .binding import BINDING_PARAMETER, binding_mac
-from .call_control import AMD_PATH, AnsweringMachineCallback, form_parameters, signed_url
+from .call_control import AMD_PATH, TWIML_PATH, AnsweringMachineCallback, form_parameters, signed_url
 from .config import AgentConfig, ConfigError, Settings
 from .functions import FunctionRunner
 from .logsafe import clean
@@ -52,10 +53,16 @@ DUPLICATE_SIGNAL_SECONDS = 1.0
 REFUSAL_LOG_SECONDS = 10.0
 # After the drain, ending calls close their sockets and write their records within this.
 END_CALLS_SECONDS = 6.0
-TWIML_PATH = "/twiml"
 # What a voice webhook passes on to the stream as <Parameter>s, and how much of each value.
 WEBHOOK_PARAMETERS = ("From", "To", "CallSid", "Direction")
 MAX_WEBHOOK_VALUE_CHARS = 200
+# An outbound call's own parameters, from the query of its signed TwiML request: a name like a
+# <Parameter>'s, never one the bridge writes itself, and as many and as long as main.py call lets
+# through (its URL is at most 4000 characters).
+PARAMETER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+RESERVED_PARAMETERS = frozenset({BINDING_PARAMETER, twilio.MODE_PARAMETER})
+MAX_QUERY_PARAMETERS = 200
+MAX_QUERY_VALUE_CHARS = 4000
 # After a second signal the process is gone within this, even if something hangs.
 SECOND_SIGNAL_EXIT_SECONDS = END_CALLS_SECONDS + 4.0
 
@@ -292,8 +299,16 @@ class BridgeServer:
             for name in WEBHOOK_PARAMETERS
             if (values := params.get(name)) and values[0]
         }
+        query = parse_qs(request.query)
+        if request.method == "POST":
+            # An outbound call (``main.py call``) passes its parameters in the query of a POST, where
+            # Twilio's own are in the body; a GET webhook's query holds Twilio's, so only ``agent``.
+            for name, values in query.items():
+                if PARAMETER_NAME.fullmatch(name) and name not in RESERVED_PARAMETERS and len(stream_parameters) < MAX_QUERY_PARAMETERS:
+                    stream_parameters.setdefault(name, values[0][:MAX_QUERY_VALUE_CHARS])
         # ``/twiml?agent=NAME`` picks the agent for every call of the number the webhook belongs to.
-        agent_name = (parse_qs(request.query).get(AGENT_PARAMETER) or [""])[0]
+        agent_name = (query.get(AGENT_PARAMETER) or [""])[0]
+        stream_parameters.pop(AGENT_PARAMETER, None)
         if AGENT_NAME.fullmatch(agent_name):
             stream_parameters[AGENT_PARAMETER] = agent_name
         # Only Twilio's own signed request names the call: only then is the stream bound to it.

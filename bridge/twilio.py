@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,15 @@ from xml.sax.saxutils import escape, quoteattr
 
 from . import jsontext
 from .errors import ProtocolError
+
+
+# Twilio's identifiers, where one goes into a URL path or is compared with a setting.
+ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
+CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
+# The <Parameter> that tells a stream why it exists (the answering-machine callback sets it to
+# VOICEMAIL_MODE); the agent's own parameters stay untouched.
+MODE_PARAMETER = "bridge_mode"
+VOICEMAIL_MODE = "voicemail"
 
 
 class TwilioProtocolError(ProtocolError):

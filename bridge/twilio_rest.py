@@ -49,12 +49,11 @@ from urllib.parse import urlencode, urlsplit
 import h11
 
 from .logsafe import clean
+from .twilio import ACCOUNT_SID, CALL_SID
 
 logger = logging.getLogger("bridge.twilio_rest")
 
 API_VERSION = "2010-04-01"
-ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
-CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
 # A path prefix in the API URL (a proxy's, say) goes into every request target as it is.
 SAFE_PATH = re.compile(r"[A-Za-z0-9._~/-]*")
 # Twilio's limit on inline TwiML (docs/protocols.md section 7); longer is refused by Twilio anyway.

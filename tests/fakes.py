@@ -218,9 +218,11 @@ class FakeTwilioCaller:
         headers: dict[str, str] | None = None,
         echo_marks: bool = True,
         mark_delay: float = 0.0,
+        account_sid: str = "AC" + "0" * 32,
     ) -> None:
         n = next(self._ids)
         self.url = url
+        self.account_sid = account_sid
         self.headers = headers or {}
         self.stream_sid = f"MZ{n:032x}"
         self.call_sid = f"CA{n:032x}"
@@ -267,7 +269,7 @@ class FakeTwilioCaller:
                 "streamSid": self.stream_sid,
                 "start": {
                     "streamSid": self.stream_sid,
-                    "accountSid": "AC" + "0" * 32,
+                    "accountSid": self.account_sid,
                     "callSid": self.call_sid,
                     "tracks": ["inbound"],
                     "customParameters": custom_parameters or {},

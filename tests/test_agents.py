@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from twilio.request_validator import RequestValidator
 
 import pharmacy_functions
+from bridge.binding import binding_key, binding_mac
 from bridge.agents import MAX_VALUE_CHARS, AgentCatalog, check_functions, compile_template, load_catalog
 from bridge.config import ConfigError, load_agent_config
 from bridge.server import BridgeServer
@@ -362,11 +363,13 @@ WEBHOOK = {
     "CallSid": "CA" + "a" * 32, "AccountSid": "AC" + "0" * 32, "From": "+15551230000", "To": "+15550009999",
     "Direction": "inbound", "CallStatus": "ringing", "CallerName": "Mallory",
 }
+# Signed by Twilio, so the stream is bound to the call: the MAC the bridge writes for its CallSid.
+BINDING = binding_mac(binding_key(None, TOKEN) or b"", WEBHOOK["CallSid"], WEBHOOK["AccountSid"])
 EXPECTED_TWIML = (
     '<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url="wss://bridge.example.ngrok.app/twilio">'
     '<Parameter name="From" value="+15551230000"/><Parameter name="To" value="+15550009999"/>'
     f'<Parameter name="CallSid" value="CA{"a" * 32}"/><Parameter name="Direction" value="inbound"/>'
-    "</Stream></Connect></Response>"
+    f'<Parameter name="bridge_binding" value="{BINDING}"/></Stream></Connect></Response>'
 )
 
 
@@ -379,7 +382,9 @@ async def test_twiml_answers_a_voice_webhook_post_signed_by_twilio(tmp_path: Pat
         url = f"{TWIML_URL}?agent=spanish"
         signed = RequestValidator(TOKEN).compute_signature(url, WEBHOOK)
         status, _, body = await asyncio.to_thread(fetch, server.port, url, method="POST", params=WEBHOOK, signature=signed)
-        assert status == 200 and body.endswith('<Parameter name="agent" value="spanish"/></Stream></Connect></Response>')
+        assert status == 200 and body.endswith(
+            f'<Parameter name="agent" value="spanish"/><Parameter name="bridge_binding" value="{BINDING}"/></Stream></Connect></Response>'
+        )
         for signature in (None, "", good[:-2] + "AA", RequestValidator("other").compute_signature(TWIML_URL, WEBHOOK)):
             status, _, _ = await asyncio.to_thread(fetch, server.port, TWIML_URL, method="POST", params=WEBHOOK, signature=signature)
             assert status == 403

@@ -58,6 +58,7 @@ from bridge.call import (
     Timer,
 )
 from bridge.agents import AgentCatalog
+from bridge.binding import BINDING_PARAMETER, binding_mac
 from bridge.config import AgentConfig, Settings
 from bridge.functions import FunctionOutcome
 
@@ -106,13 +107,13 @@ def compact(message: dict[str, Any]) -> str:
     return json.dumps(message, separators=(",", ":"))
 
 
-def start_frame(params: dict[str, str] | None = None) -> str:
+def start_frame(params: dict[str, str] | None = None, account_sid: str = "AC1") -> str:
     return compact(
         {
             "event": "start",
             "sequenceNumber": "1",
             "start": {
-                "accountSid": "AC1",
+                "accountSid": account_sid,
                 "streamSid": SID,
                 "callSid": CALL_SID,
                 "tracks": ["inbound"],
@@ -319,8 +320,14 @@ class Harness:
     def twilio(self, frame: str) -> list[Any]:
         return self.take(self.call.caller_text(frame, self.now))
 
-    def start(self, params: dict[str, str] | None = None) -> list[Any]:
-        return self.twilio(start_frame(params))
+    def start(self, params: dict[str, str] | None = None, *, bound: bool = True) -> list[Any]:
+        """Twilio's start. With a binding key (REST settings), the stream carries the MAC the
+        bridge's TwiML would have given it, unless ``bound`` is False."""
+        account = self.settings.twilio_account_sid or "AC1"
+        key = self.settings.binding_key
+        if bound and key is not None:
+            params = {**(params or {}), BINDING_PARAMETER: binding_mac(key, CALL_SID, account)}
+        return self.twilio(start_frame(params, account))
 
     def media(self, audio: bytes, *, slow: bool = False) -> list[Any]:
         return self.twilio(media_frame(audio, slow=slow))
@@ -424,7 +431,7 @@ def test_start_cancels_the_start_timer_identifies_the_call_and_opens_the_agent()
     assert quiet(out) == [
         CancelTimer(Timer.START),
         Identify(CALL_SID),
-        Record("start", {"stream_sid": SID, "custom_parameters": {"b": "2", "a": "1"}, "agent": "default"}),
+        Record("start", {"stream_sid": SID, "custom_parameters": {"b": "2", "a": "1"}, "agent": "default", "bound": False}),
         ArmTimer(Timer.AGENT_OPEN, 11.0),
         OpenAgent(resuming=False),
     ]

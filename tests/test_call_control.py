@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,10 +29,11 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from bridge import twilio
+from bridge.binding import binding_key, binding_mac
 from bridge.call import MAX_ERROR_RESUMES
 from bridge.server import BridgeServer
 from conftest import ROOT, BridgeFactory, empty_env, free_port, read_record, twilio_url
-from fake_twilio_rest import FakeTwilioRest, RecordedRequest, Reply, twilio_error
+from fake_twilio_rest import DEFAULT_ACCOUNT_SID, FakeTwilioRest, RecordedRequest, Reply, twilio_error
 from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually
 
 HOST = "bridge.example.ngrok.app"
@@ -43,7 +45,6 @@ OUR_NUMBER = "+15559990000"
 VOICEMAIL = "Hi, this is Main Street Pharmacy: your refill is ready. Call us back at 555 0100."
 CALL_PARAMETERS = {"name": "Ann", "reason": "refill_ready"}
 AMD_URL = f"{PUBLIC}/twilio/amd?name=Ann&reason=refill_ready"
-VOICEMAIL_TWIML = twilio.connect_twiml(STREAM_URL, {**CALL_PARAMETERS, "bridge_mode": "voicemail"})
 # The apology's words are the bridge's to choose; the shape of the TwiML is not.
 FALLBACK_DIAL = re.compile(rf"<Response><Say>[^<]+</Say><Dial>{re.escape(FALLBACK)}</Dial></Response>")
 FALLBACK_HANG_UP = re.compile(r"<Response><Say>[^<]+</Say><Hangup/></Response>")
@@ -135,8 +136,49 @@ def signature_headers(fake: FakeTwilioRest) -> dict[str, str]:
     return {"X-Twilio-Signature": twilio.expected_signature(fake.auth_token, STREAM_URL)}
 
 
-def signed_caller(server: BridgeServer, fake: FakeTwilioRest, timeline: Timeline | None = None, **kwargs: Any) -> TimelineCaller:
-    return TimelineCaller(twilio_url(server), timeline or Timeline(), headers=signature_headers(fake), **kwargs)
+class BoundCaller(TimelineCaller):
+    """Twilio's side of a call whose TwiML came from the bridge's /twiml: its stream is bound.
+
+    ``start`` first asks /twiml for the call's TwiML, signed as Twilio signs it, and starts the
+    stream with the ``<Parameter>``s it holds (the binding MAC among them), as Twilio would;
+    ``start_with`` uses exactly the parameters given (a TwiML the test took from a REST update).
+    """
+
+    def __init__(self, server: BridgeServer, fake: FakeTwilioRest, timeline: Timeline, **kwargs: Any) -> None:
+        super().__init__(
+            twilio_url(server), timeline, headers=signature_headers(fake), account_sid=fake.account_sid, **kwargs
+        )
+        self.server, self.fake = server, fake
+
+    async def start(self, custom_parameters: dict[str, str] | None = None) -> None:
+        bound = await twiml_parameters(self.server, self.fake, self.call_sid)
+        await super().start({**bound, **(custom_parameters or {})})
+
+    async def start_with(self, parameters: dict[str, str]) -> None:
+        await super().start(parameters)
+
+
+def signed_caller(server: BridgeServer, fake: FakeTwilioRest, timeline: Timeline | None = None, **kwargs: Any) -> BoundCaller:
+    return BoundCaller(server, fake, timeline or Timeline(), **kwargs)
+
+
+async def twiml_parameters(
+    server: BridgeServer, fake: FakeTwilioRest, call_sid: str, *, account_sid: str | None = None, query: str = ""
+) -> dict[str, str]:
+    """The ``<Parameter>``s of the TwiML the bridge's /twiml answers Twilio's signed webhook for ``call_sid``.
+
+    What Twilio then hands the stream in ``start.customParameters``: the binding MAC among them.
+    """
+    form = {"CallSid": call_sid, "AccountSid": account_sid or fake.account_sid, "From": "+15550001234",
+            "To": "+15550005678", "Direction": "inbound"}
+    url = f"{PUBLIC}/twiml" + (f"?{query}" if query else "")
+    signature = RequestValidator(fake.auth_token).compute_signature(url, form)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}/twiml" + (f"?{query}" if query else ""),
+        data=urllib.parse.urlencode(form).encode(), headers={"X-Twilio-Signature": signature}, method="POST",
+    )
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=5).read())
+    return stream_parameters(body.decode())
 
 
 @asynccontextmanager
@@ -147,7 +189,7 @@ async def call_with_agent(
     timeline: Timeline | None = None,
     parameters: dict[str, str] | None = None,
     **kwargs: Any,
-) -> AsyncIterator[tuple[TimelineCaller, FakeAgentSession]]:
+) -> AsyncIterator[tuple[BoundCaller, FakeAgentSession]]:
     """A signed call whose agent session is ready (Settings answered)."""
     before = len(agent.sessions)
     async with signed_caller(server, fake, timeline, **kwargs) as caller:
@@ -534,7 +576,8 @@ async def test_an_outbound_call_request_is_exact(tmp_path: Path) -> None:
     assert sorted(create.form_pairs()) == sorted([
         ("To", "+15551230000"),
         ("From", OUR_NUMBER),
-        ("Twiml", twilio.connect_twiml(STREAM_URL, {"reason": "refill_ready", "name": "Ann"})),
+        ("Url", f"{PUBLIC}/twiml?name=Ann&reason=refill_ready"),
+        ("Method", "POST"),
         ("MachineDetection", "DetectMessageEnd"),
         ("AsyncAmd", "true"),
         ("AsyncAmdStatusCallback", AMD_URL),
@@ -551,8 +594,8 @@ async def test_an_outbound_call_request_is_exact(tmp_path: Path) -> None:
         (["call", "+15551230000", "--param", "bridge_mode=voicemail"], {}, "bridge_mode"),
         (["call", "+15551230000", "--param", "note=" + "n" * 5000], {}, "the call's TwiML 5,"),
         (["call", "+15551230000", *[f"--param=p{n}=v" for n in range(150)]], {}, "over the 4,000 Twilio takes"),
-        # Fits the TwiML (an "é" is one character there) but not the callback URL ("%C3%A9": six).
-        (["call", "+15551230000", "--param", "note=" + "é" * 1000], {}, "callback URL 6,"),
+        # Fits the TwiML (an "é" is one character there) but not the URLs ("%C3%A9": six).
+        (["call", "+15551230000", "--param", "note=" + "é" * 1000], {}, "TwiML URL 6,"),
     ],
     ids=["no-phone-number", "no-plus", "too-short", "reserved-param", "long-param", "many-params", "long-url"],
 )
@@ -648,7 +691,22 @@ async def get_callback(port: int, url: str, signature: str) -> int:
 
 def verdict(call_sid: str, answered_by: str) -> dict[str, str]:
     """The parameters of Twilio's AsyncAmdStatusCallback."""
-    return {"CallSid": call_sid, "AccountSid": "AC" + "0" * 32, "AnsweredBy": answered_by, "MachineDetectionDuration": "4210"}
+    return {"CallSid": call_sid, "AccountSid": DEFAULT_ACCOUNT_SID, "AnsweredBy": answered_by, "MachineDetectionDuration": "4210"}
+
+
+def voicemail_twiml(fake: FakeTwilioRest, call_sid: str) -> str:
+    """The TwiML a machine's call is moved to: its parameters, the mode, and the MAC binding its stream."""
+    key = binding_key(None, fake.auth_token)
+    assert key is not None
+    mac = binding_mac(key, call_sid, fake.account_sid)
+    return twilio.connect_twiml(STREAM_URL, {**CALL_PARAMETERS, "bridge_mode": "voicemail", "bridge_binding": mac})
+
+
+def stream_parameters(twiml: str) -> dict[str, str]:
+    """The ``<Parameter>``s a TwiML hands its stream."""
+    stream = ET.fromstring(twiml).find("./Connect/Stream")
+    assert stream is not None, twiml
+    return {parameter.get("name", ""): parameter.get("value", "") for parameter in stream.findall("Parameter")}
 
 
 def signed(token: str, url: str, params: dict[str, str]) -> str:
@@ -670,10 +728,15 @@ async def test_a_machine_verdict_leads_to_the_voicemail_message_and_a_hang_up(
         params = verdict(sid, "machine_end_beep")
         assert await post_callback(server.port, AMD_URL, params, signed(fake.auth_token, AMD_URL, params)) == 204
         [update] = await fake.wait_for_requests(1, operation="update")
-        assert_update(update, fake, sid, VOICEMAIL_TWIML)
-        # The redirected call's new stream (whichever process takes it): the message, then a hang-up.
+        assert_update(update, fake, sid, voicemail_twiml(fake, sid))
+        # The redirected call's new stream (whichever process takes it) gets exactly the update's
+        # parameters from Twilio: the message, then a hang-up.
         parameters = {**CALL_PARAMETERS, "bridge_mode": "voicemail"}
-        async with call_with_agent(server, fake, fake_agent, parameters=parameters, echo_marks=False) as (caller, session):
+        async with signed_caller(server, fake, echo_marks=False) as caller:
+            caller.call_sid = sid
+            await caller.start_with(stream_parameters(update.field("Twiml")))
+            session = await fake_agent.session(0)
+            await eventually(lambda: session.settings is not None, what="the agent's Settings")
             assert session.settings is not None and session.settings["agent"]["greeting"] == VOICEMAIL
             await session.send_json({"type": "AgentStartedSpeaking"})
             await session.send_audio(b"\x04" * 1600)
@@ -698,8 +761,8 @@ async def test_a_machine_verdict_leads_to_the_voicemail_message_and_a_hang_up(
         ("human", None),
         ("unknown", None),
         ("fax", "<Response><Hangup/></Response>"),
-        ("machine_start", VOICEMAIL_TWIML),
-        ("machine_end_silence", VOICEMAIL_TWIML),
+        ("machine_start", "voicemail"),
+        ("machine_end_silence", "voicemail"),
     ],
 )
 async def test_each_verdict_changes_the_call_as_it_should(
@@ -715,7 +778,7 @@ async def test_each_verdict_changes_the_call_as_it_should(
             assert not fake.requests
         else:
             [update] = await fake.wait_for_requests(1, operation="update")
-            assert_update(update, fake, sid, twiml)
+            assert_update(update, fake, sid, voicemail_twiml(fake, sid) if twiml == "voicemail" else twiml)
             await asyncio.sleep(0.1)
             assert fake.requests == [update]
 
@@ -749,7 +812,7 @@ async def test_a_callback_reaching_a_second_bridge_process_works(
                 params = verdict(caller.call_sid, "machine_end_beep")
                 assert await post_callback(port, AMD_URL, params, signed(fake.auth_token, AMD_URL, params)) == 204
                 [update] = await fake.wait_for_requests(1, operation="update", timeout=10)
-                assert_update(update, fake, caller.call_sid, VOICEMAIL_TWIML)
+                assert_update(update, fake, caller.call_sid, voicemail_twiml(fake, caller.call_sid))
                 assert bridge_a.calls and not caller.closed.is_set()  # A was not involved
         finally:
             bridge_b.terminate()
@@ -790,7 +853,7 @@ async def test_callback_signatures_on_post_and_get(fake_agent: FakeAgent, make_b
         assert not fake.requests, "a refused callback must change no call"
         assert await post_callback(port, AMD_URL, machine, signed(token, AMD_URL, machine)) == 204
         [update] = await fake.wait_for_requests(1, operation="update")
-        assert_update(update, fake, sid, VOICEMAIL_TWIML)
+        assert_update(update, fake, sid, voicemail_twiml(fake, sid))
 
 
 # ------------------------------------------------------------- bugs found by these tests, now fixed
@@ -823,7 +886,7 @@ async def test_a_get_machine_verdict_redirects_with_only_the_calls_own_parameter
         url = AMD_URL + "&" + urllib.parse.urlencode(verdict(sid, "machine_end_beep"))
         assert await get_callback(server.port, url, signed(fake.auth_token, url, {})) == 204
         [update] = await fake.wait_for_requests(1, operation="update")
-    assert update.field("Twiml") == VOICEMAIL_TWIML
+    assert update.field("Twiml") == voicemail_twiml(fake, sid)
 
 
 # ------------------------------------------------------------------------------ startup checks

@@ -740,7 +740,7 @@ async def test_lone_surrogates_from_twilio_and_deepgram_leave_the_bridge_as_vali
             await caller.start({"note": f"refill {LONE}", f"key{LONE}": "value"})
             session = await fake_agent.ready_session()
             await session.send_json({"type": "ConversationText", "role": "user", "content": f"Hello {LONE} there"})
-            await eventually(lambda: server.calls and next(iter(server.calls)).call.turns == 1, what="the turn")
+            await eventually(lambda: server.calls and next(iter(server.calls)).call.stats.turns == 1, what="the turn")
             session.drop()  # the resumed session's Settings carry the turn as history
             resumed = await fake_agent.ready_session(1)
             await caller.stop()

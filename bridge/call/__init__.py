@@ -29,12 +29,12 @@ from .actions import (
     TransferCall,
 )
 from .agent_link import MAX_ERROR_RESUMES
-from .core import MODE_PARAMETER, VOICEMAIL_MODE, Call
+from .core import Call
 from .phase import Phase
 from ..call_events import CallEnd, EndReason, RecordEvent
 
 __all__ = [
-    "MAX_ERROR_RESUMES", "MODE_PARAMETER", "NO_ACTIONS", "VOICEMAIL_MODE", "Action", "ArmTimer", "Call", "CallEnd",
+    "MAX_ERROR_RESUMES", "NO_ACTIONS", "Action", "ArmTimer", "Call", "CallEnd",
     "CancelFunction", "CancelTimer", "ClearCaller", "CloseAgent", "EndReason", "HangUp", "Identify", "Log",
     "MarkCaller", "OpenAgent", "PauseCaller", "Phase", "Record", "RecordEvent", "RedirectCall", "ResumeCaller",
     "SendToAgent", "SendToCaller", "StartFunction", "Timer", "TransferCall",

@@ -90,8 +90,6 @@ from .stats import CallStats
 
 # How long a hung-up caller's last audio may wait for an agent still opening.
 TAIL_FLUSH_SECONDS = 1.0
-MODE_PARAMETER = "bridge_mode"  # the <Parameter> the answering-machine callback sets
-VOICEMAIL_MODE = "voicemail"
 # Transcript text kept for the resume history and sent to the browser page.
 MAX_TEXT_CHARS = 8000
 # The Twilio tracks a keypad press may come from: the caller's.
@@ -306,7 +304,7 @@ class Call:
                 Log(logging.WARNING, "no agent is named %s: the call gets the default agent", (clean(choice.unknown, 64),))
             )
         actions.append(Log(logging.INFO, "agent %s", (choice.name,)))
-        if stream.custom_parameters.get(MODE_PARAMETER) == VOICEMAIL_MODE:
+        if stream.custom_parameters.get(twilio.MODE_PARAMETER) == twilio.VOICEMAIL_MODE:
             # An answering machine took an outbound call: the agent's greeting is the message,
             # and the call ends once it has been heard.
             self.departure.voicemail()
