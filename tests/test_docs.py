@@ -205,7 +205,9 @@ def test_quick_start_commands() -> None:
     assert "your-deepgram-api-key" in quick and "DEEPGRAM_API_KEY=your-deepgram-api-key" in ENV_EXAMPLE
     assert "pip install -r requirements-dev.txt && pytest" in section("Running the tests")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert "pytest" in [line.strip() for line in ci.splitlines()], ".ci/run must run the README's test command"
+    lines = [line.strip() for line in ci.splitlines()]
+    assert "pytest" in lines, ".ci/run must run the README's test command"
+    assert "export CI=1" in lines[: lines.index("pytest")], ".ci/run must run pytest with CI set (missing tools fail)"
 
 
 def test_readme_twiml_is_what_main_prints() -> None:

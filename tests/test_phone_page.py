@@ -6,7 +6,8 @@ talks to a fake Deepgram agent in this process. The page must speak Twilio
 Media Streams exactly as Twilio does, play the agent, honour clear and marks,
 and show transcript, function calls and latency.
 
-Needs Debian's chromium, espeak-ng and sox; the module skips cleanly without them.
+Needs Debian's chromium, espeak-ng and sox. Without them each test is skipped, saying what to
+install; under CI (the ``CI`` environment variable set) each fails with that sentence instead.
 """
 
 from __future__ import annotations
@@ -34,23 +35,36 @@ ARTIFACTS = REPO / "test-artifacts"
 TOKEN = "phone-test-token-7f3a9c"
 SPEECH = "I would like to order ibuprofen please"
 
-if not Path(CHROMIUM).exists():
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
-for _tool in ("espeak-ng", "sox"):
-    if shutil.which(_tool) is None:
-        pytest.skip(f"{_tool} is not installed (apt-get install {_tool})", allow_module_level=True)
 try:
     from playwright.async_api import async_playwright
 except ImportError:  # pragma: no cover - environment dependent
-    pytest.skip("playwright (python) is not installed", allow_module_level=True)
+    async_playwright = None
 
 import websockets  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import free_port  # noqa: E402
+from conftest import cannot_run, free_port, require_tools  # noqa: E402
 from fakes import FakeAgent, eventually  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
+APT_PACKAGES = {"chromium": "Debian's chromium", "espeak-ng": "espeak-ng", "sox": "sox"}
+
+
+@pytest.fixture(scope="module")
+def browser_tools() -> None:
+    """The browser tests need Chromium, espeak-ng, sox and playwright: skip, or under CI fail, without."""
+    missing_packages = [
+        package for package in APT_PACKAGES
+        if (not Path(CHROMIUM).exists() if package == "chromium" else shutil.which(package) is None)
+    ]
+    missing = [APT_PACKAGES[package] for package in missing_packages]
+    install = []
+    if missing_packages:
+        install.append(f"sudo apt-get install {' '.join(missing_packages)}")
+    if async_playwright is None:
+        missing.append("playwright")
+        install.append("pip install -r requirements-dev.txt")
+    require_tools(missing, " and ".join(install))
 
 
 # --------------------------------------------------------------------------- audio helpers
@@ -167,7 +181,7 @@ def server(module_tmp):
 
 
 @pytest.fixture(scope="module")
-def speech_wav(module_tmp) -> Path:
+def speech_wav(module_tmp, browser_tools) -> Path:
     """espeak-ng speech, 48 kHz mono 16-bit, with silence either side."""
     raw = module_tmp / "speech-raw.wav"
     out = module_tmp / "speech.wav"
@@ -230,7 +244,7 @@ async def launch(pw, profile: Path, wav: Path | None = None):
             viewport={"width": 1280, "height": 800},
         )
     except Exception as e:  # noqa: BLE001 - any launch failure means this machine can't run these
-        pytest.skip(f"playwright cannot launch {CHROMIUM}: {e}")
+        cannot_run(f"playwright cannot launch {CHROMIUM}: {e}")
 
 
 async def wait_for(page, expr: str, timeout: float = 10.0, what: str = "") -> None:
@@ -348,6 +362,7 @@ def _sine_8k(seconds: float, freq: float, amp: float, chunk: int = 160, phase0: 
     return [x[i:i + chunk] for i in range(0, n, chunk)]
 
 
+@pytest.mark.usefixtures("browser_tools")
 async def test_audio_worklets_offline(server, tmp_path):
     """The page's own worklet code, rendered offline at 44.1 and 48 kHz.
 
@@ -415,6 +430,7 @@ async def test_audio_worklets_offline(server, tmp_path):
 
 # --------------------------------------------------------------------------- the call
 
+@pytest.mark.usefixtures("browser_tools")
 async def test_browser_call(module_tmp, speech_wav, tmp_path):
     """A whole call from the browser through the real bridge to a fake agent."""
     wav_samples, wav_rate = read_wav_mono(speech_wav)
@@ -606,3 +622,4 @@ async def test_browser_call(module_tmp, speech_wav, tmp_path):
                 await context.close()
         finally:
             stop_server(proc)
+
