@@ -560,6 +560,16 @@ async def test_browser_call(module_tmp, speech_wav, tmp_path):
                 await wait_for(page, "window.phoneStats.latencyReports.length >= 1", 5, "latency report on the page")
                 report_row = await page.locator("#reportBody tr").first.inner_text()
                 assert all(figure in report_row for figure in ("0.21 s", "0.47 s", "0.18 s", "0.93 s")), report_row
+                # ---- the keypad sends Twilio's dtmf events; the bridge passes the keys to the agent
+                await page.click('#keypad button[data-key="1"]')
+                await page.click('#keypad button[data-key="#"]')
+                injected = await eventually(lambda: session.of_type("InjectUserMessage"), 5, "the keys at the agent")
+                assert injected == [{"type": "InjectUserMessage", "content": "The caller pressed 1"}]
+                keys = [json.loads(f) for f in sent_frames if '"dtmf"' in f]
+                assert [(set(k), k["streamSid"], k["dtmf"]) for k in keys] == [
+                    ({"event", "streamSid", "sequenceNumber", "dtmf"}, sid, {"track": "inbound_track", "digit": digit})
+                    for digit in "1#"]
+                assert await page.evaluate("window.phoneStats.keysSent") == 2
                 stats = await page.evaluate("window.phoneStats")
                 assert [(t["role"], t["content"]) for t in stats["transcript"]] == [
                     ("user", SPEECH), ("assistant", "Let me look up ibuprofen for you.")]
