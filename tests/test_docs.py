@@ -210,6 +210,23 @@ def test_quick_start_commands() -> None:
     assert "export CI=1" in lines[: lines.index("pytest")], ".ci/run must run pytest with CI set (missing tools fail)"
 
 
+def test_the_fake_agent_section_starts_the_bridge_against_the_fake_agent() -> None:
+    """README's "Try it without a Deepgram key": its .env lines are what startup accepts, its URL
+    is where the fake agent listens by default, and its keypad menu is the fake agent's."""
+    from bridge import fake_agent
+
+    text = section("Try it without a Deepgram key", level=3)
+    assert "`python -m bridge.fake_agent`" in text
+    [block] = code_blocks(text, "")
+    env = dict(line.split("=", 1) for line in block.strip().splitlines())
+    assert env["DEEPGRAM_AGENT_URL"] == f"ws://{fake_agent.DEFAULT_HOST}:{fake_agent.DEFAULT_PORT}"
+    settings = load_settings({**env, "PHONE_PAGE": "true", "HOST": "127.0.0.1"})
+    assert settings.agent_url == env["DEEPGRAM_AGENT_URL"] and settings.browser_only
+    words = " ".join(text.split())
+    for keys, name, _ in fake_agent.MENU:
+        assert " or ".join(f"**{'#' if key == 'pound' else key}**" for key in keys) + f" `{name}`" in words, name
+
+
 def test_readme_twiml_is_what_main_prints() -> None:
     twiml = load_settings({"DEEPGRAM_API_KEY": "k", "PUBLIC_URL": SAMPLE_PUBLIC_URL}).twiml
     assert twiml in code_blocks(section("Connect a Twilio number"), "xml")[0]
