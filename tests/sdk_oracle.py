@@ -104,23 +104,24 @@ def extra_keys(value: Any, where: str = "") -> list[str]:
 
 def sdk_problem(message: str | dict[str, Any]) -> str | None:
     """Why the SDK's models refuse a client message (or let an extra key through); None if they don't."""
-    data = json.loads(message) if isinstance(message, str) else message
-    if not isinstance(data, dict):
-        return "not a JSON object"
-    models = CLIENT_MESSAGE_MODELS.get(data.get("type"))  # type: ignore[arg-type]
-    if models is None:
-        return f"{data.get('type')!r} is not a message a client sends"
-    return models_problem(data, models)
+    return typed_problem(message, CLIENT_MESSAGE_MODELS, "a client")
 
 
 def server_problem(message: str | dict[str, Any]) -> str | None:
     """Why the SDK's models refuse a message from the agent (or let an extra key through); None if they don't."""
+    return typed_problem(message, SERVER_MESSAGE_MODELS, "the agent")
+
+
+def typed_problem(
+    message: str | dict[str, Any], models_by_type: dict[str, tuple[type[BaseModel], ...]], sender: str
+) -> str | None:
+    """Why the models for the message's ``type`` refuse it; None if one accepts it."""
     data = json.loads(message) if isinstance(message, str) else message
     if not isinstance(data, dict):
         return "not a JSON object"
-    models = SERVER_MESSAGE_MODELS.get(data.get("type"))  # type: ignore[arg-type]
+    models = models_by_type.get(data.get("type"))  # type: ignore[arg-type]
     if models is None:
-        return f"{data.get('type')!r} is not a message the agent sends"
+        return f"{data.get('type')!r} is not a message {sender} sends"
     return models_problem(data, models)
 
 
