@@ -13,7 +13,21 @@ one in place of one that dies.
 
 from __future__ import annotations
 
-import argparse
+import sys
+
+# Before any import that needs Python 3.11: on an older Python say so in one sentence, not with an
+# ImportError's traceback. Python compiles this whole file before running a line of it, so all of
+# main.py must stay parseable by old Pythons (no match statement or other 3.10+ syntax; a test
+# parses it as Python 3.8).
+if sys.version_info < (3, 11):
+    print(
+        "error: the bridge needs Python 3.11 or newer, and this is Python %d.%d.%d (%s): make the virtual "
+        "environment with a newer one, for example python3.11 -m venv .venv." % (sys.version_info[:3] + (sys.executable,)),
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+import argparse  # noqa: E402 (the version check comes first)
 import asyncio
 import contextlib
 import ctypes
@@ -24,7 +38,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections import deque

@@ -11,7 +11,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -164,6 +164,29 @@ def read_record(directory: Path) -> list[dict[str, Any]]:
     files = list(directory.glob("*.jsonl"))
     assert len(files) == 1, files
     return [json.loads(line) for line in files[0].read_text().splitlines()]
+
+
+def under_ci() -> bool:
+    """Whether this run is CI's (the ``CI`` environment variable, which .ci/run and CI services set)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def cannot_run(reason: str) -> NoReturn:
+    """Skip the test, saying why; under CI fail it with the same sentence.
+
+    A CI run that skipped, say, the browser tests would pass without having run them, which is
+    how such a skip went unnoticed before.
+    """
+    if under_ci():
+        pytest.fail(f"{reason} (CI must run this test, not skip it).", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_tools(missing: list[str], install: str) -> None:
+    """``cannot_run`` when tools the test needs are missing, naming them and how to install them."""
+    if missing:
+        names = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
+        cannot_run(f"{names} {'is' if len(missing) == 1 else 'are'} not installed: {install}")
 
 
 def empty_env(directory: Path) -> Path:

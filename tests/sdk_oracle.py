@@ -1,4 +1,5 @@
-"""deepgram-sdk 7.17.0's pydantic models as an independent check of every message the bridge sends.
+"""deepgram-sdk 7.17.0's pydantic models as an independent check of every message the bridge sends
+(and of what bridge/fake_agent.py sends as the agent).
 
 ``model_validate`` alone is not enough: every SDK model says ``extra="allow"``, so an unknown
 key (a typo, a field of another message) lands silently in ``model_extra``. The helpers here
@@ -12,19 +13,38 @@ import json
 from typing import Any
 
 from deepgram.agent.v1 import (
+    AgentV1AgentAudioDone,
+    AgentV1AgentStartedSpeaking,
+    AgentV1AgentThinking,
+    AgentV1ConversationText,
     AgentV1CustomToThinkProvider,
+    AgentV1Error,
     AgentV1ForceEndTurn,
+    AgentV1FunctionCallCancelled,
+    AgentV1FunctionCallRequest,
+    AgentV1HistoryContent,
+    AgentV1HistoryFunctionCalls,
     AgentV1InjectAgentMessage,
     AgentV1InjectDynamicAgentMessage,
+    AgentV1InjectionRefused,
     AgentV1InjectUserMessage,
     AgentV1KeepAlive,
+    AgentV1LatencyReport,
+    AgentV1ListenUpdated,
+    AgentV1PromptUpdated,
     AgentV1SendFunctionCallResponse,
     AgentV1Settings,
+    AgentV1SettingsApplied,
+    AgentV1SpeakUpdated,
+    AgentV1ThinkUpdated,
     AgentV1UpdateListen,
     AgentV1UpdatePrompt,
     AgentV1UpdateSpeak,
     AgentV1UpdateThink,
     AgentV1UpdateThinkLive,
+    AgentV1UserStartedSpeaking,
+    AgentV1Warning,
+    AgentV1Welcome,
 )
 from pydantic import BaseModel, ValidationError
 
@@ -46,6 +66,29 @@ CLIENT_MESSAGE_MODELS: dict[str, tuple[type[BaseModel], ...]] = {
 }
 
 
+# What the agent (Deepgram, or the fake agent) may send, by ``type``: the SDK's models of them.
+SERVER_MESSAGE_MODELS: dict[str, tuple[type[BaseModel], ...]] = {
+    "Welcome": (AgentV1Welcome,),
+    "SettingsApplied": (AgentV1SettingsApplied,),
+    "ConversationText": (AgentV1ConversationText,),
+    "History": (AgentV1HistoryContent, AgentV1HistoryFunctionCalls),
+    "UserStartedSpeaking": (AgentV1UserStartedSpeaking,),
+    "AgentThinking": (AgentV1AgentThinking,),
+    "FunctionCallRequest": (AgentV1FunctionCallRequest,),
+    "FunctionCallCancelled": (AgentV1FunctionCallCancelled,),
+    "AgentStartedSpeaking": (AgentV1AgentStartedSpeaking,),
+    "AgentAudioDone": (AgentV1AgentAudioDone,),
+    "LatencyReport": (AgentV1LatencyReport,),
+    "InjectionRefused": (AgentV1InjectionRefused,),
+    "PromptUpdated": (AgentV1PromptUpdated,),
+    "SpeakUpdated": (AgentV1SpeakUpdated,),
+    "ThinkUpdated": (AgentV1ThinkUpdated,),
+    "ListenUpdated": (AgentV1ListenUpdated,),
+    "Warning": (AgentV1Warning,),
+    "Error": (AgentV1Error,),
+}
+
+
 def extra_keys(value: Any, where: str = "") -> list[str]:
     """The paths of every key pydantic let through as extra, at any depth of a validated model."""
     found: list[str] = []
@@ -61,12 +104,24 @@ def extra_keys(value: Any, where: str = "") -> list[str]:
 
 def sdk_problem(message: str | dict[str, Any]) -> str | None:
     """Why the SDK's models refuse a client message (or let an extra key through); None if they don't."""
+    return typed_problem(message, CLIENT_MESSAGE_MODELS, "a client")
+
+
+def server_problem(message: str | dict[str, Any]) -> str | None:
+    """Why the SDK's models refuse a message from the agent (or let an extra key through); None if they don't."""
+    return typed_problem(message, SERVER_MESSAGE_MODELS, "the agent")
+
+
+def typed_problem(
+    message: str | dict[str, Any], models_by_type: dict[str, tuple[type[BaseModel], ...]], sender: str
+) -> str | None:
+    """Why the models for the message's ``type`` refuse it; None if one accepts it."""
     data = json.loads(message) if isinstance(message, str) else message
     if not isinstance(data, dict):
         return "not a JSON object"
-    models = CLIENT_MESSAGE_MODELS.get(data.get("type"))  # type: ignore[arg-type]
+    models = models_by_type.get(data.get("type"))  # type: ignore[arg-type]
     if models is None:
-        return f"{data.get('type')!r} is not a message a client sends"
+        return f"{data.get('type')!r} is not a message {sender} sends"
     return models_problem(data, models)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -206,6 +207,35 @@ def test_main_starts_prints_twiml_and_serves_health(tmp_path: Path) -> None:
     assert '<Response><Connect><Stream url="wss://abc.ngrok.app/twilio"/></Connect></Response>' in output
     assert process.returncode == 0
     assert "from-dotenv" not in output
+
+
+def test_main_on_an_old_python_says_so_in_one_sentence(tmp_path: Path) -> None:
+    """Before 3.11, main.py stops with one sentence and status 2, before importing what needs 3.11.
+
+    The old Python is faked (sys.version_info replaced before main.py runs); that main.py parses
+    on one is checked with ast's grammar of Python 3.8, as an old Python compiles the whole file
+    before it runs the check.
+    """
+    ast.parse((ROOT / "main.py").read_text(encoding="utf-8"), feature_version=(3, 8))
+    as_python_3_8 = f"""
+import atexit, runpy, sys
+sys.version_info = (3, 8, 10, "final", 0)
+sys.argv = ["main.py", "--port", "0", "--env-file", sys.argv[1]]
+sys.path.insert(0, {str(ROOT)!r})  # as "python main.py" would
+# What main.py had imported by the time it stopped: none of it should have been.
+atexit.register(lambda: print(sorted(m for m in sys.modules if m.split(".")[0] in ("argparse", "asyncio", "bridge", "dotenv"))))
+runpy.run_path({str(ROOT / "main.py")!r}, run_name="__main__")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "DEEPGRAM_API_KEY"}  # past the check, it would stop there
+    result = subprocess.run(
+        [sys.executable, "-c", as_python_3_8, str(empty_env(tmp_path))],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=30,
+    )
+    assert (result.returncode, result.stdout) == (2, "[]\n"), result
+    assert result.stderr == (
+        f"error: the bridge needs Python 3.11 or newer, and this is Python 3.8.10 ({sys.executable}): make the "
+        "virtual environment with a newer one, for example python3.11 -m venv .venv.\n"
+    )
 
 
 def test_serving_freezes_what_startup_built(tmp_path: Path) -> None:

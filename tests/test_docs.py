@@ -206,7 +206,26 @@ def test_quick_start_commands() -> None:
     assert "your-deepgram-api-key" in quick and "DEEPGRAM_API_KEY=your-deepgram-api-key" in ENV_EXAMPLE
     assert "pip install -r requirements-dev.txt && pytest" in section("Running the tests")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert "pytest" in [line.strip() for line in ci.splitlines()], ".ci/run must run the README's test command"
+    lines = [line.strip() for line in ci.splitlines()]
+    assert "pytest" in lines, ".ci/run must run the README's test command"
+    assert "export CI=1" in lines[: lines.index("pytest")], ".ci/run must run pytest with CI set (missing tools fail)"
+
+
+def test_the_fake_agent_section_starts_the_bridge_against_the_fake_agent() -> None:
+    """README's "Try it without a Deepgram key": its .env lines are what startup accepts, its URL
+    is where the fake agent listens by default, and its keypad menu is the fake agent's."""
+    from bridge import fake_agent
+
+    text = section("Try it without a Deepgram key", level=3)
+    assert "`python -m bridge.fake_agent`" in text
+    [block] = code_blocks(text, "")
+    env = dict(line.split("=", 1) for line in block.strip().splitlines())
+    assert env["DEEPGRAM_AGENT_URL"] == f"ws://{fake_agent.DEFAULT_HOST}:{fake_agent.DEFAULT_PORT}"
+    settings = load_settings({**env, "PHONE_PAGE": "true", "HOST": "127.0.0.1"})
+    assert settings.agent_url == env["DEEPGRAM_AGENT_URL"] and settings.browser_only
+    words = " ".join(text.split())
+    for keys, name, _ in fake_agent.MENU:
+        assert " or ".join(f"**{'#' if key == 'pound' else key}**" for key in keys) + f" `{name}`" in words, name
 
 
 def test_readme_twiml_is_what_main_prints() -> None:

@@ -6,7 +6,8 @@ talks to a fake Deepgram agent in this process. The page must speak Twilio
 Media Streams exactly as Twilio does, play the agent, honour clear and marks,
 and show transcript, function calls and latency.
 
-Needs Debian's chromium, espeak-ng and sox; the module skips cleanly without them.
+Needs Debian's chromium, espeak-ng and sox. Without them each test is skipped, saying what to
+install; under CI (the ``CI`` environment variable set) each fails with that sentence instead.
 """
 
 from __future__ import annotations
@@ -34,23 +35,36 @@ ARTIFACTS = REPO / "test-artifacts"
 TOKEN = "phone-test-token-7f3a9c"
 SPEECH = "I would like to order ibuprofen please"
 
-if not Path(CHROMIUM).exists():
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
-for _tool in ("espeak-ng", "sox"):
-    if shutil.which(_tool) is None:
-        pytest.skip(f"{_tool} is not installed (apt-get install {_tool})", allow_module_level=True)
 try:
     from playwright.async_api import async_playwright
 except ImportError:  # pragma: no cover - environment dependent
-    pytest.skip("playwright (python) is not installed", allow_module_level=True)
+    async_playwright = None
 
 import websockets  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import free_port  # noqa: E402
+from conftest import cannot_run, free_port, require_tools  # noqa: E402
 from fakes import FakeAgent, eventually  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
+APT_PACKAGES = {"chromium": "Debian's chromium", "espeak-ng": "espeak-ng", "sox": "sox"}
+
+
+@pytest.fixture(scope="module")
+def browser_tools() -> None:
+    """The browser tests need Chromium, espeak-ng, sox and playwright: skip, or under CI fail, without."""
+    missing_packages = [
+        package for package in APT_PACKAGES
+        if (not Path(CHROMIUM).exists() if package == "chromium" else shutil.which(package) is None)
+    ]
+    missing = [APT_PACKAGES[package] for package in missing_packages]
+    install = []
+    if missing_packages:
+        install.append(f"sudo apt-get install {' '.join(missing_packages)}")
+    if async_playwright is None:
+        missing.append("playwright")
+        install.append("pip install -r requirements-dev.txt")
+    require_tools(missing, " and ".join(install))
 
 
 # --------------------------------------------------------------------------- audio helpers
@@ -167,7 +181,7 @@ def server(module_tmp):
 
 
 @pytest.fixture(scope="module")
-def speech_wav(module_tmp) -> Path:
+def speech_wav(module_tmp, browser_tools) -> Path:
     """espeak-ng speech, 48 kHz mono 16-bit, with silence either side."""
     raw = module_tmp / "speech-raw.wav"
     out = module_tmp / "speech.wav"
@@ -230,7 +244,7 @@ async def launch(pw, profile: Path, wav: Path | None = None):
             viewport={"width": 1280, "height": 800},
         )
     except Exception as e:  # noqa: BLE001 - any launch failure means this machine can't run these
-        pytest.skip(f"playwright cannot launch {CHROMIUM}: {e}")
+        cannot_run(f"playwright cannot launch {CHROMIUM}: {e}")
 
 
 async def wait_for(page, expr: str, timeout: float = 10.0, what: str = "") -> None:
@@ -348,6 +362,7 @@ def _sine_8k(seconds: float, freq: float, amp: float, chunk: int = 160, phase0: 
     return [x[i:i + chunk] for i in range(0, n, chunk)]
 
 
+@pytest.mark.usefixtures("browser_tools")
 async def test_audio_worklets_offline(server, tmp_path):
     """The page's own worklet code, rendered offline at 44.1 and 48 kHz.
 
@@ -415,6 +430,7 @@ async def test_audio_worklets_offline(server, tmp_path):
 
 # --------------------------------------------------------------------------- the call
 
+@pytest.mark.usefixtures("browser_tools")
 async def test_browser_call(module_tmp, speech_wav, tmp_path):
     """A whole call from the browser through the real bridge to a fake agent."""
     wav_samples, wav_rate = read_wav_mono(speech_wav)
@@ -544,6 +560,16 @@ async def test_browser_call(module_tmp, speech_wav, tmp_path):
                 await wait_for(page, "window.phoneStats.latencyReports.length >= 1", 5, "latency report on the page")
                 report_row = await page.locator("#reportBody tr").first.inner_text()
                 assert all(figure in report_row for figure in ("0.21 s", "0.47 s", "0.18 s", "0.93 s")), report_row
+                # ---- the keypad sends Twilio's dtmf events; the bridge passes the keys to the agent
+                await page.click('#keypad button[data-key="1"]')
+                await page.click('#keypad button[data-key="#"]')
+                injected = await eventually(lambda: session.of_type("InjectUserMessage"), 5, "the keys at the agent")
+                assert injected == [{"type": "InjectUserMessage", "content": "The caller pressed 1"}]
+                keys = [json.loads(f) for f in sent_frames if '"dtmf"' in f]
+                assert [(set(k), k["streamSid"], k["dtmf"]) for k in keys] == [
+                    ({"event", "streamSid", "sequenceNumber", "dtmf"}, sid, {"track": "inbound_track", "digit": digit})
+                    for digit in "1#"]
+                assert await page.evaluate("window.phoneStats.keysSent") == 2
                 stats = await page.evaluate("window.phoneStats")
                 assert [(t["role"], t["content"]) for t in stats["transcript"]] == [
                     ("user", SPEECH), ("assistant", "Let me look up ibuprofen for you.")]
@@ -603,6 +629,173 @@ async def test_browser_call(module_tmp, speech_wav, tmp_path):
                 others = [u for u in requests if not u.startswith(("data:", "blob:"))
                           and not re.match(rf"(http|ws)://127\.0\.0\.1:{port}/(phone|twilio)\?token=", u)]
                 assert not others, others
+                await context.close()
+        finally:
+            stop_server(proc)
+
+
+# --------------------------------------------------------------------------- layout
+
+# What the page looks like, measured: returns the problems found (empty when the layout is right)
+# and what was looked at, so a check that found nothing to look at fails too.
+LAYOUT_PROBLEMS_JS = """
+() => {
+  const problems = [];
+  const slack = 0.5;                                   // sub-pixel rounding
+  const rect = (el) => el.getBoundingClientRect();
+  const fmt = (r) => `[${Math.round(r.left)},${Math.round(r.top)} ${Math.round(r.width)}x${Math.round(r.height)}]`;
+  const label = (el) => (el.id ? "#" + el.id : el.tagName.toLowerCase() + [...el.classList].map((c) => "." + c).join(""))
+    + (el.children.length ? "" : ` "${el.textContent.trim().slice(0, 40)}"`);
+  const shown = (el) => el.getClientRects().length > 0 && getComputedStyle(el).visibility !== "hidden";
+  const overlap = (a, b) => a.left < b.right - slack && b.left < a.right - slack
+    && a.top < b.bottom - slack && b.top < a.bottom - slack;
+  const inside = (a, b) => a.left >= b.left - slack && a.right <= b.right + slack
+    && a.top >= b.top - slack && a.bottom <= b.bottom + slack;
+  const scrolls = (el, axis) => ["auto", "scroll"].includes(getComputedStyle(el)["overflow" + axis]);
+  const checked = {sections: 0, rows: 0, texts: 0, scrolling: []};
+
+  // 1. The header and the cards don't overlap; inside each, its blocks (headings, scroll boxes,
+  //    controls) lie inside it and don't overlap each other.
+  const sections = [document.querySelector("header"), ...document.querySelectorAll("section.card")].filter(shown);
+  checked.sections = sections.length;
+  sections.forEach((a, i) => sections.slice(i + 1).forEach((b) => {
+    if (overlap(rect(a), rect(b))) problems.push(`${label(a)} ${fmt(rect(a))} overlaps ${label(b)} ${fmt(rect(b))}`);
+  }));
+  for (const section of sections) {
+    const blocks = [...section.children].filter(shown);
+    blocks.forEach((a, i) => {
+      if (!inside(rect(a), rect(section)))
+        problems.push(`${label(a)} ${fmt(rect(a))} sticks out of ${label(section)} ${fmt(rect(section))}`);
+      blocks.slice(i + 1).forEach((b) => {
+        if (overlap(rect(a), rect(b)))
+          problems.push(`${label(a)} ${fmt(rect(a))} overlaps ${label(b)} ${fmt(rect(b))} in ${label(section)}`);
+      });
+    });
+  }
+
+  // 2. Table rows lie inside the box that shows them and inside their card. Where that box has
+  //    more rows than it can show, it scrolls: then the column names and the newest row must be
+  //    in it (the rest are a scroll away).
+  for (const table of document.querySelectorAll("table")) {
+    if (!shown(table)) continue;
+    const card = table.closest("section");
+    const box = table.closest(".scroll") || card;
+    let rows = [...table.rows];
+    if (box.scrollHeight > box.clientHeight + 1) {
+      checked.scrolling.push(box.id);
+      rows = [...table.tHead.rows[0].cells, table.tBodies[0].rows[table.tBodies[0].rows.length - 1]];
+    }
+    for (const row of rows) {
+      checked.rows += 1;
+      for (const container of new Set([box, card])) {
+        if (!inside(rect(row), rect(container)))
+          problems.push(`row "${row.innerText.replace(/\\s+/g, " ")}" ${fmt(rect(row))} is not inside ${label(container)} ${fmt(rect(container))}`);
+      }
+    }
+  }
+
+  // 3. No text is cut: every element holding text shows all of it, inside its section. Boxes
+  //    meant to scroll (function results, the scroll boxes) may hold more than they show.
+  for (const el of document.querySelectorAll("body *")) {
+    if (!shown(el) || el.closest("script")) continue;
+    if (![...el.childNodes].some((n) => n.nodeType === Node.TEXT_NODE && n.textContent.trim())) continue;
+    checked.texts += 1;
+    const style = getComputedStyle(el);
+    let box = el;
+    if (style.display === "inline") {                 // an inline box has no scroll size of its own
+      while (getComputedStyle(box).display === "inline") box = box.parentElement;
+      if (!inside(rect(el), rect(box)))
+        problems.push(`${label(el)} ${fmt(rect(el))} runs out of ${label(box)} ${fmt(rect(box))}`);
+    }
+    if (box.scrollWidth > box.clientWidth + 1 && !scrolls(box, "X"))
+      problems.push(`${label(box)} is cut: ${box.scrollWidth} px of text in ${box.clientWidth} px`);
+    if (box.scrollHeight > box.clientHeight + 1 && !scrolls(box, "Y"))
+      problems.push(`${label(box)} is cut: ${box.scrollHeight} px high in ${box.clientHeight} px`);
+    if (style.textOverflow === "ellipsis") problems.push(`${label(el)} may be cut with an ellipsis`);
+    const section = el.closest("header, section");
+    if (section && (rect(el).left < rect(section).left - slack || rect(el).right > rect(section).right + slack))
+      problems.push(`${label(el)} ${fmt(rect(el))} runs out of ${label(section)} ${fmt(rect(section))}`);
+  }
+
+  // 4. The status line is whole, in the header, on the screen.
+  const status = document.getElementById("statusLine"), header = document.querySelector("header");
+  if (!inside(rect(status), rect(header)) || rect(status).right > window.innerWidth + slack)
+    problems.push(`the status line ${fmt(rect(status))} is not inside the header ${fmt(rect(header))} on a ${window.innerWidth} px screen`);
+  return {problems, checked};
+}
+"""
+
+VIEWPORTS = ((1280, 800), (390, 844))
+
+
+async def layout_problems(page, moment: str) -> tuple[list[str], list[str]]:
+    """The layout's problems at each viewport size, and which boxes had to scroll; screenshots too."""
+    problems, scrolling = [], []
+    for width, height in VIEWPORTS:
+        await page.set_viewport_size({"width": width, "height": height})
+        await page.evaluate("window.scrollTo(0, 0)")
+        await page.screenshot(path=str(ARTIFACTS / f"phone-layout-{moment}-{width}x{height}.png"), full_page=True)
+        found = await page.evaluate(LAYOUT_PROBLEMS_JS)
+        assert found["checked"]["sections"] >= 4 and found["checked"]["texts"] > 40, found["checked"]
+        problems += [f"{width}x{height}: {problem}" for problem in found["problems"]]
+        scrolling += [f"{width}x{height} {box}" for box in found["checked"]["scrolling"]]
+    return problems, scrolling
+
+
+async def agent_turn(session, turn: int) -> None:
+    """One turn as Deepgram sends it: transcript, latency, a function call the bridge answers, a report."""
+    await session.send_json({"type": "ConversationText", "role": "user",
+                             "content": f"How much is ibuprofen? This is turn {turn}."})
+    await session.send_json({"type": "AgentStartedSpeaking", "total_latency": 1.25 + 9 * (turn == 3),
+                             "tts_latency": 0.31, "ttt_latency": 0.94})
+    await session.send_json({"type": "ConversationText", "role": "assistant", "content": "Let me look that up."})
+    await session.send_json({"type": "FunctionCallRequest", "functions": [
+        {"id": f"fc-{turn}", "name": "get_drug_info", "arguments": json.dumps({"drug_name": "ibuprofen"}),
+         "client_side": True}]})
+    await eventually(lambda: len(session.of_type("FunctionCallResponse")) >= turn, 10, f"turn {turn}'s answer")
+    # Wide figures (10 s and more) in every column: the narrow screen must still fit them.
+    await session.send_json({"type": "LatencyReport", "stt_latency": 10.21, "ttt_token_latency": 10.47,
+                             "ttt_tool_latency": 10.12, "tts_latency": 10.18, "total_latency": 41.93})
+
+
+@pytest.mark.usefixtures("browser_tools")
+async def test_layout_holds_after_many_turns(module_tmp, tmp_path):
+    """At 1280x800 and 390x844 nothing overlaps, no text is cut and the status is whole.
+
+    Measured on the page's element boxes, after several turns with function calls (every table
+    row visible without scrolling), after many (the tables scroll, keeping their newest row and
+    column names in view), and once the far side has ended the call (the longest status line).
+    """
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with FakeAgent() as agent:
+        proc, port = start_server(module_tmp, agent.url)
+        try:
+            async with async_playwright() as pw:
+                context = await launch(pw, tmp_path / "profile")
+                page = context.pages[0] if context.pages else await context.new_page()
+                await page.goto(f"http://127.0.0.1:{port}/phone?token={TOKEN}")
+                await page.click("#callBtn")
+                session = await agent.ready_session(0)
+                await wait_for(page, "window.phoneStats.state === 'in-call'", what="in-call")
+
+                for turns in (4, 12):
+                    for turn in range(len(session.of_type("FunctionCallResponse")) + 1, turns + 1):
+                        await agent_turn(session, turn)
+                    await wait_for(page, f"window.phoneStats.latencyReports.length === {turns} && "
+                                         f"window.phoneStats.functionCalls.length === {turns}", 5, f"{turns} turns")
+                    assert await page.locator("#latencyBody tr").count() == turns
+                    assert await page.locator("#reportBody tr").count() == turns
+                    problems, scrolling = await layout_problems(page, f"{turns}-turns")
+                    assert not problems, "\n".join(problems)
+                    if turns == 4:
+                        assert not [box for box in scrolling if "latency" in box or "report" in box], scrolling
+
+                await session.close(1000, "bye")
+                await wait_for(page, "window.phoneStats.state === 'ended'", 5, "the call to end from the far side")
+                status = await page.locator("#statusLine").inner_text()
+                assert status.startswith("The bridge closed the call"), status
+                problems, _ = await layout_problems(page, "ended")
+                assert not problems, "\n".join(problems)
                 await context.close()
         finally:
             stop_server(proc)
