@@ -81,6 +81,7 @@ class Settings:
     drain_seconds: float = 30.0
     record_calls: bool = True
     calls_dir: Path = Path("calls")
+    records_retention_days: float | None = None  # records older than this are deleted; None keeps them
     phone_page: bool = False
     phone_page_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     # PostgreSQL for the pharmacy store (pharmacy_functions.py); None keeps the SQLite file.
@@ -194,6 +195,19 @@ def _float(environ: Mapping[str, str], name: str, default: float, minimum: float
         raise ConfigError(f"{name} must be a number of seconds, got {raw!r}.") from None
     if not math.isfinite(value) or value < minimum:  # nan and inf would pass a plain comparison
         raise ConfigError(f"{name} must be a number of seconds of at least {minimum}, got {raw!r}.")
+    return value
+
+
+def _days(environ: Mapping[str, str], name: str) -> float | None:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a number of days greater than 0 (empty keeps records forever), got {raw!r}.")
     return value
 
 
@@ -335,6 +349,7 @@ def load_settings(
         drain_seconds=_float(environ, "DRAIN_SECONDS", 30.0, 0.0),
         record_calls=_bool(environ, "RECORD_CALLS", True),
         calls_dir=Path(environ.get("CALLS_DIR", "").strip() or "calls"),
+        records_retention_days=_days(environ, "RECORDS_RETENTION_DAYS"),
         phone_page=_bool(environ, "PHONE_PAGE", False),
         twilio_account_sid=account_sid,
         twilio_phone_number=_phone_number(environ, "TWILIO_PHONE_NUMBER"),

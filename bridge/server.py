@@ -8,7 +8,9 @@ a number's voice webhook, answered with the TwiML that connects the call to ``/t
 HTTP handshake, before any Deepgram session opens: draining and ``MAX_CALLS`` answer 503, a bad
 Twilio signature or phone token 403. Each admitted connection becomes one ``CallSession``.
 Connections still in their HTTP request are bounded (``max_handshakes``), so a crowd of stalled
-clients can't use up the process's file descriptors.
+clients can't use up the process's file descriptors. With ``RECORDS_RETENTION_DAYS`` set, the
+server also deletes old call records, at startup and then hourly (``records.delete_old_records``
+in a thread, so the event loop never waits on the disk).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from .functions import FunctionRunner
 from .logsafe import clean
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import METRICS_PATH, SHARE_SECONDS, Metrics, WorkerShare
-from .records import RecordWriter
+from .records import RecordWriter, RetentionError, delete_old_records
 from .session import AgentConnector, CallServices, CallSession, caller_limits, rest_client, websocket_agent_connector
 from .transport import AcceptWebSocket, HttpReply, HttpRequest, PeerLimits, ServerPeer, start_server
 from .webhook import webhook_sender
@@ -65,6 +67,8 @@ MAX_QUERY_PARAMETERS = 200
 MAX_QUERY_VALUE_CHARS = 4000
 # After a second signal the process is gone within this, even if something hangs.
 SECOND_SIGNAL_EXIT_SECONDS = END_CALLS_SECONDS + 4.0
+# How often old call records are looked for (RECORDS_RETENTION_DAYS); the first pass is at startup.
+RETENTION_INTERVAL_SECONDS = 3600.0
 
 
 def routes(settings: Settings) -> list[tuple[str, str]]:
@@ -103,6 +107,8 @@ class BridgeServer:
 
     ``agents`` is one agent (an ``AgentConfig``) or several (an ``AgentCatalog``); ``load_agents``
     reads them again for ``reload_agents`` and raises ``ConfigError`` for an invalid file.
+    ``retention_interval`` is the time between two passes deleting old call records (tests
+    shorten it).
     """
 
     def __init__(
@@ -115,6 +121,7 @@ class BridgeServer:
         reuse_port: bool = False,
         load_agents: Callable[[], AgentCatalog] | None = None,
         metrics_share: WorkerShare | None = None,
+        retention_interval: float = RETENTION_INTERVAL_SECONDS,
     ) -> None:
         self.settings = settings
         self.agents = agents if isinstance(agents, AgentCatalog) else AgentCatalog.single(agents)
@@ -124,6 +131,8 @@ class BridgeServer:
         self.metrics_share = metrics_share
         self._metrics_server: asyncio.Server | None = None
         self._metrics_writer: asyncio.Task[None] | None = None
+        self.retention_interval = retention_interval
+        self._retention: asyncio.Task[None] | None = None
         self.services = CallServices(
             settings=settings,
             functions=self.functions,
@@ -175,6 +184,8 @@ class BridgeServer:
             self._metrics_writer = asyncio.create_task(self._share_metrics())
         if self.services.webhook is not None:
             self.services.webhook.start()
+        if self.settings.records_retention_days is not None:
+            self._retention = asyncio.create_task(self._delete_old_records(self.settings.records_retention_days))
 
     async def __aenter__(self) -> BridgeServer:
         await self.start()
@@ -272,6 +283,28 @@ class BridgeServer:
         while True:
             self._share_metrics_now()
             await asyncio.sleep(SHARE_SECONDS)
+
+    # ------------------------------------------------------------------------ records retention
+
+    async def _delete_old_records(self, days: float) -> None:
+        """A pass now and then one every ``retention_interval``, until cancelled at shutdown.
+
+        Each pass is one INFO line if it deleted anything, nothing if not, and one WARNING if
+        something could not be deleted (never a line per file).
+        """
+        directory = self.settings.calls_dir
+        while True:
+            try:
+                deleted = await asyncio.to_thread(delete_old_records, directory, days)
+            except RetentionError as exc:
+                deleted = exc.deleted
+                logger.warning("deleting call records older than %g days failed: %s", days, exc)
+            except Exception:  # a bug must not end the hourly passes for the rest of the process's life
+                deleted = 0
+                logger.exception("the pass deleting old call records failed")
+            if deleted:
+                logger.info("deleted %d call records older than %g days", deleted, days)
+            await asyncio.sleep(self.retention_interval)
 
     def _twiml(self, request: HttpRequest) -> HttpReply:
         """A number's voice webhook: TwiML connecting the call to ``/twilio`` with its details."""
@@ -425,6 +458,10 @@ class BridgeServer:
             self._metrics_server.close()
         if self._metrics_writer is not None:
             self._metrics_writer.cancel()
+        if self._retention is not None:
+            # A pass already in its thread finishes there (at most RETENTION_BATCH files).
+            self._retention.cancel()
+            await asyncio.wait([self._retention])
         if self.metrics_share is not None:
             self._share_metrics_now()  # what this worker counted, to the end
         self.functions.close()

@@ -79,7 +79,7 @@ def table_first_cells(text: str) -> list[str]:
 def config_env_names() -> set[str]:
     """The variables bridge/config.py reads, by regex over its source."""
     source = (ROOT / "bridge" / "config.py").read_text(encoding="utf-8")
-    names = set(re.findall(r'(?:environ\.get|_int|_float|_bool|_phone_number|_message)\(\s*(?:environ\s*,\s*)?"([A-Z][A-Z0-9_]*)"', source))
+    names = set(re.findall(r'(?:environ\.get|_int|_float|_days|_bool|_phone_number|_message)\(\s*(?:environ\s*,\s*)?"([A-Z][A-Z0-9_]*)"', source))
     assert {"DEEPGRAM_API_KEY", "PORT", "MAX_CALLS", "RECORD_CALLS"} <= names, f"the regex found only {names}"
     return names
 
