@@ -1,9 +1,9 @@
 """Twilio's REST API, as far as the bridge uses it: create a call, and update (redirect or end) one.
 
-An async client on the stdlib and h11: each request opens its own connection
-(``asyncio.open_connection``, TLS for https), h11's client ``Connection`` writes the request and
-parses the answer, and the connection is closed. The bridge makes a handful of requests per call,
-so a connection pool would save little and add state. This module owns what a caller should not
+An async client on the stdlib and h11: each request opens its own connection (TLS for https),
+writes the request and reads the answer (bridge/http_client.py), and the connection is closed.
+The bridge makes a handful of requests per call, so a connection pool would save little and add
+state. This module owns what a caller should not
 have to think about:
 
 - **Deadlines.** Each attempt (connect, TLS, send, answer) gets ``timeout`` seconds in all.
@@ -24,10 +24,8 @@ have to think about:
 - **Input.** Call SIDs are checked (``CA`` + 32 hex digits) before they go into a URL path, and
   the Account SID when the client is made, so no caller text can change the path.
 
-One attempt (``post_once``: a POST on a fresh connection, within a deadline, reading as much of
-the answer's body as its caller asks) is a plain function, which the call webhook
-(bridge/webhook.py) uses too. docs/protocols.md section 7 has the REST API
-facts this follows.
+Each attempt is one ``http_client.post_once`` (a POST on a fresh connection, within a deadline),
+which the call webhook uses too. docs/protocols.md section 8 has the REST API facts this follows.
 """
 
 from __future__ import annotations
@@ -36,18 +34,14 @@ import asyncio
 import base64
 import json
 import logging
-import platform
-import random
 import re
 import ssl
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-import h11
-
+from .http_client import USER_AGENT, AttemptFailed, HttpAnswer, backoff_delay, post_once, retry_after_seconds
 from .logsafe import clean
 from .twilio import ACCOUNT_SID, CALL_SID
 
@@ -58,14 +52,17 @@ API_VERSION = "2010-04-01"
 SAFE_PATH = re.compile(r"[A-Za-z0-9._~/-]*")
 # Twilio's limit on inline TwiML (docs/protocols.md section 7); longer is refused by Twilio anyway.
 MAX_TWIML_CHARS = 4000
-# Twilio's answers are a few KB; anything near this is not an answer we can use.
-MAX_RESPONSE_BYTES = 1024 * 1024
-READ_CHUNK_BYTES = 64 * 1024
-# A Retry-After longer than this is shortened: a caller is waiting on the phone.
-MAX_RETRY_AFTER_SECONDS = 10.0
 # The Twilio error that means "call is not in-progress": the call has already ended.
 CALL_NOT_IN_PROGRESS = 21220
-USER_AGENT = f"twilio-deepgram-bridge (h11/{h11.__version__}; Python/{platform.python_version()})"
+# Twilio's answers are a few KB; anything near this is not an answer we can use.
+MAX_RESPONSE_BYTES = 1024 * 1024
+# Backoff between attempts doubles from ``backoff`` up to this (three attempts never reach it).
+MAX_BACKOFF_SECONDS = 30.0
+
+
+def _up_to_the_cap(status: int) -> int:
+    """Read a REST answer's body up to ``MAX_RESPONSE_BYTES``, whatever the status."""
+    return MAX_RESPONSE_BYTES
 
 
 class TwilioApiError(Exception):
@@ -124,66 +121,6 @@ class _Operation:
     name: str  # for logs and errors: "create call", "update call CA…"
     tail: str  # the path after /Accounts/{AccountSid}/
     create: bool  # True if repeating it could create a second call
-
-
-@dataclass(frozen=True, slots=True)
-class HttpAnswer:
-    """One HTTP answer: its status, its headers and as much of its body as was asked for."""
-
-    status: int
-    headers: dict[str, str]  # names lower-cased; a repeated header keeps its last value
-    body: bytes
-    complete: bool = True  # False when the body went on past what was read
-
-
-def _up_to_the_cap(status: int) -> int:
-    """``post_once``'s default: read the body up to ``MAX_RESPONSE_BYTES``, whatever the status."""
-    return MAX_RESPONSE_BYTES
-
-
-class AttemptFailed(Exception):
-    """An attempt that got no usable answer.
-
-    ``sent`` is True once the whole request may have reached the peer: from then on, creating a
-    call again could create a second one. ``retryable`` is False when trying again cannot help.
-    """
-
-    def __init__(self, reason: str, *, sent: bool, retryable: bool = True, status: int | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.sent = sent
-        self.retryable = retryable
-        self.status = status
-
-
-class _Progress:
-    """How far an attempt got, readable after it was cancelled by its deadline."""
-
-    __slots__ = ("sent",)
-
-    def __init__(self) -> None:
-        self.sent = False
-
-
-async def open_stream(host: str, port: int, tls: ssl.SSLContext | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """The TCP (or TLS) connection for one request; a module-level seam so tests can redirect it."""
-    return await asyncio.open_connection(host, port, ssl=tls)
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """A ``Retry-After`` header in seconds, capped; ``None`` if absent or not a number of seconds.
-
-    The HTTP-date form is not used by Twilio; it falls back to our own backoff.
-    """
-    if value is None:
-        return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None
-    if seconds != seconds or seconds < 0:  # NaN or negative: ignore it
-        return None
-    return min(seconds, MAX_RETRY_AFTER_SECONDS)
 
 
 def _twilio_error(body: bytes) -> tuple[int | None, str | None]:
@@ -359,7 +296,7 @@ class TwilioRestClient:
                 # Retrying a create that may have reached Twilio could ring the person twice.
                 safe = failure.retryable and (not create or not failure.sent)
                 if safe and attempt < self.attempts:
-                    delay = self._backoff_delay(attempt)
+                    delay = backoff_delay(self.backoff, attempt, MAX_BACKOFF_SECONDS)
                     logger.debug(
                         "Twilio %s: attempt %d/%d got no answer (%s); retrying in %.2f s",
                         operation.name, attempt, self.attempts, failure.reason, delay,
@@ -378,7 +315,7 @@ class TwilioRestClient:
             retry = answer.status in (429, 503) or (not create and answer.status >= 500)
             if not retry or attempt == self.attempts:
                 return answer, attempt
-            delay = self._backoff_delay(attempt)
+            delay = backoff_delay(self.backoff, attempt, MAX_BACKOFF_SECONDS)
             if answer.status == 429:
                 hinted = retry_after_seconds(answer.headers.get("retry-after"))
                 if hinted is not None:
@@ -386,11 +323,6 @@ class TwilioRestClient:
             logger.debug("Twilio %s: retrying in %.2f s after HTTP %d", operation.name, delay, answer.status)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
-
-    def _backoff_delay(self, attempt: int) -> float:
-        """Exponential backoff with up to 50% jitter, so many calls failing at once spread out."""
-        delay = self.backoff * 2 ** (attempt - 1)
-        return delay + random.uniform(0, delay / 2)
 
     def _failed(
         self,
@@ -447,102 +379,10 @@ class TwilioRestClient:
             ("Accept-Charset", "utf-8"),
             ("User-Agent", USER_AGENT),
         ]
-        return await post_once(self._host, self._port, self._tls, path, headers, body, timeout=self.timeout, peer="Twilio")
-
-
-async def post_once(
-    host: str,
-    port: int,
-    tls: ssl.SSLContext | None,
-    target: str,
-    headers: list[tuple[str, str]],
-    body: bytes,
-    *,
-    timeout: float,
-    peer: str,
-    body_limit: Callable[[int], int] = _up_to_the_cap,
-) -> HttpAnswer:
-    """One POST on a fresh connection, all of it (connect, TLS, send, answer) within ``timeout``.
-
-    ``headers`` are the request's own (``Host`` among them); ``Content-Length`` and
-    ``Connection: close`` are added here. Any HTTP answer is returned, with at most
-    ``body_limit(status)`` bytes of its body: it is returned as soon as those are in, and the
-    rest (however long, or slow to come) is never read (``HttpAnswer.complete`` is then False).
-    No usable answer raises ``AttemptFailed`` saying why in words that name ``peer``. Used by
-    this client and by the call webhook (bridge/webhook.py).
-    """
-    progress = _Progress()
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await open_stream(host, port, tls)
-            done = False
-            try:
-                connection = h11.Connection(h11.CLIENT)
-                # One request per connection: "Connection: close".
-                headers = [*headers, ("Content-Length", str(len(body))), ("Connection", "close")]
-                request = h11.Request(method="POST", target=target, headers=headers)
-                # h11's send() returns None only for ConnectionClosed, which is never sent here.
-                data = b"".join(connection.send(event) or b"" for event in (request, h11.Data(data=body), h11.EndOfMessage()))
-                # From the first byte written, the peer may receive the whole request and act on it.
-                progress.sent = True
-                writer.write(data)
-                await writer.drain()
-                answer = await _read_answer(connection, reader, peer, body_limit)
-                done = answer.complete  # the rest of a cut answer is not waited for
-                return answer
-            finally:
-                if done:
-                    writer.close()
-                else:
-                    # Abort: a half-read answer or a hung peer gets no graceful (TLS) goodbye to wait on.
-                    writer.transport.abort()
-    # TimeoutError is an OSError, so it has to come first.
-    except TimeoutError:
-        raise AttemptFailed(f"no answer within {timeout:g} s", sent=progress.sent) from None
-    except ssl.SSLCertVerificationError as exc:
-        # A certificate we don't trust will not become trusted by trying again.
-        raise AttemptFailed(
-            f"{peer}'s TLS certificate was refused: {clean(exc.verify_message, 120)}", sent=False, retryable=False
-        ) from None
-    except OSError as exc:
-        what = "connection failed" if not progress.sent else "connection lost before the answer"
-        raise AttemptFailed(f"{what}: {clean(exc, 160)}", sent=progress.sent) from None
-    except h11.RemoteProtocolError as exc:
-        raise AttemptFailed(f"broken HTTP answer: {clean(exc, 160)}", sent=True) from None
-
-
-async def _read_answer(
-    connection: h11.Connection, reader: asyncio.StreamReader, peer: str, body_limit: Callable[[int], int]
-) -> HttpAnswer:
-    status: int | None = None
-    headers: dict[str, str] = {}
-    body = bytearray()
-    limit = 0
-    while True:
-        event = connection.next_event()
-        if event is h11.NEED_DATA:
-            if status is not None and len(body) >= limit:
-                # Enough of the body: what h11 already holds was looked at, the rest is not awaited.
-                return HttpAnswer(status, headers, bytes(body[:limit]), complete=False)
-            chunk = await reader.read(READ_CHUNK_BYTES)
-            if not chunk and status is None:
-                # Said plainly here: h11's own words for it name its internal states.
-                raise ConnectionResetError(f"{peer} closed the connection without answering")
-            connection.receive_data(chunk)  # b"" tells h11 of EOF: a cut-off body is its error
-        elif isinstance(event, h11.Response):
-            status = event.status_code
-            headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in event.headers}
-            limit = body_limit(status)
-        elif isinstance(event, h11.Data):
-            body += event.data  # at most one read's worth past the limit, cut when returned
-        elif isinstance(event, h11.EndOfMessage):
-            assert status is not None  # h11 gives the Response before the end of its body
-            if len(body) > limit:
-                return HttpAnswer(status, headers, bytes(body[:limit]), complete=False)
-            return HttpAnswer(status, headers, bytes(body))
-        elif isinstance(event, h11.ConnectionClosed):
-            raise h11.RemoteProtocolError("connection closed before an answer")
-        # h11.InformationalResponse (100 Continue and the like): the real answer follows.
+        return await post_once(
+            self._host, self._port, self._tls, path, headers, body,
+            timeout=self.timeout, peer="Twilio", body_limit=_up_to_the_cap,
+        )
 
 
 def _add(fields: list[tuple[str, str]], name: str, value: str | None) -> None:
@@ -560,4 +400,4 @@ def _check_twiml_or_url(twiml: str | None, url: str | None, *, required: bool) -
         raise ValueError(f"inline TwiML is limited to {MAX_TWIML_CHARS} characters by Twilio, got {len(twiml)}")
 
 
-__all__ = ["AttemptFailed", "HttpAnswer", "TwilioApiError", "TwilioRestClient", "post_once", "retry_after_seconds"]
+__all__ = ["TwilioApiError", "TwilioRestClient"]

@@ -37,7 +37,6 @@ import hashlib
 import hmac
 import json
 import logging
-import random
 import ssl
 import time
 import uuid
@@ -50,7 +49,7 @@ from .config import Settings
 from .jsontext import valid_text
 from .logsafe import clean
 from .records import bounded, finite
-from .twilio_rest import USER_AGENT, AttemptFailed, post_once, retry_after_seconds
+from .http_client import USER_AGENT, AttemptFailed, backoff_delay, post_once, retry_after_seconds
 
 logger = logging.getLogger("bridge.webhook")
 
@@ -368,17 +367,12 @@ class WebhookSender:
                 if status in (429, 503):
                     retry_after = retry_after_seconds(answer.headers.get("retry-after"))
             self._failing(reason)
-            delay = retry_after if retry_after is not None else self._backoff_delay(attempt)
+            delay = retry_after if retry_after is not None else backoff_delay(self.backoff, attempt, MAX_BACKOFF_SECONDS)
             if not retryable or loop.time() + delay > give_up_at:
                 self._given_up(reason, attempt)
                 return
             logger.debug("webhook attempt %d failed (%s); retrying in %.2f s", attempt, reason, delay)
             await asyncio.sleep(delay)
-
-    def _backoff_delay(self, attempt: int) -> float:
-        """Doubling waits with up to 25% jitter, so bridges that failed together don't retry together."""
-        delay = min(self.backoff * 2 ** (attempt - 1), MAX_BACKOFF_SECONDS)
-        return delay + random.uniform(0, delay / 4)
 
     # ------------------------------------------------------------------- outcomes, and their logs
 

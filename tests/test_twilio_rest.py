@@ -39,8 +39,9 @@ from twilio.http import HttpClient
 from twilio.http.response import Response
 from twilio.rest import Client
 
-from bridge import twilio_rest
-from bridge.twilio_rest import MAX_RETRY_AFTER_SECONDS, TwilioApiError, TwilioRestClient, retry_after_seconds
+from bridge import http_client
+from bridge.http_client import MAX_RETRY_AFTER_SECONDS, retry_after_seconds
+from bridge.twilio_rest import TwilioApiError, TwilioRestClient
 
 ACCOUNT_SID = DEFAULT_ACCOUNT_SID
 AUTH_TOKEN = DEFAULT_AUTH_TOKEN
@@ -210,7 +211,7 @@ async def test_default_api_url_is_twilios_host_over_tls(fake: FakeTwilioRest, mo
         dialled.append((host, port, tls))
         return await asyncio.open_connection("127.0.0.1", fake.port)  # no network in tests
 
-    monkeypatch.setattr(twilio_rest, "open_stream", to_the_fake)
+    monkeypatch.setattr(http_client, "open_stream", to_the_fake)
     client = TwilioRestClient(ACCOUNT_SID, AUTH_TOKEN, timeout=0.5)
     await create(client)
     theirs = official_request(201, lambda c: c.calls.create(to="+15551230000", from_="+15559870000", twiml=TWIML))
@@ -334,7 +335,7 @@ async def test_create_retries_a_connection_refused_before_sending(
     fake: FakeTwilioRest, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Nothing was sent, so nothing can have been created: retrying is safe even for a create."""
-    real = twilio_rest.open_stream
+    real = http_client.open_stream
     dialled = 0
 
     async def refuse_once(host: str, port: int, tls: ssl.SSLContext | None) -> Any:
@@ -344,7 +345,7 @@ async def test_create_retries_a_connection_refused_before_sending(
             raise ConnectionRefusedError(111, "Connection refused")
         return await real(host, port, tls)
 
-    monkeypatch.setattr(twilio_rest, "open_stream", refuse_once)
+    monkeypatch.setattr(http_client, "open_stream", refuse_once)
     created = await create(make_client(fake))
     assert created["sid"] and dialled == 2 and len(fake.requests) == 1
     assert problems(caplog) == []
