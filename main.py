@@ -52,7 +52,7 @@ from bridge.binding import BINDING_PARAMETER
 from bridge.call_control import outbound_call, place_call
 from bridge.config import E164, ConfigError, Settings, load_settings
 from bridge.logsafe import clean
-from bridge.postgres import check_database_url, describe
+from bridge.storage.postgres import check_database_url, describe
 from bridge.records import make_private_dirs
 from bridge.metrics import WorkerShare
 from bridge.server import BridgeServer, routes

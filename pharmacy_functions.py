@@ -32,7 +32,7 @@ small queries.
   store for several bridge processes on several machines, e.g. pods behind a
   load balancer, which must all see the same orders. It needs psycopg 3
   (``pip install -r requirements-postgres.txt``), imported only then;
-  connections, timeouts and outages are handled by ``bridge.postgres``.
+  connections, timeouts and outages are handled by ``bridge.storage.postgres``.
 
 Both create their tables and seed the catalogue on first use, once even when
 many processes start together, and give every order a distinct number however
@@ -56,7 +56,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from bridge.postgres import DatabaseUnavailable, PostgresConnections
+from bridge.storage.postgres import DatabaseUnavailable, PostgresConnections
 from bridge.records import make_private_dirs
 
 logger = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ def _answers_failures(method: Callable[..., dict[str, Any]]) -> Callable[..., di
     def answer(*args: Any, **kwargs: Any) -> dict[str, Any]:
         try:
             return method(*args, **kwargs)
-        except DatabaseUnavailable:  # logged once per outage, by bridge.postgres or SQLiteStore
+        except DatabaseUnavailable:  # logged once per outage, by bridge.storage.postgres or SQLiteStore
             return {"error": UNAVAILABLE_MESSAGE}
         except UnusableText as exc:
             logger.warning("%s refused its arguments: %s", method.__name__, exc)  # never the text itself
@@ -691,14 +691,14 @@ _PG_SCHEMA: Final[tuple[str, ...]] = (
 class PostgresStore(PharmacyStore):
     """The catalogue and orders in a PostgreSQL database, shared by every bridge process.
 
-    ``bridge.postgres`` keeps a connection per worker thread, bounds every wait, and turns an
+    ``bridge.storage.postgres`` keeps a connection per worker thread, bounds every wait, and turns an
     unreachable server into ``DatabaseUnavailable`` (the caller hears ``UNAVAILABLE_MESSAGE``);
     the next call reconnects. Nothing connects until the first call, which creates the tables
     and seeds the catalogue if they aren't there yet.
     """
 
     def __init__(self, url: str, **timeouts: int) -> None:
-        """``timeouts``: bridge.postgres' connect_timeout_seconds and statement_timeout_ms."""
+        """``timeouts``: bridge.storage.postgres' connect_timeout_seconds and statement_timeout_ms."""
         self.url = url
         self._db = PostgresConnections(url, _PG_SCHEMA, _seed_postgres, **timeouts)
 
@@ -734,7 +734,7 @@ class PostgresStore(PharmacyStore):
 
 
 def _seed_postgres(conn: Any) -> None:
-    """Seed an empty catalogue (runs under bridge.postgres' schema lock, in its transaction).
+    """Seed an empty catalogue (runs under bridge.storage.postgres' schema lock, in its transaction).
 
     As with SQLite, only an empty one, so drugs an operator removed or repriced stay that way.
     """

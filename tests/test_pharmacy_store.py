@@ -536,7 +536,7 @@ def _with_password(url: str, password: str) -> str:
 
 
 def _postgres_log(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "bridge.postgres" and r.levelno == level]
+    return [r.getMessage() for r in caplog.records if r.name == "bridge.storage.postgres" and r.levelno == level]
 
 
 def test_a_postgres_outage_is_an_answer_the_agent_can_say_and_the_store_recovers(
@@ -545,7 +545,7 @@ def test_a_postgres_outage_is_an_answer_the_agent_can_say_and_the_store_recovers
     store = PostgresStore(_with_password(postgres_url, "s3cret-pw"))
     try:
         placed = store.place_order("Jane", "Ibuprofen", 2)
-        caplog.set_level(logging.INFO, logger="bridge.postgres")
+        caplog.set_level(logging.INFO, logger="bridge.storage.postgres")
         postgres_server.stop()
         try:
             for _ in range(3):

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from bridge.config import ConfigError, load_settings
-from bridge.postgres import check_database_url
+from bridge.storage.postgres import check_database_url
 from conftest import ROOT, empty_env
 from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually
 from postgres_server import PostgresServer

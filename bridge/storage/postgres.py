@@ -1,8 +1,9 @@
-"""PostgreSQL connections for the business functions: bounded waits, outages survived.
+"""PostgreSQL connections for a store: bounded waits, outages survived.
 
 This module owns the plumbing between a store and a PostgreSQL server, none of the SQL: a store
-(``pharmacy_functions.PostgresStore``) hands it the statements that create its schema and the
-work of each operation, and gets back either the result or ``DatabaseUnavailable``.
+(``pharmacy_functions.PostgresStore``, the bridge's ``claims.PostgresClaims``) hands it the
+statements that create its schema and the work of each operation, and gets back either the
+result or ``DatabaseUnavailable``.
 
 * psycopg 3 is optional. It is imported only when a store is built for a ``DATABASE_URL``, and
   ``check_database_url`` lets startup say in one sentence how to install it.
@@ -30,7 +31,7 @@ from urllib.parse import urlsplit
 
 from bridge.config import ConfigError
 
-logger = logging.getLogger("bridge.postgres")
+logger = logging.getLogger("bridge.storage.postgres")
 
 T = TypeVar("T")
 
@@ -46,7 +47,8 @@ STATEMENT_TIMEOUT_MS: Final = 3000
 TCP_USER_TIMEOUT_MS: Final = 3000
 
 # Any fixed 64-bit number, the same in every process: pg_advisory_xact_lock's key for "creating
-# the schema". Transaction-scoped, so it is released by the commit or by a dropped connection.
+# the schema" of one store. Transaction-scoped, so it is released by the commit or by a dropped
+# connection. Each store that creates tables passes its own.
 SCHEMA_LOCK_KEY: Final = 0x7068_6172_6D61_6379  # "pharmacy"
 
 
@@ -100,6 +102,8 @@ class PostgresConnections:
         *,
         connect_timeout_seconds: int = CONNECT_TIMEOUT_SECONDS,
         statement_timeout_ms: int = STATEMENT_TIMEOUT_MS,
+        schema_lock_key: int = SCHEMA_LOCK_KEY,
+        outage_effect: str = "functions answer that the order system can't be reached until it is back",
     ) -> None:
         try:
             import psycopg
@@ -119,6 +123,8 @@ class PostgresConnections:
         self._params = params
         self._schema = tuple(schema)
         self._seed = seed
+        self._schema_lock_key = schema_lock_key
+        self._outage_effect = outage_effect  # what an outage means, for its one log line
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         self._local = threading.local()
@@ -148,7 +154,7 @@ class PostgresConnections:
             if self._schema_ready:
                 return
             with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._schema_lock_key,))
                 for statement in self._schema:
                     conn.execute(statement)
                 if self._seed is not None:
@@ -214,12 +220,7 @@ class PostgresConnections:
             first, self._down = not self._down, True
         if first:
             reason = " ".join(str(exc).split()) or type(exc).__name__
-            logger.warning(
-                "PostgreSQL at %s is unavailable (%s); functions answer that the order system can't "
-                "be reached until it is back",
-                self.where,
-                reason[:300],
-            )
+            logger.warning("PostgreSQL at %s is unavailable (%s); %s", self.where, reason[:300], self._outage_effect)
 
     def _mark_up(self) -> None:
         if not self._down:  # the common case, without the lock
