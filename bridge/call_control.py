@@ -29,6 +29,8 @@ from .twilio import MODE_PARAMETER, VOICEMAIL_MODE
 from .binding import BINDING_PARAMETER, binding_mac
 from .config import Settings
 from .logsafe import clean
+from .storage.claims import Claims
+from .storage.postgres import DatabaseUnavailable
 from .transport import HttpReply, HttpRequest
 from .twilio_rest import MAX_TWIML_CHARS, TwilioApiError, TwilioRestClient
 
@@ -44,6 +46,8 @@ TWILIO_CALLBACK_PARAMETERS = frozenset(
 )
 # Callbacks being acted on at once; more are answered 503 and Twilio retries them.
 MAX_PENDING_CALLBACKS = 64
+# Claiming a verdict (a file, or a row in PostgreSQL) gets this long.
+CLAIM_SECONDS = 5.0
 # The TwiML URL and the answering-machine callback URL carry every parameter; Twilio documents
 # this limit for its URLs, and a longer one would fail only once the call was placed.
 MAX_URL_CHARS = 4000
@@ -126,9 +130,10 @@ def signed_url(settings: Settings, request: HttpRequest) -> str:
 class AnsweringMachineCallback:
     """``/twilio/amd``: Twilio's answering-machine verdict for an outbound call."""
 
-    def __init__(self, settings: Settings, rest: TwilioRestClient | None) -> None:
+    def __init__(self, settings: Settings, rest: TwilioRestClient | None, claims: Claims | None = None) -> None:
         self.settings = settings
         self.rest = rest
+        self.claims = claims
         self.tasks: set[asyncio.Task[None]] = set()
 
     def handle(self, request: HttpRequest) -> HttpReply:
@@ -175,8 +180,25 @@ class AnsweringMachineCallback:
         task.add_done_callback(self.tasks.discard)
         return HttpReply(204, "")
 
+    async def _claim(self, call_sid: str) -> bool:
+        """This verdict is the first for its call anywhere in the deployment (a replay is not)."""
+        if self.claims is None:
+            return True
+        try:
+            async with asyncio.timeout(CLAIM_SECONDS):
+                return await asyncio.to_thread(self.claims.claim, f"amd-verdict:{call_sid}")
+        except (OSError, DatabaseUnavailable, TimeoutError) as exc:
+            # Leaving a voicemail matters more than refusing a replay during an outage of the store.
+            logger.warning("[%s] could not check the verdict for a replay (%s); acting on it", clean(call_sid, 40), clean(exc, 200) or "timed out")
+            return True
+
     async def _redirect(self, call_sid: str, answered_by: str, parameters: dict[str, str]) -> None:
         assert self.rest is not None
+        if not await self._claim(call_sid):
+            logger.warning(
+                "[%s] a second answering-machine verdict for this call (a replay?): not acted on", clean(call_sid, 40)
+            )
+            return
         if answered_by == "fax":
             twiml = "<Response><Hangup/></Response>"
         else:

@@ -23,6 +23,7 @@ from .twilio import ACCOUNT_SID
 
 DEFAULT_AGENT_URL = "wss://agent.deepgram.com/v1/agent/converse"
 DEFAULT_TWILIO_API_URL = "https://api.twilio.com"
+DEFAULT_STATE_DIR = Path(__file__).resolve().parent.parent / "data" / "state"
 DEFAULT_IDLE_REPROMPT_MESSAGE = "Are you still there? I'm here if you need anything."
 DEFAULT_IDLE_GOODBYE_MESSAGE = "I haven't heard anything for a while, so I'll end the call now. Please call again any time. Goodbye."
 DEFAULT_VOICEMAIL_MESSAGE = (
@@ -81,6 +82,8 @@ class Settings:
     drain_seconds: float = 30.0
     record_calls: bool = True
     calls_dir: Path = Path("calls")
+    # What the processes of one machine share: the claims that make a callback act once.
+    state_dir: Path = DEFAULT_STATE_DIR
     records_retention_days: float | None = None  # records older than this are deleted; None keeps them
     phone_page: bool = False
     phone_page_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
@@ -349,6 +352,7 @@ def load_settings(
         drain_seconds=_float(environ, "DRAIN_SECONDS", 30.0, 0.0),
         record_calls=_bool(environ, "RECORD_CALLS", True),
         calls_dir=Path(environ.get("CALLS_DIR", "").strip() or "calls"),
+        state_dir=Path(environ.get("STATE_DIR", "").strip() or DEFAULT_STATE_DIR),
         records_retention_days=_days(environ, "RECORDS_RETENTION_DAYS"),
         phone_page=_bool(environ, "PHONE_PAGE", False),
         twilio_account_sid=account_sid,

@@ -10,7 +10,8 @@ Twilio signature or phone token 403. Each admitted connection becomes one ``Call
 Connections still in their HTTP request are bounded (``max_handshakes``), so a crowd of stalled
 clients can't use up the process's file descriptors. With ``RECORDS_RETENTION_DAYS`` set, the
 server also deletes old call records, at startup and then hourly (``records.delete_old_records``
-in a thread, so the event loop never waits on the disk).
+in a thread, so the event loop never waits on the disk), and it forgets old callback claims
+(bridge/storage/claims.py) the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,8 @@ from .logsafe import clean
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import METRICS_PATH, SHARE_SECONDS, Metrics, WorkerShare
 from .records import RecordWriter, RetentionError, delete_old_records
+from .storage.claims import Claims, claims_for
+from .storage.postgres import DatabaseUnavailable
 from .session import AgentConnector, CallServices, CallSession, caller_limits, rest_client, websocket_agent_connector
 from .transport import AcceptWebSocket, HttpReply, HttpRequest, PeerLimits, ServerPeer, start_server
 from .webhook import webhook_sender
@@ -67,8 +71,9 @@ MAX_QUERY_PARAMETERS = 200
 MAX_QUERY_VALUE_CHARS = 4000
 # After a second signal the process is gone within this, even if something hangs.
 SECOND_SIGNAL_EXIT_SECONDS = END_CALLS_SECONDS + 4.0
-# How often old call records are looked for (RECORDS_RETENTION_DAYS); the first pass is at startup.
-RETENTION_INTERVAL_SECONDS = 3600.0
+# How often old call records (RECORDS_RETENTION_DAYS) and old claims are looked for; the first
+# pass is at startup.
+HOUSEKEEPING_INTERVAL_SECONDS = 3600.0
 
 
 def routes(settings: Settings) -> list[tuple[str, str]]:
@@ -107,8 +112,8 @@ class BridgeServer:
 
     ``agents`` is one agent (an ``AgentConfig``) or several (an ``AgentCatalog``); ``load_agents``
     reads them again for ``reload_agents`` and raises ``ConfigError`` for an invalid file.
-    ``retention_interval`` is the time between two passes deleting old call records (tests
-    shorten it).
+    ``housekeeping_interval`` is the time between two passes deleting old call records and old
+    claims (tests shorten it); ``claims`` is the seam for the store that makes a callback act once.
     """
 
     def __init__(
@@ -121,7 +126,8 @@ class BridgeServer:
         reuse_port: bool = False,
         load_agents: Callable[[], AgentCatalog] | None = None,
         metrics_share: WorkerShare | None = None,
-        retention_interval: float = RETENTION_INTERVAL_SECONDS,
+        housekeeping_interval: float = HOUSEKEEPING_INTERVAL_SECONDS,
+        claims: Claims | None = None,
     ) -> None:
         self.settings = settings
         self.agents = agents if isinstance(agents, AgentCatalog) else AgentCatalog.single(agents)
@@ -131,8 +137,8 @@ class BridgeServer:
         self.metrics_share = metrics_share
         self._metrics_server: asyncio.Server | None = None
         self._metrics_writer: asyncio.Task[None] | None = None
-        self.retention_interval = retention_interval
-        self._retention: asyncio.Task[None] | None = None
+        self.housekeeping_interval = housekeeping_interval
+        self._housekeeping_task: asyncio.Task[None] | None = None
         self.services = CallServices(
             settings=settings,
             functions=self.functions,
@@ -143,7 +149,11 @@ class BridgeServer:
             webhook=webhook_sender(settings),
         )
         self.caller_limits: PeerLimits = caller_limits(settings, TWILIO_MAX_MESSAGE_BYTES)
-        self.answering_machine = AnsweringMachineCallback(settings, self.services.rest)
+        # What makes a callback act once across processes: only Twilio's REST API acts on callbacks.
+        if claims is None and settings.rest_enabled:
+            claims = claims_for(settings.state_dir, settings.database_url)
+        self.claims = claims
+        self.answering_machine = AnsweringMachineCallback(settings, self.services.rest, claims)
         self.reuse_port = reuse_port
         self.calls: set[CallSession] = set()
         self._call_tasks: set[asyncio.Task[None]] = set()
@@ -184,8 +194,8 @@ class BridgeServer:
             self._metrics_writer = asyncio.create_task(self._share_metrics())
         if self.services.webhook is not None:
             self.services.webhook.start()
-        if self.settings.records_retention_days is not None:
-            self._retention = asyncio.create_task(self._delete_old_records(self.settings.records_retention_days))
+        if self.settings.records_retention_days is not None or self.claims is not None:
+            self._housekeeping_task = asyncio.create_task(self._housekeeping())
 
     async def __aenter__(self) -> BridgeServer:
         await self.start()
@@ -284,27 +294,40 @@ class BridgeServer:
             self._share_metrics_now()
             await asyncio.sleep(SHARE_SECONDS)
 
-    # ------------------------------------------------------------------------ records retention
+    # ------------------------------------------------------------------------ housekeeping
+
+    async def _housekeeping(self) -> None:
+        """A pass now and then one every ``housekeeping_interval``, until cancelled at shutdown.
+
+        A pass deletes call records older than RECORDS_RETENTION_DAYS, if set, and forgets claims
+        older than the replay window. Each says one INFO line if it deleted anything, nothing if
+        not, and one WARNING if something could not be deleted (never a line per file).
+        """
+        days = self.settings.records_retention_days
+        while True:
+            if days is not None:
+                await self._delete_old_records(days)
+            if self.claims is not None:
+                await self._prune_claims(self.claims)
+            await asyncio.sleep(self.housekeeping_interval)
 
     async def _delete_old_records(self, days: float) -> None:
-        """A pass now and then one every ``retention_interval``, until cancelled at shutdown.
+        try:
+            deleted = await asyncio.to_thread(delete_old_records, self.settings.calls_dir, days)
+        except RetentionError as exc:
+            deleted = exc.deleted
+            logger.warning("deleting call records older than %g days failed: %s", days, exc)
+        except Exception:  # a bug must not end the hourly passes for the rest of the process's life
+            deleted = 0
+            logger.exception("the pass deleting old call records failed")
+        if deleted:
+            logger.info("deleted %d call records older than %g days", deleted, days)
 
-        Each pass is one INFO line if it deleted anything, nothing if not, and one WARNING if
-        something could not be deleted (never a line per file).
-        """
-        directory = self.settings.calls_dir
-        while True:
-            try:
-                deleted = await asyncio.to_thread(delete_old_records, directory, days)
-            except RetentionError as exc:
-                deleted = exc.deleted
-                logger.warning("deleting call records older than %g days failed: %s", days, exc)
-            except Exception:  # a bug must not end the hourly passes for the rest of the process's life
-                deleted = 0
-                logger.exception("the pass deleting old call records failed")
-            if deleted:
-                logger.info("deleted %d call records older than %g days", deleted, days)
-            await asyncio.sleep(self.retention_interval)
+    async def _prune_claims(self, claims: Claims) -> None:
+        try:
+            await asyncio.to_thread(claims.prune, time.time())
+        except (OSError, DatabaseUnavailable) as exc:
+            logger.warning("forgetting old callback claims failed: %s", clean(exc, 200))
 
     def _twiml(self, request: HttpRequest) -> HttpReply:
         """A number's voice webhook: TwiML connecting the call to ``/twilio`` with its details."""
@@ -458,10 +481,10 @@ class BridgeServer:
             self._metrics_server.close()
         if self._metrics_writer is not None:
             self._metrics_writer.cancel()
-        if self._retention is not None:
-            # A pass already in its thread finishes there (at most RETENTION_BATCH files).
-            self._retention.cancel()
-            await asyncio.wait([self._retention])
+        if self._housekeeping_task is not None:
+            # A pass already in its thread finishes there (a bounded number of files).
+            self._housekeeping_task.cancel()
+            await asyncio.wait([self._housekeeping_task])
         if self.metrics_share is not None:
             self._share_metrics_now()  # what this worker counted, to the end
         self.functions.close()

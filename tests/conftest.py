@@ -124,6 +124,7 @@ def bridge_settings(tmp_path: Path, **overrides: Any) -> Settings:
         host="127.0.0.1",
         port=0,
         calls_dir=tmp_path / "calls",
+        state_dir=tmp_path / "state",
         record_calls=True,
         agent_connect_timeout_seconds=2.0,
     )

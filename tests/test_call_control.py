@@ -792,7 +792,7 @@ async def test_a_callback_reaching_a_second_bridge_process_works(
     """
     async with FakeTwilioRest() as fake, make_bridge(fake_agent, **rest_settings(fake)) as bridge_a:
         port = free_port()
-        env = child_env(**outbound_env(fake), DEEPGRAM_AGENT_URL=fake_agent.url, RECORD_CALLS="false")
+        env = child_env(**outbound_env(fake), DEEPGRAM_AGENT_URL=fake_agent.url, RECORD_CALLS="false", STATE_DIR=str(tmp_path / "state"))
         log = (tmp_path / "bridge_b.log").open("wb")
         bridge_b = subprocess.Popen(
             [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port),

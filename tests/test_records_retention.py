@@ -56,7 +56,7 @@ async def serving(tmp_path: Path, calls_dir: Path, days: float | None, interval:
     from pharmacy_functions import function_map
 
     server = BridgeServer(
-        settings, load_agent_config(ROOT / "config.json", os.environ), function_map, retention_interval=interval
+        settings, load_agent_config(ROOT / "config.json", os.environ), function_map, housekeeping_interval=interval
     )
     async with server:
         yield server
@@ -103,7 +103,7 @@ async def test_without_the_setting_nothing_is_deleted(tmp_path: Path, info_logs:
     calls = tmp_path / "calls"
     ancient = record_file(calls, "CAancient", 10_000)
     async with serving(tmp_path, calls, days=None, interval=0.01) as server:
-        assert server._retention is None, "no retention task at all"
+        assert server._housekeeping_task is None, "no retention task at all"
     assert ancient.exists()
     assert retention_lines(info_logs, logging.INFO) == []
 
@@ -142,7 +142,7 @@ async def test_shutdown_stops_the_passes(tmp_path: Path) -> None:
     first = record_file(calls, "CAfirst", 5)
     async with serving(tmp_path, calls, days=1, interval=0.01) as server:
         await eventually(lambda: not first.exists(), what="the startup pass")
-        task = server._retention
+        task = server._housekeeping_task
     assert task is not None and task.done()
     late = record_file(calls, "CAlate", 5)
     await asyncio.sleep(0.1)  # ten intervals: a pass still running would have deleted it
