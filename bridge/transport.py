@@ -296,8 +296,9 @@ class WebSocketPeer(asyncio.Protocol):
         the size limit) is unmasked and delivered here; every other
         frame is handed to websockets' ``receive_data`` *whole*, so its parser always stands at
         a frame boundary and judges it (control frames, fragments, protocol errors, 1009, 1002).
-        After a fragmented message starts, or once the connection is closing, websockets gets
-        every byte.
+        Inside a fragmented message every frame goes to websockets. Once the connection is closing,
+        or has been failed (by websockets, or here: bad UTF-8, the keepalive), websockets gets every
+        byte and processes none (RFC 6455 section 7.1.7).
         """
         protocol = self.protocol
         assert protocol is not None
@@ -312,13 +313,9 @@ class WebSocketPeer(asyncio.Protocol):
                 payload = unmask(data[8:], data[4:8]) if start == 8 else data[4:]
                 self._tokens -= 1
                 self._deliver(first == FIN_TEXT, payload)
-                if self._tokens < 0 or self._failed:
+                if self._tokens < 0 and not self._failed:
                     self._shortcut = False
-                    if self._failed:
-                        self._websockets_only = True
-                        self._flush()
-                    else:
-                        self._out_of_budget()
+                    self._out_of_budget()
                 return
         if self._unparsed or "budget" in self._reading_paused_for:
             self._unparsed += data  # out of frame budget: parsed when the budget allows
@@ -356,8 +353,6 @@ class WebSocketPeer(asyncio.Protocol):
                 self._tokens -= 1
                 self._deliver(first == FIN_TEXT, payload)
                 if self._failed:
-                    self._websockets_only = True
-                    self._flush()
                     return
             else:
                 self._to_websockets(protocol, data[pos:frame_end])
@@ -547,9 +542,7 @@ class WebSocketPeer(asyncio.Protocol):
             try:
                 message = data.decode()
             except UnicodeDecodeError:
-                assert self.protocol is not None
-                self.protocol.fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text frame")
-                self._failed = True
+                self._fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text frame")
                 return
         else:
             message = data if type(data) is bytes else bytes(data)
@@ -561,6 +554,16 @@ class WebSocketPeer(asyncio.Protocol):
         self.inbox.put(message)
         if self._inbox_bytes >= self.limits.inbox_max_bytes:
             self._pause_reading("inbox")  # the receiver is behind: let TCP hold the rest
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Fail the connection (RFC 6455 section 7.1.7): websockets sends the close frame and
+        stops parsing; nothing more is delivered here either, so websockets gets every byte."""
+        assert self.protocol is not None
+        self.protocol.fail(code, reason)
+        self._failed = True
+        self._websockets_only = True
+        self._shortcut = False
+        self._flush()
 
     def _write(self, writes: list[bytes]) -> None:
         transport = self.transport
@@ -609,8 +612,7 @@ class WebSocketPeer(asyncio.Protocol):
         self._reads_at_check = self._reads
         if self._ping_sent_at is not None:
             if not heard_since_last_check:
-                protocol.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
-                self._flush()
+                self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
                 return
             self._ping_sent_at = None  # data arrived after the ping: the peer is alive
         elif not heard_since_last_check:

@@ -449,3 +449,63 @@ async def test_no_message_is_delivered_after_a_close_frame_or_an_oversize_frame(
         await caller.write(caller.text(media_event(caller.stream_sid, 2, 1, bytes(range(160)))))
         await asyncio.sleep(0.2)
         assert bytes(agent.audio) == b"", "a frame sent after the close was delivered"
+
+async def test_no_message_is_delivered_after_the_keepalive_failed_the_connection(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory
+) -> None:
+    """RFC 6455 section 7.1.7: once the keepalive has failed a connection (1011), nothing more it sends counts."""
+    async with make_bridge(fake_agent, inbound_buffer_bytes=160, ping_interval_seconds=0.1) as server, raw_call(
+        server, fake_agent
+    ) as (caller, agent, _):
+        assert caller.reader is not None
+        while caller.protocol.close_rcvd is None:  # read, but never send the pong websockets queues
+            data = await asyncio.wait_for(caller.reader.read(65536), 3)
+            assert data, "the bridge closed the connection without a close frame"
+            caller.protocol.receive_data(data)
+        assert (caller.protocol.close_rcvd.code, caller.protocol.close_rcvd.reason) == (1011, "keepalive ping timeout")
+        # One whole media frame, alone in its read: the frame shortcut would take it.
+        await caller.write(caller.text(media_event(caller.stream_sid, 2, 1, bytes(range(160)))))
+        caller.close()
+        await asyncio.wait_for(agent.closed.wait(), 5)  # the agent has processed all it was sent
+        assert bytes(agent.audio) == b"", "a frame sent after the connection failed was delivered"
+
+
+async def test_the_keepalive_does_not_take_a_peer_held_back_by_its_frame_budget_for_a_silent_one(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory
+) -> None:
+    """While the bridge isn't reading a peer (here its frame budget is spent), no pong can be seen: no 1011."""
+    audio = bytes(range(160)) * 4
+    async with make_bridge(
+        fake_agent,
+        inbound_buffer_bytes=160,
+        ping_interval_seconds=0.05,
+        caller_frames_per_second=4.0,
+        caller_frame_burst=3,
+    ) as server, raw_call(server, fake_agent) as (caller, agent, connection):
+        # connected and start took two frames of the burst: the second of these waits 0.25 s, and so on.
+        frames = [caller.text(media_event(caller.stream_sid, i + 2, i, audio[i * 160 : (i + 1) * 160])) for i in range(4)]
+        await caller.write(b"".join(frames))
+        await eventually(lambda: len(agent.audio) >= len(audio), 3, "all caller audio at the agent")
+        assert bytes(agent.audio) == audio
+        assert connection.frames_throttled >= 2
+
+
+async def test_frames_that_each_come_in_a_read_of_their_own_are_held_to_the_frame_budget(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory
+) -> None:
+    """The one-frame-per-read shortcut (the usual read) spends the frame budget like every other path."""
+    audio = random.Random(9).randbytes(160 * 40)
+    async with make_bridge(
+        fake_agent, inbound_buffer_bytes=160, caller_frames_per_second=50.0, caller_frame_burst=12
+    ) as server, raw_call(server, fake_agent) as (caller, agent, connection):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for i in range(40):  # 10 within what is left of the burst, then 30 at 50 a second: at least 0.6 s
+            await caller.write(caller.text(media_event(caller.stream_sid, i + 2, i, audio[i * 160 : (i + 1) * 160])))
+            # The next frame is sent once this one has been read: one frame per read.
+            await eventually(lambda: len(agent.audio) >= (i + 1) * 160, 3, f"frame {i} at the agent")
+        elapsed = loop.time() - started
+        assert bytes(agent.audio) == audio
+        assert connection.frames_throttled >= 1
+        assert elapsed >= 0.5, f"30 frames past the burst at 50 a second took only {elapsed:.2f} s"
+
