@@ -8,7 +8,9 @@ owns what those objects leave to their caller, which is where a hostile or broke
 - **Deadlines.** An HTTP request must arrive whole within ``handshake_timeout``; a closing
   handshake gets ``close_timeout`` and then the connection is aborted; a peer whose write buffer
   stays over the high-water mark for ``stall_timeout`` (it stopped reading) is aborted and marked
-  ``stalled``; keepalive pings fail a silent peer after ``ping_timeout``.
+  ``stalled``; keepalive pings fail a silent peer after ``ping_timeout``; while we aren't reading
+  a peer, its socket is looked at every ``PAUSED_PEER_CHECK_SECONDS``, and a peer that has
+  closed or reset its end meanwhile is aborted (the event loop sees neither while not reading).
 - **Caps.** Messages are limited by websockets' ``max_size``; at most ``inbox_max_bytes`` of received
   messages wait for the call's coroutine before reading pauses; reading also pauses while our own
   writes to the peer are stuck (so a ping flood from a peer that never reads queues no pongs).
@@ -26,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -58,6 +62,12 @@ PARSE_SLICE_BYTES = 16 * 1024
 # An HTTP request head (request line and headers) and a webhook's body are small.
 MAX_HTTP_HEAD_BYTES = 16 * 1024
 MAX_HTTP_BODY_BYTES = 64 * 1024
+# While reading from a peer is paused, this often its socket is checked for a close or a reset.
+PAUSED_PEER_CHECK_SECONDS = 1.0
+# Linux's TCP states (include/net/tcp_states.h) once the peer has sent its FIN or a reset:
+# TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING.
+_LINUX_PEER_DONE_STATES = frozenset({6, 7, 8, 9, 11})
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +111,26 @@ def frame_extent(data: bytes, pos: int) -> tuple[int, int] | None:
     if len(data) < start:
         return None
     return start, length
+
+
+def peer_has_hung_up(sock: Any) -> bool:
+    """Whether the peer of a TCP socket we aren't reading has closed or reset its end.
+
+    ``sock`` is what ``transport.get_extra_info("socket")`` gives, or None. Nothing is read.
+    SO_ERROR shows a reset (or a network error) on every platform. A close (a FIN) waits behind
+    the bytes not yet read, so only the connection's state shows it: Linux gives that in the first
+    byte of TCP_INFO (``tcpi_state``). Elsewhere a close is seen once reading resumes.
+    """
+    if sock is None:
+        return False
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            return True
+        if _TCP_INFO is not None:
+            return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] in _LINUX_PEER_DONE_STATES
+    except OSError:
+        pass  # not a TCP socket, or closed already: nothing to tell
+    return False
 
 
 def unmask(payload: bytes, key: bytes) -> bytes:
@@ -180,6 +210,7 @@ class WebSocketPeer(asyncio.Protocol):
         self._tokens_at = self.loop.time()
         self._unparsed = b""  # bytes read but not yet parsed, while the frame budget is spent
         self._budget_timer: asyncio.TimerHandle | None = None
+        self._paused_check: asyncio.TimerHandle | None = None
         self._fragments: list[bytes] = []
         self._fragmented_text = False
         self._failed = False  # we failed (websockets stops parsing then) or aborted the connection
@@ -406,7 +437,7 @@ class WebSocketPeer(asyncio.Protocol):
         return None  # let asyncio close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self._stall_timer, self._close_timer, self._ping_timer, self._budget_timer):
+        for timer in (self._stall_timer, self._close_timer, self._ping_timer, self._budget_timer, self._paused_check):
             if timer is not None:
                 timer.cancel()
         if self.protocol is not None and self.protocol.state is not State.CLOSED:
@@ -454,6 +485,8 @@ class WebSocketPeer(asyncio.Protocol):
     def _pause_reading(self, reason: str) -> None:
         if not self._reading_paused_for and self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
+            if self._paused_check is None:  # one timer at most, re-armed only while paused
+                self._paused_check = self.loop.call_later(PAUSED_PEER_CHECK_SECONDS, self._check_paused_peer)
         self._reading_paused_for.add(reason)
 
     def _resume_reading(self, reason: str) -> None:
@@ -462,6 +495,25 @@ class WebSocketPeer(asyncio.Protocol):
         self._reading_paused_for.discard(reason)
         if not self._reading_paused_for and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+
+    def _check_paused_peer(self) -> None:
+        """A peer we aren't reading can hang up unseen (no read, no EOF): look at its socket.
+
+        Otherwise a caller who floods the bridge until it stops reading them and then resets
+        their connection would hold their call, and its place under ``MAX_CALLS``, until the
+        other side failed. Aborting ends the connection as if the loop had seen the hang-up.
+        """
+        self._paused_check = None
+        transport = self.transport
+        if not self._reading_paused_for or transport is None or self.closed.done():
+            return
+        if peer_has_hung_up(transport.get_extra_info("socket")):
+            logger.debug(
+                "a peer not being read (%s) closed or reset its connection", ", ".join(sorted(self._reading_paused_for))
+            )
+            self.abort()
+            return
+        self._paused_check = self.loop.call_later(PAUSED_PEER_CHECK_SECONDS, self._check_paused_peer)
 
     def _parse_slices(self, protocol: Protocol, data: bytes) -> None:
         for start in range(0, len(data), PARSE_SLICE_BYTES):
