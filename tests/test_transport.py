@@ -353,27 +353,48 @@ async def test_a_caller_over_its_frame_budget_is_slowed_down_but_loses_nothing(
 
 
 class MemoryTransport(asyncio.Transport):
-    """A transport that keeps what is written to it; aborting it does nothing."""
+    """A transport that keeps what is written to it and whether reading is paused; aborting it does nothing."""
 
     def __init__(self) -> None:
         super().__init__()
         self.written: list[bytes] = []
+        self.reading = True
 
     def write(self, data: bytes) -> None:  # type: ignore[override]
         self.written.append(bytes(data))
 
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
     def abort(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
 
-def agent_peer_answered() -> tuple[AgentPeer, ServerProtocol]:
+
+def agent_peer_answered(limits: PeerLimits = PeerLimits(1 << 20, 100.0, 100)) -> tuple[AgentPeer, ServerProtocol]:
     """An AgentPeer whose handshake request the (Sans-I/O) agent has accepted, the 101 not yet sent."""
     transport = MemoryTransport()
-    peer = AgentPeer(ClientProtocol(parse_uri("ws://agent.test/v1/agent/converse")), PeerLimits(1 << 20, 100.0, 100))
+    peer = AgentPeer(
+        ClientProtocol(parse_uri("ws://agent.test/v1/agent/converse"), max_size=limits.max_message_bytes), limits
+    )
     peer.connection_made(transport)
     assert isinstance(peer.protocol, ClientProtocol)
     peer.send_request(peer.protocol.connect())
-    agent = ServerProtocol()
+    agent = ServerProtocol(max_size=limits.max_message_bytes)
     agent.receive_data(b"".join(transport.written))
     [request] = agent.events_received()
     agent.send_response(agent.accept(request))
@@ -453,6 +474,7 @@ async def test_no_message_is_delivered_after_a_close_frame_or_an_oversize_frame(
         await asyncio.sleep(0.2)
         assert bytes(agent.audio) == b"", "a frame sent after the close was delivered"
 
+
 async def test_no_message_is_delivered_after_the_keepalive_failed_the_connection(
     fake_agent: FakeAgent, make_bridge: BridgeFactory
 ) -> None:
@@ -511,6 +533,7 @@ async def test_frames_that_each_come_in_a_read_of_their_own_are_held_to_the_fram
         assert bytes(agent.audio) == audio
         assert connection.frames_throttled >= 1
         assert elapsed >= 0.5, f"30 frames past the burst at 50 a second took only {elapsed:.2f} s"
+
 
 def call_record(calls_dir: Path, call_sid: str) -> list[dict[str, Any]]:
     """The lines of one call's record, found by its callSid."""
