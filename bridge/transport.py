@@ -59,6 +59,8 @@ FIN_BINARY = 0x82
 SEND_EOF = b""  # websockets' Sans-I/O signal to half-close the TCP connection
 # A large read is parsed this much at a time, so the frame budget is checked between slices.
 PARSE_SLICE_BYTES = 16 * 1024
+# Reads kept for a frame still arriving are joined once they average less than this.
+MIN_KEPT_READ_BYTES = 512
 # An HTTP request head (request line and headers) and a webhook's body are small.
 MAX_HTTP_HEAD_BYTES = 16 * 1024
 MAX_HTTP_BODY_BYTES = 64 * 1024
@@ -208,13 +210,19 @@ class WebSocketPeer(asyncio.Protocol):
         self.take: Callable[[str | bytes], bool] | None = None
         self._tokens = float(limits.frame_burst)
         self._tokens_at = self.loop.time()
-        self._unparsed = b""  # bytes read but not yet parsed, while the frame budget is spent
         self._budget_timer: asyncio.TimerHandle | None = None
         self._paused_check: asyncio.TimerHandle | None = None
         self._fragments: list[bytes] = []
         self._fragmented_text = False
         self._failed = False  # we failed (websockets stops parsing then) or aborted the connection
-        self._partial = b""  # the start of a frame whose end hasn't arrived yet
+        # Reads not cut into frames yet, from ``_pending_from`` in the first on (a frame boundary):
+        # the start of a frame whose end hasn't arrived, or frames held back while the frame budget
+        # is spent. Kept as the reads themselves and joined once, when ``_pending_size`` (their
+        # bytes from there on) reaches ``_pending_needed`` (0: as soon as the budget allows).
+        self._pending: list[bytes] = []
+        self._pending_from = 0
+        self._pending_size = 0
+        self._pending_needed = 0
         self._in_fragmented_message = False
         self._websockets_only = False  # after a fragmented message, or once closing, it gets every byte
         # The one-frame shortcut is open while none of the above (and no throttling) applies.
@@ -329,14 +337,15 @@ class WebSocketPeer(asyncio.Protocol):
         a frame boundary and judges it (control frames, fragments, protocol errors, 1009, 1002).
         Inside a fragmented message every frame goes to websockets. Once the connection is closing,
         or has been failed (by websockets, or here: bad UTF-8, the keepalive), websockets gets every
-        byte and processes none (RFC 6455 section 7.1.7).
+        byte and processes none (RFC 6455 section 7.1.7). A frame whose end hasn't arrived waits as
+        the reads themselves, joined once its header says it is all in: one copy however many reads.
         """
         protocol = self.protocol
         assert protocol is not None
         self._reads += 1
         # The usual read: exactly one whole frame of 126 to 65535 bytes (a media event, a chunk of
         # agent audio): FIN, no RSV bits, a 16-bit length, masked if it comes from a client.
-        if self._shortcut and len(data) >= 4 and data[1] == self._length16 and not self._partial:
+        if self._shortcut and len(data) >= 4 and data[1] == self._length16 and not self._pending:
             first = data[0]
             size = (data[2] << 8) | data[3]
             start = 8 if self.receives_masked else 4
@@ -348,29 +357,43 @@ class WebSocketPeer(asyncio.Protocol):
                     self._shortcut = False
                     self._out_of_budget()
                 return
-        if self._unparsed or "budget" in self._reading_paused_for:
-            self._unparsed += data  # out of frame budget: parsed when the budget allows
-            return
-        if self._partial:
-            data = self._partial + data
-            self._partial = b""
+        pending = self._pending
+        if pending:
+            # Kept, not copied: a 4 MB frame in 64 KB reads is joined once, when its last read is in.
+            pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size >= self._pending_needed and "budget" not in self._reading_paused_for:
+                self._cut_pending(protocol)
+            elif len(pending) > 16 and len(pending) * MIN_KEPT_READ_BYTES > self._pending_size:
+                # Tiny reads (a peer trickling a frame byte by byte) are joined as they come, so each
+                # doesn't cost an object; joined only this rarely, that stays linear too.
+                self._pending = [self._joined_pending()]
+        elif "budget" in self._reading_paused_for:
+            self._hold(data, 0, 0)  # out of frame budget: cut when the budget allows
+        else:
+            self._cut(protocol, data, 0)
+
+    def _cut(self, protocol: Protocol, data: bytes, pos: int) -> None:
+        """Cut the frames out of ``data`` from ``pos`` (a frame boundary) on; hold what is left."""
         if self._websockets_only:
-            self._parse_slices(protocol, data)
+            self._parse_slices(protocol, data, pos)
             return
-        pos, end = 0, len(data)
+        end = len(data)
         limit = self.limits.max_message_bytes
         while pos < end:
             extent = frame_extent(data, pos)
             if extent is None:
+                self._hold(data, pos, end - pos + 1)  # the header is cut short: try again with more
                 break
             start, length = extent
             if length > limit:
                 self._websockets_only = True  # it answers an oversize frame with 1009
                 self._shortcut = False
-                self._parse_slices(protocol, data[pos:])
+                self._parse_slices(protocol, data, pos)
                 return
             frame_end = start + length
             if frame_end > end:
+                self._hold(data, pos, frame_end - pos)
                 break
             first = data[pos]
             if (
@@ -397,12 +420,32 @@ class WebSocketPeer(asyncio.Protocol):
             if self._tokens < 0:
                 self._out_of_budget()
                 if "budget" in self._reading_paused_for:
-                    self._shortcut = False  # until what is held back has been parsed, in order
-                    self._unparsed = data[pos:]
+                    self._shortcut = False  # until what is held back has been cut, in order
+                    self._hold(data, pos, 0)
                     return
-        if pos < end:
-            self._partial = data[pos:]
-        self._shortcut = not (self._websockets_only or self._in_fragmented_message or self._unparsed)
+        self._shortcut = not (self._websockets_only or self._in_fragmented_message)
+
+    def _hold(self, data: bytes, pos: int, needed: int) -> None:
+        """Keep ``data[pos:]`` (without copying it) to be cut once ``needed`` bytes of it are in."""
+        self._pending = [data] if pos < len(data) else []
+        self._pending_from = pos
+        self._pending_size = len(data) - pos
+        self._pending_needed = needed
+
+    def _joined_pending(self) -> bytes:
+        """The pending bytes as one, from ``_pending_from`` on (which becomes 0)."""
+        chunks, start = self._pending, self._pending_from
+        chunks[0] = chunks[0][start:]  # what was cut already is not carried on
+        self._pending_from = 0
+        return b"".join(chunks)
+
+    def _cut_pending(self, protocol: Protocol) -> None:
+        if len(self._pending) == 1:
+            data, pos = self._pending[0], self._pending_from  # held back by the budget: not copied
+        else:
+            data, pos = self._joined_pending(), 0
+        self._pending = []
+        self._cut(protocol, data, pos)
 
     def _to_websockets(self, protocol: Protocol, data: bytes) -> None:
         """Let websockets parse whole frames, and follow whether a fragmented message is open."""
@@ -418,16 +461,14 @@ class WebSocketPeer(asyncio.Protocol):
             self._handle_events(events)
         self._flush()
 
-
     def eof_received(self) -> bool | None:
         protocol = self.protocol
-        if protocol is not None and self._partial:
-            # A frame cut short by EOF: websockets fails it with 1006, as it would unaided.
-            partial, self._partial = self._partial, b""
-            protocol.receive_data(partial)
         if protocol is not None:
-            if self._unparsed:  # at EOF, what was read is parsed whatever the budget
-                pending, self._unparsed = self._unparsed, b""
+            if self._pending:
+                # At EOF, what was read is parsed whatever the budget; a frame cut short by EOF
+                # is failed by websockets with 1006, as it would be unaided.
+                pending = self._joined_pending()
+                self._pending = []
                 protocol.receive_data(pending)
             protocol.receive_eof()
             events = protocol.events_received()
@@ -515,8 +556,8 @@ class WebSocketPeer(asyncio.Protocol):
             return
         self._paused_check = self.loop.call_later(PAUSED_PEER_CHECK_SECONDS, self._check_paused_peer)
 
-    def _parse_slices(self, protocol: Protocol, data: bytes) -> None:
-        for start in range(0, len(data), PARSE_SLICE_BYTES):
+    def _parse_slices(self, protocol: Protocol, data: bytes, pos: int) -> None:
+        for start in range(pos, len(data), PARSE_SLICE_BYTES):
             protocol.receive_data(data[start : start + PARSE_SLICE_BYTES])
             events = protocol.events_received()
             if events:
@@ -525,7 +566,7 @@ class WebSocketPeer(asyncio.Protocol):
             if self._tokens < 0:
                 self._out_of_budget()
                 if "budget" in self._reading_paused_for:
-                    self._unparsed = data[start + PARSE_SLICE_BYTES :]
+                    self._hold(data, start + PARSE_SLICE_BYTES, 0)
                     return
 
     def _out_of_budget(self) -> None:
@@ -540,10 +581,9 @@ class WebSocketPeer(asyncio.Protocol):
     def _budget_refilled(self) -> None:
         self._budget_timer = None
         self._refill()
-        pending, self._unparsed = self._unparsed, b""
         self._reading_paused_for.discard("budget")
-        if pending:
-            self.data_received(pending)
+        if self._pending and self._pending_size >= self._pending_needed and self.protocol is not None:
+            self._cut_pending(self.protocol)
         if not self._reading_paused_for and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import tracemalloc
 from dataclasses import dataclass
 
 import pytest
@@ -234,3 +235,25 @@ def test_the_peer_delivers_what_websockets_parses_cut_at_every_point(masked: boo
         assert_same(masked, [data[:cut], data[cut:]])
     assert_same(masked, [data[i : i + 1] for i in range(len(data))])
 
+
+@pytest.mark.parametrize("masked", [True, False], ids=["server-side", "client-side"])
+def test_what_the_peer_keeps_of_reads_that_end_inside_a_frame_stays_small(masked: bool) -> None:
+    """4 MB of small frames in reads that each end inside a frame: at most about a read is kept."""
+    frame = Frame(Opcode.BINARY, b"m" * 100).serialize(mask=masked)
+    data = frame * (4 * 1024 * 1024 // len(frame))
+    step = 65536 + 37  # not a multiple of the frame's size
+
+    async def feed() -> int:
+        peer, _ = open_peer(masked, PeerLimits(MAX_MESSAGE, frames_per_second=1e9, frame_burst=10**9, ping_interval=None))
+        peer.take = lambda message: True
+        tracemalloc.start()
+        try:
+            for pos in range(0, len(data), step):
+                peer.data_received(data[pos : pos + step])
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            peer.connection_lost(None)
+
+    peak = asyncio.run(feed())
+    assert peak < 4 * step, f"{peak:,} bytes at the peak"
