@@ -36,7 +36,7 @@ Message = tuple[bool, bytes]  # (text?, payload)
 
 @dataclass(frozen=True)
 class Stream:
-    """Frames as one byte string, where each frame starts, and the messages they carry."""
+    """Frames as one byte string, and where each frame starts in it."""
 
     data: bytes
     frame_starts: tuple[int, ...]
@@ -192,6 +192,7 @@ def through_websockets(masked: bool, data: bytes) -> tuple[list[Message], bytes,
 def assert_same(masked: bool, chunks: list[bytes], burst: int = 10**9) -> None:
     ours, our_writes, our_state = asyncio.run(through_peer(masked, chunks, burst))
     theirs, their_writes, their_state = through_websockets(masked, b"".join(chunks))
+    # Kinds and lengths first: a failure then reads as which message differs, not as megabytes of bytes.
     assert [(is_text, len(data)) for is_text, data in ours] == [(is_text, len(data)) for is_text, data in theirs]
     assert ours == theirs
     assert frames_sent(our_writes, masked) == frames_sent(their_writes, masked)  # pongs, the close frame

@@ -512,7 +512,7 @@ async def test_the_keepalive_does_not_take_a_peer_held_back_by_its_frame_budget_
         await caller.write(b"".join(frames))
         await eventually(lambda: len(agent.audio) >= len(audio), 3, "all caller audio at the agent")
         assert bytes(agent.audio) == audio
-        assert connection.frames_throttled >= 2
+        assert connection.frames_throttled >= 1  # it was held back, for longer than two ping intervals
 
 
 async def test_frames_that_each_come_in_a_read_of_their_own_are_held_to_the_frame_budget(
