@@ -331,16 +331,30 @@ class CallSession:
         caller, call, loop = self.caller, self.call, self.loop
         may_read = self._may_read_caller
         while not self._hung_up.done():
-            if not may_read.is_set():
-                await may_read.wait()  # backpressure: the agent side can take no more for now
+            if not may_read.is_set() and not caller.closed.done():
+                await self._caller_readable()  # backpressure: the agent side can take no more for now
                 continue
             message = await caller.receive()
             if message is None:
                 break
-            if not may_read.is_set():
-                await may_read.wait()  # the hold began while this message was on its way
+            if not may_read.is_set() and not caller.closed.done():
+                await self._caller_readable()  # the hold began while this message was on its way
             self._caller_message(message)
         self._carry_out(call.caller_closed(loop.time(), stalled=caller.stalled))
+
+    async def _caller_readable(self) -> None:
+        """Wait until the caller may be read again, or until their socket has closed.
+
+        A held caller is not read, so their hang-up can't arrive as a message: the transport
+        notices it on the socket and closes the connection (bridge/transport.py). Then what the
+        caller sent before it, which waits in the socket's inbox (bounded), is taken at once,
+        hold or not, and the end of the inbox ends the call.
+        """
+        waiting = asyncio.ensure_future(self._may_read_caller.wait())
+        try:
+            await asyncio.wait((waiting, self.caller.closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
 
     # --------------------------------------------------------------------- the agent session
 

@@ -8,7 +8,9 @@ owns what those objects leave to their caller, which is where a hostile or broke
 - **Deadlines.** An HTTP request must arrive whole within ``handshake_timeout``; a closing
   handshake gets ``close_timeout`` and then the connection is aborted; a peer whose write buffer
   stays over the high-water mark for ``stall_timeout`` (it stopped reading) is aborted and marked
-  ``stalled``; keepalive pings fail a silent peer after ``ping_timeout``.
+  ``stalled``; keepalive pings fail a silent peer after ``ping_timeout``; while we aren't reading
+  a peer, its socket is looked at every ``PAUSED_PEER_CHECK_SECONDS``, and a peer that has
+  closed or reset its end meanwhile is aborted (the event loop sees neither while not reading).
 - **Caps.** Messages are limited by websockets' ``max_size``; at most ``inbox_max_bytes`` of received
   messages wait for the call's coroutine before reading pauses; reading also pauses while our own
   writes to the peer are stuck (so a ping flood from a peer that never reads queues no pongs).
@@ -26,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -55,9 +59,17 @@ FIN_BINARY = 0x82
 SEND_EOF = b""  # websockets' Sans-I/O signal to half-close the TCP connection
 # A large read is parsed this much at a time, so the frame budget is checked between slices.
 PARSE_SLICE_BYTES = 16 * 1024
+# Reads kept for a frame still arriving are joined once they average less than this.
+MIN_KEPT_READ_BYTES = 512
 # An HTTP request head (request line and headers) and a webhook's body are small.
 MAX_HTTP_HEAD_BYTES = 16 * 1024
 MAX_HTTP_BODY_BYTES = 64 * 1024
+# While reading from a peer is paused, this often its socket is checked for a close or a reset.
+PAUSED_PEER_CHECK_SECONDS = 1.0
+# Linux's TCP states (include/net/tcp_states.h) once the peer has sent its FIN or a reset:
+# TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING.
+_LINUX_PEER_DONE_STATES = frozenset({6, 7, 8, 9, 11})
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +113,26 @@ def frame_extent(data: bytes, pos: int) -> tuple[int, int] | None:
     if len(data) < start:
         return None
     return start, length
+
+
+def peer_has_hung_up(sock: Any) -> bool:
+    """Whether the peer of a TCP socket we aren't reading has closed or reset its end.
+
+    ``sock`` is what ``transport.get_extra_info("socket")`` gives, or None. Nothing is read.
+    SO_ERROR shows a reset (or a network error) on every platform. A close (a FIN) waits behind
+    the bytes not yet read, so only the connection's state shows it: Linux gives that in the first
+    byte of TCP_INFO (``tcpi_state``). Elsewhere a close is seen once reading resumes.
+    """
+    if sock is None:
+        return False
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            return True
+        if _TCP_INFO is not None:
+            return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] in _LINUX_PEER_DONE_STATES
+    except OSError:
+        pass  # not a TCP socket, or closed already: nothing to tell
+    return False
 
 
 def unmask(payload: bytes, key: bytes) -> bytes:
@@ -178,12 +210,19 @@ class WebSocketPeer(asyncio.Protocol):
         self.take: Callable[[str | bytes], bool] | None = None
         self._tokens = float(limits.frame_burst)
         self._tokens_at = self.loop.time()
-        self._unparsed = b""  # bytes read but not yet parsed, while the frame budget is spent
         self._budget_timer: asyncio.TimerHandle | None = None
+        self._paused_check: asyncio.TimerHandle | None = None
         self._fragments: list[bytes] = []
         self._fragmented_text = False
         self._failed = False  # we failed (websockets stops parsing then) or aborted the connection
-        self._partial = b""  # the start of a frame whose end hasn't arrived yet
+        # Reads not cut into frames yet, from ``_pending_from`` in the first on (a frame boundary):
+        # the start of a frame whose end hasn't arrived, or frames held back while the frame budget
+        # is spent. Kept as the reads themselves and joined once, when ``_pending_size`` (their
+        # bytes from there on) reaches ``_pending_needed`` (0: as soon as the budget allows).
+        self._pending: list[bytes] = []
+        self._pending_from = 0
+        self._pending_size = 0
+        self._pending_needed = 0
         self._in_fragmented_message = False
         self._websockets_only = False  # after a fragmented message, or once closing, it gets every byte
         # The one-frame shortcut is open while none of the above (and no throttling) applies.
@@ -296,15 +335,17 @@ class WebSocketPeer(asyncio.Protocol):
         the size limit) is unmasked and delivered here; every other
         frame is handed to websockets' ``receive_data`` *whole*, so its parser always stands at
         a frame boundary and judges it (control frames, fragments, protocol errors, 1009, 1002).
-        After a fragmented message starts, or once the connection is closing, websockets gets
-        every byte.
+        Inside a fragmented message every frame goes to websockets. Once the connection is closing,
+        or has been failed (by websockets, or here: bad UTF-8, the keepalive), websockets gets every
+        byte and processes none (RFC 6455 section 7.1.7). A frame whose end hasn't arrived waits as
+        the reads themselves, joined once its header says it is all in: one copy however many reads.
         """
         protocol = self.protocol
         assert protocol is not None
         self._reads += 1
         # The usual read: exactly one whole frame of 126 to 65535 bytes (a media event, a chunk of
         # agent audio): FIN, no RSV bits, a 16-bit length, masked if it comes from a client.
-        if self._shortcut and len(data) >= 4 and data[1] == self._length16 and not self._partial:
+        if self._shortcut and len(data) >= 4 and data[1] == self._length16 and not self._pending:
             first = data[0]
             size = (data[2] << 8) | data[3]
             start = 8 if self.receives_masked else 4
@@ -312,37 +353,47 @@ class WebSocketPeer(asyncio.Protocol):
                 payload = unmask(data[8:], data[4:8]) if start == 8 else data[4:]
                 self._tokens -= 1
                 self._deliver(first == FIN_TEXT, payload)
-                if self._tokens < 0 or self._failed:
+                if self._tokens < 0 and not self._failed:
                     self._shortcut = False
-                    if self._failed:
-                        self._websockets_only = True
-                        self._flush()
-                    else:
-                        self._out_of_budget()
+                    self._out_of_budget()
                 return
-        if self._unparsed or "budget" in self._reading_paused_for:
-            self._unparsed += data  # out of frame budget: parsed when the budget allows
-            return
-        if self._partial:
-            data = self._partial + data
-            self._partial = b""
+        pending = self._pending
+        if pending:
+            # Kept, not copied: a 4 MB frame in 64 KB reads is joined once, when its last read is in.
+            pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size >= self._pending_needed and "budget" not in self._reading_paused_for:
+                self._cut_pending(protocol)
+            elif len(pending) > 16 and len(pending) * MIN_KEPT_READ_BYTES > self._pending_size:
+                # Tiny reads (a peer trickling a frame byte by byte) are joined as they come, so each
+                # doesn't cost an object; joined only this rarely, that stays linear too.
+                self._pending = [self._joined_pending()]
+        elif "budget" in self._reading_paused_for:
+            self._hold(data, 0, 0)  # out of frame budget: cut when the budget allows
+        else:
+            self._cut(protocol, data, 0)
+
+    def _cut(self, protocol: Protocol, data: bytes, pos: int) -> None:
+        """Cut the frames out of ``data`` from ``pos`` (a frame boundary) on; hold what is left."""
         if self._websockets_only:
-            self._parse_slices(protocol, data)
+            self._parse_slices(protocol, data, pos)
             return
-        pos, end = 0, len(data)
+        end = len(data)
         limit = self.limits.max_message_bytes
         while pos < end:
             extent = frame_extent(data, pos)
             if extent is None:
+                self._hold(data, pos, end - pos + 1)  # the header is cut short: try again with more
                 break
             start, length = extent
             if length > limit:
                 self._websockets_only = True  # it answers an oversize frame with 1009
                 self._shortcut = False
-                self._parse_slices(protocol, data[pos:])
+                self._parse_slices(protocol, data, pos)
                 return
             frame_end = start + length
             if frame_end > end:
+                self._hold(data, pos, frame_end - pos)
                 break
             first = data[pos]
             if (
@@ -356,8 +407,6 @@ class WebSocketPeer(asyncio.Protocol):
                 self._tokens -= 1
                 self._deliver(first == FIN_TEXT, payload)
                 if self._failed:
-                    self._websockets_only = True
-                    self._flush()
                     return
             else:
                 self._to_websockets(protocol, data[pos:frame_end])
@@ -371,12 +420,32 @@ class WebSocketPeer(asyncio.Protocol):
             if self._tokens < 0:
                 self._out_of_budget()
                 if "budget" in self._reading_paused_for:
-                    self._shortcut = False  # until what is held back has been parsed, in order
-                    self._unparsed = data[pos:]
+                    self._shortcut = False  # until what is held back has been cut, in order
+                    self._hold(data, pos, 0)
                     return
-        if pos < end:
-            self._partial = data[pos:]
-        self._shortcut = not (self._websockets_only or self._in_fragmented_message or self._unparsed)
+        self._shortcut = not (self._websockets_only or self._in_fragmented_message)
+
+    def _hold(self, data: bytes, pos: int, needed: int) -> None:
+        """Keep ``data[pos:]`` (without copying it) to be cut once ``needed`` bytes of it are in."""
+        self._pending = [data] if pos < len(data) else []
+        self._pending_from = pos
+        self._pending_size = len(data) - pos
+        self._pending_needed = needed
+
+    def _joined_pending(self) -> bytes:
+        """The pending bytes as one, from ``_pending_from`` on (which becomes 0)."""
+        chunks, start = self._pending, self._pending_from
+        chunks[0] = chunks[0][start:]  # what was cut already is not carried on
+        self._pending_from = 0
+        return b"".join(chunks)
+
+    def _cut_pending(self, protocol: Protocol) -> None:
+        if len(self._pending) == 1:
+            data, pos = self._pending[0], self._pending_from  # held back by the budget: not copied
+        else:
+            data, pos = self._joined_pending(), 0
+        self._pending = []
+        self._cut(protocol, data, pos)
 
     def _to_websockets(self, protocol: Protocol, data: bytes) -> None:
         """Let websockets parse whole frames, and follow whether a fragmented message is open."""
@@ -392,16 +461,14 @@ class WebSocketPeer(asyncio.Protocol):
             self._handle_events(events)
         self._flush()
 
-
     def eof_received(self) -> bool | None:
         protocol = self.protocol
-        if protocol is not None and self._partial:
-            # A frame cut short by EOF: websockets fails it with 1006, as it would unaided.
-            partial, self._partial = self._partial, b""
-            protocol.receive_data(partial)
         if protocol is not None:
-            if self._unparsed:  # at EOF, what was read is parsed whatever the budget
-                pending, self._unparsed = self._unparsed, b""
+            if self._pending:
+                # At EOF, what was read is parsed whatever the budget; a frame cut short by EOF
+                # is failed by websockets with 1006, as it would be unaided.
+                pending = self._joined_pending()
+                self._pending = []
                 protocol.receive_data(pending)
             protocol.receive_eof()
             events = protocol.events_received()
@@ -411,7 +478,7 @@ class WebSocketPeer(asyncio.Protocol):
         return None  # let asyncio close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self._stall_timer, self._close_timer, self._ping_timer, self._budget_timer):
+        for timer in (self._stall_timer, self._close_timer, self._ping_timer, self._budget_timer, self._paused_check):
             if timer is not None:
                 timer.cancel()
         if self.protocol is not None and self.protocol.state is not State.CLOSED:
@@ -459,6 +526,8 @@ class WebSocketPeer(asyncio.Protocol):
     def _pause_reading(self, reason: str) -> None:
         if not self._reading_paused_for and self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
+            if self._paused_check is None:  # one timer at most, re-armed only while paused
+                self._paused_check = self.loop.call_later(PAUSED_PEER_CHECK_SECONDS, self._check_paused_peer)
         self._reading_paused_for.add(reason)
 
     def _resume_reading(self, reason: str) -> None:
@@ -468,8 +537,27 @@ class WebSocketPeer(asyncio.Protocol):
         if not self._reading_paused_for and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
-    def _parse_slices(self, protocol: Protocol, data: bytes) -> None:
-        for start in range(0, len(data), PARSE_SLICE_BYTES):
+    def _check_paused_peer(self) -> None:
+        """A peer we aren't reading can hang up unseen (no read, no EOF): look at its socket.
+
+        Otherwise a caller who floods the bridge until it stops reading them and then resets
+        their connection would hold their call, and its place under ``MAX_CALLS``, until the
+        other side failed. Aborting ends the connection as if the loop had seen the hang-up.
+        """
+        self._paused_check = None
+        transport = self.transport
+        if not self._reading_paused_for or transport is None or self.closed.done():
+            return
+        if peer_has_hung_up(transport.get_extra_info("socket")):
+            logger.debug(
+                "a peer not being read (%s) closed or reset its connection", ", ".join(sorted(self._reading_paused_for))
+            )
+            self.abort()
+            return
+        self._paused_check = self.loop.call_later(PAUSED_PEER_CHECK_SECONDS, self._check_paused_peer)
+
+    def _parse_slices(self, protocol: Protocol, data: bytes, pos: int) -> None:
+        for start in range(pos, len(data), PARSE_SLICE_BYTES):
             protocol.receive_data(data[start : start + PARSE_SLICE_BYTES])
             events = protocol.events_received()
             if events:
@@ -478,7 +566,7 @@ class WebSocketPeer(asyncio.Protocol):
             if self._tokens < 0:
                 self._out_of_budget()
                 if "budget" in self._reading_paused_for:
-                    self._unparsed = data[start + PARSE_SLICE_BYTES :]
+                    self._hold(data, start + PARSE_SLICE_BYTES, 0)
                     return
 
     def _out_of_budget(self) -> None:
@@ -493,10 +581,9 @@ class WebSocketPeer(asyncio.Protocol):
     def _budget_refilled(self) -> None:
         self._budget_timer = None
         self._refill()
-        pending, self._unparsed = self._unparsed, b""
         self._reading_paused_for.discard("budget")
-        if pending:
-            self.data_received(pending)
+        if self._pending and self._pending_size >= self._pending_needed and self.protocol is not None:
+            self._cut_pending(self.protocol)
         if not self._reading_paused_for and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
@@ -547,9 +634,7 @@ class WebSocketPeer(asyncio.Protocol):
             try:
                 message = data.decode()
             except UnicodeDecodeError:
-                assert self.protocol is not None
-                self.protocol.fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text frame")
-                self._failed = True
+                self._fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text frame")
                 return
         else:
             message = data if type(data) is bytes else bytes(data)
@@ -561,6 +646,16 @@ class WebSocketPeer(asyncio.Protocol):
         self.inbox.put(message)
         if self._inbox_bytes >= self.limits.inbox_max_bytes:
             self._pause_reading("inbox")  # the receiver is behind: let TCP hold the rest
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Fail the connection (RFC 6455 section 7.1.7): websockets sends the close frame and
+        stops parsing; nothing more is delivered here either, so websockets gets every byte."""
+        assert self.protocol is not None
+        self.protocol.fail(code, reason)
+        self._failed = True
+        self._websockets_only = True
+        self._shortcut = False
+        self._flush()
 
     def _write(self, writes: list[bytes]) -> None:
         transport = self.transport
@@ -609,8 +704,7 @@ class WebSocketPeer(asyncio.Protocol):
         self._reads_at_check = self._reads
         if self._ping_sent_at is not None:
             if not heard_since_last_check:
-                protocol.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
-                self._flush()
+                self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
                 return
             self._ping_sent_at = None  # data arrived after the ping: the peer is alive
         elif not heard_since_last_check:

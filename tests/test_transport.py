@@ -12,7 +12,10 @@ import contextlib
 import json
 import random
 import socket
+import struct
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -350,27 +353,48 @@ async def test_a_caller_over_its_frame_budget_is_slowed_down_but_loses_nothing(
 
 
 class MemoryTransport(asyncio.Transport):
-    """A transport that keeps what is written to it; aborting it does nothing."""
+    """A transport that keeps what is written to it and whether reading is paused; aborting it does nothing."""
 
     def __init__(self) -> None:
         super().__init__()
         self.written: list[bytes] = []
+        self.reading = True
 
     def write(self, data: bytes) -> None:  # type: ignore[override]
         self.written.append(bytes(data))
 
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
     def abort(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
 
-def agent_peer_answered() -> tuple[AgentPeer, ServerProtocol]:
+
+def agent_peer_answered(limits: PeerLimits = PeerLimits(1 << 20, 100.0, 100)) -> tuple[AgentPeer, ServerProtocol]:
     """An AgentPeer whose handshake request the (Sans-I/O) agent has accepted, the 101 not yet sent."""
     transport = MemoryTransport()
-    peer = AgentPeer(ClientProtocol(parse_uri("ws://agent.test/v1/agent/converse")), PeerLimits(1 << 20, 100.0, 100))
+    peer = AgentPeer(
+        ClientProtocol(parse_uri("ws://agent.test/v1/agent/converse"), max_size=limits.max_message_bytes), limits
+    )
     peer.connection_made(transport)
     assert isinstance(peer.protocol, ClientProtocol)
     peer.send_request(peer.protocol.connect())
-    agent = ServerProtocol()
+    agent = ServerProtocol(max_size=limits.max_message_bytes)
     agent.receive_data(b"".join(transport.written))
     [request] = agent.events_received()
     agent.send_response(agent.accept(request))
@@ -449,3 +473,164 @@ async def test_no_message_is_delivered_after_a_close_frame_or_an_oversize_frame(
         await caller.write(caller.text(media_event(caller.stream_sid, 2, 1, bytes(range(160)))))
         await asyncio.sleep(0.2)
         assert bytes(agent.audio) == b"", "a frame sent after the close was delivered"
+
+
+async def test_no_message_is_delivered_after_the_keepalive_failed_the_connection(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory
+) -> None:
+    """RFC 6455 section 7.1.7: once the keepalive has failed a connection (1011), nothing more it sends counts."""
+    async with make_bridge(fake_agent, inbound_buffer_bytes=160, ping_interval_seconds=0.1) as server, raw_call(
+        server, fake_agent
+    ) as (caller, agent, _):
+        assert caller.reader is not None
+        while caller.protocol.close_rcvd is None:  # read, but never send the pong websockets queues
+            data = await asyncio.wait_for(caller.reader.read(65536), 3)
+            assert data, "the bridge closed the connection without a close frame"
+            caller.protocol.receive_data(data)
+        assert (caller.protocol.close_rcvd.code, caller.protocol.close_rcvd.reason) == (1011, "keepalive ping timeout")
+        # One whole media frame, alone in its read: the frame shortcut would take it.
+        await caller.write(caller.text(media_event(caller.stream_sid, 2, 1, bytes(range(160)))))
+        caller.close()
+        await asyncio.wait_for(agent.closed.wait(), 5)  # the agent has processed all it was sent
+        assert bytes(agent.audio) == b"", "a frame sent after the connection failed was delivered"
+
+
+async def test_the_keepalive_does_not_take_a_peer_held_back_by_its_frame_budget_for_a_silent_one(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory
+) -> None:
+    """While the bridge isn't reading a peer (here its frame budget is spent), no pong can be seen: no 1011."""
+    audio = bytes(range(160)) * 4
+    async with make_bridge(
+        fake_agent,
+        inbound_buffer_bytes=160,
+        ping_interval_seconds=0.05,
+        caller_frames_per_second=4.0,
+        caller_frame_burst=3,
+    ) as server, raw_call(server, fake_agent) as (caller, agent, connection):
+        # connected and start took two frames of the burst: the second of these waits 0.25 s, and so on.
+        frames = [caller.text(media_event(caller.stream_sid, i + 2, i, audio[i * 160 : (i + 1) * 160])) for i in range(4)]
+        await caller.write(b"".join(frames))
+        await eventually(lambda: len(agent.audio) >= len(audio), 3, "all caller audio at the agent")
+        assert bytes(agent.audio) == audio
+        assert connection.frames_throttled >= 1  # it was held back, for longer than two ping intervals
+
+
+async def test_frames_that_each_come_in_a_read_of_their_own_are_held_to_the_frame_budget(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory
+) -> None:
+    """The one-frame-per-read shortcut (the usual read) spends the frame budget like every other path."""
+    audio = random.Random(9).randbytes(160 * 40)
+    async with make_bridge(
+        fake_agent, inbound_buffer_bytes=160, caller_frames_per_second=50.0, caller_frame_burst=12
+    ) as server, raw_call(server, fake_agent) as (caller, agent, connection):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for i in range(40):  # 10 within what is left of the burst, then 30 at 50 a second: at least 0.6 s
+            await caller.write(caller.text(media_event(caller.stream_sid, i + 2, i, audio[i * 160 : (i + 1) * 160])))
+            # The next frame is sent once this one has been read: one frame per read.
+            await eventually(lambda: len(agent.audio) >= (i + 1) * 160, 3, f"frame {i} at the agent")
+        elapsed = loop.time() - started
+        assert bytes(agent.audio) == audio
+        assert connection.frames_throttled >= 1
+        assert elapsed >= 0.5, f"30 frames past the burst at 50 a second took only {elapsed:.2f} s"
+
+
+def call_record(calls_dir: Path, call_sid: str) -> list[dict[str, Any]]:
+    """The lines of one call's record, found by its callSid."""
+    [path] = calls_dir.glob(f"*_{call_sid}.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def normal_call_carries_audio(caller: FakeTwilioCaller, agent: FakeAgentSession, n: int) -> None:
+    """400 ms of caller audio reach the agent, and 100 ms of agent audio the caller."""
+    audio_in, audio_out = len(agent.audio), len(caller.audio)
+    await caller.send_audio(bytes([n]) * 3200)
+    await agent.send_audio(bytes([n]) * 800)
+    await eventually(lambda: len(agent.audio) >= audio_in + 3200, 3, "the normal call's audio at its agent")
+    await eventually(lambda: len(caller.audio) >= audio_out + 800, 3, "the normal call's agent audio at its caller")
+
+
+async def test_a_flooding_caller_the_bridge_stopped_reading_who_then_resets_ends_its_call_within_seconds(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """Its agent reads nothing, the caller floods until the bridge stops reading them, then resets.
+
+    Nothing else would end the call: the silence hang-up is off, and the agent socket's stall
+    timeout is long. The reset must be noticed although the bridge isn't reading the socket.
+    """
+    async with make_bridge(
+        fake_agent,
+        idle_reprompt_seconds=0,
+        stall_seconds=60,
+        close_timeout_seconds=0.3,
+        inbound_buffer_bytes=3200,
+        agent_queue_max_bytes=16_000,
+        caller_frames_per_second=1e6,  # the pause to test is backpressure, not the frame budget
+        caller_frame_burst=10**6,
+    ) as server, raw_call(server, fake_agent) as (flooder, flood_agent, connection):
+        flood_agent.socket.transport.pause_reading()  # the agent reads nothing more
+        async with FakeTwilioCaller(twilio_url(server)) as normal:
+            await normal.start()
+            normal_agent = await fake_agent.ready_session(1)
+            await normal_call_carries_audio(normal, normal_agent, 1)
+
+            assert flooder.writer is not None
+            frame = flooder.text(media_event(flooder.stream_sid, 3, 2, b"\x5a" * 32_000))
+
+            async def flood() -> None:
+                assert flooder.writer is not None
+                while True:
+                    flooder.writer.write(frame)
+                    await flooder.writer.drain()
+
+            flooding = asyncio.create_task(flood())
+            [session] = [call for call in server.calls if call.caller is connection]
+            # Once the agent socket is full too, the bridge has stopped reading the flooder for good.
+            await eventually(
+                lambda: not connection.transport.is_reading() and session.agent is not None and session.agent.writing_paused,
+                10,
+                "the bridge to stop reading the flooder",
+            )
+            flooding.cancel()
+            await asyncio.gather(flooding, return_exceptions=True)
+            sock = flooder.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            flooder.writer.transport.abort()  # with SO_LINGER 0: a reset
+
+            await eventually(lambda: len(server.calls) == 1, 5, "the flooder's call to end")
+            assert call_record(tmp_path / "calls", "CAraw")[-1]["ended_by"] == "caller hung up"
+            assert normal.socket is not None and not normal.closed.is_set()
+            await normal_call_carries_audio(normal, normal_agent, 2)
+        flood_agent.socket.transport.resume_reading()  # so the fake agent sees its socket end, and stops at once
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a close behind unread bytes shows only in Linux's TCP_INFO")
+async def test_a_caller_the_bridge_stopped_reading_who_then_closes_ends_its_call_within_seconds(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """The caller reads nothing while the agent speaks, so the bridge stops reading it; then it closes (a FIN)."""
+    async with make_bridge(
+        fake_agent, idle_reprompt_seconds=0, stall_seconds=60, close_timeout_seconds=0.3
+    ) as server, raw_call(server, fake_agent, receive_buffer=4096) as (caller, agent, connection):
+        connection.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        agent_socket = only_call(server).agent
+        assert isinstance(agent_socket, AgentPeer)
+
+        async def speak() -> None:
+            while True:
+                await agent.send_audio(b"\x55" * 32_000)
+
+        speaking = asyncio.create_task(speak())
+        # Writes to the caller stuck, so reading from it paused (no pong could go out); and for good once
+        # a megabyte of speech waits behind them, so that the bridge stops reading the agent too.
+        await eventually(
+            lambda: not connection.transport.is_reading() and not agent_socket.transport.is_reading(),
+            10,
+            "the bridge to stop reading the caller, and then the agent",
+        )
+        speaking.cancel()
+        await asyncio.gather(speaking, return_exceptions=True)
+        assert caller.writer is not None
+        caller.writer.get_extra_info("socket").shutdown(socket.SHUT_WR)
+        await eventually(lambda: not server.calls, 5, "the call to end")
+        assert call_record(tmp_path / "calls", "CAraw")[-1]["ended_by"] == "caller hung up"  # not "stopped reading"
