@@ -943,3 +943,27 @@ def test_call_control_settings_are_validated_in_one_sentence(env: dict[str, str]
     with pytest.raises(ConfigError) as caught:
         load_settings({"DEEPGRAM_API_KEY": "k", **env})
     assert str(caught.value).startswith(expected) and str(caught.value).endswith(".")
+
+
+async def test_a_replayed_machine_verdict_is_acted_on_once_across_processes(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """Twilio's signatures carry no nonce: a genuinely signed verdict replayed, to the same process
+    and to another one sharing the state folder, moves the call once. PostgreSQL serves pods the same
+    way (tests/test_scaling.py)."""
+    async with FakeTwilioRest() as fake, make_bridge(fake_agent, **rest_settings(fake)) as first, make_bridge(
+        fake_agent, **rest_settings(fake)
+    ) as second:
+        sid = "CA" + "6" * 32
+        params = verdict(sid, "machine_end_beep")
+        signature = signed(fake.auth_token, AMD_URL, params)
+        assert await post_callback(first.port, AMD_URL, params, signature) == 204
+        [update] = await fake.wait_for_requests(1, operation="update")
+        for server in (first, second, first):
+            assert await post_callback(server.port, AMD_URL, params, signature) == 204
+        await asyncio.sleep(0.3)  # a second update would have been sent by now
+        assert fake.requests == [update]
+        other = verdict("CA" + "7" * 32, "machine_end_beep")  # another call's verdict still acts
+        assert await post_callback(second.port, AMD_URL, other, signed(fake.auth_token, AMD_URL, other)) == 204
+        await fake.wait_for_requests(2, operation="update")
+    assert_update(update, fake, sid, voicemail_twiml(fake, sid))

@@ -12,13 +12,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bridge.config import ConfigError, load_settings
+from bridge.storage.claims import CLAIM_DAYS, DirectoryClaims, PostgresClaims
 from bridge.storage.postgres import check_database_url
 from conftest import ROOT, empty_env
 from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually
@@ -202,3 +205,35 @@ def test_kubernetes_example_shares_one_database_and_is_scraped_for_metrics() -> 
     # The metrics port stays inside the cluster, and calls need no affinity.
     assert [port["targetPort"] for port in service["spec"]["ports"]] == ["http"]
     assert "sessionAffinity" not in service["spec"]
+
+
+# ---------------------------------------------------------------------- claims shared by replicas
+
+
+def test_a_claim_is_granted_once_across_replicas_sharing_postgresql(postgres_url: str) -> None:
+    """Two replicas' claim stores on one database: a key is granted to exactly one of them."""
+    first, second = PostgresClaims(postgres_url), PostgresClaims(postgres_url)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            granted = list(pool.map(lambda store: store.claim("amd-verdict:CA1"), [first, second] * 8))
+        assert granted.count(True) == 1
+        assert second.claim("amd-verdict:CA2") and not first.claim("amd-verdict:CA2")
+        assert first.prune(time.time()) == 0  # nothing is old yet
+        assert first.prune(time.time() + (CLAIM_DAYS + 1) * 86400) == 2
+        assert first.claim("amd-verdict:CA1"), "a claim past the replay window is forgotten"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_claim_is_granted_once_across_processes_sharing_a_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "state" / "claims"
+    first, second = DirectoryClaims(folder), DirectoryClaims(folder)
+    with ThreadPoolExecutor(8) as pool:
+        granted = list(pool.map(lambda store: store.claim("amd-verdict:CA1"), [first, second] * 8))
+    assert granted.count(True) == 1
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    [claim] = folder.iterdir()
+    assert "CA1" not in claim.name and oct(claim.stat().st_mode & 0o777) == "0o600"
+    os.utime(claim, (time.time() - (CLAIM_DAYS + 1) * 86400,) * 2)
+    assert first.prune(time.time()) == 1 and first.claim("amd-verdict:CA1")
