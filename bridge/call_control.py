@@ -29,7 +29,7 @@ from .twilio import MODE_PARAMETER, VOICEMAIL_MODE
 from .binding import BINDING_PARAMETER, binding_mac
 from .config import Settings
 from .logsafe import clean
-from .storage.claims import Claims
+from .storage.shared import SharedState
 from .storage.postgres import DatabaseUnavailable
 from .transport import HttpReply, HttpRequest
 from .twilio_rest import MAX_TWIML_CHARS, TwilioApiError, TwilioRestClient
@@ -130,10 +130,10 @@ def signed_url(settings: Settings, request: HttpRequest) -> str:
 class AnsweringMachineCallback:
     """``/twilio/amd``: Twilio's answering-machine verdict for an outbound call."""
 
-    def __init__(self, settings: Settings, rest: TwilioRestClient | None, claims: Claims | None = None) -> None:
+    def __init__(self, settings: Settings, rest: TwilioRestClient | None, shared: SharedState | None = None) -> None:
         self.settings = settings
         self.rest = rest
-        self.claims = claims
+        self.shared = shared
         self.tasks: set[asyncio.Task[None]] = set()
 
     def handle(self, request: HttpRequest) -> HttpReply:
@@ -182,11 +182,11 @@ class AnsweringMachineCallback:
 
     async def _claim(self, call_sid: str) -> bool:
         """This verdict is the first for its call anywhere in the deployment (a replay is not)."""
-        if self.claims is None:
+        if self.shared is None:
             return True
         try:
             async with asyncio.timeout(CLAIM_SECONDS):
-                return await asyncio.to_thread(self.claims.claim, f"amd-verdict:{call_sid}")
+                return await asyncio.to_thread(self.shared.claim, f"amd-verdict:{call_sid}")
         except (OSError, DatabaseUnavailable, TimeoutError) as exc:
             # Leaving a voicemail matters more than refusing a replay during an outage of the store.
             logger.warning("[%s] could not check the verdict for a replay (%s); acting on it", clean(call_sid, 40), clean(exc, 200) or "timed out")

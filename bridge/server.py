@@ -11,7 +11,7 @@ Connections still in their HTTP request are bounded (``max_handshakes``), so a c
 clients can't use up the process's file descriptors. With ``RECORDS_RETENTION_DAYS`` set, the
 server also deletes old call records, at startup and then hourly (``records.delete_old_records``
 in a thread, so the event loop never waits on the disk), and it forgets old callback claims
-(bridge/storage/claims.py) the same way.
+and notes (bridge/storage/shared.py) the same way.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from .logsafe import clean
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import METRICS_PATH, SHARE_SECONDS, Metrics, WorkerShare
 from .records import RecordWriter, RetentionError, delete_old_records
-from .storage.claims import Claims, claims_for
+from .storage.shared import SharedState, shared_state
 from .storage.postgres import DatabaseUnavailable
 from .session import AgentConnector, CallServices, CallSession, caller_limits, rest_client, websocket_agent_connector
 from .transport import AcceptWebSocket, HttpReply, HttpRequest, PeerLimits, ServerPeer, start_server
@@ -113,7 +113,7 @@ class BridgeServer:
     ``agents`` is one agent (an ``AgentConfig``) or several (an ``AgentCatalog``); ``load_agents``
     reads them again for ``reload_agents`` and raises ``ConfigError`` for an invalid file.
     ``housekeeping_interval`` is the time between two passes deleting old call records and old
-    claims (tests shorten it); ``claims`` is the seam for the store that makes a callback act once.
+    claims (tests shorten it); ``shared`` is the seam for what the processes share (bridge/storage/shared.py).
     """
 
     def __init__(
@@ -127,7 +127,7 @@ class BridgeServer:
         load_agents: Callable[[], AgentCatalog] | None = None,
         metrics_share: WorkerShare | None = None,
         housekeeping_interval: float = HOUSEKEEPING_INTERVAL_SECONDS,
-        claims: Claims | None = None,
+        shared: SharedState | None = None,
     ) -> None:
         self.settings = settings
         self.agents = agents if isinstance(agents, AgentCatalog) else AgentCatalog.single(agents)
@@ -149,11 +149,11 @@ class BridgeServer:
             webhook=webhook_sender(settings),
         )
         self.caller_limits: PeerLimits = caller_limits(settings, TWILIO_MAX_MESSAGE_BYTES)
-        # What makes a callback act once across processes: only Twilio's REST API acts on callbacks.
-        if claims is None and settings.rest_enabled:
-            claims = claims_for(settings.state_dir, settings.database_url)
-        self.claims = claims
-        self.answering_machine = AnsweringMachineCallback(settings, self.services.rest, claims)
+        # What the processes share (a callback acts once; notes for a call): for Twilio's REST API only.
+        if shared is None and settings.rest_enabled:
+            shared = shared_state(settings.state_dir, settings.database_url)
+        self.shared = shared
+        self.answering_machine = AnsweringMachineCallback(settings, self.services.rest, shared)
         self.reuse_port = reuse_port
         self.calls: set[CallSession] = set()
         self._call_tasks: set[asyncio.Task[None]] = set()
@@ -194,7 +194,7 @@ class BridgeServer:
             self._metrics_writer = asyncio.create_task(self._share_metrics())
         if self.services.webhook is not None:
             self.services.webhook.start()
-        if self.settings.records_retention_days is not None or self.claims is not None:
+        if self.settings.records_retention_days is not None or self.shared is not None:
             self._housekeeping_task = asyncio.create_task(self._housekeeping())
 
     async def __aenter__(self) -> BridgeServer:
@@ -307,8 +307,8 @@ class BridgeServer:
         while True:
             if days is not None:
                 await self._delete_old_records(days)
-            if self.claims is not None:
-                await self._prune_claims(self.claims)
+            if self.shared is not None:
+                await self._prune_shared(self.shared)
             await asyncio.sleep(self.housekeeping_interval)
 
     async def _delete_old_records(self, days: float) -> None:
@@ -323,11 +323,11 @@ class BridgeServer:
         if deleted:
             logger.info("deleted %d call records older than %g days", deleted, days)
 
-    async def _prune_claims(self, claims: Claims) -> None:
+    async def _prune_shared(self, shared: SharedState) -> None:
         try:
-            await asyncio.to_thread(claims.prune, time.time())
+            await asyncio.to_thread(shared.prune, time.time())
         except (OSError, DatabaseUnavailable) as exc:
-            logger.warning("forgetting old callback claims failed: %s", clean(exc, 200))
+            logger.warning("forgetting old claims and notes failed: %s", clean(exc, 200))
 
     def _twiml(self, request: HttpRequest) -> HttpReply:
         """A number's voice webhook: TwiML connecting the call to ``/twilio`` with its details."""

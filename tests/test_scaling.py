@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from bridge.config import ConfigError, load_settings
-from bridge.storage.claims import CLAIM_DAYS, DirectoryClaims, PostgresClaims
+from bridge.storage.shared import KEEP_DAYS, DirectoryState, PostgresState
 from bridge.storage.postgres import check_database_url
 from conftest import ROOT, empty_env
 from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually
@@ -210,30 +210,39 @@ def test_kubernetes_example_shares_one_database_and_is_scraped_for_metrics() -> 
 # ---------------------------------------------------------------------- claims shared by replicas
 
 
-def test_a_claim_is_granted_once_across_replicas_sharing_postgresql(postgres_url: str) -> None:
+def test_claims_and_notes_are_shared_by_replicas_on_postgresql(postgres_url: str) -> None:
     """Two replicas' claim stores on one database: a key is granted to exactly one of them."""
-    first, second = PostgresClaims(postgres_url), PostgresClaims(postgres_url)
+    first, second = PostgresState(postgres_url), PostgresState(postgres_url)
     try:
         with ThreadPoolExecutor(8) as pool:
             granted = list(pool.map(lambda store: store.claim("amd-verdict:CA1"), [first, second] * 8))
         assert granted.count(True) == 1
         assert second.claim("amd-verdict:CA2") and not first.claim("amd-verdict:CA2")
         assert first.prune(time.time()) == 0  # nothing is old yet
-        assert first.prune(time.time() + (CLAIM_DAYS + 1) * 86400) == 2
+        assert first.prune(time.time() + (KEEP_DAYS + 1) * 86400) == 2
         assert first.claim("amd-verdict:CA1"), "a claim past the replay window is forgotten"
+        assert second.read("transfer:CA1") is None
+        first.post("transfer:CA1", "accepted")
+        assert second.read("transfer:CA1") == "accepted"
+        first.post("transfer:CA1", "declined: busy")  # the newest note wins
+        assert second.read("transfer:CA1") == "declined: busy"
     finally:
         first.close()
         second.close()
 
 
-def test_a_claim_is_granted_once_across_processes_sharing_a_folder(tmp_path: Path) -> None:
-    folder = tmp_path / "state" / "claims"
-    first, second = DirectoryClaims(folder), DirectoryClaims(folder)
+def test_claims_and_notes_are_shared_by_processes_through_a_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "state"
+    first, second = DirectoryState(folder), DirectoryState(folder)
     with ThreadPoolExecutor(8) as pool:
         granted = list(pool.map(lambda store: store.claim("amd-verdict:CA1"), [first, second] * 8))
     assert granted.count(True) == 1
     assert oct(folder.stat().st_mode & 0o777) == "0o700"
-    [claim] = folder.iterdir()
-    assert "CA1" not in claim.name and oct(claim.stat().st_mode & 0o777) == "0o600"
-    os.utime(claim, (time.time() - (CLAIM_DAYS + 1) * 86400,) * 2)
-    assert first.prune(time.time()) == 1 and first.claim("amd-verdict:CA1")
+    second.post("transfer:CA1", "accepted")
+    assert first.read("transfer:CA1") == "accepted" and first.read("transfer:CA2") is None
+    names = sorted(path.name for path in folder.iterdir())
+    assert len(names) == 2 and not any("CA1" in name for name in names), names
+    assert all(oct(path.stat().st_mode & 0o777) == "0o600" for path in folder.iterdir())
+    for path in folder.iterdir():
+        os.utime(path, (time.time() - (KEEP_DAYS + 1) * 86400,) * 2)
+    assert first.prune(time.time()) == 2 and first.claim("amd-verdict:CA1") and first.read("transfer:CA1") is None

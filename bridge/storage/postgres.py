@@ -1,7 +1,7 @@
 """PostgreSQL connections for a store: bounded waits, outages survived.
 
 This module owns the plumbing between a store and a PostgreSQL server, none of the SQL: a store
-(``pharmacy_functions.PostgresStore``, the bridge's ``claims.PostgresClaims``) hands it the
+(``pharmacy_functions.PostgresStore``, the bridge's ``shared.PostgresState``) hands it the
 statements that create its schema and the work of each operation, and gets back either the
 result or ``DatabaseUnavailable``.
 
