@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import subprocess
@@ -967,3 +968,57 @@ async def test_a_replayed_machine_verdict_is_acted_on_once_across_processes(
         assert await post_callback(second.port, AMD_URL, other, signed(fake.auth_token, AMD_URL, other)) == 204
         await fake.wait_for_requests(2, operation="update")
     assert_update(update, fake, sid, voicemail_twiml(fake, sid))
+
+
+# ------------------------------------------------------------------ streams bound to their calls
+
+
+@pytest.mark.parametrize("forgery", ["no-mac", "wrong-mac", "another-calls-mac"])
+async def test_a_replayed_stream_signature_can_not_move_another_live_call(
+    make_bridge: BridgeFactory, tmp_path: Path, forgery: str
+) -> None:
+    """The attack: the stream's X-Twilio-Signature is the same for every call, so a stranger who saw
+    one replays it, opens /twilio, names a live victim's CallSid in its start and asks the agent to
+    transfer it (or lets the agent fail, for the fallback). The victim's CallSid must never be the
+    subject of a REST request; the attacker's conversation goes on without call control."""
+    async with TimelineRest(Timeline()) as fake, FakeAgent() as agent, make_bridge(
+        agent, **rest_settings(fake, transfer_number=TRANSFER)
+    ) as server:
+        async with call_with_agent(server, fake, agent) as (victim, _):
+            attacker = signed_caller(server, fake)
+            attacker.call_sid = victim.call_sid  # the stranger claims the victim's call
+            async with attacker:
+                stolen = {"no-mac": {}, "wrong-mac": {"bridge_binding": "A" * 43}}.get(forgery)
+                if stolen is None:  # a genuine MAC, but for another call (the attacker's own, say)
+                    stolen = await twiml_parameters(server, fake, "CA" + "e" * 32)
+                await attacker.start_with(stolen)
+                session = await agent.session(1)
+                await eventually(lambda: session.settings is not None, what="the attacker's agent session")
+                await session.send_json(transfer_request("t1", reason="now"))
+                [answer] = await eventually(lambda: session.of_type("FunctionCallResponse"), what="the answer")
+                assert "error" in json.loads(answer["content"])
+                await say(session, b"\x01" * 800)
+                await session.close(1000)  # the agent goes away: no fallback for an unbound stream either
+                await asyncio.wait_for(attacker.closed.wait(), 5)
+            await asyncio.sleep(0.3)
+            assert fake.requests == [], "a REST request was made for a stream not bound to its call"
+            assert server.calls, "the victim's call is untouched"
+    lines = [json.loads(line) for path in (tmp_path / "calls").iterdir() for line in path.read_text().splitlines()]
+    starts = [line for line in lines if line["event"] == "start"]
+    assert sorted(start["bound"] for start in starts) == [False, True]
+    assert all("bridge_binding" not in start["custom_parameters"] for start in starts)
+
+
+async def test_a_stream_of_another_twilio_account_is_closed(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with FakeTwilioRest() as fake, make_bridge(fake_agent, **rest_settings(fake)) as server:
+        async with FakeTwilioCaller(twilio_url(server), headers=signature_headers(fake), account_sid="AC" + "9" * 32) as caller:
+            await caller.start()
+            await asyncio.wait_for(caller.closed.wait(), 5)
+        await eventually(lambda: not server.calls, what="the call to end")
+    assert not fake_agent.sessions, "no agent session for another account's stream"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "bridge.call" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "another Twilio account" in warnings[0]
+    [summary] = [json.loads(line) for path in (tmp_path / "calls").iterdir() for line in path.read_text().splitlines()]
+    assert summary["end_reason"] == "stream_refused" and summary["call_sid"] is None
