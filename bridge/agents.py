@@ -197,6 +197,8 @@ class AgentChoice:
     settings: dict[str, Any]  # for a resumed session and voicemail; read-only
     settings_json: str
     unknown: str | None = None  # an ``agent`` parameter naming no agent (the default was used)
+    # Function name -> the parameters its declaration marks sensitive (always redacted when stored).
+    sensitive: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
 def make_agent(name: str, source: str, config: AgentConfig) -> Agent:
@@ -238,7 +240,7 @@ class AgentCatalog:
             if mapped is not None:
                 chosen = self.agent(mapped) or self.default
         settings, text = chosen.template.render(parameters)
-        return AgentChoice(chosen.name, settings, text, unknown)
+        return AgentChoice(chosen.name, settings, text, unknown, chosen.config.sensitive_parameters)
 
     def describe(self) -> list[str]:
         """One line per agent, and one for the number map if there is one."""

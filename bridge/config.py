@@ -81,6 +81,7 @@ class Settings:
     max_calls: int = 200
     drain_seconds: float = 30.0
     record_calls: bool = True
+    store_transcripts: str = "full"  # full | redacted | none: what of callers' words records, webhook and logs keep
     calls_dir: Path = Path("calls")
     # What the processes of one machine share: the claims that make a callback act once.
     state_dir: Path = DEFAULT_STATE_DIR
@@ -274,6 +275,15 @@ def _message(environ: Mapping[str, str], name: str, default: str) -> str:
     return text
 
 
+def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}.")
+    return raw
+
+
 def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
     raw = environ.get(name, "").strip().lower()
     if not raw:
@@ -351,6 +361,7 @@ def load_settings(
         max_calls=_int(environ, "MAX_CALLS", 200, 1, 100_000),
         drain_seconds=_float(environ, "DRAIN_SECONDS", 30.0, 0.0),
         record_calls=_bool(environ, "RECORD_CALLS", True),
+        store_transcripts=_choice(environ, "STORE_TRANSCRIPTS", ("full", "redacted", "none"), "full"),
         calls_dir=Path(environ.get("CALLS_DIR", "").strip() or "calls"),
         state_dir=Path(environ.get("STATE_DIR", "").strip() or DEFAULT_STATE_DIR),
         records_retention_days=_days(environ, "RECORDS_RETENTION_DAYS"),
@@ -382,6 +393,8 @@ class AgentConfig:
     settings: dict[str, Any]
     # Client-side function definitions by name: the ones without an ``endpoint``.
     client_functions: dict[str, dict[str, Any]]
+    # Function name -> its parameters marked ``"sensitive": true`` (the marker is not sent to Deepgram).
+    sensitive_parameters: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 def _substitute(value: Any, environ: Mapping[str, str], path: Path) -> Any:

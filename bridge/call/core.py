@@ -83,6 +83,7 @@ from .inbound import InboundAudio
 from .injections import Injection, Injections
 from .keypad import KEYPAD_REDACTED, Keypad, keys_in
 from .phase import Phase, PhaseEvent, PhaseMachine
+from .privacy import TranscriptPolicy, TranscriptStorage
 from .playback import EchoedMark, Playback
 from ..call_events import CallEnd, EndReason, RecordEvent
 from .silence import SilenceClock, SilenceStage
@@ -141,6 +142,8 @@ class Call:
         self.functions = FunctionCalls(async_functions)
         self.history = ResumeHistory()
         self.stats = CallStats()
+        # What of the caller's words records and logs get; the agent's sensitive parameters join at start.
+        self.privacy = TranscriptPolicy(TranscriptStorage(settings.store_transcripts))
 
     # ------------------------------------------------------------------------------ views
 
@@ -280,6 +283,7 @@ class Call:
         self.playback.stream_started(stream.stream_sid)
         choice = self._agent = self._agents.for_call(stream.custom_parameters)
         self._settings_json = choice.settings_json
+        self.privacy = TranscriptPolicy(self.privacy.storage, choice.sensitive)
         params = sorted(stream.custom_parameters)
         actions: list[Action] = [
             CancelTimer(Timer.START),
@@ -293,7 +297,7 @@ class Call:
                 RecordEvent.START,
                 {
                     "stream_sid": stream.stream_sid,
-                    "custom_parameters": stream.custom_parameters,
+                    "custom_parameters": self.privacy.parameters(stream.custom_parameters),
                     "agent": choice.name,
                     "bound": self.control.bound,
                 },
@@ -581,11 +585,11 @@ class Call:
         if role == "user" and self.keypad.take_echo(content):
             # The agent's echo of injected keypad digits: they may be a PIN, kept out of logs and records.
             shown = KEYPAD_REDACTED
-        actions: list[Action] = [
-            Log(logging.INFO, "%s: %s", ("User" if role == "user" else "Agent", clean(shown, 300))),
-            Record(RecordEvent.TRANSCRIPT, {"role": role, "content": shown}),
-            *self._page.transcript(role, shown),
-        ]
+        privacy = self.privacy
+        actions: list[Action] = [Log(logging.INFO, "%s: %s", ("User" if role == "user" else "Agent", clean(privacy.log_turn(shown), 300)))]
+        if privacy.keeps_turns:
+            actions.append(Record(RecordEvent.TRANSCRIPT, {"role": role, "content": privacy.turn(shown)}))
+        actions += self._page.transcript(role, shown)  # the caller's own screen
         if role == "user":
             actions += self._caller_acted(now)
         return actions
@@ -666,9 +670,7 @@ class Call:
                 RecordEvent.FUNCTION_CALL,
                 {
                     "name": call.name,
-                    "arguments": call.arguments,
-                    "result": outcome.result,
-                    "error": outcome.error,
+                    **self.privacy.function_fields(call.name, call.arguments, outcome.result, outcome.error),
                     "outcome": outcome.outcome,
                     "duration_seconds": round(outcome.duration_seconds, 4),
                     "withdrawn": running.withdrawn,
@@ -703,8 +705,11 @@ class Call:
                 {
                     "id": call.id,
                     "name": call.name,
-                    "result": outcome.result,
-                    "error": outcome.error,
+                    **{
+                        field: value
+                        for field, value in self.privacy.function_fields(call.name, call.arguments, outcome.result, outcome.error).items()
+                        if field != "arguments"
+                    },
                     "duration_seconds": round(outcome.duration_seconds, 4),
                 },
             ),
@@ -745,8 +750,8 @@ class Call:
             SendToAgent(agent.function_call_response(call, json.dumps({"error": error}))),
             Record(
                 RecordEvent.FUNCTION_CALL,
-                {"name": call.name, "arguments": call.arguments, "result": None, "error": error, "outcome": "error",
-                 "duration_seconds": 0.0, "withdrawn": False},
+                {"name": call.name, **self.privacy.function_fields(call.name, call.arguments, None, error),
+                 "outcome": "error", "duration_seconds": 0.0, "withdrawn": False},
             ),
         ]
 
@@ -767,8 +772,8 @@ class Call:
             SendToAgent(agent.function_call_response(call, json.dumps(answer))),
             Record(
                 RecordEvent.FUNCTION_CALL,
-                {"name": call.name, "arguments": call.arguments, "result": answer, "error": None, "outcome": "ok",
-                 "duration_seconds": 0.0, "withdrawn": False},
+                {"name": call.name, **self.privacy.function_fields(call.name, call.arguments, answer, None),
+                 "outcome": "ok", "duration_seconds": 0.0, "withdrawn": False},
             ),
         ]
         if self.departure.voicemail_mode:
@@ -809,7 +814,7 @@ class Call:
         transfer = self.departure.transfer_finished()
         if transfer is None:
             return NO_ACTIONS
-        reason = transfer.reason
+        reason = self.privacy.reason(transfer.reason)
         if self._phase.ended:  # the stream ended first, as Twilio ends it on a transfer
             if error is None:
                 return [Record(RecordEvent.TRANSFERRED, {"reason": reason})]
@@ -992,7 +997,7 @@ class Call:
         return {
             "call_sid": stream.call_sid if stream else None,
             "stream_sid": stream.stream_sid if stream else None,
-            "custom_parameters": stream.custom_parameters if stream else {},
+            "custom_parameters": self.privacy.parameters(stream.custom_parameters) if stream else {},
             "ended_by": self.end_reason,
             "end_reason": self._end.reason.value if self._end is not None else None,
             "audio_bytes_from_caller": inbound.bytes_from_caller,
