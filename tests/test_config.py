@@ -18,6 +18,7 @@ import pytest
 from deepgram.agent.v1 import AgentV1Settings
 
 import main
+from bridge import workers
 from bridge.agent_protocol import history_function_call, history_text, settings_message, FunctionCall
 from bridge.config import ConfigError, load_settings, parse_agent_config
 from conftest import ROOT, empty_env, free_port
@@ -435,14 +436,14 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
 
 
 def test_the_restart_budget_allows_a_few_deaths_in_a_window_and_no_more() -> None:
-    budget = main.RestartBudget(limit=3, window=60.0)
+    budget = workers.RestartBudget(limit=3, window=60.0)
     assert [budget.allow(t) for t in (0.0, 1.0, 2.0)] == [True, True, True]
     assert not budget.allow(30.0)  # a fourth within 60 s
     assert budget.allow(60.5)  # the first has left the window (the refused one never counted)
     assert budget.allow(61.0)  # and the second
     assert not budget.allow(61.5)  # 2.0, 60.5 and 61.0 are within it
-    assert [main.exit_status(code) for code in (0, 3, -9, -15)] == [0, 3, 137, 143]
-    assert [main.exit_description(code) for code in (1, -9)] == ["exit code 1", "killed by SIGKILL"]
+    assert [workers.exit_status(code) for code in (0, 3, -9, -15)] == [0, 3, 137, 143]
+    assert [workers.exit_description(code) for code in (1, -9)] == ["exit code 1", "killed by SIGKILL"]
 
 
 def test_workers_that_keep_dying_stop_the_service(tmp_path: Path) -> None:
@@ -470,10 +471,10 @@ def test_workers_that_keep_dying_stop_the_service(tmp_path: Path) -> None:
             time.sleep(0.05)
 
     try:
-        for death in range(1, main.MAX_WORKER_RESTARTS + 2):
+        for death in range(1, workers.MAX_WORKER_RESTARTS + 2):
             wait_for(lambda: len(listening()) == death + 1, "the workers to listen")
             os.kill(int(listening()[-1]), signal.SIGKILL)
-            if death <= main.MAX_WORKER_RESTARTS:
+            if death <= workers.MAX_WORKER_RESTARTS:
                 wait_for(lambda: log_path.read_text().count("starting another") == death, "the replacement")
         assert process.wait(timeout=15) == 137  # 128 + SIGKILL, the way the last worker died
         log = log_path.read_text()
