@@ -308,6 +308,22 @@ def _load_numbers(path: Path, named: Mapping[str, Agent]) -> dict[str, str]:
     return dict(raw)
 
 
+def retention_warnings(catalog: AgentCatalog) -> list[str]:
+    """One warning per agent whose Settings leave Deepgram's ``mip_opt_out`` unset or false.
+
+    Deepgram's default is false: it may then keep the session's audio and transcripts for its
+    Model Improvement Program. A warning, never an error: an agent may use a Deepgram model that
+    refuses the opt-out, and that is the operator's choice to make knowingly.
+    """
+    return [
+        f"{agent.source} leaves \"mip_opt_out\" {'false' if agent.config.settings.get('mip_opt_out') is False else 'unset'}: "
+        "Deepgram may keep this agent's calls (audio and transcripts) for its Model Improvement Program; "
+        "set \"mip_opt_out\": true at the top of the file to opt out (docs/privacy.md)"
+        for agent in catalog.agents
+        if agent.config.settings.get("mip_opt_out") is not True
+    ]
+
+
 def check_functions(
     catalog: AgentCatalog, function_map: Mapping[str, Callable[..., Any]], settings: Settings
 ) -> list[str]:

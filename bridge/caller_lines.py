@@ -27,6 +27,7 @@ FALLBACK_TRANSFER = (
 FALLBACK_GOODBYE = (
     "I'm sorry, our automated assistant isn't available right now. Please call us again in a few minutes. Goodbye."
 )
+RECORDING_NOTICE = "This call is recorded."
 # A line is said aloud in one breath; longer is a mistake in the file.
 MAX_LINE_CHARS = 1000
 
@@ -41,6 +42,7 @@ class CallerLines:
     transfer_failed: str = TRANSFER_FAILED  # the agent's line when a transfer could not be made
     fallback_transfer: str = FALLBACK_TRANSFER  # Twilio says it when the agent fails, before FALLBACK_NUMBER
     fallback_goodbye: str = FALLBACK_GOODBYE  # Twilio says it when the agent fails and there is no FALLBACK_NUMBER
+    recording_notice: str = RECORDING_NOTICE  # before the call is recorded (CALL_RECORDING)
 
 
 LINE_NAMES = tuple(field.name for field in fields(CallerLines))
