@@ -2,9 +2,12 @@
 #   docker build -t pharmacy-bridge . && docker run --env-file .env -p 5000:5000 pharmacy-bridge
 FROM python:3.11-slim
 
+# HOST: the bridge's own default is 127.0.0.1 (this machine only); in a container it must listen
+# on every interface for the published port to reach it.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOST=0.0.0.0
 
 WORKDIR /app
 
@@ -25,7 +28,7 @@ COPY bridge/ ./bridge/
 # The only places the bridge writes: the pharmacy's SQLite file (PHARMACY_DB, default
 # data/pharmacy.db; unused when DATABASE_URL is set) and the call records (CALLS_DIR, default
 # calls/). Mount volumes here to keep them.
-RUN mkdir -p /app/data /app/calls && chown app:app /app/data /app/calls
+RUN mkdir -p /app/data /app/calls && chown app:app /app/data /app/calls && chmod 0700 /app/data /app/calls
 
 USER 10001:10001
 
@@ -35,6 +38,6 @@ EXPOSE 5000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % (os.environ.get('PORT') or '5000'), timeout=4)"]
 
-# SIGTERM starts a graceful drain (DRAIN_SECONDS); give `docker stop -t` more than that.
+# SIGTERM starts a graceful drain (DRAIN_TIMEOUT_SECONDS); give `docker stop -t` more than that.
 STOPSIGNAL SIGTERM
 CMD ["python", "main.py"]

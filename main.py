@@ -43,7 +43,7 @@ from dotenv import load_dotenv
 from bridge.agents import AgentCatalog, check_functions, load_catalog
 from bridge.binding import BINDING_PARAMETER
 from bridge.call_control import outbound_call, place_call
-from bridge.config import E164, ConfigError, Settings, load_settings
+from bridge.settings import E164, ConfigError, Settings, load_settings
 from bridge.logsafe import clean
 from bridge.storage.postgres import check_database_url, describe
 from bridge.records import make_private_dirs
@@ -236,7 +236,7 @@ def raise_open_file_limit(settings: Settings) -> None:
             soft = max(soft, wanted)
         except (ValueError, OSError):
             pass
-    needed = 2 * settings.max_calls + settings.max_handshakes + 64
+    needed = 2 * settings.max_calls + settings.limits.max_handshakes + 64
     if soft < needed:
         logger.warning(
             "only %d file descriptors are allowed; MAX_CALLS=%d needs about %d: raise the limit (ulimit -n) or lower MAX_CALLS",

@@ -76,7 +76,7 @@ class Session:
         self.up: StreamChecker | None = None
         self.script: asyncio.Task | None = None
         self.fc_pending: dict[str, tuple[int, asyncio.Future]] = {}
-        self.odd_sizes = 0  # audio messages not of INBOUND_BUFFER_BYTES (one, the flush at stop, is fine)
+        self.odd_sizes = 0  # audio messages not of INBOUND_CHUNK_BYTES (one, the flush at stop, is fine)
         self.last_odd = False
 
     def note(self, what: str) -> None:

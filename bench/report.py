@@ -76,7 +76,7 @@ def print_result(r: dict) -> None:
     pin = "bridge on CPU 0, generator on CPU 1" if cfg["pinned"] else "not pinned"
     print()
     print(f"bench: {cfg['calls']} calls, {cfg['seconds']:.1f} s window, {cfg['workers']} worker(s) "
-          f"({cfg['bridge_processes']} process(es)), INBOUND_BUFFER_BYTES {buf}, {pin}, "
+          f"({cfg['bridge_processes']} process(es)), INBOUND_CHUNK_BYTES {buf}, {pin}, "
           f"event loop {cfg['event_loop']}")
     print(f"  bridge CPU      {srv['cpu_percent']:6.1f} % of one core   "
           f"{srv['cpu_us_per_call_second']:7.0f} CPU µs per call-second")
@@ -122,7 +122,7 @@ def print_result(r: dict) -> None:
 
 def print_sweep(results: list[dict]) -> None:
     print()
-    print("caller -> agent latency by INBOUND_BUFFER_BYTES (ms; 'incl.' counts each frame from when the caller")
+    print("caller -> agent latency by INBOUND_CHUNK_BYTES (ms; 'incl.' counts each frame from when the caller")
     print("sent it, so it includes waiting for the buffer to fill; 'added' counts from the completing frame)")
     print(f"  {'buffer':>7} {'audio':>7} {'incl p50':>9} {'incl p99':>9} {'added p50':>10} {'added p99':>10}"
           f" {'bridge CPU %':>13} {'µs/call-s':>10}")

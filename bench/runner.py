@@ -64,9 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=100, help="concurrent calls (default 100)")
     p.add_argument("--seconds", type=float, default=20.0, help="length of the measuring window (default 20)")
     p.add_argument("--workers", type=int, default=1, help="bridge worker processes (default 1)")
-    p.add_argument("--buffer", type=int, default=3200, help="INBOUND_BUFFER_BYTES (default 3200)")
+    p.add_argument("--buffer", type=int, default=3200, help="INBOUND_CHUNK_BYTES (default 3200)")
     p.add_argument("--buffer-sweep", action="store_true",
-                   help=f"run once per INBOUND_BUFFER_BYTES in {SWEEP_BUFFERS} to show the latency trade-off")
+                   help=f"run once per INBOUND_CHUNK_BYTES in {SWEEP_BUFFERS} to show the latency trade-off")
     p.add_argument("--json", metavar="PATH", help="write the results here")
     p.add_argument("--no-pin", action="store_true",
                    help="don't pin the bridge to CPU 0 and the generator to CPU 1")

@@ -101,7 +101,7 @@ class Bridge:
         env.update({
             "DEEPGRAM_API_KEY": "bench-key",
             "DEEPGRAM_AGENT_URL": agent_url,
-            "INBOUND_BUFFER_BYTES": str(buffer_bytes),
+            "INBOUND_CHUNK_BYTES": str(buffer_bytes),
             "MAX_CALLS": str(calls + 50),
             "RECORD_CALLS": "true" if record else "false",
             "CALLS_DIR": str(workdir / "calls"),

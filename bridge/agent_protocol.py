@@ -100,16 +100,24 @@ def context_keys(settings: dict[str, Any]) -> list[str]:
     return keys
 
 
-def voicemail_settings(settings: dict[str, Any], message: str) -> str:
-    """Settings for leaving a voicemail message: the agent's greeting is the message.
+def with_greeting(settings: dict[str, Any], greeting: str) -> dict[str, Any]:
+    """The Settings with ``greeting`` as the agent's greeting (a voicemail message; a notice first).
 
-    A saved agent (``agent`` is its id) keeps its own greeting; the call injects the message.
+    A saved agent (``agent`` is its id) keeps its own greeting: it is returned unchanged, and the
+    call injects the words instead.
     """
     if not isinstance(settings.get("agent"), dict):
-        return json.dumps(settings)
-    voicemail = copy.deepcopy(settings)
-    voicemail["agent"]["greeting"] = message
-    return json.dumps(voicemail)
+        return settings
+    changed = copy.deepcopy(settings)
+    changed["agent"]["greeting"] = greeting
+    return changed
+
+
+def greeting_of(settings: dict[str, Any]) -> str | None:
+    """The agent's greeting, if it has one the bridge can change."""
+    agent = settings.get("agent")
+    greeting = agent.get("greeting") if isinstance(agent, dict) else None
+    return greeting if isinstance(greeting, str) and greeting.strip() else None
 
 
 # History items are kept as their JSON text: a call holds one per turn and function call for as

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from .agent_protocol import settings_message
-from .config import E164, AgentConfig, ConfigError, Settings, load_agent_config
+from .config import AgentConfig, load_agent_config
+from .settings import E164, ConfigError, Settings
 from .functions import check_function_map
 
 DEFAULT_AGENT = "default"

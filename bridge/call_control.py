@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlencode
 from . import twilio
 from .twilio import MODE_PARAMETER, VOICEMAIL_MODE
 from .binding import BINDING_PARAMETER, binding_mac
-from .config import Settings
+from .settings import Settings
 from .logsafe import clean
 from .storage.shared import SharedState
 from .storage.postgres import DatabaseUnavailable

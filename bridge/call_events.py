@@ -98,4 +98,11 @@ class RecordEvent(enum.StrEnum):
     INJECTION_REFUSED = "injection_refused"
     WARNING = "warning"
     ERROR = "error"
+    RECORDING_NOTICE_HEARD = "recording_notice_heard"
+    RECORDING_STARTED = "recording_started"
+    RECORDING_PAUSED = "recording_paused"
+    RECORDING_RESUMED = "recording_resumed"
+    RECORDING_FAILED = "recording_failed"
+    RECORDING_SKIPPED = "recording_skipped"
+    RECORDING = "recording"  # Twilio's status callback, appended after the summary
     SUMMARY = "summary"

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError
+from .settings import ConfigError
 from .logsafe import clean
 
 # Functions the bridge implements itself; config.json declares them like any other.

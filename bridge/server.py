@@ -35,7 +35,8 @@ from . import twilio
 from .agents import AGENT_NAME, AGENT_PARAMETER, AgentCatalog
 from .binding import BINDING_PARAMETER, binding_mac
 from .call_control import AMD_PATH, TWIML_PATH, AnsweringMachineCallback, form_parameters, signed_url
-from .config import AgentConfig, ConfigError, Settings
+from .config import AgentConfig
+from .settings import ConfigError, Settings
 from .functions import FunctionRunner
 from .logsafe import clean
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -178,7 +179,7 @@ class BridgeServer:
             lambda: self,
             self.settings.host,
             self.settings.port,
-            handshake_timeout=self.settings.handshake_timeout_seconds,
+            handshake_timeout=self.settings.limits.handshake_timeout_seconds,
             reuse_port=self.reuse_port,
         )
         if self.settings.metrics_port is not None:
@@ -187,7 +188,7 @@ class BridgeServer:
                 lambda: MetricsRouter(self),
                 self.settings.host,
                 self.settings.metrics_port,
-                handshake_timeout=self.settings.handshake_timeout_seconds,
+                handshake_timeout=self.settings.limits.handshake_timeout_seconds,
                 reuse_port=self.reuse_port,
             )
         if self.metrics_share is not None:
@@ -212,7 +213,7 @@ class BridgeServer:
         Evicting the oldest (not refusing the newest) means a crowd of stalled connections can
         neither use up file descriptors nor keep a real request (Twilio's, /health) out.
         """
-        if len(self._handshaking) >= self.settings.max_handshakes:
+        if len(self._handshaking) >= self.settings.limits.max_handshakes:
             oldest = next(iter(self._handshaking))
             del self._handshaking[oldest]
             oldest.abort()
@@ -222,7 +223,7 @@ class BridgeServer:
                 logger.warning(
                     "%d connections are still in their HTTP handshake, the limit: closing the oldest "
                     "(%d closed since the last report; next report in %.0f s at the earliest)",
-                    self.settings.max_handshakes,
+                    self.settings.limits.max_handshakes,
                     self._evicted_since_log,
                     REFUSAL_LOG_SECONDS,
                 )
@@ -473,7 +474,7 @@ class BridgeServer:
             await asyncio.wait(list(self._call_tasks), timeout=END_CALLS_SECONDS)
         if self.services.webhook is not None:
             # After the calls ended, so the summaries of those the drain ended are sent too.
-            await self.services.webhook.close(self.settings.webhook_drain_seconds)
+            await self.services.webhook.close(self.settings.limits.webhook_drain_timeout_seconds)
         await self.answering_machine.close()
         if self._server is not None:
             self._server.close()
@@ -553,7 +554,7 @@ class BridgeServer:
         """
         assert self._stop_signal is not None and self._end_now is not None, "call handle_signals() first"
         await self._stop_signal
-        await self.shutdown(self.settings.drain_seconds)
+        await self.shutdown(self.settings.drain_timeout_seconds)
         if self._end_now.is_set():
             logger.info("live calls ended and recorded; exiting")
             return 1

@@ -4,7 +4,7 @@ The rules of a call live in ``call.Call`` (no I/O). This module owns the call's 
 tasks, and nothing else:
 
 - the **Twilio receiver** coroutine takes the caller's messages and feeds them to the machine;
-  caller audio comes out of it in ``INBOUND_BUFFER_BYTES`` chunks and goes into the agent queue;
+  caller audio comes out of it in ``INBOUND_CHUNK_BYTES`` chunks and goes into the agent queue;
 - the **Deepgram sender** coroutine takes that queue (audio, then control messages such as
   function answers, in order) to the agent socket, waiting whenever the socket can take no more;
 - the **Deepgram receiver** coroutine takes the agent's messages and feeds them to the machine;
@@ -59,7 +59,7 @@ from .call import (
     Timer,
     TransferCall,
 )
-from .config import Settings
+from .settings import Settings
 from .functions import FunctionOutcome, FunctionRunner
 from .logsafe import clean
 from .metrics import Metrics
@@ -88,10 +88,10 @@ def agent_limits(settings: Settings) -> PeerLimits:
         max_message_bytes=2**22,  # TTS chunks have no fixed size
         frames_per_second=2000.0,
         frame_burst=10_000,
-        stall_timeout=settings.stall_seconds,
-        close_timeout=settings.close_timeout_seconds,
-        ping_interval=settings.ping_interval_seconds,
-        ping_timeout=settings.ping_interval_seconds,
+        stall_timeout=settings.limits.stall_timeout_seconds,
+        close_timeout=settings.limits.close_timeout_seconds,
+        ping_interval=settings.limits.ping_interval_seconds,
+        ping_timeout=settings.limits.ping_interval_seconds,
         inbox_max_bytes=1024 * 1024,
     )
 
@@ -100,12 +100,12 @@ def caller_limits(settings: Settings, max_message_bytes: int) -> PeerLimits:
     """Twilio's side (or the browser phone's): public, so it gets a fair share and no more."""
     return PeerLimits(
         max_message_bytes=max_message_bytes,
-        frames_per_second=settings.caller_frames_per_second,
-        frame_burst=settings.caller_frame_burst,
-        stall_timeout=settings.stall_seconds,
-        close_timeout=settings.close_timeout_seconds,
-        ping_interval=settings.ping_interval_seconds,
-        ping_timeout=settings.ping_interval_seconds,
+        frames_per_second=settings.limits.caller_frames_per_second,
+        frame_burst=settings.limits.max_caller_frame_burst,
+        stall_timeout=settings.limits.stall_timeout_seconds,
+        close_timeout=settings.limits.close_timeout_seconds,
+        ping_interval=settings.limits.ping_interval_seconds,
+        ping_timeout=settings.limits.ping_interval_seconds,
     )
 
 
@@ -115,7 +115,7 @@ def websocket_agent_connector(settings: Settings) -> AgentConnector:
     limits = agent_limits(settings)
 
     async def connect_agent() -> AgentPeer:
-        return await open_websocket(settings.agent_url, headers, limits)
+        return await open_websocket(settings.deepgram_agent_url, headers, limits)
 
     return connect_agent
 
@@ -142,8 +142,8 @@ def rest_client(settings: Settings) -> TwilioRestClient | None:
         settings.twilio_account_sid,
         settings.twilio_auth_token,
         settings.twilio_api_url,
-        timeout=settings.twilio_api_timeout_seconds,
-        backoff=settings.twilio_api_backoff_seconds,
+        timeout=settings.limits.twilio_api_timeout_seconds,
+        backoff=settings.limits.twilio_api_backoff_seconds,
     )
 
 
@@ -179,7 +179,7 @@ class CallSession:
         self.log = CallLog(logger, connection_id)
         # ``agents``: the server's agents when the call was admitted; the start event picks one.
         self.call = Call(settings, agents, services.functions.async_functions, browser=browser)
-        self.record = CallRecord(settings.calls_dir, settings.record_calls, services.records, max_bytes=settings.record_max_bytes)
+        self.record = CallRecord(settings.calls_dir, settings.record_calls, services.records, max_bytes=settings.limits.max_record_bytes)
         # What the webhook's payload needs of the call, kept in memory (bounded) only when one is set.
         self.digest = CallDigest() if services.webhook is not None else None
         self._timers: dict[Timer, asyncio.TimerHandle] = {}
@@ -402,12 +402,12 @@ class CallSession:
         self._to_agent.put(data)
         if type(data) is bytes:
             self._to_agent_bytes += len(data)
-            if not self._agent_backlogged and self._to_agent_bytes > self.settings.agent_queue_max_bytes:
+            if not self._agent_backlogged and self._to_agent_bytes > self.settings.limits.max_agent_queue_bytes:
                 self._report_backlog()
 
     def _report_backlog(self) -> None:
         """Tell the machine when the agent queue's audio crosses its cap, either way."""
-        backlogged = self._to_agent_bytes > self.settings.agent_queue_max_bytes
+        backlogged = self._to_agent_bytes > self.settings.limits.max_agent_queue_bytes
         if backlogged != self._agent_backlogged:
             self._agent_backlogged = backlogged
             self._carry_out(self.call.agent_backlog(backlogged, self.loop.time()))
@@ -519,7 +519,7 @@ class CallSession:
             await asyncio.wait((sender,), timeout=AGENT_FLUSH_SECONDS)
             agent.close()
         closing = [peer.closed for peer in (self.caller, agent) if peer is not None]
-        await asyncio.wait(closing, timeout=self.settings.close_timeout_seconds + 0.5)
+        await asyncio.wait(closing, timeout=self.settings.limits.close_timeout_seconds + 0.5)
         for peer in (self.caller, agent):
             if peer is not None:
                 peer.abort()  # a no-op for a socket that closed

@@ -76,6 +76,8 @@ class EnvSetting:
     old_names: tuple[str, ...] = ()  # still read, for one release, with a deprecation warning
     required: bool = False
     example: str | None = None  # what .env.example shows instead of the default (a placeholder)
+    above: bool = False  # the minimum itself is not allowed (a retention of 0 days would delete every record)
+    unset_means: str = ""  # what leaving it empty does, said in the error when that is not obvious
     shown_default: str | None = None  # the default in words, where the value isn't fixed
 
 
@@ -178,7 +180,7 @@ class Settings:
 
     record_calls: bool = env(True, "RECORD_CALLS", Kind.BOOLEAN, "Write one JSON Lines record per call into CALLS_DIR.", section=RECORDS)
     calls_dir: Path = env(PROJECT_DIR / "calls", "CALLS_DIR", Kind.PATH, "Folder for the call records, owner-only; a relative path is taken from the project folder.", section=RECORDS, shown_default="calls")
-    records_retention_days: float | None = env(None, "RECORDS_RETENTION_DAYS", Kind.NUMBER, "Delete call records older than this, at startup and hourly (unset: keep them).", section=RECORDS, unit="days", minimum=0.0)
+    records_retention_days: float | None = env(None, "RECORDS_RETENTION_DAYS", Kind.NUMBER, "Delete call records older than this, at startup and hourly (unset: keep them).", section=RECORDS, unit="days", minimum=0.0, above=True, unset_means="keeps records forever")
     store_transcripts: str = env("full", "STORE_TRANSCRIPTS", Kind.CHOICE, "What of callers' words records, the webhook and logs keep: full, redacted or none.", section=RECORDS, choices=("full", "redacted", "none"))
     database_url: str | None = env(None, "DATABASE_URL", Kind.SECRET, "PostgreSQL (postgresql://user:password@host:5432/pharmacy) for the orders and what the processes share, instead of the SQLite file and STATE_DIR.", section=RECORDS)
 
@@ -307,19 +309,19 @@ def _parse(setting: EnvSetting, raw: str) -> Any:
             raise ConfigError(f"{name} must be between {setting.minimum:g} and {setting.maximum:g}, got {value}.")
         return value
     if kind is Kind.NUMBER:
-        unit = setting.unit or "units"
+        low, high = setting.minimum or 0.0, setting.maximum
         try:
             number = float(raw)
         except ValueError:
-            raise ConfigError(f"{name} must be a number of {unit}, got {raw!r}.") from None
-        low, high = setting.minimum or 0.0, setting.maximum
-        # nan and inf would pass a plain comparison; a retention of 0 days would delete every record.
-        too_low = number <= low if setting.unit == "days" else number < low
+            number = math.nan
+        # nan and inf would pass a plain comparison and then break every timer that uses them.
+        too_low = number <= low if setting.above else number < low
         if not math.isfinite(number) or too_low or (high is not None and number > high):
-            bound = f"more than {low:g}" if setting.unit == "days" else f"at least {low:g}"
+            bound = f"greater than {low:g}" if setting.above else f"of at least {low:g}"
             if high is not None:
                 bound += f" and at most {high:g}"
-            raise ConfigError(f"{name} must be a number of {unit} of {bound}, got {raw!r}.")
+            unset = f" (empty {setting.unset_means})" if setting.unset_means else ""
+            raise ConfigError(f"{name} must be a number of {setting.unit} {bound}{unset}, got {raw!r}.")
         return number
     if kind is Kind.BOOLEAN:
         lowered = raw.lower()
@@ -454,6 +456,12 @@ def _check_webhook(values: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- .env.example
 
+# Variables the application's own code reads (pharmacy_functions.py), not the bridge: listed in
+# .env.example and the docs all the same. (name, default, doc line)
+APPLICATION_VARIABLES = (
+    ("PHARMACY_DB", "data/pharmacy.db", "The pharmacy's SQLite file (pharmacy_functions.py); a relative path is taken from the project folder."),
+)
+
 
 def env_example() -> str:
     """``.env.example``, written from the table: every variable under its doc line, set to its default."""
@@ -466,7 +474,21 @@ def env_example() -> str:
             out += ["", f"# ---- {section}"]
         out.append(f"# {setting.doc}")
         out.append(f"{setting.name}={example_value(item, setting)}")
+    out += ["", "# ---- The pharmacy"]
+    for name, default, doc in APPLICATION_VARIABLES:
+        out += [f"# {doc}", f"{name}={default}"]
     return "\n".join(out) + "\n"
+
+
+def documented_default(item: Field[Any], setting: EnvSetting) -> str:
+    """The settings table's Default cell: the value in backticks, or what it is in words."""
+    if setting.required:
+        return "*(required)*"
+    if setting.shown_default is not None:
+        shown = setting.shown_default
+        return f"`{shown}`" if re.fullmatch(r"[\w./-]+", shown) else f"*({shown})*"
+    value = example_value(item, setting)
+    return f"`{value}`" if value else "*(unset)*"
 
 
 def example_value(item: Field[Any], setting: EnvSetting) -> str:
@@ -483,3 +505,7 @@ def example_value(item: Field[Any], setting: EnvSetting) -> str:
     if isinstance(default, float):
         return f"{default:g}"
     return str(default)
+
+
+if __name__ == "__main__":  # python -m bridge.settings > .env.example
+    print(env_example(), end="")

@@ -45,7 +45,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from .call_events import RecordEvent
-from .config import Settings
+from .settings import Settings
 from .jsontext import valid_text
 from .logsafe import clean
 from .records import bounded, finite
@@ -432,7 +432,7 @@ def webhook_sender(settings: Settings) -> WebhookSender | None:
         settings.call_webhook_url,
         settings.call_webhook_secret,
         retry_seconds=settings.call_webhook_retry_seconds,
-        attempt_timeout=settings.webhook_attempt_timeout_seconds,
-        backoff=settings.webhook_backoff_seconds,
-        queue_max=settings.webhook_queue_max,
+        attempt_timeout=settings.limits.webhook_attempt_timeout_seconds,
+        backoff=settings.limits.webhook_backoff_seconds,
+        queue_max=settings.limits.max_webhook_deliveries_queued,
     )

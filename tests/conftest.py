@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bridge.config import Settings, load_agent_config  # noqa: E402
+from bridge.config import load_agent_config  # noqa: E402
+from bridge.settings import Limits, Settings  # noqa: E402
 from bridge.server import BridgeServer  # noqa: E402
 from fakes import FakeAgent  # noqa: E402
 from postgres_server import PostgresServer  # noqa: E402
@@ -118,6 +119,17 @@ async def fake_agent() -> AsyncIterator[FakeAgent]:
         yield agent
 
 
+LIMIT_FIELDS = frozenset(field.name for field in dataclasses.fields(Limits))
+
+
+def with_overrides(settings: Settings, **overrides: Any) -> Settings:
+    """``settings`` with ``overrides``, each to Settings or to its Limits, by name."""
+    limits = {name: overrides.pop(name) for name in list(overrides) if name in LIMIT_FIELDS}
+    if limits:
+        overrides["limits"] = dataclasses.replace(settings.limits, **limits)
+    return dataclasses.replace(settings, **overrides)
+
+
 def bridge_settings(tmp_path: Path, **overrides: Any) -> Settings:
     base = Settings(
         deepgram_api_key="test-key-not-secret",
@@ -128,7 +140,7 @@ def bridge_settings(tmp_path: Path, **overrides: Any) -> Settings:
         record_calls=True,
         agent_connect_timeout_seconds=2.0,
     )
-    return dataclasses.replace(base, **overrides)
+    return with_overrides(base, **overrides)
 
 
 @pytest.fixture
@@ -147,7 +159,7 @@ def make_bridge(tmp_path: Path) -> BridgeFactory:
             from pharmacy_functions import function_map as pharmacy_map
 
             function_map = pharmacy_map
-        overrides.setdefault("agent_url", agent.url if agent else "ws://127.0.0.1:9/unused")
+        overrides.setdefault("deepgram_agent_url", agent.url if agent else "ws://127.0.0.1:9/unused")
         settings = bridge_settings(tmp_path, **overrides)
         server = BridgeServer(settings, load_agent_config(config_path, os.environ), function_map)
         async with server:

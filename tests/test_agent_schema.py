@@ -30,7 +30,8 @@ from pydantic import BaseModel
 
 from bridge import agent_schema
 from bridge.agent_schema import NULLABLE, OBJECTS, OPTIONAL, REQUIRED, ROOT, SchemaError, check_settings, matches
-from bridge.config import ConfigError, parse_agent_config
+from bridge.config import parse_agent_config
+from bridge.settings import ConfigError
 from conftest import ROOT as REPO
 from sdk_oracle import assert_valid_client_message, settings_problem
 

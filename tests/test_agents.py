@@ -31,7 +31,9 @@ from twilio.request_validator import RequestValidator
 import pharmacy_functions
 from bridge.binding import binding_key, binding_mac
 from bridge.agents import MAX_VALUE_CHARS, AgentCatalog, check_functions, compile_template, load_catalog
-from bridge.config import ConfigError, load_agent_config
+from bridge.config import load_agent_config
+from bridge.caller_lines import CallerLines
+from bridge.settings import ConfigError
 from bridge.server import BridgeServer
 from conftest import ROOT, bridge_settings, empty_env, free_port, twilio_url
 from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually
@@ -229,7 +231,7 @@ def test_every_agents_functions_are_checked_against_the_function_map(tmp_path: P
 @asynccontextmanager
 async def bridge(tmp_path: Path, agent: FakeAgent, config: Path, **overrides: Any) -> AsyncIterator[BridgeServer]:
     """The real server with every agent of ``config``'s folder; ``server.reload_agents`` rereads them."""
-    settings = bridge_settings(tmp_path, agent_url=agent.url, **overrides)
+    settings = bridge_settings(tmp_path, deepgram_agent_url=agent.url, **overrides)
     server = BridgeServer(
         settings, load_catalog(config, {}), pharmacy_functions.function_map, load_agents=lambda: load_catalog(config, {})
     )
@@ -562,7 +564,7 @@ def test_a_voicemail_stream_leaves_its_message_with_the_agents_rendered_settings
     from bridge.call import Call
 
     catalog = load_catalog(two_agents(tmp_path), {})
-    settings = bridge_settings(tmp_path, voicemail_message="Your refill is ready.")
+    settings = bridge_settings(tmp_path, caller_lines=CallerLines(voicemail="Your refill is ready."))
     call = Call(settings, catalog)
     _, sent = settings_sent(call, {"agent": "spanish", "From": "+15551230000", "bridge_mode": "voicemail"})
     assert sent["agent"]["greeting"] == "Your refill is ready."

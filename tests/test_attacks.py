@@ -57,7 +57,7 @@ async def test_a_caller_that_stops_reading_is_cut_off_and_its_call_recorded(
     fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path
 ) -> None:
     """The caller reads nothing while the agent talks: the call ends within seconds, slot freed."""
-    async with make_bridge(fake_agent, stall_seconds=1.0) as server, raw_call(
+    async with make_bridge(fake_agent, stall_timeout_seconds=1.0) as server, raw_call(
         server, fake_agent, receive_buffer=4096
     ) as (caller, agent, connection):
         connection.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
@@ -81,7 +81,7 @@ async def test_an_agent_that_stops_reading_ends_the_call(
     fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path
 ) -> None:
     """The agent reads nothing while the caller talks: the call ends, it is not held forever."""
-    async with make_bridge(fake_agent, stall_seconds=1.0, inbound_buffer_bytes=16000) as server:
+    async with make_bridge(fake_agent, stall_timeout_seconds=1.0, inbound_chunk_bytes=16000) as server:
         async with FakeTwilioCaller(twilio_url(server)) as caller:
             await caller.start()
             session = await fake_agent.session()
@@ -151,7 +151,7 @@ async def test_marks_before_start_and_forged_marks_after_it_are_counted_not_kept
 ) -> None:
     """A mark flood before start keeps nothing; after start, marks the bridge never sent write nothing."""
     # The frame budget is lifted here: this test is about what is kept, not about throttling.
-    async with make_bridge(fake_agent, caller_frames_per_second=1e6, caller_frame_burst=10**6) as server:
+    async with make_bridge(fake_agent, caller_frames_per_second=1e6, max_caller_frame_burst=10**6) as server:
         caller = RawTwilio(twilio_url(server))
         await caller.open()
         marks = b"".join(caller.text({"event": "mark", "mark": {"name": f"m{i}"}}) for i in range(2000))
@@ -177,7 +177,7 @@ async def test_caller_audio_for_an_agent_that_never_gets_ready_is_capped(
 ) -> None:
     """An agent that never answers Settings, a caller flooding audio: held audio stops at its cap."""
     async with FakeAgent(settings_mode="ignore") as agent, make_bridge(
-        agent, agent_connect_timeout_seconds=30, agent_queue_max_bytes=64_000
+        agent, agent_connect_timeout_seconds=30, max_agent_queue_bytes=64_000
     ) as server:
         async with FakeTwilioCaller(twilio_url(server)) as caller:
             await caller.start()
@@ -207,7 +207,7 @@ async def test_a_ping_flood_from_a_peer_that_never_reads_is_cut_off(
     """Pings from a client that never reads its pongs: reading pauses, so no pong backlog builds."""
     # The frame budget would slow this flood too; lifted, the write-side defence is what's tested.
     async with make_bridge(
-        fake_agent, stall_seconds=3.0, caller_frames_per_second=1e6, caller_frame_burst=10**6
+        fake_agent, stall_timeout_seconds=3.0, caller_frames_per_second=1e6, max_caller_frame_burst=10**6
     ) as server, raw_call(
         server, fake_agent, receive_buffer=4096
     ) as (caller, _, connection):
@@ -399,14 +399,23 @@ if os.environ.get("ATTACK_TEST_MAX_OPEN_FILES"):
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))  # soft = hard: main.py can't raise it
 sys.path.insert(0, sys.argv.pop(1))
 import main
-from bridge.config import Settings
+from bridge.settings import Limits, Settings
 wanted = json.loads(os.environ.pop("ATTACK_TEST_SETTINGS", "{}"))
 known = {field.name for field in dataclasses.fields(Settings)}
-for name in sorted(set(wanted) - known):
+limits = {field.name for field in dataclasses.fields(Limits)}
+for name in sorted(set(wanted) - known - limits):
     print(f"ATTACK-TEST: Settings has no field {name}; override ignored", file=sys.stderr, flush=True)
 overrides = {name: value for name, value in wanted.items() if name in known}
+limit_overrides = {name: value for name, value in wanted.items() if name in limits}
 load_settings = main.load_settings
-main.load_settings = lambda *args, **kwargs: dataclasses.replace(load_settings(*args, **kwargs), **overrides)
+
+
+def overridden(*args, **kwargs):
+    settings = load_settings(*args, **kwargs)
+    return dataclasses.replace(settings, limits=dataclasses.replace(settings.limits, **limit_overrides), **overrides)
+
+
+main.load_settings = overridden
 sys.exit(main.main())
 """
 
@@ -642,12 +651,12 @@ async def test_a_mark_flood_before_and_after_start_keeps_memory_and_the_record_f
 
     Must hold: the bridge process's RSS rises by < 30 MB; no record has a line per mark (the
     pre-start connection's record, if any, is a handful of lines); the started call's record stays
-    under record_max_bytes plus its summary line; the summaries count the marks as bad input.
+    under max_record_bytes plus its summary line; the summaries count the marks as bad input.
     The frame budget is lifted (bootstrap settings) so that every mark is really read: the
     throttle is tested elsewhere; here it is what the bridge keeps of what it reads.
     """
-    record_max_bytes = 1_000_000
-    lifted = {"caller_frames_per_second": 1e9, "caller_frame_burst": 10**9, "record_max_bytes": record_max_bytes}
+    max_record_bytes = 1_000_000
+    lifted = {"caller_frames_per_second": 1e9, "max_caller_frame_burst": 10**9, "max_record_bytes": max_record_bytes}
     problems: list[str] = []
     async with BridgeProcess(tmp_path, fake_agent, settings=lifted) as bridge:
         await a_normal_call_works(bridge.port, fake_agent)  # warm-up: the first call's imports and buffers
@@ -708,7 +717,7 @@ async def test_a_mark_flood_before_and_after_start_keeps_memory_and_the_record_f
         if len(lines) > 10:
             problems.append(f"{call_sid}: {len(lines)} record lines, not a handful")
         summary_bytes = len(path.read_text().splitlines()[-1]) + 1
-        if path.stat().st_size - summary_bytes > record_max_bytes:
+        if path.stat().st_size - summary_bytes > max_record_bytes:
             problems.append(f"{call_sid}: the record's events are {path.stat().st_size - summary_bytes} bytes")
         counted = mark_bad_input(lines[-1]) if lines and lines[-1].get("event") == "summary" else None
         if counted != expected:

@@ -44,7 +44,7 @@ class BackgroundBridge:
             import pharmacy_functions
 
             self.agent = await FakeAgent().__aenter__()
-            settings = bridge_settings(self.tmp_path, agent_url=self.agent.url, record_calls=False, max_calls=1000)
+            settings = bridge_settings(self.tmp_path, deepgram_agent_url=self.agent.url, record_calls=False, max_calls=1000)
             self.server = BridgeServer(settings, load_agent_config(ROOT / "config.json", {}), pharmacy_functions.function_map)
             await self.server.start()
 

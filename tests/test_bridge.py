@@ -232,7 +232,7 @@ async def test_fragmented_and_direct_frames_are_handled_alike(fake_agent: FakeAg
     from fakes import media_event
 
     audio = noise(640, seed=20)
-    async with make_bridge(fake_agent, inbound_buffer_bytes=160) as server, FakeTwilioCaller(twilio_url(server)) as caller:
+    async with make_bridge(fake_agent, inbound_chunk_bytes=160) as server, FakeTwilioCaller(twilio_url(server)) as caller:
         await caller.start()
         session = await fake_agent.session()
         await eventually(lambda: session.settings is not None)

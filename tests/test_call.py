@@ -59,7 +59,9 @@ from bridge.call import (
 )
 from bridge.agents import AgentCatalog
 from bridge.binding import BINDING_PARAMETER, binding_mac
-from bridge.config import AgentConfig, Settings
+from bridge.config import AgentConfig
+from bridge.settings import Settings
+from conftest import with_overrides
 from bridge.functions import FunctionOutcome
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -81,10 +83,10 @@ AGENT_SETTINGS: dict[str, Any] = {
 }
 SETTINGS_JSON = json.dumps(AGENT_SETTINGS)
 CHUNK = 400
-BASE = Settings(
-    deepgram_api_key="k",
-    inbound_buffer_bytes=CHUNK,
-    agent_queue_max_bytes=2000,
+BASE = with_overrides(
+    Settings(deepgram_api_key="k"),
+    inbound_chunk_bytes=CHUNK,
+    max_agent_queue_bytes=2000,
     keepalive_seconds=100.0,  # out of the way unless a test is about it
     idle_reprompt_seconds=0.0,  # likewise the silence clock (tests/test_keypad_idle.py)
     start_timeout_seconds=10.0,
@@ -251,7 +253,7 @@ class Harness:
     """One ``Call`` with a fake clock and the shell's timer bookkeeping."""
 
     def __init__(self, *, browser: bool = False, async_functions: Iterable[str] = (), **overrides: Any) -> None:
-        self.settings = dataclasses.replace(BASE, **overrides)
+        self.settings = with_overrides(BASE, **overrides)
         self.call = Call(self.settings, catalog_of(AGENT_SETTINGS), frozenset(async_functions), browser=browser)
         self.now = 0.0
         self.armed: dict[Timer, float] = {}
@@ -482,7 +484,7 @@ def test_caller_audio_held_during_the_opening_is_flushed_in_order_when_the_agent
 
 
 def test_held_audio_at_its_cap_pauses_the_caller_and_ready_resumes_it() -> None:
-    h = Harness(agent_queue_max_bytes=1200)
+    h = Harness(max_agent_queue_bytes=1200)
     h.connected()
     h.start()
     assert quiet(h.media(pattern(800))) == []
@@ -633,10 +635,10 @@ def test_stop_during_the_opening_hangs_up_when_the_tail_flush_timer_fires() -> N
 def test_caller_audio_in_any_frame_sizes_reaches_the_agent_byte_exact(
     chunk: int, frames: list[tuple[int, bool]], ready_after: int, how: str
 ) -> None:
-    """Every byte, in order, in inbound_buffer_bytes chunks as soon as a chunk is whole, then the tail."""
+    """Every byte, in order, in inbound_chunk_bytes chunks as soon as a chunk is whole, then the tail."""
     if how == "stop while opening":
         ready_after = len(frames)  # the caller is gone before the agent is ready
-    h = Harness(inbound_buffer_bytes=chunk, agent_queue_max_bytes=10**9)
+    h = Harness(inbound_chunk_bytes=chunk, max_agent_queue_bytes=10**9)
     h.connected()
     h.start()
     h.agent_connected()
@@ -1099,7 +1101,7 @@ class TwilioModel:
             for mark in of(h.agent(DONE), MarkCaller):
                 self.pending.append([mark.name, False, self.requested])
             if self.requested is not None:
-                self.fallback_at = h.now + h.settings.hangup_timeout_seconds + self.unmarked / 8000
+                self.fallback_at = h.now + h.settings.limits.hangup_timeout_seconds + self.unmarked / 8000
             self.unmarked = 0
             self.turn_open = False
         elif kind == "echo" and self.pending:
@@ -1122,7 +1124,7 @@ class TwilioModel:
             if self.requested is None:
                 self.requested_since = h.now
             self.requested = call_id
-            self.fallback_at = h.now + h.settings.hangup_timeout_seconds
+            self.fallback_at = h.now + h.settings.limits.hangup_timeout_seconds
             self.grace_at = None if self.speaking else h.now + GRACE
             self.when_heard = False  # a fresh grace
         elif kind == "cancel_end_call" and self.requested is not None:
@@ -1768,6 +1770,7 @@ def test_summary_fields() -> None:
         "audio_bytes_to_agent": 900,
         "audio_bytes_to_caller": 320,
         "audio_bytes_dropped_in_reconnect": 0,
+        "recording_sid": None,
         "bad_input": {"twilio:binary": 1},
         "turns": 1,
         "barge_ins": 1,

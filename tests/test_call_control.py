@@ -31,6 +31,7 @@ from twilio.request_validator import RequestValidator
 
 from bridge import twilio
 from bridge.binding import binding_key, binding_mac
+from bridge.caller_lines import CallerLines
 from bridge.call import MAX_ERROR_RESUMES
 from bridge.server import BridgeServer
 from conftest import ROOT, BridgeFactory, empty_env, free_port, read_record, twilio_url
@@ -450,7 +451,7 @@ async def test_a_caller_is_sent_to_the_fallback_before_the_stream_closes_when_th
     timeline = Timeline()
     async with TimelineRest(timeline) as fake, FakeAgent(refuse_status=401) as agent:
         agent_url = agent.url if cause == "refused" else f"ws://127.0.0.1:{free_port()}/v1/agent/converse"
-        async with make_bridge(agent, agent_url=agent_url, **rest_settings(fake, fallback_number=fallback_number)) as server:
+        async with make_bridge(agent, deepgram_agent_url=agent_url, **rest_settings(fake, fallback_number=fallback_number)) as server:
             async with signed_caller(server, fake, timeline) as caller:
                 await caller.start()
                 await asyncio.wait_for(caller.closed.wait(), 5)
@@ -724,7 +725,7 @@ async def test_a_machine_verdict_leads_to_the_voicemail_message_and_a_hang_up(
     the agent with the message as its greeting; speech from the machine clears nothing; once the
     message's mark is echoed the call ends as "voicemail".
     """
-    async with FakeTwilioRest() as fake, make_bridge(fake_agent, voicemail_message=VOICEMAIL, **rest_settings(fake)) as server:
+    async with FakeTwilioRest() as fake, make_bridge(fake_agent, caller_lines=CallerLines(voicemail=VOICEMAIL), **rest_settings(fake)) as server:
         sid = "CA" + "1" * 32
         params = verdict(sid, "machine_end_beep")
         assert await post_callback(server.port, AMD_URL, params, signed(fake.auth_token, AMD_URL, params)) == 204
@@ -865,7 +866,7 @@ async def test_a_voicemail_stream_that_resumes_still_leaves_the_voicemail_messag
 ) -> None:
     """The agent drops before the voicemail message was said: the resumed session must say it."""
     async with FakeTwilioRest() as fake, FakeAgent() as agent, make_bridge(
-        agent, voicemail_message=VOICEMAIL, agent_reconnect_delays=(0.05,), **rest_settings(fake)
+        agent, caller_lines=CallerLines(voicemail=VOICEMAIL), agent_reconnect_delays=(0.05,), **rest_settings(fake)
     ) as server:
         parameters = {**CALL_PARAMETERS, "bridge_mode": "voicemail"}
         async with call_with_agent(server, fake, agent, parameters=parameters) as (caller, session):
@@ -914,7 +915,7 @@ def test_declaring_transfer_call_without_its_settings_is_a_startup_error(tmp_pat
 
 def test_startup_says_once_which_call_control_features_are_off() -> None:
     """One line per feature that is off, naming what turns it on; none when all are on."""
-    from bridge.config import load_settings
+    from bridge.settings import load_settings
     from main import call_control_status
 
     none = call_control_status(load_settings({"DEEPGRAM_API_KEY": "k"}))
@@ -939,7 +940,7 @@ def test_startup_says_once_which_call_control_features_are_off() -> None:
 ])
 def test_call_control_settings_are_validated_in_one_sentence(env: dict[str, str], expected: str) -> None:
     """Each bad call-control setting is refused at load time with one sentence naming it."""
-    from bridge.config import ConfigError, load_settings
+    from bridge.settings import ConfigError, load_settings
 
     with pytest.raises(ConfigError) as caught:
         load_settings({"DEEPGRAM_API_KEY": "k", **env})

@@ -45,7 +45,7 @@ def test_the_oracle_fails_on_an_extra_key_at_any_depth_and_on_unknown_types() ->
 def test_the_builders_make_valid_messages() -> None:
     assert_valid_client_message(agent_protocol.KEEPALIVE)
     assert_valid_client_message(agent_protocol.settings_message(CONFIG, []))
-    assert_valid_client_message(agent_protocol.voicemail_settings(CONFIG, "Please call us back."))
+    assert_valid_client_message(json.dumps(agent_protocol.with_greeting(CONFIG, "Please call us back.")))
     assert_valid_client_message(function_call_response(CALL, json.dumps({"price": 8.99})))
     history = [history_text("assistant", "Hello!"), history_text("user", "Ibuprofen?"), history_function_call(CALL, '{"price": 8.99}')]
     resumed = agent_protocol.settings_message(CONFIG, history)
@@ -65,7 +65,7 @@ def test_the_builders_make_valid_messages() -> None:
 def test_a_saved_agent_is_sent_as_its_id_on_resume_and_for_voicemail() -> None:
     saved = {**CONFIG, "agent": "0f1e2d3c-saved-agent"}
     history = [history_text("user", "Hello?")]
-    for message in (agent_protocol.settings_message(saved, history), agent_protocol.voicemail_settings(saved, "Call us.")):
+    for message in (agent_protocol.settings_message(saved, history), json.dumps(agent_protocol.with_greeting(saved, "Call us."))):
         assert_valid_client_message(message)
         assert json.loads(message)["agent"] == "0f1e2d3c-saved-agent"
 

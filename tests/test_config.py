@@ -20,7 +20,8 @@ from deepgram.agent.v1 import AgentV1Settings
 import main
 from bridge import workers
 from bridge.agent_protocol import history_function_call, history_text, settings_message, FunctionCall
-from bridge.config import ConfigError, load_settings, parse_agent_config
+from bridge.config import parse_agent_config
+from bridge.settings import ConfigError, load_settings
 from conftest import ROOT, empty_env, free_port
 from sdk_oracle import assert_valid_client_message
 
@@ -132,7 +133,8 @@ def test_missing_api_key_says_to_copy_env_example(
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({"INBOUND_BUFFER_BYTES": "lots"}, "INBOUND_BUFFER_BYTES must be a whole number, got 'lots'."),
+        ({"INBOUND_CHUNK_BYTES": "lots"}, "INBOUND_CHUNK_BYTES must be a whole number, got 'lots'."),
+        ({"INBOUND_BUFFER_BYTES": "lots"}, "INBOUND_CHUNK_BYTES must be a whole number, got 'lots'."),  # the old name
         ({"MAX_CALLS": "0"}, "MAX_CALLS must be between 1 and 100000, got 0."),
         ({"RECORD_CALLS": "maybe"}, "RECORD_CALLS must be true or false, got 'maybe'."),
         ({"TWILIO_AUTH_TOKEN": "t"}, "TWILIO_AUTH_TOKEN is set but PUBLIC_URL is not"),
@@ -153,10 +155,10 @@ def test_variables_are_substituted_from_the_environment() -> None:
 @pytest.mark.parametrize("raw", ["nan", "NaN", "inf", "-inf", "-1"])
 def test_seconds_must_be_a_real_number_of_seconds(raw: str) -> None:
     """nan would pass a plain comparison and then break every timer that uses it."""
-    for name, minimum in (("FUNCTION_TIMEOUT_SECONDS", 0.1), ("DRAIN_SECONDS", 0.0), ("AGENT_CONNECT_TIMEOUT_SECONDS", 0.5)):
+    for name, minimum in (("FUNCTION_TIMEOUT_SECONDS", 0.1), ("DRAIN_TIMEOUT_SECONDS", 0.0), ("AGENT_CONNECT_TIMEOUT_SECONDS", 0.5)):
         with pytest.raises(ConfigError) as caught:
             load_settings({"DEEPGRAM_API_KEY": "k", name: raw})
-        assert str(caught.value) == f"{name} must be a number of seconds of at least {minimum}, got {raw!r}."
+        assert str(caught.value) == f"{name} must be a number of seconds of at least {minimum:g}, got {raw!r}."
 
 
 def test_port_flag_out_of_range_is_one_sentence(
@@ -178,7 +180,8 @@ def test_an_env_file_named_on_the_command_line_must_exist(
 
 def test_settings_defaults_and_twiml() -> None:
     settings = load_settings({"DEEPGRAM_API_KEY": "k", "PUBLIC_URL": "https://abc.ngrok.app/"})
-    assert (settings.host, settings.port, settings.inbound_buffer_bytes, settings.max_calls) == ("0.0.0.0", 5000, 3200, 200)
+    # Only this machine until told otherwise: ngrok reaches 127.0.0.1 (the Dockerfile sets 0.0.0.0).
+    assert (settings.host, settings.port, settings.inbound_chunk_bytes, settings.max_calls) == ("127.0.0.1", 5000, 3200, 200)
     assert settings.twiml == '<Response><Connect><Stream url="wss://abc.ngrok.app/twilio"/></Connect></Response>'
     assert load_settings({"DEEPGRAM_API_KEY": "k"}, host="127.0.0.1", port=6000).port == 6000
 
@@ -394,7 +397,7 @@ def test_the_calls_dir_startup_makes_is_owner_only_under_the_usual_umask(tmp_pat
     """The real program makes CALLS_DIR and its missing parents 0700, as the records module does."""
     previous = os.umask(0o022)  # the usual one, which gives os.makedirs' folders 0755
     try:
-        start_main(tmp_path, "DEEPGRAM_API_KEY=k\nPHONE_PAGE=true\nHOST=127.0.0.1\nCALLS_DIR=new/deeper/calls\n")
+        start_main(tmp_path, f"DEEPGRAM_API_KEY=k\nPHONE_PAGE=true\nHOST=127.0.0.1\nCALLS_DIR={tmp_path}/new/deeper/calls\n")
     finally:
         os.umask(previous)
     made = [tmp_path / "new", tmp_path / "new" / "deeper", tmp_path / "new" / "deeper" / "calls"]
@@ -513,7 +516,7 @@ def test_env_example_copied_unchanged_does_not_start(tmp_path: Path) -> None:
 def test_log_level_error_names_every_level() -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings({"DEEPGRAM_API_KEY": "k", "LOG_LEVEL": "loud"})
-    assert str(caught.value) == "LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got 'LOUD'."
+    assert str(caught.value) == "LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got 'loud'."
     assert load_settings({"DEEPGRAM_API_KEY": "k", "LOG_LEVEL": "critical"}).log_level == "CRITICAL"
 
 
@@ -607,7 +610,7 @@ def test_browser_only_startup_says_nothing_about_twilio(tmp_path: Path) -> None:
 
 
 def test_browser_only_on_every_address_warns_that_twilio_is_open(tmp_path: Path) -> None:
-    _, log, port = start_main(tmp_path, "DEEPGRAM_API_KEY=k\nPHONE_PAGE=true\nRECORD_CALLS=false\n")
+    _, log, port = start_main(tmp_path, "DEEPGRAM_API_KEY=k\nPHONE_PAGE=true\nRECORD_CALLS=false\nHOST=0.0.0.0\n")
     assert f"anyone who can reach port {port} can talk to the agent" in log
     assert "TwiML" not in log and "TWILIO" not in log
 

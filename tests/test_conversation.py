@@ -142,7 +142,7 @@ def test_silence_brings_a_reprompt_then_a_goodbye_then_the_call_ends_as_caller_s
     h = ready(**IDLE)
     assert h.armed[Timer.IDLE] == 10.0
     out = h.fire(Timer.IDLE)
-    assert injected(out) == [{"type": "InjectAgentMessage", "message": h.settings.idle_reprompt_message}]
+    assert injected(out) == [{"type": "InjectAgentMessage", "message": h.settings.caller_lines.idle_reprompt}]
     assert Record("idle_reprompt", {"seconds": 10.0}) in out
     # The agent says the re-prompt; the silence clock restarts once the caller has heard it.
     h.at(11.0)
@@ -151,7 +151,7 @@ def test_silence_brings_a_reprompt_then_a_goodbye_then_the_call_ends_as_caller_s
     h.at(12.0).echo(mark)
     assert h.armed[Timer.IDLE] == 42.0
     out = h.fire(Timer.IDLE)
-    assert injected(out) == [{"type": "InjectAgentMessage", "message": h.settings.idle_goodbye_message}]
+    assert injected(out) == [{"type": "InjectAgentMessage", "message": h.settings.caller_lines.idle_goodbye}]
     assert Record("idle_hangup", {"seconds": 30.0}) in out and h.hangups == []
     goodbye = h.at(43.0).turn(800)
     assert goodbye.startswith("end-call")
@@ -175,7 +175,7 @@ def test_a_session_lost_mid_turn_marks_the_turn_so_the_silence_clock_goes_on(los
     assert Timer.IDLE not in h.armed  # Twilio may still be playing it
     h.at(7.0).echo(mark.name)
     assert h.armed[Timer.IDLE] == 17.0
-    assert injected(h.fire(Timer.IDLE)) == [{"type": "InjectAgentMessage", "message": h.settings.idle_reprompt_message}]
+    assert injected(h.fire(Timer.IDLE)) == [{"type": "InjectAgentMessage", "message": h.settings.caller_lines.idle_reprompt}]
 
 
 def test_the_goodbye_ends_the_call_even_if_it_is_never_heard() -> None:
@@ -198,7 +198,7 @@ def test_caller_speech_or_keys_restart_the_silence_clock_from_the_first_stage() 
     out = h.fire(Timer.IDLE)
     assert injected(out) == [  # the key's digits (their own timer came first), then a re-prompt, not the goodbye
         {"type": "InjectUserMessage", "content": "The caller pressed 3"},
-        {"type": "InjectAgentMessage", "message": h.settings.idle_reprompt_message},
+        {"type": "InjectAgentMessage", "message": h.settings.caller_lines.idle_reprompt},
     ]
 
 

@@ -61,11 +61,11 @@ async def test_a_silent_caller_is_reprompted_then_the_agent_says_goodbye_and_the
             session = await fake_agent.ready_session()
             await eventually(lambda: session.of_type("InjectAgentMessage"), what="the re-prompt")
             assert session.of_type("InjectAgentMessage") == [
-                {"type": "InjectAgentMessage", "message": server.settings.idle_reprompt_message}
+                {"type": "InjectAgentMessage", "message": server.settings.caller_lines.idle_reprompt}
             ]
             await speak_turn(session)  # the re-prompt, heard: the caller still says nothing
             await eventually(lambda: len(session.of_type("InjectAgentMessage")) == 2, what="the goodbye")
-            assert session.of_type("InjectAgentMessage")[1]["message"] == server.settings.idle_goodbye_message
+            assert session.of_type("InjectAgentMessage")[1]["message"] == server.settings.caller_lines.idle_goodbye
             assert not caller.closed.is_set()
             await speak_turn(session)  # the goodbye; its mark's echo ends the call
             await asyncio.wait_for(caller.closed.wait(), 3)

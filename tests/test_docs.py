@@ -20,7 +20,17 @@ import pytest
 
 from bridge.agents import AgentCatalog
 from bridge.call import Call, RecordEvent
-from bridge.config import AgentConfig, Settings, load_settings
+from bridge.config import AgentConfig
+from bridge.settings import (
+    APPLICATION_VARIABLES,
+    DEPRECATED_LINE_VARIABLES,
+    Settings,
+    documented_default,
+    env_example,
+    environment_fields,
+    load_settings,
+    setting_names,
+)
 from bridge.functions import FunctionRunner, check_function_map
 from bridge.records import CallRecord, RecordWriter
 from conftest import ROOT
@@ -76,12 +86,9 @@ def table_first_cells(text: str) -> list[str]:
     return cells
 
 
-def config_env_names() -> set[str]:
-    """The variables bridge/config.py reads, by regex over its source."""
-    source = (ROOT / "bridge" / "config.py").read_text(encoding="utf-8")
-    names = set(re.findall(r'(?:environ\.get|_int|_float|_days|_bool|_phone_number|_message)\(\s*(?:environ\s*,\s*)?"([A-Z][A-Z0-9_]*)"', source))
-    assert {"DEEPGRAM_API_KEY", "PORT", "MAX_CALLS", "RECORD_CALLS"} <= names, f"the regex found only {names}"
-    return names
+def setting_variables() -> set[str]:
+    """The variables the settings table (bridge/settings.py) says the bridge reads."""
+    return set(setting_names())
 
 
 class RecordingEnviron(dict[str, str]):
@@ -105,7 +112,7 @@ class RecordingEnviron(dict[str, str]):
 
 
 def documented_names() -> set[str]:
-    return config_env_names() | {"PHARMACY_DB"}
+    return setting_variables() | {name for name, _, _ in APPLICATION_VARIABLES}
 
 
 def env_example_entries() -> dict[str, str]:
@@ -119,18 +126,30 @@ DEPLOYMENT = "docs/deployment.md"
 PERFORMANCE = "docs/performance.md"
 
 
-def readme_settings_table() -> dict[str, str]:
-    """``NAME -> default cell`` from the settings table (docs/configuration.md)."""
-    rows = re.findall(r"^\| `([A-Z][A-Z0-9_]*)` \| ([^|]*) \|", section("Settings (`.env`)", in_file=CONFIGURATION), flags=re.M)
-    return {name: default.strip() for name, default in rows}
+def readme_settings_table() -> dict[str, tuple[str, str]]:
+    """``NAME -> (default cell, meaning cell)`` from the settings table (docs/configuration.md)."""
+    rows = re.findall(
+        r"^\| `([A-Z][A-Z0-9_]*)` \| ([^|]*) \| (.*) \|$", section("Settings (`.env`)", in_file=CONFIGURATION), flags=re.M
+    )
+    return {name: (default.strip(), meaning.strip()) for name, default, meaning in rows}
 
 
 # -------------------------------------------------------------------------------- settings
 
-def test_the_regex_finds_every_variable_load_settings_reads() -> None:
+def test_load_settings_reads_exactly_the_variables_of_the_table() -> None:
+    """The table is the whole truth: no variable is read that it doesn't list (old names aside)."""
     environ = RecordingEnviron({"DEEPGRAM_API_KEY": "k"})
     load_settings(environ)
-    assert environ.read == config_env_names()
+    old = {old_name for _, setting in environment_fields() for old_name in setting.old_names}
+    assert environ.read == setting_variables() | old | set(DEPRECATED_LINE_VARIABLES)
+
+
+def test_every_setting_has_a_doc_line_a_section_and_a_unit_in_its_name() -> None:
+    for item, setting in environment_fields():
+        assert setting.doc.endswith(".") and "\n" not in setting.doc and len(setting.doc) < 200, setting.name
+        assert item.name == setting.name.lower(), f"{setting.name}: one naming style, field = variable in lower case"
+        if setting.unit in ("seconds", "bytes", "days"):
+            assert setting.name.endswith("_" + setting.unit.upper()), f"{setting.name}: the unit goes last in the name"
 
 
 def test_pharmacy_functions_reads_pharmacy_db() -> None:
@@ -138,19 +157,8 @@ def test_pharmacy_functions_reads_pharmacy_db() -> None:
     assert 'environ.get("PHARMACY_DB"' in source
 
 
-def test_env_example_lists_every_variable_under_a_comment() -> None:
-    entries = env_example_entries()
-    assert set(entries) == documented_names(), "`.env.example` must list exactly the variables the code reads"
-    lines = ENV_EXAMPLE.splitlines()
-    for index, line in enumerate(lines):
-        if not line.strip() or line.startswith("#"):
-            continue
-        assert re.match(r"^[A-Z][A-Z0-9_]*=", line), f".env.example line {index + 1} is not NAME=value: {line!r}"
-        # Walk up through this group of lines (no blank line between) to its comment.
-        above = index - 1
-        while above >= 0 and lines[above].strip() and not lines[above].startswith("#"):
-            above -= 1
-        assert above >= 0 and lines[above].startswith("#"), f"{line.split('=')[0]} in .env.example has no comment above it"
+def test_env_example_is_the_table() -> None:
+    assert ENV_EXAMPLE == env_example(), "regenerate it: python -m bridge.settings > .env.example"
 
 
 def test_env_example_changes_no_default() -> None:
@@ -164,28 +172,15 @@ def test_env_example_changes_no_default() -> None:
 
 
 def test_readme_settings_table_is_exactly_the_variables_with_their_defaults() -> None:
+    """docs/configuration.md's table: every variable once, its default as the table has it, its doc line first."""
     table = readme_settings_table()
     assert set(table) == documented_names(), "the settings table must list exactly the variables the code reads"
-    defaults = load_settings({"DEEPGRAM_API_KEY": "k"})
-    attribute = {"DEEPGRAM_API_KEY": "deepgram_api_key", "DEEPGRAM_AGENT_URL": "agent_url"}
-    for name, cell in table.items():
-        if name == "PHARMACY_DB":
-            assert cell == "`data/pharmacy.db`"
-            continue
-        value = getattr(defaults, attribute.get(name, name.lower()))
-        literal = re.fullmatch(r"`([^`]*)`", cell)
-        if literal is None:
-            # "(required)", "(unset)", "(random at each start)": no fixed default.
-            no_fixed_default = {"DEEPGRAM_API_KEY", "PHONE_PAGE_TOKEN", "VOICEMAIL_MESSAGE", "IDLE_REPROMPT_MESSAGE", "IDLE_GOODBYE_MESSAGE"}
-            assert name in no_fixed_default or value is None, f"{name}: the settings table gives no default"
-            continue
-        text = literal.group(1)
-        if isinstance(value, bool):
-            assert text == str(value).lower(), name
-        elif isinstance(value, int | float):
-            assert float(text) == value, name
-        else:
-            assert text == str(value), name
+    for item, setting in environment_fields():
+        default_cell, meaning = table[setting.name]
+        assert default_cell == documented_default(item, setting), setting.name
+        assert meaning.startswith(setting.doc.rstrip(".")), f"{setting.name}: its meaning starts with the table's doc line"
+    for name, default, doc in APPLICATION_VARIABLES:
+        assert table[name] == (f"`{default}`", table[name][1]) and table[name][1].startswith(doc.rstrip(".")), name
 
 
 def test_every_command_line_flag_is_documented() -> None:
@@ -222,7 +217,7 @@ def test_the_fake_agent_section_starts_the_bridge_against_the_fake_agent() -> No
     env = dict(line.split("=", 1) for line in block.strip().splitlines())
     assert env["DEEPGRAM_AGENT_URL"] == f"ws://{fake_agent.DEFAULT_HOST}:{fake_agent.DEFAULT_PORT}"
     settings = load_settings({**env, "PHONE_PAGE": "true", "HOST": "127.0.0.1"})
-    assert settings.agent_url == env["DEEPGRAM_AGENT_URL"] and settings.browser_only
+    assert settings.deepgram_agent_url == env["DEEPGRAM_AGENT_URL"] and settings.browser_only
     words = " ".join(text.split())
     for keys, name, _ in fake_agent.MENU:
         assert " or ".join(f"**{'#' if key == 'pound' else key}**" for key in keys) + f" `{name}`" in words, name
@@ -570,9 +565,9 @@ def test_kubernetes_example_drains_before_it_is_killed() -> None:
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
     pre_stop = int(command[1])
-    drain = float(env.get("DRAIN_SECONDS", load_settings({"DEEPGRAM_API_KEY": "k"}).drain_seconds))
+    drain = float(env.get("DRAIN_TIMEOUT_SECONDS", load_settings({"DEEPGRAM_API_KEY": "k"}).drain_timeout_seconds))
     grace = pod["terminationGracePeriodSeconds"]
-    assert grace >= 30 and grace >= pre_stop + drain + 5, "terminationGracePeriodSeconds must cover preStop + DRAIN_SECONDS"
+    assert grace >= 30 and grace >= pre_stop + drain + 5, "terminationGracePeriodSeconds must cover preStop + DRAIN_TIMEOUT_SECONDS"
 
     assert any("secretRef" in source for source in container["envFrom"]), "keys come from a Secret"
     assert "DEEPGRAM_API_KEY" not in env and "TWILIO_AUTH_TOKEN" not in env, "keys belong in the Secret"

@@ -366,7 +366,7 @@ async def test_a_call_through_the_real_bridge_to_the_fake_agent(make_bridge: Bri
     """Greeting, a spoken turn played back byte for byte, keypad 1 runs get_drug_info, # hangs up."""
     speech = tone(0.6)
     async with FakeAgentServer(ChimeVoice(), port=0) as fake, make_bridge(
-        agent_url=fake.url, dtmf_timeout_seconds=0.1
+        deepgram_agent_url=fake.url, dtmf_timeout_seconds=0.1
     ) as server:
         async with FakeTwilioCaller(twilio_url(server)) as caller:
             await caller.start()

@@ -19,7 +19,8 @@ from deepgram.agent.v1 import AgentV1SendFunctionCallResponse
 import bridge.session
 import main
 import pharmacy_functions
-from bridge.config import ConfigError, parse_agent_config
+from bridge.config import parse_agent_config
+from bridge.settings import ConfigError
 from bridge.functions import MAX_NESTING, MAX_RESULT_CHARS, check_function_map
 from conftest import ROOT, BridgeFactory, empty_env, read_record, twilio_url
 from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually
@@ -220,7 +221,7 @@ async def test_a_result_too_deep_or_too_large_to_pass_on_is_an_error_answer(
 
 
 async def test_a_slow_function_does_not_stall_audio(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
-    async with make_bridge(fake_agent, function_map=TEST_FUNCTIONS, inbound_buffer_bytes=160) as server:
+    async with make_bridge(fake_agent, function_map=TEST_FUNCTIONS, inbound_chunk_bytes=160) as server:
         caller, session = await open_call(fake_agent, server)
         await session.send_json(request(("sync", "slow", {"seconds": 2.0}), ("async", "async_slow", {"seconds": 2.0})))
         started = time.monotonic()

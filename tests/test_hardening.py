@@ -125,7 +125,7 @@ async def test_agent_refusing_the_key_ends_the_call(make_bridge: BridgeFactory, 
 
 async def test_agent_unreachable_ends_the_call(make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture) -> None:
     port = free_port()
-    async with make_bridge(None, agent_url=f"ws://127.0.0.1:{port}/") as server:
+    async with make_bridge(None, deepgram_agent_url=f"ws://127.0.0.1:{port}/") as server:
         await expect_prompt_end(server, caplog, "cannot reach Deepgram")
 
 
@@ -179,7 +179,7 @@ def agent_ready(server: BridgeServer, sessions: int = 1) -> bool:
 
 
 async def test_mid_call_drop_resumes_with_history(fake_agent: FakeAgent, make_bridge: BridgeFactory) -> None:
-    async with make_bridge(fake_agent, inbound_buffer_bytes=160) as server, FakeTwilioCaller(twilio_url(server)) as caller:
+    async with make_bridge(fake_agent, inbound_chunk_bytes=160) as server, FakeTwilioCaller(twilio_url(server)) as caller:
         await caller.start()
         first = await fake_agent.session(0)
         await eventually(lambda: agent_ready(server), what="the first agent session to be ready")
@@ -209,7 +209,7 @@ async def test_mid_call_drop_resumes_with_history(fake_agent: FakeAgent, make_br
 
 
 async def test_gap_audio_is_not_replayed(make_bridge: BridgeFactory) -> None:
-    async with FakeAgent() as agent, make_bridge(agent, inbound_buffer_bytes=160) as server:
+    async with FakeAgent() as agent, make_bridge(agent, inbound_chunk_bytes=160) as server:
         async with FakeTwilioCaller(twilio_url(server)) as caller:
             await caller.start()
             first = await agent.session(0)

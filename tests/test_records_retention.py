@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import ConfigError, load_agent_config, load_settings
+from bridge.config import load_agent_config
+from bridge.settings import ConfigError, load_settings
 from bridge.records import CallRecord, RecordWriter, RetentionError, delete_old_records
 from bridge.server import BridgeServer
 from conftest import ROOT, bridge_settings

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from bridge.config import ConfigError, load_settings
+from bridge.settings import ConfigError, load_settings
 from bridge.storage.shared import KEEP_DAYS, DirectoryState, PostgresState
 from bridge.storage.postgres import check_database_url
 from conftest import ROOT, empty_env

@@ -150,7 +150,7 @@ async def test_twilio_frames_cut_anywhere_and_mixed_with_others_arrive_whole_and
 ) -> None:
     rng = random.Random(7)
     audio = bytes(rng.randrange(256) for _ in range(160 * 40))
-    async with make_bridge(fake_agent, inbound_buffer_bytes=160) as server, raw_call(server, fake_agent) as (
+    async with make_bridge(fake_agent, inbound_chunk_bytes=160) as server, raw_call(server, fake_agent) as (
         caller,
         agent,
         connection,
@@ -311,7 +311,7 @@ async def test_frames_sent_with_the_handshake_request_are_not_lost(
     fake_agent: FakeAgent, make_bridge: BridgeFactory
 ) -> None:
     """A peer may send frames right behind its upgrade request, in the same TCP segment."""
-    async with make_bridge(fake_agent, inbound_buffer_bytes=160) as server:
+    async with make_bridge(fake_agent, inbound_chunk_bytes=160) as server:
         caller = RawTwilio(twilio_url(server))
         sock = socket.create_connection((caller.uri.host, caller.uri.port))
         sock.setblocking(False)
@@ -337,7 +337,7 @@ async def test_a_caller_over_its_frame_budget_is_slowed_down_but_loses_nothing(
     rng = random.Random(3)
     audio = rng.randbytes(160 * 600)
     async with make_bridge(
-        fake_agent, inbound_buffer_bytes=160, caller_frames_per_second=1000.0, caller_frame_burst=100
+        fake_agent, inbound_chunk_bytes=160, caller_frames_per_second=1000.0, max_caller_frame_burst=100
     ) as server, raw_call(server, fake_agent) as (caller, agent, connection):
         frames = b"".join(
             caller.text(media_event(caller.stream_sid, i, i, audio[i * 160 : (i + 1) * 160])) for i in range(600)
@@ -459,7 +459,7 @@ async def test_no_message_is_delivered_after_a_close_frame_or_an_oversize_frame(
     fake_agent: FakeAgent, make_bridge: BridgeFactory, first: str
 ) -> None:
     """Once the connection is closing, later data frames (even ones the shortcut could take) are dropped."""
-    async with make_bridge(fake_agent, inbound_buffer_bytes=160) as server, raw_call(server, fake_agent) as (
+    async with make_bridge(fake_agent, inbound_chunk_bytes=160) as server, raw_call(server, fake_agent) as (
         caller,
         agent,
         _,
@@ -479,7 +479,7 @@ async def test_no_message_is_delivered_after_the_keepalive_failed_the_connection
     fake_agent: FakeAgent, make_bridge: BridgeFactory
 ) -> None:
     """RFC 6455 section 7.1.7: once the keepalive has failed a connection (1011), nothing more it sends counts."""
-    async with make_bridge(fake_agent, inbound_buffer_bytes=160, ping_interval_seconds=0.1) as server, raw_call(
+    async with make_bridge(fake_agent, inbound_chunk_bytes=160, ping_interval_seconds=0.1) as server, raw_call(
         server, fake_agent
     ) as (caller, agent, _):
         assert caller.reader is not None
@@ -502,10 +502,10 @@ async def test_the_keepalive_does_not_take_a_peer_held_back_by_its_frame_budget_
     audio = bytes(range(160)) * 4
     async with make_bridge(
         fake_agent,
-        inbound_buffer_bytes=160,
+        inbound_chunk_bytes=160,
         ping_interval_seconds=0.05,
         caller_frames_per_second=4.0,
-        caller_frame_burst=3,
+        max_caller_frame_burst=3,
     ) as server, raw_call(server, fake_agent) as (caller, agent, connection):
         # connected and start took two frames of the burst: the second of these waits 0.25 s, and so on.
         frames = [caller.text(media_event(caller.stream_sid, i + 2, i, audio[i * 160 : (i + 1) * 160])) for i in range(4)]
@@ -521,7 +521,7 @@ async def test_frames_that_each_come_in_a_read_of_their_own_are_held_to_the_fram
     """The one-frame-per-read shortcut (the usual read) spends the frame budget like every other path."""
     audio = random.Random(9).randbytes(160 * 40)
     async with make_bridge(
-        fake_agent, inbound_buffer_bytes=160, caller_frames_per_second=50.0, caller_frame_burst=12
+        fake_agent, inbound_chunk_bytes=160, caller_frames_per_second=50.0, max_caller_frame_burst=12
     ) as server, raw_call(server, fake_agent) as (caller, agent, connection):
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -561,12 +561,12 @@ async def test_a_flooding_caller_the_bridge_stopped_reading_who_then_resets_ends
     async with make_bridge(
         fake_agent,
         idle_reprompt_seconds=0,
-        stall_seconds=60,
+        stall_timeout_seconds=60,
         close_timeout_seconds=0.3,
-        inbound_buffer_bytes=3200,
-        agent_queue_max_bytes=16_000,
+        inbound_chunk_bytes=3200,
+        max_agent_queue_bytes=16_000,
         caller_frames_per_second=1e6,  # the pause to test is backpressure, not the frame budget
-        caller_frame_burst=10**6,
+        max_caller_frame_burst=10**6,
     ) as server, raw_call(server, fake_agent) as (flooder, flood_agent, connection):
         flood_agent.socket.transport.pause_reading()  # the agent reads nothing more
         async with FakeTwilioCaller(twilio_url(server)) as normal:
@@ -610,7 +610,7 @@ async def test_a_caller_the_bridge_stopped_reading_who_then_closes_ends_its_call
 ) -> None:
     """The caller reads nothing while the agent speaks, so the bridge stops reading it; then it closes (a FIN)."""
     async with make_bridge(
-        fake_agent, idle_reprompt_seconds=0, stall_seconds=60, close_timeout_seconds=0.3
+        fake_agent, idle_reprompt_seconds=0, stall_timeout_seconds=60, close_timeout_seconds=0.3
     ) as server, raw_call(server, fake_agent, receive_buffer=4096) as (caller, agent, connection):
         connection.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         agent_socket = only_call(server).agent

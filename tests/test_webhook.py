@@ -26,7 +26,7 @@ from conftest import ROOT, BridgeFactory, read_record, twilio_url
 from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually, shows_digits
 
 import main
-from bridge.config import ConfigError, load_settings
+from bridge.settings import ConfigError, load_settings
 from bridge.webhook import (
     MAX_TRANSCRIPT_TURNS,
     CallDigest,
@@ -182,7 +182,7 @@ def webhook_overrides(receiver: FakeReceiver, **more: Any) -> dict[str, Any]:
         "call_webhook_retry_seconds": 3.0,
         "webhook_attempt_timeout_seconds": 1.0,
         "webhook_backoff_seconds": 0.05,
-        "webhook_drain_seconds": 3.0,
+        "webhook_drain_timeout_seconds": 3.0,
     }
     return {**settings, **more}
 
@@ -385,7 +385,7 @@ async def test_shutdown_waits_for_the_webhook_only_until_its_deadline(
     fake_agent: FakeAgent, make_bridge: BridgeFactory, receiver: FakeReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:
     receiver.default = "hang"
-    overrides = webhook_overrides(receiver, webhook_attempt_timeout_seconds=30.0, webhook_drain_seconds=0.3)
+    overrides = webhook_overrides(receiver, webhook_attempt_timeout_seconds=30.0, webhook_drain_timeout_seconds=0.3)
     async with make_bridge(fake_agent, **overrides) as server:
         await short_call(server, fake_agent)
         await eventually(lambda: receiver.hanging == 1, what="the receiver to hold the request")
@@ -663,7 +663,7 @@ def test_the_payload_stays_under_its_cap_and_strict_json() -> None:
         ({"CALL_WEBHOOK_URL": "https://example.com/a b"}, "CALL_WEBHOOK_URL must be plain ASCII without spaces or a #fragment: percent-encode other characters."),
         ({"CALL_WEBHOOK_URL": "https://example.com/x"}, "CALL_WEBHOOK_URL is set but CALL_WEBHOOK_SECRET is not: the webhook's requests are signed with it (at least 16 characters; python -c 'import secrets; print(secrets.token_hex(32))' makes one)."),
         ({"CALL_WEBHOOK_URL": "https://example.com/x", "CALL_WEBHOOK_SECRET": "short"}, "CALL_WEBHOOK_SECRET must be at least 16 characters, got 5."),
-        ({"CALL_WEBHOOK_RETRY_SECONDS": "-1"}, "CALL_WEBHOOK_RETRY_SECONDS must be a number of seconds of at least 0.0, got '-1'."),
+        ({"CALL_WEBHOOK_RETRY_SECONDS": "-1"}, "CALL_WEBHOOK_RETRY_SECONDS must be a number of seconds of at least 0, got '-1'."),
     ],
 )
 def test_bad_webhook_settings_are_one_sentence(env: dict[str, str], expected: str) -> None:

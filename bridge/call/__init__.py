@@ -25,8 +25,10 @@ from .actions import (
     SendToAgent,
     SendToCaller,
     StartFunction,
+    StartRecording,
     Timer,
     TransferCall,
+    UpdateRecording,
 )
 from .agent_link import MAX_ERROR_RESUMES
 from .core import Call
@@ -37,5 +39,5 @@ __all__ = [
     "MAX_ERROR_RESUMES", "NO_ACTIONS", "Action", "ArmTimer", "Call", "CallEnd",
     "CancelFunction", "CancelTimer", "ClearCaller", "CloseAgent", "EndReason", "HangUp", "Identify", "Log",
     "MarkCaller", "OpenAgent", "PauseCaller", "Phase", "Record", "RecordEvent", "RedirectCall", "ResumeCaller",
-    "SendToAgent", "SendToCaller", "StartFunction", "Timer", "TransferCall",
+    "SendToAgent", "SendToCaller", "StartFunction", "StartRecording", "Timer", "TransferCall", "UpdateRecording",
 ]

@@ -157,6 +157,21 @@ class TransferCall:
     redirect: RedirectCall
 
 
+@dataclass(frozen=True, slots=True)
+class StartRecording:
+    """Start recording the call ``call_sid`` (two channels); report ``recording_started``."""
+
+    call_sid: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateRecording:
+    """Pause (skipping the span) or resume the call's current recording; report ``recording_updated``."""
+
+    call_sid: str
+    pause: bool
+
+
 Action = (
     SendToAgent
     | SendToCaller
@@ -175,5 +190,7 @@ Action = (
     | Log
     | HangUp
     | TransferCall
+    | StartRecording
+    | UpdateRecording
 )
 NO_ACTIONS: Sequence[Action] = ()

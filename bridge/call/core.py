@@ -53,7 +53,7 @@ from .. import twilio
 from ..agents import AgentCatalog, AgentChoice
 from ..binding import BINDING_PARAMETER
 from ..caller_lines import CallerLines
-from ..config import Settings
+from ..settings import Settings
 from ..functions import FunctionOutcome
 from ..logsafe import clean
 from .actions import (
@@ -84,6 +84,7 @@ from .injections import Injection, Injections
 from .keypad import KEYPAD_REDACTED, Keypad, keys_in
 from .phase import Phase, PhaseEvent, PhaseMachine
 from .privacy import TranscriptPolicy, TranscriptStorage
+from .recording import Recording
 from .playback import EchoedMark, Playback
 from ..call_events import CallEnd, EndReason, RecordEvent
 from .silence import SilenceClock, SilenceStage
@@ -114,11 +115,7 @@ class Call:
         self._agents = agents
         self._agent: AgentChoice | None = None
         self._settings_json = ""  # the Settings message of a fresh session, encoded once at start
-        self.lines = CallerLines(
-            idle_reprompt=settings.idle_reprompt_message,
-            idle_goodbye=settings.idle_goodbye_message,
-            voicemail=settings.voicemail_message,
-        )
+        self.lines: CallerLines = settings.caller_lines  # the chosen agent's own, from start on
         self._page: NoFeed = BrowserFeed() if browser else NO_FEED
         # Whether Twilio's REST API may act on this call: decided at start, by the stream's binding.
         self.control = CallControl(
@@ -131,11 +128,11 @@ class Call:
         self._fallback_target: str | None = None
 
         self.link = AgentLink(
-            settings.agent_connect_timeout_seconds, settings.agent_reconnect_delays, settings.keepalive_seconds
+            settings.agent_connect_timeout_seconds, settings.limits.agent_reconnect_delays, settings.limits.keepalive_seconds
         )
-        self.inbound = InboundAudio(settings.inbound_buffer_bytes, settings.agent_queue_max_bytes)
+        self.inbound = InboundAudio(settings.inbound_chunk_bytes, settings.limits.max_agent_queue_bytes)
         self.playback = Playback()
-        self.departure = DepartureMachine(settings.hangup_timeout_seconds)
+        self.departure = DepartureMachine(settings.limits.hangup_timeout_seconds)
         self.keypad = Keypad(settings.dtmf_timeout_seconds)
         self.silence = SilenceClock(settings.idle_reprompt_seconds, settings.idle_hangup_seconds)
         self.injections = Injections()
@@ -144,6 +141,7 @@ class Call:
         self.stats = CallStats()
         # What of the caller's words records and logs get; the agent's sensitive parameters join at start.
         self.privacy = TranscriptPolicy(TranscriptStorage(settings.store_transcripts))
+        self.recording = Recording()
 
     # ------------------------------------------------------------------------------ views
 
@@ -194,7 +192,7 @@ class Call:
         """The caller's WebSocket is open."""
         return [
             Log(logging.INFO, "call connected%s", (" (browser phone)" if self._page is not NO_FEED else "",)),
-            ArmTimer(Timer.START, now + self.settings.start_timeout_seconds),
+            ArmTimer(Timer.START, now + self.settings.limits.start_timeout_seconds),
         ]
 
     def caller_text(self, text: str, now: float) -> Sequence[Action]:
@@ -312,10 +310,31 @@ class Call:
             # An answering machine took an outbound call: the agent's greeting is the message,
             # and the call ends once it has been heard.
             self.departure.voicemail()
-            self._settings_json = agent.voicemail_settings(choice.settings, self.lines.voicemail)
+            self._settings_json = json.dumps(agent.with_greeting(choice.settings, self.lines.voicemail))
             actions.append(Log(logging.INFO, "leaving the voicemail message"))
+        elif self.settings.call_recording != "off":
+            actions += self._prepare_recording(stream.call_sid, choice)
         self._phase.move(PhaseEvent.STARTED)
         return actions + self.link.open(now, resuming=False)
+
+    def _prepare_recording(self, call_sid: str, choice: AgentChoice) -> list[Action]:
+        """A call to record: the notice opens the greeting (or is injected once the agent is ready)."""
+        if not self.control.may_act:
+            return self.control.refused("recording the call")
+        self.recording.call_started(call_sid)
+        greeting = agent.greeting_of(choice.settings)
+        if greeting is not None:
+            noticed = agent.with_greeting(choice.settings, f"{self.lines.recording_notice} {greeting}")
+            self._settings_json = agent.settings_message(noticed, [])
+        else:
+            self.recording.notice_refused()  # nothing to carry it: inject it when the session is ready
+        return []
+
+    def _say_recording_notice(self) -> list[Action]:
+        if not self.recording.needs_notice or not self._phase.conversing:
+            return []
+        self.recording.notice_injected()
+        return self.injections.send(Injection.RECORDING_NOTICE, agent.inject_agent_message(self.lines.recording_notice))
 
     def _caller_finished(self, now: float, end: CallEnd) -> list[Action]:
         """The caller is gone: every byte they sent still reaches the agent if it can."""
@@ -333,12 +352,12 @@ class Call:
 
     def _mark_echoed(self, name: str | None) -> list[Action]:
         echoed = self.playback.mark_echoed(name)
+        if echoed is EchoedMark.UNKNOWN or name is None:
+            return self.stats.reject("twilio", "unknown-mark", "Twilio echoed a mark the bridge never sent")
         if echoed is EchoedMark.CLEARED:
             # A clear makes Twilio echo every pending mark at once: that audio was never heard.
-            return [Record(RecordEvent.MARK_CLEARED, {"name": name})]
-        if echoed is EchoedMark.UNKNOWN:
-            return self.stats.reject("twilio", "unknown-mark", "Twilio echoed a mark the bridge never sent")
-        actions: list[Action] = [Record(RecordEvent.MARK_PLAYED, {"name": name})]
+            return [Record(RecordEvent.MARK_CLEARED, {"name": name}), *self.recording.mark_cleared(name)]
+        actions: list[Action] = [Record(RecordEvent.MARK_PLAYED, {"name": name}), *self.recording.mark_heard(name)]
         departure = self.departure
         if echoed is EchoedMark.HEARD_LAST_WORDS and departure.awaiting_last_words:
             actions += self._last_words_heard()
@@ -455,6 +474,7 @@ class Call:
                 # A saved agent's greeting can't be replaced: the agent says the message instead.
                 actions += self.injections.send(Injection.VOICEMAIL, agent.inject_agent_message(self.lines.voicemail))
         actions += self.injections.agent_ready()  # keypad digits pressed while the session opened
+        actions += self._say_recording_notice()
         if self._caller_left is not None:
             actions.append(CancelTimer(Timer.TAIL_FLUSH))
             actions += self._end_call(self._caller_left)
@@ -512,6 +532,8 @@ class Call:
         if kind == "LatencyReport":
             return self._latency_report(message)
         if kind == "InjectionRefused":
+            if self.injections.last_kind is Injection.RECORDING_NOTICE:
+                self.recording.notice_refused()
             return self.injections.refused(message.get("message"))
         if kind == "Warning":
             return self._on_warning(message)
@@ -605,7 +627,7 @@ class Call:
     def _agent_audio_done(self, now: float) -> list[Action]:
         actions = self._end_turn(now)
         # Refused earlier (the agent was busy); now it has finished speaking. Only once.
-        return actions + self.injections.agent_turn_done(self._still_wanted)
+        return actions + self.injections.agent_turn_done(self._still_wanted) + self._say_recording_notice()
 
     def _end_turn(self, now: float) -> list[Action]:
         """The agent's turn is over (AgentAudioDone, or its session lost mid-turn): mark its end."""
@@ -613,6 +635,7 @@ class Call:
         mark, queued_seconds = self.playback.end_turn(last_words=last_words)
         actions: list[Action] = self.departure.last_turn_marked(now, queued_seconds) if last_words else []
         actions.append(mark)
+        self.recording.turn_ended(mark.name)
         return actions
 
     # ------------------------------------------------------------------------------ functions
@@ -830,6 +853,14 @@ class Call:
             actions += self.injections.send(Injection.TRANSFER_FAILED, agent.inject_agent_message(self.lines.transfer_failed))
         return self._settle(actions, now)
 
+    def recording_started(self, recording_sid: str | None, error: str | None) -> Sequence[Action]:
+        """The REST request for ``StartRecording`` answered: the recording's SID, or why not."""
+        return self.recording.started(recording_sid, error)
+
+    def recording_updated(self, pause: bool, error: str | None) -> Sequence[Action]:
+        """The REST request for ``UpdateRecording`` answered."""
+        return self.recording.updated(pause, error)
+
     def fallback_finished(self, error: str | None) -> Sequence[Action]:
         """The shell moved (or failed to move) the caller to the fallback after ``HangUp.fallback``."""
         target = self._fallback_target or "fallback"
@@ -852,6 +883,8 @@ class Call:
         actions, entries = self.keypad.pressed(digit, now)
         for entry in entries:
             actions += self._keypad_entry(entry)
+        # A recording skips what the caller types: the tones of a PIN are not kept.
+        actions += self.recording.keypad_entry(self.keypad.entering)
         return actions + self._caller_acted(now)
 
     def _keypad_entry(self, entry: str) -> list[Action]:
@@ -912,7 +945,7 @@ class Call:
                 return NO_ACTIONS
             return self.link.keepalive_due(now, self.inbound.last_sent_at)
         if timer is Timer.START:
-            seconds = self.settings.start_timeout_seconds
+            seconds = self.settings.limits.start_timeout_seconds
             return [
                 Log(logging.WARNING, "Twilio sent no start event within %.0f s", (seconds,)),
                 *self._end_call(CallEnd(EndReason.NO_START)),
@@ -945,7 +978,7 @@ class Call:
             actions: list[Action] = []
             for entry in self.keypad.complete():
                 actions += self._keypad_entry(entry)
-            return actions
+            return actions + self.recording.keypad_entry(self.keypad.entering)
         if timer is Timer.IDLE:
             return self._caller_idle(now)
         raise AssertionError(f"unknown timer {timer}")
@@ -1004,6 +1037,7 @@ class Call:
             "audio_bytes_to_agent": inbound.bytes_to_agent,
             "audio_bytes_to_caller": self.playback.bytes_to_caller,
             "audio_bytes_dropped_in_reconnect": inbound.bytes_dropped,
+            "recording_sid": self.recording.recording_sid,
             **self.stats.summary(),
         }
 

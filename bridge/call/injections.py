@@ -26,6 +26,11 @@ class Injection(enum.Enum):
     IDLE_GOODBYE = "idle-goodbye"
     TRANSFER_FAILED = "transfer-failed"
     VOICEMAIL = "voicemail"
+    RECORDING_NOTICE = "recording-notice"
+
+
+# Injections whose refusal their owner handles itself (the recording machine says the notice again).
+NOT_RETRIED = frozenset({Injection.RECORDING_NOTICE})
 
 
 class Injections:
@@ -53,12 +58,19 @@ class Injections:
             actions += self.send(kind, message)
         return actions
 
+    @property
+    def last_kind(self) -> Injection | None:
+        """What the newest injection was: an InjectionRefused is about that one."""
+        return self._last[0] if self._last is not None else None
+
     def refused(self, why: str | None) -> list[Action]:
         last, self._last = self._last, None
         reason = clean(why, 200)
         if last is None:
             return [Log(logging.DEBUG, "Deepgram refused an injection: %s", (reason,))]
         kind = last[0]
+        if kind in NOT_RETRIED:
+            return [Log(logging.INFO, "Deepgram refused the %s message (%s)", (kind.value, reason))]
         if self._retried or self._retry is not None:
             return [
                 Log(logging.WARNING, "Deepgram refused the %s message again (%s); not retrying", (kind.value, reason)),

@@ -34,6 +34,11 @@ class Keypad:
         self._timeout = timeout_seconds
         self._echoes_expected = 0
 
+    @property
+    def entering(self) -> bool:
+        """Keys of an entry are being gathered (the entry is not complete yet)."""
+        return bool(self._digits)
+
     def take_echo(self, text: str) -> bool:
         """``text`` (a user turn) is Deepgram's echo of a keypad entry: keep its digits hidden."""
         if self._echoes_expected and _KEYPAD_ECHO.fullmatch(text.strip()) is not None:

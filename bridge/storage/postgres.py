@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
-from bridge.config import ConfigError
+from bridge.settings import ConfigError
 
 logger = logging.getLogger("bridge.storage.postgres")
 
