@@ -200,6 +200,7 @@ class AgentChoice:
     unknown: str | None = None  # an ``agent`` parameter naming no agent (the default was used)
     # Function name -> the parameters its declaration marks sensitive (always redacted when stored).
     sensitive: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    transfer_mode: str | None = None  # the agent's own TRANSFER_MODE, if its file sets one
 
 
 def make_agent(name: str, source: str, config: AgentConfig) -> Agent:

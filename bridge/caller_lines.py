@@ -28,6 +28,11 @@ FALLBACK_GOODBYE = (
     "I'm sorry, our automated assistant isn't available right now. Please call us again in a few minutes. Goodbye."
 )
 RECORDING_NOTICE = "This call is recorded."
+TRANSFER_CONNECTING = "The pharmacist can take your call now. I'm connecting you."
+TRANSFER_DECLINED = (
+    "I'm sorry, the pharmacist can't come to the phone right now. I can take a message, "
+    "or have them call you back. What would you prefer?"
+)
 # A line is said aloud in one breath; longer is a mistake in the file.
 MAX_LINE_CHARS = 1000
 
@@ -43,6 +48,8 @@ class CallerLines:
     fallback_transfer: str = FALLBACK_TRANSFER  # Twilio says it when the agent fails, before FALLBACK_NUMBER
     fallback_goodbye: str = FALLBACK_GOODBYE  # Twilio says it when the agent fails and there is no FALLBACK_NUMBER
     recording_notice: str = RECORDING_NOTICE  # before the call is recorded (CALL_RECORDING)
+    transfer_connecting: str = TRANSFER_CONNECTING  # a warm transfer: the pharmacist accepted
+    transfer_declined: str = TRANSFER_DECLINED  # a warm transfer: the pharmacist declined or didn't answer
 
 
 LINE_NAMES = tuple(field.name for field in fields(CallerLines))

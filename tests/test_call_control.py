@@ -269,7 +269,7 @@ async def test_transfer_dials_the_configured_number_only_after_the_line_after_th
     assert_update(update, fake, caller.call_sid, f"<Response><Dial>{TRANSFER}</Dial></Response>")
     assert b"19005550000" not in update.body
     lines = read_record(tmp_path / "calls")
-    assert events(lines, "transferred") == [{"reason": "wants a pharmacist"}]
+    assert events(lines, "transferred") == [{"reason": "wants a pharmacist", "mode": "cold"}]
     assert lines[-1]["event"] == "summary" and lines[-1]["ended_by"] == "transferred"
 
 
@@ -300,7 +300,7 @@ async def test_transfer_after_the_line_waits_for_the_grace_and_every_mark(
     assert fake.requests == [update]
     assert_update(update, fake, caller.call_sid, f"<Response><Dial>{TRANSFER}</Dial></Response>")
     lines = read_record(tmp_path / "calls")
-    assert events(lines, "transferred") == [{"reason": "wants a pharmacist"}]
+    assert events(lines, "transferred") == [{"reason": "wants a pharmacist", "mode": "cold"}]
     assert lines[-1]["ended_by"] == "transferred"
 
 
@@ -380,7 +380,7 @@ async def test_a_failed_transfer_tells_the_agent_and_the_call_goes_on(
     [failed] = events(lines, "transfer_failed")
     assert failed["reason"] == "wants a pharmacist"
     assert "21210" in failed["error"] and "not yet verified" in failed["error"]
-    assert events(lines, "transferred") == [{"reason": "insists"}]
+    assert events(lines, "transferred") == [{"reason": "insists", "mode": "cold"}]
     assert lines[-1]["ended_by"] == "transferred"
 
 
@@ -408,7 +408,7 @@ async def test_twilio_ending_the_stream_before_the_transfer_answer_is_recorded_b
     assert len(fake.requests) == 1
     lines = read_record(tmp_path / "calls")
     if accepted:
-        assert events(lines, "transferred") == [{"reason": "wants a pharmacist"}]
+        assert events(lines, "transferred") == [{"reason": "wants a pharmacist", "mode": "cold"}]
         assert not events(lines, "transfer_failed") and lines[-1]["ended_by"] == "transferred"
     else:
         [failed] = events(lines, "transfer_failed")

@@ -144,5 +144,5 @@ async def test_a_transfer_with_arguments_nested_thousands_deep_goes_ahead_with_t
             await fake.wait_for_requests(1, operation="update")
             await eventually(lambda: not server.calls, what="the call to end")
     lines = read_record(tmp_path / "calls")
-    assert events(lines, "transferred") == [{"reason": "the agent transferred the call"}]
+    assert events(lines, "transferred") == [{"reason": "the agent transferred the call", "mode": "cold"}]
     assert lines[-1]["ended_by"] == "transferred"

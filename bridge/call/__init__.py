@@ -13,10 +13,13 @@ from .actions import (
     CancelTimer,
     ClearCaller,
     CloseAgent,
+    DialPharmacist,
+    EndCallLeg,
     HangUp,
     Identify,
     Log,
     MarkCaller,
+    NoteCallerLeft,
     OpenAgent,
     PauseCaller,
     Record,
@@ -29,6 +32,7 @@ from .actions import (
     Timer,
     TransferCall,
     UpdateRecording,
+    WatchForNote,
 )
 from .agent_link import MAX_ERROR_RESUMES
 from .core import Call
@@ -37,7 +41,7 @@ from ..call_events import CallEnd, EndReason, RecordEvent
 
 __all__ = [
     "MAX_ERROR_RESUMES", "NO_ACTIONS", "Action", "ArmTimer", "Call", "CallEnd",
-    "CancelFunction", "CancelTimer", "ClearCaller", "CloseAgent", "EndReason", "HangUp", "Identify", "Log",
+    "CancelFunction", "CancelTimer", "ClearCaller", "CloseAgent", "DialPharmacist", "EndCallLeg", "NoteCallerLeft", "WatchForNote", "EndReason", "HangUp", "Identify", "Log",
     "MarkCaller", "OpenAgent", "PauseCaller", "Phase", "Record", "RecordEvent", "RedirectCall", "ResumeCaller",
     "SendToAgent", "SendToCaller", "StartFunction", "StartRecording", "Timer", "TransferCall", "UpdateRecording",
 ]

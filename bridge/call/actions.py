@@ -27,6 +27,7 @@ class Timer(enum.Enum):
     TAIL_FLUSH = "tail-flush"
     DTMF = "dtmf"
     IDLE = "idle"
+    CONSULT = "consult"
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +173,36 @@ class UpdateRecording:
     pause: bool
 
 
+@dataclass(frozen=True, slots=True)
+class DialPharmacist:
+    """Call TRANSFER_NUMBER for a warm transfer and brief the pharmacist; report ``consult_dialled``."""
+
+    caller_call_sid: str
+    agent_name: str
+    summary: str
+
+
+@dataclass(frozen=True, slots=True)
+class WatchForNote:
+    """Read the note the pharmacist's answer leaves for this call until there is one; report ``consult_answered``."""
+
+    caller_call_sid: str
+
+
+@dataclass(frozen=True, slots=True)
+class NoteCallerLeft:
+    """Leave the note that the caller hung up, for a pharmacist who presses 1 later (any process)."""
+
+    caller_call_sid: str
+
+
+@dataclass(frozen=True, slots=True)
+class EndCallLeg:
+    """Hang up another leg of the call (the pharmacist's) through the REST API."""
+
+    call_sid: str
+
+
 Action = (
     SendToAgent
     | SendToCaller
@@ -192,5 +223,9 @@ Action = (
     | TransferCall
     | StartRecording
     | UpdateRecording
+    | DialPharmacist
+    | WatchForNote
+    | NoteCallerLeft
+    | EndCallLeg
 )
 NO_ACTIONS: Sequence[Action] = ()

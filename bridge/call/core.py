@@ -63,6 +63,7 @@ from .actions import (
     CancelFunction,
     CancelTimer,
     CloseAgent,
+    EndCallLeg,
     HangUp,
     Identify,
     Log,
@@ -84,6 +85,7 @@ from .injections import Injection, Injections
 from .keypad import KEYPAD_REDACTED, Keypad, keys_in
 from .phase import Phase, PhaseEvent, PhaseMachine
 from .privacy import TranscriptPolicy, TranscriptStorage
+from .consult import Consult, ConsultStage, conference_name, parse_note
 from .recording import Recording
 from .playback import EchoedMark, Playback
 from ..call_events import CallEnd, EndReason, RecordEvent
@@ -92,6 +94,8 @@ from .stats import CallStats
 
 # How long a hung-up caller's last audio may wait for an agent still opening.
 TAIL_FLUSH_SECONDS = 1.0
+# The model's summary of the call for the pharmacist's briefing: a sentence or two.
+SUMMARY_CHARS = 300
 # Transcript text kept for the resume history and sent to the browser page.
 MAX_TEXT_CHARS = 8000
 # The Twilio tracks a keypad press may come from: the caller's.
@@ -126,6 +130,7 @@ class Call:
         self._end: CallEnd | None = None
         self._caller_left: CallEnd | None = None  # why the caller's socket ended, once it has
         self._fallback_target: str | None = None
+        self._warm_reason: str | None = None  # a warm transfer's reason, for the record
 
         self.link = AgentLink(
             settings.agent_connect_timeout_seconds, settings.limits.agent_reconnect_delays, settings.limits.keepalive_seconds
@@ -142,6 +147,7 @@ class Call:
         # What of the caller's words records and logs get; the agent's sensitive parameters join at start.
         self.privacy = TranscriptPolicy(TranscriptStorage(settings.store_transcripts))
         self.recording = Recording()
+        self.consult = Consult(settings.transfer_timeout_seconds)
 
     # ------------------------------------------------------------------------------ views
 
@@ -344,6 +350,8 @@ class Call:
             end = CallEnd(EndReason.TRANSFERRED)
         self._caller_left = end
         actions = list(self.inbound.caller_left(now))
+        if self.stream is not None:
+            actions += self.consult.caller_left(self.stream.call_sid)
         if self._phase.phase is Phase.OPENING_AGENT:
             # The agent may still take what the caller said: wait a moment for it.
             actions.append(ArmTimer(Timer.TAIL_FLUSH, now + TAIL_FLUSH_SECONDS))
@@ -747,8 +755,10 @@ class Call:
             return self.control.refused("transferring the call") + self._builtin_refused(
                 call, "Transferring is not available on this call."
             )
-        # Only a reason is taken from the agent, for the record; never a number to dial.
+        # Only a reason (and a summary for the pharmacist) is taken from the agent; never a number to dial.
         reason = _argument_text(call.arguments, "reason") or "the agent transferred the call"
+        if self._transfer_mode() == "warm":
+            return self._warm_transfer_requested(call, reason, now)
         return self._departure_requested(
             DepartureKind.TRANSFER,
             call,
@@ -757,6 +767,80 @@ class Call:
             "agent asked to transfer the call; transferring after its last words have played",
             reason=reason,
         )
+
+    def _transfer_mode(self) -> str:
+        chosen = self._agent.transfer_mode if self._agent is not None else None
+        return chosen or self.settings.transfer_mode
+
+    def _warm_transfer_requested(self, call: agent.FunctionCall, reason: str, now: float) -> list[Action]:
+        """The caller stays with the agent while the pharmacist is called and briefed (consult.py)."""
+        if self.consult.under_way or self.departure.pending is not None:
+            return self._builtin_refused(call, "A pharmacist is already being called for this caller; wait for the answer.")
+        assert self.stream is not None and self._agent is not None
+        summary = _argument_text(call.arguments, "summary", SUMMARY_CHARS) or reason
+        answer = {
+            "result": "The pharmacist is being called and told why. Tell the caller you are fetching the pharmacist "
+            "and ask them to stay on the line; you will be told whether the pharmacist takes the call."
+        }
+        self.stats.function_answered(None)
+        self._warm_reason = reason
+        return [
+            Log(logging.INFO, "agent asked for a warm transfer; calling the pharmacist while the caller waits"),
+            SendToAgent(agent.function_call_response(call, json.dumps(answer))),
+            Record(
+                RecordEvent.FUNCTION_CALL,
+                {"name": call.name, **self.privacy.function_fields(call.name, call.arguments, answer, None),
+                 "outcome": "ok", "duration_seconds": 0.0, "withdrawn": False},
+            ),
+            Record(RecordEvent.TRANSFER_DIALLING, {"mode": "warm", "reason": self.privacy.reason(reason)}),
+            *self.consult.dial(self.stream.call_sid, self._agent.name, summary, now),
+        ]
+
+    def consult_dialled(self, pharmacist_sid: str | None, error: str | None, now: float) -> Sequence[Action]:
+        """The REST create of the pharmacist's call answered: its SID, or why it failed."""
+        if self.consult.stage is not ConsultStage.DIALLING or self._phase.ended:
+            return NO_ACTIONS
+        if error is not None or pharmacist_sid is None:
+            return self._settle(self._consult_declined("failed", error or "no Call SID"), now)
+        assert self.stream is not None
+        return [
+            Log(logging.INFO, "the pharmacist's phone is ringing (%s)", (pharmacist_sid,)),
+            *self.consult.dialled(pharmacist_sid, self.stream.call_sid),
+        ]
+
+    def consult_answered(self, note: str | None, now: float) -> Sequence[Action]:
+        """The note the pharmacist's answer left: ``accepted`` or ``declined:<why>``."""
+        answer = parse_note(note)
+        if answer is None or self.consult.stage is not ConsultStage.RINGING or self._phase.ended:
+            return NO_ACTIONS
+        if not answer.accepted:
+            return self._settle(self._consult_declined(answer.reason or "declined", None), now)
+        assert self.stream is not None
+        self.consult.accepted()
+        waited = now - (self.consult.dialled_at or now)
+        actions: list[Action] = [
+            CancelTimer(Timer.CONSULT),
+            Log(logging.INFO, "the pharmacist accepted after %.1f s; the caller is moved once the agent's line is heard", (waited,)),
+            Record(RecordEvent.TRANSFER_ACCEPTED, {"seconds_waited": round(waited, 3)}),
+        ]
+        if self._phase.conversing:
+            actions += self.injections.send(Injection.TRANSFER_CONNECTING, agent.inject_agent_message(self.lines.transfer_connecting))
+        actions += self.departure.request(
+            DepartureKind.TRANSFER, now, words_to_come=self._phase.conversing, reason=self._warm_reason,
+            conference=conference_name(self.stream.call_sid),
+        )
+        return self._settle(actions, now)
+
+    def _consult_declined(self, reason: str, error: str | None) -> list[Action]:
+        actions: list[Action] = [
+            Log(logging.INFO, "the pharmacist did not take the call (%s)%s; the agent tells the caller",
+                (reason, f": {error}" if error else "")),
+            Record(RecordEvent.TRANSFER_DECLINED, {"mode": "warm", "reason": reason}),
+            *self.consult.declined(),
+        ]
+        if self._phase.conversing:
+            actions += self.injections.send(Injection.TRANSFER_DECLINED, agent.inject_agent_message(self.lines.transfer_declined))
+        return actions
 
     def _end_call_requested(self, call: agent.FunctionCall, now: float) -> list[Action]:
         return self._departure_requested(
@@ -810,7 +894,10 @@ class Call:
         departure = self.departure.carry_out()
         if departure.kind is DepartureKind.TRANSFER:
             assert self.stream is not None and self.settings.transfer_number is not None
-            twiml = twilio.dial_twiml(self.settings.transfer_number)
+            if departure.conference is not None:
+                twiml = twilio.conference_twiml(departure.conference)
+            else:
+                twiml = twilio.dial_twiml(self.settings.transfer_number)
             return [
                 *self.departure.cancel_timers(),
                 Log(logging.INFO, "the agent's last words have played; transferring the call"),
@@ -838,16 +925,22 @@ class Call:
         if transfer is None:
             return NO_ACTIONS
         reason = self.privacy.reason(transfer.reason)
+        mode = "warm" if transfer.conference is not None else "cold"
+        # A pharmacist waiting in the conference for a caller who can't be moved is hung up on.
+        leg = self.consult.pharmacist_sid if error is not None else None
+        self.consult.finished()
+        ended_leg: list[Action] = [EndCallLeg(leg)] if leg is not None else []
         if self._phase.ended:  # the stream ended first, as Twilio ends it on a transfer
             if error is None:
-                return [Record(RecordEvent.TRANSFERRED, {"reason": reason})]
+                return [Record(RecordEvent.TRANSFERRED, {"reason": reason, "mode": mode})]
             self._end = CallEnd(EndReason.CALLER_HUNG_UP, " during a failed transfer")
-            return [Record(RecordEvent.TRANSFER_FAILED, {"reason": reason, "error": error})]
+            return [Record(RecordEvent.TRANSFER_FAILED, {"reason": reason, "mode": mode, "error": error}), *ended_leg]
         if error is None:
-            return [Record(RecordEvent.TRANSFERRED, {"reason": reason}), *self._end_call(CallEnd(EndReason.TRANSFERRED))]
+            return [Record(RecordEvent.TRANSFERRED, {"reason": reason, "mode": mode}), *self._end_call(CallEnd(EndReason.TRANSFERRED))]
         actions: list[Action] = [
             Log(logging.WARNING, "the transfer failed: %s; the agent tells the caller", (error,)),
-            Record(RecordEvent.TRANSFER_FAILED, {"reason": reason, "error": error}),
+            Record(RecordEvent.TRANSFER_FAILED, {"reason": reason, "mode": mode, "error": error}),
+            *ended_leg,
         ]
         if self._phase.conversing:
             actions += self.injections.send(Injection.TRANSFER_FAILED, agent.inject_agent_message(self.lines.transfer_failed))
@@ -981,6 +1074,10 @@ class Call:
             return actions + self.recording.keypad_entry(self.keypad.entering)
         if timer is Timer.IDLE:
             return self._caller_idle(now)
+        if timer is Timer.CONSULT:
+            if self.consult.stage not in (ConsultStage.DIALLING, ConsultStage.RINGING):
+                return NO_ACTIONS
+            return self._consult_declined("no-answer", f"no answer within {self.settings.transfer_timeout_seconds:g} s")
         raise AssertionError(f"unknown timer {timer}")
 
     # --------------------------------------------------------------------------------- ending

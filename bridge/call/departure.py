@@ -62,6 +62,7 @@ class Departure:
     stage: DepartureStage = DepartureStage.AWAITING_LAST_WORDS
     call_id: str | None = None  # the end_call / transfer_call request that asked for it
     reason: str | None = None  # a transfer's reason, for the record
+    conference: str | None = None  # a warm transfer: the conference the pharmacist waits in
 
     def end(self, *, confirmed: bool = True) -> CallEnd:
         """How the call ends when this departure is carried out."""
@@ -77,7 +78,14 @@ class DepartureMachine:
         self._hangup_timeout = hangup_timeout_seconds
 
     def request(
-        self, kind: DepartureKind, now: float, *, words_to_come: bool, call_id: str | None = None, reason: str | None = None
+        self,
+        kind: DepartureKind,
+        now: float,
+        *,
+        words_to_come: bool,
+        call_id: str | None = None,
+        reason: str | None = None,
+        conference: str | None = None,
     ) -> list[Action]:
         """A departure is asked for now; a repeated request gets a fresh grace.
 
@@ -85,7 +93,7 @@ class DepartureMachine:
         bridge has just injected them), so their turn's mark decides; otherwise they were said
         before the request, and the grace starts now.
         """
-        self.pending = Departure(kind, call_id=call_id, reason=reason)
+        self.pending = Departure(kind, call_id=call_id, reason=reason, conference=conference)
         actions: list[Action] = [
             # If no AgentAudioDone follows (nothing more to say), leave anyway.
             ArmTimer(Timer.HANGUP_FALLBACK, now + self._hangup_timeout),

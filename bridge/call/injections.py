@@ -27,6 +27,8 @@ class Injection(enum.Enum):
     TRANSFER_FAILED = "transfer-failed"
     VOICEMAIL = "voicemail"
     RECORDING_NOTICE = "recording-notice"
+    TRANSFER_CONNECTING = "transfer-connecting"
+    TRANSFER_DECLINED = "transfer-declined"
 
 
 # Injections whose refusal their owner handles itself (the recording machine says the notice again).
