@@ -20,7 +20,8 @@ encoded once, with a marker in place of every string that holds placeholders. A 
 the encoded pieces with its own strings, each JSON-encoded on its own, and copies only the
 containers on the path to a placeholder for its Settings dict. An agent without placeholders
 hands every call the same (read-only) dict and text. Nothing here does I/O except
-``load_catalog``.
+``load_catalog``, which reads every file through ``bridge.config.read_config_file`` (regular files
+of at most 1 MB, at most 64 levels deep, so the walks here need no depth guard of their own).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .agent_protocol import settings_message
-from .config import E164, AgentConfig, ConfigError, Settings, load_agent_config
+from .config import E164, AgentConfig, ConfigError, Settings, load_agent_config, parse_json, read_config_file
 from .functions import check_function_map
 
 DEFAULT_AGENT = "default"
@@ -287,14 +288,7 @@ def load_catalog(config_path: Path, environ: Mapping[str, str]) -> AgentCatalog:
 
 def _load_numbers(path: Path, named: Mapping[str, Agent]) -> dict[str, str]:
     source = f"{AGENTS_DIR}/{NUMBERS_FILE}"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"Cannot read {source}: {exc.strerror or exc}.") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{source} is not UTF-8 text.") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{source} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.") from None
+    raw = parse_json(read_config_file(path, source), source)
     if not isinstance(raw, dict):
         raise ConfigError(f'{source} must be a JSON object like {{"+15551234567": "spanish"}}.')
     for number, name in raw.items():

@@ -1,16 +1,21 @@
 """Startup configuration: the process settings from the environment and the agent from config.json.
 
-Everything here runs once, before the server listens, and either returns a validated value or
-raises ``ConfigError`` carrying one sentence a user can act on. Nothing here does network I/O,
-so a typo in ``.env`` or ``config.json`` fails at startup rather than on the first real call.
+Everything here runs once, before the server listens (the agent files again on each SIGHUP
+reload, in a thread), and either returns a validated value or raises ``ConfigError`` carrying
+one sentence a user can act on. Nothing here does network I/O, so a typo in ``.env`` or
+``config.json`` fails at startup rather than on the first real call. Every config file is read
+by ``read_config_file`` and ``parse_json``: a regular file, at most 1 MB, at most 64 levels deep.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import secrets
+import stat
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +42,13 @@ PLACEHOLDER_API_KEYS = frozenset({
 })
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+# Caps on a config file (config.json, an agent file, numbers.json). A real one is a few kilobytes
+# and about 8 levels deep; a far bigger file is a mistake or an attack, and would otherwise sit
+# in memory and go out in every call's Settings. The depth cap also bounds every later recursive
+# walk of the parsed value (``${NAME}`` substitution, the schema check, the placeholder compiler).
+MAX_CONFIG_FILE_BYTES = 1_000_000
+MAX_JSON_DEPTH = 64
 
 
 class ConfigError(Exception):
@@ -357,6 +369,7 @@ class AgentConfig:
 
 
 def _substitute(value: Any, environ: Mapping[str, str], path: Path) -> Any:
+    # Recursive, which is safe: parse_json refused anything deeper than MAX_JSON_DEPTH.
     if isinstance(value, str):
         def replace(match: re.Match[str]) -> str:
             name = match.group(1)
@@ -403,12 +416,7 @@ def _think_providers(agent: dict[str, Any]) -> list[dict[str, Any]]:
 
 def parse_agent_config(text: str, path: Path, environ: Mapping[str, str]) -> AgentConfig:
     """Validate the text of config.json; ``path`` only names the file in errors."""
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}."
-        ) from None
+    raw = parse_json(text, path)
     settings = _object(raw, "the top level", path)
     for key in ("type", "audio", "agent"):
         if key not in settings:
@@ -448,10 +456,94 @@ def parse_agent_config(text: str, path: Path, environ: Mapping[str, str]) -> Age
 def load_agent_config(path: Path, environ: Mapping[str, str], shown_as: Path | None = None) -> AgentConfig:
     """Read and validate config.json (or an agent file); errors name it as ``shown_as``, if given."""
     shown = shown_as or path
+    return parse_agent_config(read_config_file(path, shown), shown, environ)
+
+
+def read_config_file(path: Path, shown: Path | str, max_bytes: int = MAX_CONFIG_FILE_BYTES) -> str:
+    """The text of a config file, if it is a regular file of at most ``max_bytes`` bytes of UTF-8.
+
+    The file is opened without blocking and checked with ``fstat`` before anything is read: a
+    FIFO would otherwise wait for a writer forever, and a device or a huge file would never end
+    or fill the memory. At most ``max_bytes + 1`` bytes are read, in case the size lied (files
+    in /proc say 0) or the file grew after the check. ``shown`` names the file in errors.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as exc:
-        raise ConfigError(f"Cannot read the agent config {shown}: {exc.strerror or exc}.") from None
+        raise ConfigError(f"Cannot read {shown}: {exc.strerror or exc}.") from None
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(
+                f"{shown} is {_file_kind(info.st_mode)}, not a regular file; the bridge reads only regular "
+                "files, so put the JSON file itself there."
+            )
+        if info.st_size > max_bytes:
+            raise ConfigError(_too_big(shown, f"{info.st_size:,} bytes", max_bytes))
+        with open(descriptor, "rb", closefd=False) as file:
+            data = file.read(max_bytes + 1)
+    except OSError as exc:
+        raise ConfigError(f"Cannot read {shown}: {exc.strerror or exc}.") from None
+    finally:
+        os.close(descriptor)
+    if len(data) > max_bytes:
+        raise ConfigError(_too_big(shown, f"more than {max_bytes:,} bytes", max_bytes))
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{shown} is not UTF-8 text.") from None
-    return parse_agent_config(text, shown, environ)
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+def _too_big(shown: Path | str, size: str, max_bytes: int) -> str:
+    return (
+        f"{shown} is {size}, over the limit of {max_bytes:,} bytes for a config file; "
+        "an agent's Settings are a few kilobytes, so check that this is the right file."
+    )
+
+
+def parse_json(text: str, shown: Path | str) -> Any:
+    """The JSON value of a config file's text, at most ``MAX_JSON_DEPTH`` levels deep."""
+
+    def refuse_constant(name: str) -> Any:  # Python's json takes them; Deepgram's server would not
+        raise ConfigError(f"{shown} is not valid JSON: {name} is not a JSON number.")
+
+    try:
+        value = json.loads(text, parse_constant=refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{shown} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.") from None
+    except RecursionError:  # nested deeper than the interpreter's recursion limit (about 1000)
+        raise ConfigError(_too_deep(shown)) from None
+    except ValueError:  # int()'s own limit on the digits of a number
+        raise ConfigError(f"{shown} has a number of more than {sys.get_int_max_str_digits()} digits.") from None
+    _check_depth(value, shown)
+    return value
+
+
+def _check_depth(value: Any, shown: Path | str) -> None:
+    # A loop, not recursion: this is the check that makes the recursive walks after it safe.
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > MAX_JSON_DEPTH:
+            raise ConfigError(_too_deep(shown))
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+
+
+def _too_deep(shown: Path | str) -> str:
+    return (
+        f"{shown} nests objects and lists more than {MAX_JSON_DEPTH} levels deep; "
+        "a Settings message needs about 8, so check the file for runaway brackets."
+    )
