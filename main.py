@@ -184,7 +184,7 @@ async def serve(
     )
     server.handle_signals(EARLY_SIGNALS[0] if EARLY_SIGNALS else None)
     if EARLY_RELOADS:  # the files may have changed after startup read them
-        server.reload_agents()
+        server.request_reload()
     await server.start()
     freeze_startup_objects()
     if announce_startup:
