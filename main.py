@@ -40,7 +40,7 @@ from typing import Any
 
 from dotenv import load_dotenv
 
-from bridge.agents import AgentCatalog, check_functions, load_catalog
+from bridge.agents import AgentCatalog, check_functions, load_catalog, retention_warnings
 from bridge.binding import BINDING_PARAMETER
 from bridge.call_control import outbound_call, place_call
 from bridge.settings import E164, ConfigError, Settings, load_settings
@@ -98,9 +98,32 @@ def load(args: argparse.Namespace) -> tuple[Settings, AgentCatalog, dict[str, Ca
 def load_agents(
     config: Path, function_map: dict[str, Callable[..., Any]], settings: Settings
 ) -> tuple[AgentCatalog, list[str]]:
-    """config.json and agents/, checked against the function map: at startup and on SIGHUP."""
-    agents = load_catalog(config, os.environ)
-    return agents, check_functions(agents, function_map, settings)
+    """config.json and agents/, checked against the function map: at startup and on SIGHUP.
+
+    Returns the agents and the warnings about them: functions no agent can call, agents that let
+    Deepgram keep their calls (``mip_opt_out``).
+    """
+    agents = load_catalog(config, os.environ, settings.caller_lines)
+    return agents, check_functions(agents, function_map, settings) + retention_warnings(agents)
+
+
+def reload_agents(config: Path, function_map: dict[str, Callable[..., Any]], settings: Settings) -> AgentCatalog:
+    """SIGHUP's reload (in a thread of the server's): the warnings are said again for the new files."""
+    agents, warnings = load_agents(config, function_map, settings)
+    for warning in warnings:
+        logger.warning(warning)
+    return agents
+
+
+def risk_warnings(settings: Settings) -> list[str]:
+    """Settings that trade safety away, each said in one sentence at startup."""
+    warnings = []
+    if settings.allow_unbound_call_control and settings.rest_enabled:
+        warnings.append(
+            "ALLOW_UNBOUND_CALL_CONTROL is on: anyone who can open /twilio with a replayed signature can name "
+            "another caller's live call and have the agent transfer, redirect or record it"
+        )
+    return warnings
 
 
 def configure_logging(level: str) -> None:
@@ -189,13 +212,13 @@ async def serve(
 ) -> int:
     """Serve until stopped; with ``config`` (config.json's path), SIGHUP reloads the agents."""
     raise_open_file_limit(settings)
-    reload = (lambda: load_agents(config, function_map, settings)[0]) if config is not None else None
+    reload = (lambda: reload_agents(config, function_map, settings)) if config is not None else None
     server = BridgeServer(
         settings, agents, function_map, reuse_port=reuse_port, load_agents=reload, metrics_share=metrics_share
     )
     server.handle_signals(EARLY_SIGNALS[0] if EARLY_SIGNALS else None)
     if EARLY_RELOADS:  # the files may have changed after startup read them
-        server.reload_agents()
+        server.request_reload()
     await server.start()
     freeze_startup_objects()
     if announce_startup:
@@ -386,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGHUP, remember_reload)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS | {signal.SIGHUP})
     configure_logging(settings.log_level)
-    for warning in warnings:
+    for warning in (*settings.deprecations, *warnings, *risk_warnings(settings)):
         logger.warning(warning)
     if args.worker_index is None:  # the workers' parent said it already
         for line in agents.describe():

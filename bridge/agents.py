@@ -20,7 +20,8 @@ encoded once, with a marker in place of every string that holds placeholders. A 
 the encoded pieces with its own strings, each JSON-encoded on its own, and copies only the
 containers on the path to a placeholder for its Settings dict. An agent without placeholders
 hands every call the same (read-only) dict and text. Nothing here does I/O except
-``load_catalog``.
+``load_catalog``, which reads every file through ``bridge.config.read_config_file`` (regular files
+of at most 1 MB, at most 64 levels deep, so the walks here need no depth guard of their own).
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ import json
 import re
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .agent_protocol import settings_message
-from .config import AgentConfig, load_agent_config
+from .caller_lines import CallerLines
+from .config import AgentConfig, load_agent_config, parse_json, read_config_file
 from .settings import E164, ConfigError, Settings
 from .functions import check_function_map
 
@@ -176,12 +178,13 @@ def _where(path: Path_) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Agent:
-    """One agent: its file, its validated config and its compiled Settings."""
+    """One agent: its file, its validated config, its compiled Settings and the lines it says."""
 
     name: str
     source: str  # the file it came from, for logs and errors
     config: AgentConfig
     template: SettingsTemplate
+    lines: CallerLines = field(default_factory=CallerLines)
 
     def describe(self) -> str:
         names = self.template.placeholders
@@ -197,14 +200,16 @@ class AgentChoice:
     name: str
     settings: dict[str, Any]  # for a resumed session and voicemail; read-only
     settings_json: str
+    lines: CallerLines  # what the bridge itself says on this call: the agent's own lines
     unknown: str | None = None  # an ``agent`` parameter naming no agent (the default was used)
     # Function name -> the parameters its declaration marks sensitive (always redacted when stored).
     sensitive: Mapping[str, frozenset[str]] = field(default_factory=dict)
     transfer_mode: str | None = None  # the agent's own TRANSFER_MODE, if its file sets one
 
 
-def make_agent(name: str, source: str, config: AgentConfig) -> Agent:
-    return Agent(name, source, config, compile_template(config.settings, source))
+def make_agent(name: str, source: str, config: AgentConfig, default_lines: CallerLines = CallerLines()) -> Agent:
+    """The agent of ``config``: its own lines over ``default_lines`` (the bridge's, from the settings)."""
+    return Agent(name, source, config, compile_template(config.settings, source), replace(default_lines, **config.lines))
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,8 +221,8 @@ class AgentCatalog:
     numbers: Mapping[str, str] = field(default_factory=dict)  # E.164 number -> agent name
 
     @classmethod
-    def single(cls, config: AgentConfig, source: str = "config.json") -> AgentCatalog:
-        return cls(make_agent(DEFAULT_AGENT, source, config))
+    def single(cls, config: AgentConfig, source: str = "config.json", default_lines: CallerLines = CallerLines()) -> AgentCatalog:
+        return cls(make_agent(DEFAULT_AGENT, source, config, default_lines))
 
     @property
     def agents(self) -> list[Agent]:
@@ -242,7 +247,9 @@ class AgentCatalog:
             if mapped is not None:
                 chosen = self.agent(mapped) or self.default
         settings, text = chosen.template.render(parameters)
-        return AgentChoice(chosen.name, settings, text, unknown, chosen.config.sensitive_parameters)
+        return AgentChoice(
+            chosen.name, settings, text, chosen.lines, unknown, chosen.config.sensitive_parameters, chosen.config.transfer_mode
+        )
 
     def describe(self) -> list[str]:
         """One line per agent, and one for the number map if there is one."""
@@ -265,9 +272,14 @@ def agents_dir(config_path: Path) -> Path:
     return config_path.parent / AGENTS_DIR
 
 
-def load_catalog(config_path: Path, environ: Mapping[str, str]) -> AgentCatalog:
-    """Read and validate config.json, ``agents/*.json`` and ``agents/numbers.json``."""
-    default = make_agent(DEFAULT_AGENT, config_path.name, load_agent_config(config_path, environ))
+def load_catalog(
+    config_path: Path, environ: Mapping[str, str], default_lines: CallerLines = CallerLines()
+) -> AgentCatalog:
+    """Read and validate config.json, ``agents/*.json`` and ``agents/numbers.json``.
+
+    ``default_lines`` are what an agent says where its file sets no ``bridge.lines`` of its own.
+    """
+    default = make_agent(DEFAULT_AGENT, config_path.name, load_agent_config(config_path, environ), default_lines)
     directory = agents_dir(config_path)
     named: dict[str, Agent] = {}
     numbers: dict[str, str] = {}
@@ -282,7 +294,7 @@ def load_catalog(config_path: Path, environ: Mapping[str, str]) -> AgentCatalog:
                 raise ConfigError(f"{source}: an agent's file name must be letters, digits, - and _ (at most 64), then .json.")
             if name == DEFAULT_AGENT:
                 raise ConfigError(f"{source}: the name {DEFAULT_AGENT!r} is config.json's; rename the file.")
-            named[name] = make_agent(name, source, load_agent_config(path, environ, Path(source)))
+            named[name] = make_agent(name, source, load_agent_config(path, environ, Path(source)), default_lines)
         numbers_path = directory / NUMBERS_FILE
         if numbers_path.exists():
             numbers = _load_numbers(numbers_path, named)
@@ -291,14 +303,7 @@ def load_catalog(config_path: Path, environ: Mapping[str, str]) -> AgentCatalog:
 
 def _load_numbers(path: Path, named: Mapping[str, Agent]) -> dict[str, str]:
     source = f"{AGENTS_DIR}/{NUMBERS_FILE}"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"Cannot read {source}: {exc.strerror or exc}.") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{source} is not UTF-8 text.") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{source} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.") from None
+    raw = parse_json(read_config_file(path, source), source)
     if not isinstance(raw, dict):
         raise ConfigError(f'{source} must be a JSON object like {{"+15551234567": "spanish"}}.')
     for number, name in raw.items():

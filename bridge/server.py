@@ -17,6 +17,7 @@ and notes (bridge/storage/shared.py) the same way.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import itertools
 import json
@@ -75,6 +76,9 @@ SECOND_SIGNAL_EXIT_SECONDS = END_CALLS_SECONDS + 4.0
 # How often old call records (RECORDS_RETENTION_DAYS) and old claims are looked for; the first
 # pass is at startup.
 HOUSEKEEPING_INTERVAL_SECONDS = 3600.0
+# A reload reads its files in a thread of its own; one that takes longer is refused (the thread
+# may still be stuck, on a hung network file system, say: no other reload starts until it ends).
+RELOAD_TIMEOUT_SECONDS = 5.0
 
 
 def routes(settings: Settings) -> list[tuple[str, str]]:
@@ -112,7 +116,8 @@ class BridgeServer:
     """One server process. ``connect_agent`` is the seam tests use to reach a fake agent.
 
     ``agents`` is one agent (an ``AgentConfig``) or several (an ``AgentCatalog``); ``load_agents``
-    reads them again for ``reload_agents`` and raises ``ConfigError`` for an invalid file.
+    reads them again for ``reload_agents`` and raises ``ConfigError`` for an invalid file. It runs
+    in a thread, so it must not touch the event loop; ``reload_timeout_seconds`` bounds it.
     ``housekeeping_interval`` is the time between two passes deleting old call records and old
     claims (tests shorten it); ``shared`` is the seam for what the processes share (bridge/storage/shared.py).
     """
@@ -129,10 +134,14 @@ class BridgeServer:
         metrics_share: WorkerShare | None = None,
         housekeeping_interval: float = HOUSEKEEPING_INTERVAL_SECONDS,
         shared: SharedState | None = None,
+        reload_timeout_seconds: float = RELOAD_TIMEOUT_SECONDS,
     ) -> None:
         self.settings = settings
-        self.agents = agents if isinstance(agents, AgentCatalog) else AgentCatalog.single(agents)
+        self.agents = agents if isinstance(agents, AgentCatalog) else AgentCatalog.single(agents, default_lines=settings.caller_lines)
         self._load_agents = load_agents
+        self._reload_timeout = reload_timeout_seconds
+        self._reloading: asyncio.Task[None] | None = None  # the reloads SIGHUP asked for, one after another
+        self._reload_again = False  # a SIGHUP came during the current reload
         self.functions = FunctionRunner(function_map, settings.function_timeout_seconds)
         self.metrics = Metrics(function_map)
         self.metrics_share = metrics_share
@@ -376,22 +385,76 @@ class BridgeServer:
         twiml = twilio.connect_twiml(settings.stream_url, stream_parameters, declaration=True)
         return HttpReply(200, twiml, "text/xml")
 
-    def reload_agents(self) -> bool:
-        """Read the agents again (SIGHUP): new calls get them; live calls keep theirs.
+    async def reload_agents(self) -> bool:
+        """Read the agents again: new calls get them; live calls keep theirs.
 
-        An invalid file keeps every agent as it was, and says why in one sentence.
+        The files are read in a thread of its own, so the calls and ``/health`` carry on meanwhile;
+        the new agents are put in place here, on the event loop. An invalid file, or a read that
+        takes longer than ``reload_timeout_seconds``, keeps every agent as it was and says why in
+        one ERROR line. This returns only once the thread has ended, even after its deadline, so
+        reloads run one at a time and never leave threads piling up.
         """
         if self._load_agents is None:
             logger.warning("this server cannot reload its agents")
             return False
+        outcome: concurrent.futures.Future[AgentCatalog] = concurrent.futures.Future()
+        # A daemon thread: one stuck in a read must not keep the process from exiting.
+        threading.Thread(target=self._read_agents, args=(outcome,), name="agent-reload", daemon=True).start()
+        read = asyncio.wrap_future(outcome)
         try:
-            agents = self._load_agents()
+            finished, _ = await asyncio.wait({read}, timeout=self._reload_timeout)
+            if not finished:
+                logger.error(
+                    "reload refused, the agents stay as they were: reading them took longer than %g s "
+                    "(a hung network file system?); no other reload starts until that read ends",
+                    self._reload_timeout,
+                )
+                await asyncio.wait({read})
+                logger.info("the late reload ended; what it read is not used")
+                return False
+            agents = read.result()
         except ConfigError as exc:
             logger.error("reload refused, the agents stay as they were: %s", exc)
             return False
+        except Exception:
+            logger.exception("reload failed unexpectedly, the agents stay as they were")
+            return False
+        finally:
+            read.cancel()  # does nothing once it is done; if this reload was cancelled, nobody wants it
         self.agents = agents
         logger.info("reloaded the agents for new calls: %s", "; ".join(agents.describe()))
         return True
+
+    def _read_agents(self, outcome: concurrent.futures.Future[AgentCatalog]) -> None:
+        """The reload thread's work: ``load_agents``'s catalog or exception, into ``outcome``."""
+        assert self._load_agents is not None
+        if not outcome.set_running_or_notify_cancel():
+            return
+        try:
+            outcome.set_result(self._load_agents())
+        except Exception as exc:
+            outcome.set_exception(exc)
+
+    def request_reload(self) -> None:
+        """Reload the agents in the background (SIGHUP); requests during a reload make one more after it.
+
+        However many SIGHUPs arrive while a reload runs, they coalesce into one more reload, which
+        sees every change made before it starts; at most one reload thread exists at a time.
+        """
+        if self._reloading is not None:
+            self._reload_again = True
+            return
+        self._reloading = asyncio.create_task(self._reload_while_requested())
+
+    async def _reload_while_requested(self) -> None:
+        try:
+            while True:
+                self._reload_again = False
+                await self.reload_agents()
+                if not self._reload_again:
+                    break
+        finally:
+            self._reloading = None
 
     def _phone_token_ok(self, query: str) -> bool:
         tokens = parse_qs(query, keep_blank_values=True).get("token")
@@ -486,6 +549,8 @@ class BridgeServer:
             # A pass already in its thread finishes there (a bounded number of files).
             self._housekeeping_task.cancel()
             await asyncio.wait([self._housekeeping_task])
+        if self._reloading is not None:  # a reload can't change anything now; its thread dies with the process
+            self._reloading.cancel()
         if self.metrics_share is not None:
             self._share_metrics_now()  # what this worker counted, to the end
         self.functions.close()
@@ -544,8 +609,11 @@ class BridgeServer:
             on_signal(already_received)
 
     def _on_reload_signal(self) -> None:
-        logger.info("received SIGHUP: reloading the agents")
-        self.reload_agents()
+        if self._reloading is not None:
+            logger.info("received SIGHUP during a reload: one more reload follows it")
+        else:
+            logger.info("received SIGHUP: reloading the agents")
+        self.request_reload()
 
     async def serve_until_signalled(self) -> int:
         """Serve until a signal arrives (see ``handle_signals``), then drain and close.

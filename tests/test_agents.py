@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -321,7 +322,7 @@ async def test_a_reload_changes_new_calls_only_and_an_invalid_file_keeps_the_old
             await eventually(lambda: server.calls, what="the call to be admitted")
             write(config, agent_json("New prompt for {{From}}."))
             with caplog.at_level(logging.INFO, logger="bridge"):
-                assert server.reload_agents()
+                assert await server.reload_agents()
             await admitted.start({"From": "+15551230000"})
             live = await agent.session(0)
             await eventually(lambda: live.settings is not None)
@@ -329,7 +330,7 @@ async def test_a_reload_changes_new_calls_only_and_an_invalid_file_keeps_the_old
         write(config, "{ not json")
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="bridge"):
-            assert not server.reload_agents()
+            assert not await server.reload_agents()
         kept = await call(server, agent, {"From": "+15551230002"})
     assert live.settings and fresh.settings and kept.settings
     assert prompt_of(live.settings) == "Old prompt."
@@ -437,7 +438,7 @@ class MainProcess:
         self.command = [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(self.port),
                         "--config", str(config), "--env-file", str(empty_env(tmp_path)), *extra]
         self.env = {**os.environ, "DEEPGRAM_API_KEY": "test-key-not-secret", "DEEPGRAM_AGENT_URL": agent.url,
-                    "RECORD_CALLS": "false"}
+                    "RECORD_CALLS": "false", "PHARMACY_DB": str(tmp_path / "pharmacy.db")}
         self.process: subprocess.Popen[bytes] | None = None
 
     async def __aenter__(self) -> MainProcess:
@@ -451,7 +452,13 @@ class MainProcess:
         assert self.process is not None
         if self.process.poll() is None:
             self.process.terminate()
-            await asyncio.to_thread(self.process.wait, 15)
+            try:
+                await asyncio.to_thread(self.process.wait, 15)
+            except subprocess.TimeoutExpired:  # a wedged bridge must not outlive the test
+                self.process.kill()
+                self.process.wait()
+                if exc_info[0] is None:
+                    raise AssertionError("the bridge ignored SIGTERM for 15 s") from None
         if exc_info[0] is None:  # whatever the test checked, the bridge must not have failed unseen
             assert "Traceback" not in self.log(), self.log()
 
@@ -526,6 +533,166 @@ async def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
     assert [prompt_of(s.settings or {}) for s in sessions] == [f"New prompt for +1555123000{n}." for n in range(6)]
 
 
+def refused_lines(bridge: MainProcess) -> list[str]:
+    return [line for line in bridge.log().splitlines() if "reload refused" in line]
+
+
+def bytes_read(pid: int) -> int:
+    """What the process has read so far through read() and the like (Linux's /proc/PID/io)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/PID/io")
+
+
+def huge_file(path: Path, size: int = 150_000_000) -> Path:
+    """A sparse file of ``size`` bytes: as big as a real one to the bridge, nothing on disk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as file:
+        file.truncate(size)
+    return path
+
+
+def deep_agent(levels: int) -> str:
+    """An agent file that is valid but for ``levels`` nested lists in a function's free-form parameters.
+
+    Json parses 500 levels, and the recursive walks after it would fail there: the depth check
+    must catch it. 100,000 levels are too deep for the parser itself.
+    """
+    settings = copy.deepcopy(BASE)
+    settings["agent"]["think"]["functions"][0]["parameters"]["properties"]["deep"] = "@"
+    return json.dumps(settings).replace('"@"', "[" * levels + "]" * levels)
+
+
+async def test_a_fifo_in_agents_is_refused_on_reload_while_calls_health_and_sigterm_carry_on(tmp_path: Path) -> None:
+    """Reading a FIFO would wait for a writer, with the event loop stopped; it is refused instead."""
+    config = two_agents(tmp_path)
+    async with FakeAgent() as agent, MainProcess(tmp_path, agent, config) as bridge:
+        assert bridge.process is not None
+        async with FakeTwilioCaller(bridge.url()) as caller:
+            await caller.start({"From": "+15551230000"})
+            session = await agent.ready_session(0)
+            os.mkfifo(tmp_path / "agents" / "pipe.json")
+            bridge.process.send_signal(signal.SIGHUP)
+            await eventually(lambda: refused_lines(bridge), 5, "the refused reload")
+            assert await asyncio.to_thread(bridge.up)
+            await session.send_json({"type": "FunctionCallRequest", "functions": [
+                {"id": "f1", "name": "get_drug_info", "arguments": '{"drug_name": "ibuprofen"}', "client_side": True}]})
+            [answer] = await eventually(lambda: session.of_type("FunctionCallResponse"), 5, "the function's answer")
+            bridge.process.send_signal(signal.SIGTERM)
+            await eventually(lambda: bridge.count("draining: waiting up to") == 1, 5, "the drain")
+            await caller.stop()
+            assert await asyncio.to_thread(bridge.process.wait, 10) == 0
+        kept = await asyncio.to_thread(bridge.log)
+    assert answer["id"] == "f1" and json.loads(answer["content"])["price"] == 8.99
+    [refused] = [line for line in kept.splitlines() if "reload refused" in line]
+    assert " ERROR " in refused and refused.endswith(
+        "reload refused, the agents stay as they were: agents/pipe.json is a named pipe (FIFO), not a regular file; "
+        "the bridge reads only regular files, so put the JSON file itself there."
+    )
+    assert "drained; exiting" in kept
+
+
+async def test_reload_refuses_a_file_too_deep_or_too_big_without_reading_it_all(tmp_path: Path) -> None:
+    config = two_agents(tmp_path)
+    async with FakeAgent() as agent, MainProcess(tmp_path, agent, config) as bridge:
+        assert bridge.process is not None
+        deep = write(tmp_path / "agents" / "deep.json", deep_agent(500))
+        bridge.process.send_signal(signal.SIGHUP)
+        await eventually(lambda: len(refused_lines(bridge)) == 1, 5, "the first refused reload")
+        deep.unlink()
+        huge = huge_file(tmp_path / "agents" / "huge.json")
+        before = bytes_read(bridge.process.pid)
+        bridge.process.send_signal(signal.SIGHUP)
+        await eventually(lambda: len(refused_lines(bridge)) == 2, 5, "the second refused reload")
+        read = bytes_read(bridge.process.pid) - before
+        huge.unlink()
+        kept = await process_call(bridge, agent, {"agent": "spanish"})
+        first, second = refused_lines(bridge)
+    assert first.endswith(
+        "reload refused, the agents stay as they were: agents/deep.json nests objects and lists more than 64 levels "
+        "deep; a Settings message needs about 8, so check the file for runaway brackets."
+    )
+    assert second.endswith(
+        "reload refused, the agents stay as they were: agents/huge.json is 150,000,000 bytes, over the limit of "
+        "1,000,000 bytes for a config file; an agent's Settings are a few kilobytes, so check that this is the right file."
+    )
+    assert read < 1_000_000, f"the reload read {read} bytes"
+    assert kept.settings and prompt_of(kept.settings) == "Spanish prompt for alguien."
+
+
+STARTUP_REFUSALS = {
+    "fifo": ("agents/pipe.json", lambda path: os.mkfifo(path), "agents/pipe.json is a named pipe (FIFO), not a regular file"),
+    "huge": ("agents/huge.json", huge_file, "agents/huge.json is 150,000,000 bytes, over the limit of 1,000,000 bytes"),
+    "deep config": ("config.json", lambda path: write(path, deep_agent(100_000)), "config.json nests objects and lists more than 64"),
+    "deep agent": ("agents/deep.json", lambda path: write(path, deep_agent(500)), "agents/deep.json nests objects and lists more than 64"),
+    "deep numbers": (
+        "agents/numbers.json",
+        lambda path: write(path, '{"+15550009999": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+        "agents/numbers.json nests objects and lists more than 64",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STARTUP_REFUSALS))
+def test_startup_refuses_a_fifo_a_huge_or_a_deep_file_in_one_sentence(tmp_path: Path, case: str) -> None:
+    name, make, expected = STARTUP_REFUSALS[case]
+    config = two_agents(tmp_path)
+    make(tmp_path / name)
+    env = {**os.environ, "DEEPGRAM_API_KEY": "k", "RECORD_CALLS": "false"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "--config", str(config), "--env-file", str(empty_env(tmp_path))],
+        env=env, capture_output=True, text=True, timeout=20,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_a_slow_reload_is_refused_at_its_deadline_and_sighups_meanwhile_make_one_more(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The files are read off the event loop; a stuck read holds no call up and starts no second thread."""
+    config = write(tmp_path / "config.json", agent_json("Old prompt."))
+    release = threading.Event()
+    readers: list[str] = []  # the thread each read ran on
+
+    def slow_load() -> AgentCatalog:
+        readers.append(threading.current_thread().name)
+        if len(readers) == 1:
+            release.wait(10)  # as a read from a hung network file system would
+        return load_catalog(config, {})
+
+    async with FakeAgent() as agent:
+        server = BridgeServer(
+            bridge_settings(tmp_path, deepgram_agent_url=agent.url), load_catalog(config, {}), pharmacy_functions.function_map,
+            load_agents=slow_load, reload_timeout_seconds=0.3,
+        )
+        async with server:
+            with caplog.at_level(logging.INFO, logger="bridge"):
+                server.request_reload()
+                await eventually(lambda: readers, what="the first read")
+                during = await call(server, agent, {})
+                server.request_reload()  # two SIGHUPs while the read is stuck
+                server.request_reload()
+                await eventually(lambda: "took longer than" in caplog.text, 5, "the deadline")
+                status, _, health = await asyncio.to_thread(fetch, server.port, "http://bridge/health")
+                assert status == 200 and json.loads(health)["status"] == "ok"
+                stuck = [t.name for t in threading.enumerate() if t.name == "agent-reload"]
+                write(config, agent_json("New prompt."))
+                release.set()
+                await eventually(lambda: "reloaded the agents for new calls" in caplog.text, 5, "the one more reload")
+                after = await call(server, agent, {})
+    assert readers == ["agent-reload", "agent-reload"] and stuck == ["agent-reload"]
+    assert during.settings and prompt_of(during.settings) == "Old prompt."
+    assert after.settings and prompt_of(after.settings) == "New prompt."
+    [error] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert error == (
+        "reload refused, the agents stay as they were: reading them took longer than 0.3 s (a hung network file system?); "
+        "no other reload starts until that read ends"
+    )
+
+
 # ------------------------------------------------------------------- the call's state machine
 
 
@@ -563,9 +730,9 @@ def test_the_call_picks_its_agent_at_start_and_records_it(tmp_path: Path) -> Non
 def test_a_voicemail_stream_leaves_its_message_with_the_agents_rendered_settings(tmp_path: Path) -> None:
     from bridge.call import Call
 
-    catalog = load_catalog(two_agents(tmp_path), {})
-    settings = bridge_settings(tmp_path, caller_lines=CallerLines(voicemail="Your refill is ready."))
-    call = Call(settings, catalog)
+    # The bridge's default line (an agent's file may set its own: test_an_agents_own_lines_...).
+    catalog = load_catalog(two_agents(tmp_path), {}, CallerLines(voicemail="Your refill is ready."))
+    call = Call(bridge_settings(tmp_path), catalog)
     _, sent = settings_sent(call, {"agent": "spanish", "From": "+15551230000", "bridge_mode": "voicemail"})
     assert sent["agent"]["greeting"] == "Your refill is ready."
     assert prompt_of(sent) == "Spanish prompt for +15551230000."

@@ -20,7 +20,7 @@ from deepgram.agent.v1 import AgentV1Settings
 import main
 from bridge import workers
 from bridge.agent_protocol import history_function_call, history_text, settings_message, FunctionCall
-from bridge.config import parse_agent_config
+from bridge.config import MAX_JSON_DEPTH, parse_agent_config, parse_json, read_config_file
 from bridge.settings import ConfigError, load_settings
 from conftest import ROOT, empty_env, free_port
 from sdk_oracle import assert_valid_client_message
@@ -119,6 +119,67 @@ def test_startup_refuses_a_bad_config_in_one_sentence(
     assert err.startswith(f"error: {path}") and expected in err
     assert err.count("\n") == 1 and "Traceback" not in err
 
+
+
+def nested(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+def test_json_nested_up_to_the_limit_is_taken_and_one_level_more_is_not() -> None:
+    assert parse_json(nested(MAX_JSON_DEPTH), "x.json") == eval(nested(MAX_JSON_DEPTH))
+    assert parse_json('{"a": ' + nested(MAX_JSON_DEPTH - 1) + "}", "x.json") == {"a": eval(nested(MAX_JSON_DEPTH - 1))}
+    for text in (nested(MAX_JSON_DEPTH + 1), '{"a": ' + nested(MAX_JSON_DEPTH) + "}", nested(100_000)):
+        with pytest.raises(ConfigError) as caught:
+            parse_json(text, "x.json")
+        assert str(caught.value) == (
+            "x.json nests objects and lists more than 64 levels deep; a Settings message needs about 8, "
+            "so check the file for runaway brackets."
+        )
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"a": NaN}', "x.json is not valid JSON: NaN is not a JSON number."),
+        ('[-Infinity]', "x.json is not valid JSON: -Infinity is not a JSON number."),
+        ("9" * 5000, "x.json has a number of more than 4300 digits."),
+    ],
+)
+def test_json_that_python_would_take_but_is_no_valid_settings_is_one_sentence(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_json(text, "x.json")
+    assert str(caught.value) == expected
+
+
+def test_a_config_file_must_be_a_regular_file_within_the_cap(tmp_path: Path) -> None:
+    (tmp_path / "folder.json").mkdir()
+    (tmp_path / "ok.json").write_bytes(b"x" * 99)
+    (tmp_path / "big.json").write_bytes(b"x" * 100)
+    (tmp_path / "latin1.json").write_bytes(b'{"a": "caf\xe9"}')
+    assert read_config_file(tmp_path / "ok.json", "ok.json", max_bytes=99) == "x" * 99
+    over = "over the limit of 99 bytes for a config file; an agent's Settings are a few kilobytes, so check that this is the right file."
+    not_regular = "not a regular file; the bridge reads only regular files, so put the JSON file itself there."
+    cases = [
+        ("folder.json", f"folder.json is a folder, {not_regular}"),
+        ("/dev/zero", f"/dev/zero is a device, {not_regular}"),
+        ("missing.json", "Cannot read missing.json: No such file or directory."),
+        ("big.json", f"big.json is 100 bytes, {over}"),
+        # Its size says 0 and it holds about 150 KB: only reading finds it is too big.
+        ("/proc/self/smaps", f"/proc/self/smaps is more than 99 bytes, {over}"),
+        ("latin1.json", "latin1.json is not UTF-8 text."),
+    ]
+    for name, expected in cases:
+        before = bytes_read()
+        with pytest.raises(ConfigError) as caught:
+            read_config_file(tmp_path / name, name, max_bytes=99)
+        assert str(caught.value) == expected
+        assert bytes_read() - before < 16_000, f"{name}: read past the cap"
+
+
+def bytes_read() -> int:
+    """What this process has read so far, through read() and the like (Linux's /proc/self/io)."""
+    [line] = [line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar:")]
+    return int(line.split()[1])
 
 def test_missing_api_key_says_to_copy_env_example(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

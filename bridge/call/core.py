@@ -287,6 +287,7 @@ class Call:
         self.playback.stream_started(stream.stream_sid)
         choice = self._agent = self._agents.for_call(stream.custom_parameters)
         self._settings_json = choice.settings_json
+        self.lines = choice.lines
         self.privacy = TranscriptPolicy(self.privacy.storage, choice.sensitive)
         params = sorted(stream.custom_parameters)
         actions: list[Action] = [
