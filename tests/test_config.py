@@ -627,14 +627,14 @@ def test_routes_lists_what_is_on() -> None:
     assert "/twilio/amd" in [path for path, _ in routes(load_settings({"DEEPGRAM_API_KEY": "k", **rest}))]
 
 
-def start_main(tmp_path: Path, env_text: str) -> tuple[str, str, int]:
-    """Run main.py until it serves; returns (stdout, log, port) after SIGTERM ends it."""
+def start_main(tmp_path: Path, env_text: str, *flags: str) -> tuple[str, str, int]:
+    """Run main.py (with ``flags``) until it serves; returns (stdout, log, port) after SIGTERM ends it."""
     env_file = tmp_path / "first-run.env"
     env_file.write_text(env_text)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DEEPGRAM_", "TWILIO_", "PUBLIC_URL", "PHONE_PAGE", "HOST", "PORT"))}
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "main.py"), "--port", str(port), "--env-file", str(env_file)],
+        [sys.executable, str(ROOT / "main.py"), "--port", str(port), "--env-file", str(env_file), *flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
     )
     try:
