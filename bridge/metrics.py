@@ -89,7 +89,20 @@ FAMILIES = (
     ),
     Family("bridge_agent_reconnects_total", "counter", "Agent sessions resumed mid-call (a drop or a Deepgram Error)."),
     Family("bridge_bad_input_total", "counter", "Malformed or unexpected messages from peers, by kind.", ("kind",)),
+    Family(
+        "bridge_transfers_total",
+        "counter",
+        "Transfers to a person, by mode (cold, warm) and outcome (transferred, declined, failed).",
+        ("mode", "outcome"),
+    ),
 )
+# The record events that end a transfer, as the outcome label of bridge_transfers_total.
+TRANSFER_OUTCOMES = {
+    RecordEvent.TRANSFERRED: "transferred",
+    RecordEvent.TRANSFER_DECLINED: "declined",
+    RecordEvent.TRANSFER_FAILED: "failed",
+}
+TRANSFER_MODES = frozenset({"cold", "warm"})
 BY_NAME = {family.name: family for family in FAMILIES}
 
 Labels = tuple[str, ...]
@@ -151,6 +164,9 @@ class Metrics:
                 self.observe("bridge_function_duration_seconds", duration, (label, outcome))
         elif event == RecordEvent.AGENT_RESUMED:
             self.inc("bridge_agent_reconnects_total")
+        elif event in TRANSFER_OUTCOMES:
+            mode = fields.get("mode")
+            self.inc("bridge_transfers_total", (mode if mode in TRANSFER_MODES else "cold", TRANSFER_OUTCOMES[RecordEvent(event)]))
 
     def _current(self, live_bad_input: Iterable[Mapping[str, int]]) -> Values:
         """A copy of the values with the bad input of calls still running added in.

@@ -286,3 +286,16 @@ async def test_a_killed_worker_is_replaced_and_no_count_is_lost(tmp_path: Path) 
                 await caller.stop()
         bridge.process.terminate()
         assert await asyncio.to_thread(bridge.process.wait, 15) == 0
+
+
+def test_transfers_are_counted_by_mode_and_outcome() -> None:
+    metrics = Metrics()
+    metrics.on_record("transferred", {"reason": "r", "mode": "cold"})
+    metrics.on_record("transfer_declined", {"mode": "warm", "reason": "busy"})
+    metrics.on_record("transferred", {"reason": "r", "mode": "warm"})
+    metrics.on_record("transfer_failed", {"reason": "r", "mode": "surprise!", "error": "e"})  # never a new label
+    samples = parse(metrics.render())
+    assert value(samples, "bridge_transfers_total", mode="cold", outcome="transferred") == 1
+    assert value(samples, "bridge_transfers_total", mode="warm", outcome="declined") == 1
+    assert value(samples, "bridge_transfers_total", mode="warm", outcome="transferred") == 1
+    assert value(samples, "bridge_transfers_total", mode="cold", outcome="failed") == 1
