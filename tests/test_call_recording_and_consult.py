@@ -1,0 +1,226 @@
+"""The call core's recording and warm-transfer machines, with a fake clock and no sockets.
+
+Recording (bridge/call/recording.py): nothing is recorded before a Twilio mark proves the notice
+played; a caller who hangs up first, or talks over it every time, is never recorded; keypad entries
+pause it. The warm transfer's consult leg (bridge/call/consult.py): the caller stays with the agent
+while the pharmacist is dialled; accepted, the caller is moved into the conference once the
+agent's line is heard; declined, unanswered or timed out, the pharmacist's leg ends and the
+conversation goes on.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from bridge.call import (
+    DialPharmacist,
+    EndCallLeg,
+    HangUp,
+    MarkCaller,
+    NoteCallerLeft,
+    Record,
+    StartRecording,
+    Timer,
+    TransferCall,
+    UpdateRecording,
+    WatchForNote,
+)
+from bridge.caller_lines import CallerLines
+from test_call import (
+    BARGE,
+    CALL_SID,
+    DONE,
+    GREETING,
+    STARTED,
+    Harness,
+    dtmf_frame,
+    json_sent,
+    of,
+    records,
+    request,
+)
+
+ACCOUNT = "AC" + "a" * 32
+REST = {"twilio_account_sid": ACCOUNT, "twilio_auth_token": "t0ken", "transfer_number": "+15550001111",
+        "public_url": "https://bridge.example", "twilio_phone_number": "+15550002222"}
+NOTICE = CallerLines().recording_notice
+PHARMACIST = "CA" + "f" * 32
+
+
+def recorded(**overrides: Any) -> Harness:
+    h = Harness(**REST, call_recording="dual", **overrides)
+    h.open()
+    return h
+
+
+def injected(actions: list[Any]) -> list[str]:
+    return [m["message"] for m in json_sent(actions) if m.get("type") == "InjectAgentMessage"]
+
+
+# ----------------------------------------------------------------------------- recording
+
+
+def test_the_greeting_carries_the_notice_and_recording_starts_only_once_its_mark_is_heard() -> None:
+    h = Harness(**REST, call_recording="dual")
+    h.connected()
+    h.start()
+    h.agent_connected()
+    [settings] = json_sent(h.agent({"type": "Welcome", "request_id": "r"}))
+    assert settings["agent"]["greeting"] == f"{NOTICE} {GREETING}"
+    h.agent({"type": "SettingsApplied"})
+    mark = h.turn(1600)  # the greeting, notice first
+    assert not of(h.actions, StartRecording), "recording before the notice was heard"
+    out = h.echo(mark)
+    assert of(out, StartRecording) == [StartRecording(CALL_SID)]
+    assert records(out, "recording_notice_heard") == [Record("recording_notice_heard", {"mark": mark})]
+    out = h.take(h.call.recording_started("RE" + "1" * 32, None))
+    assert records(out, "recording_started") == [Record("recording_started", {"recording_sid": "RE" + "1" * 32})]
+    assert h.call.summary()["recording_sid"] == "RE" + "1" * 32
+
+
+def test_a_caller_who_hangs_up_before_the_notice_is_heard_is_never_recorded() -> None:
+    h = recorded()
+    h.turn(1600)
+    h.stop()
+    assert not of(h.actions, StartRecording)
+
+
+def test_a_notice_cut_by_a_barge_in_is_said_again_and_only_then_recording_starts() -> None:
+    h = recorded()
+    first = h.turn(1600)
+    h.agent(BARGE)
+    assert not of(h.echo(first), StartRecording), "a cleared mark is no proof the notice was heard"
+    h.agent(STARTED)
+    h.speak(b"\x01" * 800)
+    out = h.agent(DONE)  # the agent's answer to the caller: then the notice again
+    assert injected(out) == [NOTICE]
+    second = h.turn(800)  # the notice, said
+    assert of(h.echo(second), StartRecording) == [StartRecording(CALL_SID)]
+
+
+def test_a_caller_who_talks_over_the_notice_every_time_is_not_recorded() -> None:
+    h = recorded()
+    for attempt in range(3):
+        mark = h.turn(800)
+        h.agent(BARGE)
+        out = h.echo(mark)
+        if attempt < 2:
+            h.agent(STARTED)
+            assert injected(h.agent(DONE)) == [NOTICE]
+    assert records(out, "recording_skipped")
+    h.turn(800)
+    assert not of(h.actions, StartRecording)
+
+
+def test_an_agent_without_a_greeting_is_given_the_notice_to_say_once_ready() -> None:
+    from bridge.call import Call
+    from test_call import AGENT_SETTINGS, catalog_of
+
+    settings = {**AGENT_SETTINGS, "agent": {k: v for k, v in AGENT_SETTINGS["agent"].items() if k != "greeting"}}
+    h = Harness(**REST, call_recording="dual")
+    h.call = Call(h.settings, catalog_of(settings))
+    assert injected(h.open()) == [NOTICE]
+    assert of(h.echo(h.turn(800)), StartRecording)
+
+
+def test_an_unbound_call_is_not_recorded_and_hears_no_notice() -> None:
+    h = Harness(**REST, call_recording="dual")
+    h.connected()
+    h.start(bound=False)
+    h.agent_connected()
+    [settings] = json_sent(h.agent({"type": "Welcome", "request_id": "r"}))
+    assert settings["agent"]["greeting"] == GREETING
+    h.agent({"type": "SettingsApplied"})
+    h.echo(h.turn(800))
+    assert not of(h.actions, StartRecording)
+
+
+def test_keypad_digits_pause_the_recording_and_the_entry_resumes_it() -> None:
+    h = recorded(dtmf_timeout_seconds=2.0)
+    h.echo(h.turn(800))
+    h.take(h.call.recording_started("RE" + "1" * 32, None))
+    assert of(h.twilio(dtmf_frame("1")), UpdateRecording) == [UpdateRecording(CALL_SID, pause=True)]
+    assert not of(h.twilio(dtmf_frame("2")), UpdateRecording), "paused once per entry"
+    assert of(h.twilio(dtmf_frame("#")), UpdateRecording) == [UpdateRecording(CALL_SID, pause=False)]
+    h.twilio(dtmf_frame("3"))
+    assert of(h.fire(Timer.DTMF), UpdateRecording) == [UpdateRecording(CALL_SID, pause=False)]
+
+
+# ------------------------------------------------------------------------- warm transfer
+
+
+def warm() -> Harness:
+    h = Harness(**REST, transfer_mode="warm", transfer_timeout_seconds=30.0)
+    h.open()
+    return h
+
+
+def ask_for_the_pharmacist(h: Harness) -> list[Any]:
+    return h.agent(request(("t1", "transfer_call", {"reason": "refill", "summary": "Ann Lee, asking about order 12"})))
+
+
+def test_a_warm_transfer_keeps_the_caller_with_the_agent_while_the_pharmacist_is_dialled() -> None:
+    h = warm()
+    out = ask_for_the_pharmacist(h)
+    [answer] = [m for m in json_sent(out) if m["type"] == "FunctionCallResponse"]
+    assert "fetching the pharmacist" in json.loads(answer["content"])["result"]
+    assert of(out, DialPharmacist) == [DialPharmacist(CALL_SID, "default", "Ann Lee, asking about order 12")]
+    assert not of(out, TransferCall) and not of(out, HangUp)
+    assert of(h.take(h.call.consult_dialled(PHARMACIST, None, h.now)), WatchForNote) == [WatchForNote(CALL_SID)]
+
+
+def test_accepted_the_caller_is_moved_into_the_conference_once_the_agents_line_is_heard() -> None:
+    h = warm()
+    ask_for_the_pharmacist(h)
+    h.take(h.call.consult_dialled(PHARMACIST, None, h.now))
+    out = h.take(h.call.consult_answered("accepted", h.now))
+    assert injected(out) == [CallerLines().transfer_connecting]
+    assert not of(out, TransferCall), "not before the agent's line"
+    mark = h.turn(800)  # "The pharmacist can take your call now..."
+    [transfer] = of(h.echo(mark), TransferCall)
+    assert transfer.redirect.call_sid == CALL_SID and f"transfer-{CALL_SID}</Conference>" in transfer.redirect.twiml
+    assert not of(h.actions, EndCallLeg)
+    out = h.take(h.call.transfer_finished(None, h.now))
+    assert records(out, "transferred")[0].fields["mode"] == "warm" and of(out, HangUp)
+
+
+def test_declined_the_leg_ends_and_the_agent_tells_the_caller() -> None:
+    h = warm()
+    ask_for_the_pharmacist(h)
+    h.take(h.call.consult_dialled(PHARMACIST, None, h.now))
+    out = h.take(h.call.consult_answered("declined:busy", h.now))
+    assert of(out, EndCallLeg) == [EndCallLeg(PHARMACIST)]
+    assert injected(out) == [CallerLines().transfer_declined]
+    assert records(out, "transfer_declined") == [Record("transfer_declined", {"mode": "warm", "reason": "busy"})]
+    assert not of(h.actions, HangUp) and not of(h.actions, TransferCall)
+    assert of(ask_for_the_pharmacist(h), DialPharmacist), "the agent may try again"
+
+
+def test_no_answer_in_time_counts_as_declined() -> None:
+    h = warm()
+    ask_for_the_pharmacist(h)
+    h.take(h.call.consult_dialled(PHARMACIST, None, h.now))
+    out = h.fire(Timer.CONSULT)
+    assert of(out, EndCallLeg) == [EndCallLeg(PHARMACIST)]
+    assert records(out, "transfer_declined")[0].fields["reason"] == "no-answer"
+
+
+def test_the_caller_hanging_up_while_the_pharmacist_is_dialled_ends_the_pharmacists_leg() -> None:
+    h = warm()
+    ask_for_the_pharmacist(h)
+    h.take(h.call.consult_dialled(PHARMACIST, None, h.now))
+    out = h.stop()
+    assert of(out, NoteCallerLeft) == [NoteCallerLeft(CALL_SID)] and of(out, EndCallLeg) == [EndCallLeg(PHARMACIST)]
+    assert h.hangups and not of(h.actions, TransferCall)
+
+
+def test_a_move_twilio_refuses_after_acceptance_ends_the_waiting_pharmacists_leg() -> None:
+    h = warm()
+    ask_for_the_pharmacist(h)
+    h.take(h.call.consult_dialled(PHARMACIST, None, h.now))
+    h.take(h.call.consult_answered("accepted", h.now))
+    h.echo(h.turn(800))
+    out = h.take(h.call.transfer_finished("Twilio said 400", h.now))
+    assert of(out, EndCallLeg) == [EndCallLeg(PHARMACIST)] and injected(out) == [CallerLines().transfer_failed]
+    assert not h.hangups
