@@ -126,7 +126,14 @@ async def test_agent_refusing_the_key_ends_the_call(make_bridge: BridgeFactory, 
 async def test_agent_unreachable_ends_the_call(make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture) -> None:
     port = free_port()
     async with make_bridge(None, deepgram_agent_url=f"ws://127.0.0.1:{port}/") as server:
-        await expect_prompt_end(server, caplog, "cannot reach Deepgram")
+        await expect_prompt_end(server, caplog, "could not start the agent session: cannot reach Deepgram: ")
+
+
+def test_the_reason_deepgram_could_not_be_reached_says_so_once() -> None:
+    from bridge.session import _connect_failure
+
+    refused = ConnectionRefusedError(111, "Connection refused")
+    assert _connect_failure(refused) == "cannot reach Deepgram: [Errno 111] Connection refused"
 
 
 async def test_no_settings_applied_in_time_ends_the_call(make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture) -> None:
