@@ -93,7 +93,7 @@ def routes(settings: Settings) -> list[tuple[str, str]]:
     if settings.rest_enabled:
         served.append((AMD_PATH, "Twilio's answering-machine callback for outbound calls"))
     if settings.phone_page:
-        served.append(("/phone", "GET: the browser phone (needs the token main.py printed)"))
+        served.append(("/phone", "GET: the browser phone, with the token main.py printed"))
     served.append(("/health", "GET: health check"))
     if settings.metrics_port is None:
         served.append((METRICS_PATH, "GET: Prometheus metrics"))
