@@ -205,7 +205,9 @@ def test_the_startup_error_samples_are_what_main_prints(
     old_key = json.loads(json.dumps(base))
     old_key["agent"]["speaking"] = old_key["agent"].pop("speak")  # the pre-v1 name
     undeclared = json.loads(json.dumps(base))
-    undeclared["agent"]["think"]["functions"].append({"name": "refill", "description": "d", "parameters": {"type": "object", "properties": {}}})
+    undeclared["agent"]["think"]["functions"].append(
+        {"name": "refill", "description": "d", "parameters": {"type": "object", "properties": {}}}
+    )
     configs: list[str | int] = [
         json.dumps(old_key),
         '{"type": "Settings",\n  "audio": {}\n"agent": {}}',  # a comma left out
@@ -492,7 +494,8 @@ def test_every_variable_the_docs_name_is_a_setting_or_explained() -> None:
         assert name not in settings, f"{name} is a setting now: take it off NOT_SETTINGS"
         source = re.search(r"bridge/[\w/]+\.py", reason)
         if source:
-            assert re.search(rf"^\s*{name}\b.*=", (ROOT / source.group()).read_text(), flags=re.M), f"{name} is not in {source.group()}"
+            defined = re.search(rf"^\s*{name}\b.*=", (ROOT / source.group()).read_text(encoding="utf-8"), flags=re.M)
+            assert defined, f"{name} is not defined in {source.group()}"
     for path in DOC_FILES:
         unknown = mentioned_variables(path.read_text(encoding="utf-8")) - settings - set(NOT_SETTINGS)
         assert unknown == set(), f"{path.relative_to(ROOT)} names variables the bridge does not read"
