@@ -176,9 +176,14 @@ def call_control_status(settings: Settings) -> list[str]:
     """One line per call-control feature that is off, saying what turns it on."""
     lines = []
     if not settings.rest_enabled:
+        missing = [
+            name
+            for name, value in (("TWILIO_ACCOUNT_SID", settings.twilio_account_sid), ("TWILIO_AUTH_TOKEN", settings.twilio_auth_token))
+            if not value
+        ]
         lines.append(
-            "call transfer, the fallback line and outbound calls are off: set TWILIO_ACCOUNT_SID and "
-            "TWILIO_AUTH_TOKEN to use Twilio's REST API"
+            f"call transfer, the fallback line and outbound calls are off: set {' and '.join(missing)} "
+            "to use Twilio's REST API"
         )
         return lines
     if not settings.transfer_number:

@@ -61,7 +61,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from .logsafe import clean
+from .logsafe import clean, counted
 
 logger = logging.getLogger("bridge.fake_agent")
 
@@ -649,7 +649,7 @@ class FakeAgentServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
             self.sessions -= 1
-            logger.info("%s closed after %d caller turns", name, conversation.turns)
+            logger.info("%s closed after %s", name, counted(conversation.turns, "caller turn"))
 
     async def _send(self, socket: ServerConnection, outbox: asyncio.Queue[Action], name: str) -> None:
         """The only writer to the socket: sends the actions in order, giving each line its voice."""

@@ -65,7 +65,9 @@ def check_function_map(
 
     ``config_name`` names the agent file (``--config``) in the messages.
     Raises ``ConfigError`` for a declared function that doesn't exist or whose Python signature
-    doesn't accept a parameter the declaration marks as required.
+    doesn't accept a parameter the declaration names, required or optional (unless it takes
+    ``**kwargs``): the LLM may send any declared parameter, and a call that does would otherwise
+    get "Bad arguments" every time.
     """
     for name, function in function_map.items():
         if not callable(function):
@@ -80,24 +82,43 @@ def check_function_map(
             raise ConfigError(
                 f"{config_name} declares function {name!r} but pharmacy_functions.function_map has no such entry."
             )
-        parameters = definition.get("parameters")
-        required = (parameters.get("required") or []) if isinstance(parameters, dict) else []
         signature = inspect.signature(function)
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-        for parameter in required:
+        if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            continue  # **kwargs takes whatever is declared
+        required, optional = _declared_parameters(definition)
+        for parameter in [*required, *optional]:
             accepted = signature.parameters.get(parameter)
-            if not takes_any and (
-                accepted is None or accepted.kind not in (accepted.POSITIONAL_OR_KEYWORD, accepted.KEYWORD_ONLY)
-            ):
+            if accepted is not None and accepted.kind in (accepted.POSITIONAL_OR_KEYWORD, accepted.KEYWORD_ONLY):
+                continue
+            if parameter in required:
                 raise ConfigError(
                     f"{config_name} marks parameter {parameter!r} of function {name!r} as required, "
                     f"but the Python function {name}() does not accept it."
                 )
+            raise ConfigError(
+                f"{config_name} declares the optional parameter {parameter!r} of function {name!r}, but the "
+                f"Python function {name}() does not accept it, so every call that passes it would fail."
+            )
     return [
         f"function_map entry {name!r} is not declared in {config_name}, so the agent cannot call it."
         for name in function_map
         if name not in declared
     ]
+
+
+def _declared_parameters(definition: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """The parameter names a function's declaration gives: (required, optional), each in order.
+
+    ``parameters`` is a JSON Schema object: ``properties`` names every parameter and ``required``
+    those the LLM must send (a name may be required without a property of its own).
+    """
+    parameters = definition.get("parameters")
+    if not isinstance(parameters, dict):
+        return [], []
+    listed, properties = parameters.get("required"), parameters.get("properties")
+    required = [name for name in listed if isinstance(name, str)] if isinstance(listed, list) else []
+    named = [name for name in properties if isinstance(name, str)] if isinstance(properties, dict) else []
+    return required, [name for name in named if name not in required]
 
 
 def _error(reason: str, started: float, outcome: str) -> FunctionOutcome:

@@ -5,6 +5,9 @@ description, a transcript) goes through it before it reaches a log format argume
 a peer could end our log line and start a forged one (``\\n``, ``\\r``, U+2028), hide text
 (format characters such as U+202E, the right-to-left override), drive a terminal (``\\x1b``
 escape sequences) or fill the log with one huge value.
+
+It also owns ``counted``, a number with its noun for a log line or an error ("1 live call",
+"2 live calls"), so no message says "1 live calls".
 """
 
 from __future__ import annotations
@@ -73,3 +76,15 @@ def clean(value: object, limit: int = 120) -> str:
     if taken < len(text):
         return f"{out}…(+{len(text) - taken} chars)"
     return out
+
+
+def counted(count: float, noun: str, plural: str | None = None) -> str:
+    """``count`` followed by ``noun``, singular for exactly one: ``counted(1, "live call")`` is
+    "1 live call", ``counted(2, "live call")`` "2 live calls", ``counted(0.5, "day")`` "0.5 days".
+
+    ``plural`` is for a noun that does not just add an "s" (``"delivery", "deliveries"``), or for
+    a phrase whose verb agrees too (``"call is live", "calls are live"``). A float is written as
+    ``%g`` writes it (1.0 as "1").
+    """
+    number = f"{count:g}" if isinstance(count, float) else str(count)
+    return f"{number} {noun if count == 1 else plural or noun + 's'}"

@@ -39,7 +39,7 @@ from .call_control import AMD_PATH, TWIML_PATH, AnsweringMachineCallback, form_p
 from .config import AgentConfig
 from .settings import ConfigError, Settings
 from .functions import FunctionRunner
-from .logsafe import clean
+from .logsafe import clean, counted
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import METRICS_PATH, SHARE_SECONDS, Metrics, WorkerShare
 from .records import RecordWriter, RetentionError, delete_old_records
@@ -93,7 +93,7 @@ def routes(settings: Settings) -> list[tuple[str, str]]:
     if settings.rest_enabled:
         served.append((AMD_PATH, "Twilio's answering-machine callback for outbound calls"))
     if settings.phone_page:
-        served.append(("/phone", "GET: the browser phone (needs the token main.py printed)"))
+        served.append(("/phone", "GET: the browser phone, with the token main.py printed"))
     served.append(("/health", "GET: health check"))
     if settings.metrics_port is None:
         served.append((METRICS_PATH, "GET: Prometheus metrics"))
@@ -331,7 +331,7 @@ class BridgeServer:
             deleted = 0
             logger.exception("the pass deleting old call records failed")
         if deleted:
-            logger.info("deleted %d call records older than %g days", deleted, days)
+            logger.info("deleted %s older than %s", counted(deleted, "call record"), counted(days, "day"))
 
     async def _prune_shared(self, shared: SharedState) -> None:
         try:
@@ -474,7 +474,10 @@ class BridgeServer:
             logger.info("refused a call: the server is draining")
             return HttpReply(503, "The server is shutting down; try again.\n")
         if len(self.calls) >= self.settings.max_calls:
-            logger.warning("refused a call: %d calls are live and MAX_CALLS is %d", len(self.calls), self.settings.max_calls)
+            logger.warning(
+                "refused a call: %s and MAX_CALLS is %d",
+                counted(len(self.calls), "call is live", "calls are live"), self.settings.max_calls,
+            )
             return HttpReply(503, "Too many calls; try again later.\n")
         # Any token at all (even an empty one) claims a browser session and must be the right one.
         browser = self.settings.phone_page and "token" in parse_qs(request.query, keep_blank_values=True)
@@ -520,7 +523,7 @@ class BridgeServer:
         """Stop taking calls, let live ones finish for up to ``drain_seconds``, then end them."""
         self.draining = True
         if self._call_tasks and drain_seconds > 0:
-            logger.info("draining: waiting up to %.0f s for %d live calls", drain_seconds, len(self.calls))
+            logger.info("draining: waiting up to %.0f s for %s", drain_seconds, counted(len(self.calls), "live call"))
             calls_done = asyncio.ensure_future(asyncio.wait(list(self._call_tasks)))
             waits = [calls_done]
             if self._end_now is not None:  # a second signal cuts the drain short
@@ -529,7 +532,7 @@ class BridgeServer:
             for wait in waits:
                 wait.cancel()
         if self.calls:
-            logger.info("ending %d live calls", len(self.calls))
+            logger.info("ending %s", counted(len(self.calls), "live call"))
             for session in list(self.calls):
                 session.shut_down()
         if self._call_tasks:
@@ -582,8 +585,8 @@ class BridgeServer:
                     logger.warning("third signal: exiting now; records of calls still ending may be incomplete")
                     os._exit(1)
                 logger.warning(
-                    "second signal: ending %d live calls now and writing their records; exiting within %.0f s",
-                    len(self.calls),
+                    "second signal: ending %s now and writing their records; exiting within %.0f s",
+                    counted(len(self.calls), "live call"),
                     SECOND_SIGNAL_EXIT_SECONDS,
                 )
                 # A backstop on a thread of its own: it fires even if the event loop is stuck.

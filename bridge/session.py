@@ -573,5 +573,5 @@ def _connect_failure(exc: Exception) -> str:
         hint = " (check DEEPGRAM_API_KEY)" if status in (401, 403) else ""
         return f"Deepgram refused the connection with HTTP {status}{hint}"
     if isinstance(exc, InvalidURI | InvalidHandshake | OSError):
-        return f"cannot reach Deepgram while connecting to Deepgram: {clean(exc, 200)}"
+        return f"cannot reach Deepgram: {clean(exc, 200)}"
     return f"unexpected {type(exc).__name__} while connecting to Deepgram: {clean(exc, 200)}"

@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 from .call_events import RecordEvent
 from .settings import Settings
 from .jsontext import valid_text
-from .logsafe import clean
+from .logsafe import clean, counted
 from .records import bounded, finite
 from .http_client import USER_AGENT, AttemptFailed, backoff_delay, post_once, retry_after_seconds
 
@@ -266,9 +266,9 @@ class WebhookSender:
             if not self._full:
                 self._full = True
                 logger.warning(
-                    "webhook queue is full (%d deliveries, %d bytes waiting for %s): new call summaries are "
+                    "webhook queue is full (%s, %s waiting for %s): new call summaries are "
                     "dropped until there is room (their call records are on disk); nothing more is logged until then",
-                    len(self._queue), self._queued_bytes, self.target,
+                    counted(len(self._queue), "delivery", "deliveries"), counted(self._queued_bytes, "byte"), self.target,
                 )
             return False
         self._queue.append(body)
@@ -299,8 +299,8 @@ class WebhookSender:
             self._task = None
         if left:
             logger.warning(
-                "%d call summaries were not delivered to %s before shutdown (waited %.1f s); their call records are on disk",
-                left, self.target, timeout,
+                "%s not delivered to %s before shutdown (waited %.1f s); their call records are on disk",
+                counted(left, "call summary was", "call summaries were"), self.target, timeout,
             )
         self._queue.clear()
         self._queued_bytes = 0
@@ -326,8 +326,8 @@ class WebhookSender:
             self._queued_bytes -= len(body)
             if self._full and len(self._queue) <= self.queue_max // 2:
                 logger.info(
-                    "webhook queue has room again; %d call summaries were dropped while it was full",
-                    self._dropped_while_full,
+                    "webhook queue has room again; %s dropped while it was full",
+                    counted(self._dropped_while_full, "call summary was", "call summaries were"),
                 )
                 self._full = False
                 self._dropped_while_full = 0
@@ -378,11 +378,12 @@ class WebhookSender:
 
     def _delivered(self, attempts: int) -> None:
         self.delivered += 1
-        logger.debug("webhook delivered after %d attempt%s", attempts, "" if attempts == 1 else "s")
+        logger.debug("webhook delivered after %s", counted(attempts, "attempt"))
         if self._failing_since is not None:
             logger.info(
-                "webhook %s reachable again after %.1f s; %d deliveries failed meanwhile (their call records are on disk)",
-                self.target, asyncio.get_running_loop().time() - self._failing_since, self._failed_in_outage,
+                "webhook %s reachable again after %.1f s; %s failed meanwhile (their call records are on disk)",
+                self.target, asyncio.get_running_loop().time() - self._failing_since,
+                counted(self._failed_in_outage, "delivery", "deliveries"),
             )
             self._failing_since = None
             self._failed_in_outage = 0

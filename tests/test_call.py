@@ -1,4 +1,4 @@
-"""The call's rules (bridge/call.py), driven with a fake clock: no sockets, no event loop.
+"""The call's rules (bridge/call/), driven with a fake clock: no sockets, no event loop.
 
 ``Harness`` owns the clock (a float the test moves), feeds ``Call`` its events, keeps every action
 it returns, and tracks the timers those actions arm and cancel, so a test can move to the next
@@ -88,7 +88,7 @@ BASE = with_overrides(
     inbound_chunk_bytes=CHUNK,
     max_agent_queue_bytes=2000,
     keepalive_seconds=100.0,  # out of the way unless a test is about it
-    idle_reprompt_seconds=0.0,  # likewise the silence clock (tests/test_keypad_idle.py)
+    idle_reprompt_seconds=0.0,  # likewise the silence clock (tests/test_conversation.py)
     start_timeout_seconds=10.0,
     agent_connect_timeout_seconds=10.0,
     hangup_timeout_seconds=10.0,

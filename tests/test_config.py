@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -625,6 +626,48 @@ def test_routes_lists_what_is_on() -> None:
     assert phone == ["/twilio", "/phone", "/health", "/metrics", "/"]
     rest = {"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_AUTH_TOKEN": "t", "PUBLIC_URL": "https://abc.ngrok.app"}
     assert "/twilio/amd" in [path for path, _ in routes(load_settings({"DEEPGRAM_API_KEY": "k", **rest}))]
+
+
+def test_the_call_control_line_names_only_the_missing_twilio_settings() -> None:
+    from main import call_control_status
+
+    # (A SID without the token stops startup: the REST API needs both.)
+    token = {"TWILIO_AUTH_TOKEN": "t", "PUBLIC_URL": "https://abc.ngrok.app"}
+    off = "call transfer, the fallback line and outbound calls are off: set {} to use Twilio's REST API"
+    assert call_control_status(load_settings({"DEEPGRAM_API_KEY": "k", **token})) == [off.format("TWILIO_ACCOUNT_SID")]
+    assert call_control_status(load_settings({"DEEPGRAM_API_KEY": "k"})) == [
+        off.format("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
+    ]
+
+
+def parenthesis_depth(text: str) -> int:
+    depth = deepest = 0
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+@pytest.mark.parametrize("env", [
+    {},
+    {"PHONE_PAGE": "true"},
+    {"PHONE_PAGE": "true", "HOST": "0.0.0.0", "METRICS_PORT": "9100"},
+    {"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_AUTH_TOKEN": "t", "PUBLIC_URL": "https://abc.ngrok.app", "PHONE_PAGE": "true"},
+], ids=["plain", "phone", "phone-anywhere", "twilio"])
+def test_the_startup_banner_has_no_parentheses_inside_parentheses(
+    env: dict[str, str], caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each route's description sits in parentheses in the banner, so none may hold its own."""
+    from main import announce
+
+    settings = load_settings({"DEEPGRAM_API_KEY": "k", **env})
+    with caplog.at_level(logging.INFO):
+        announce(settings, 2, 5000)
+    said = [record.getMessage() for record in caplog.records] + capsys.readouterr().out.splitlines()
+    serving = next(line for line in said if line.startswith("serving on "))
+    assert [line for line in said if parenthesis_depth(line) > 1] == []
+    if settings.phone_page:
+        assert "/phone (GET: the browser phone, with the token main.py printed)" in serving
 
 
 def start_main(tmp_path: Path, env_text: str, *flags: str) -> tuple[str, str, int]:

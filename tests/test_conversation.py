@@ -1,5 +1,5 @@
 """Keypad digits, caller silence, injections, Deepgram's History and diagnostics, in the call's
-state machine (bridge/call.py), driven with the fake clock of tests/test_call.py.
+state machine (bridge/call/), driven with the fake clock of tests/test_call.py.
 
 What is checked here is the rule; tests/test_conversation_sockets.py checks the same things
 through real sockets and the fake agent.

@@ -11,6 +11,7 @@ import os
 import json
 import logging
 import re
+import subprocess
 import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -24,6 +25,7 @@ from bridge.config import AgentConfig
 from bridge.settings import (
     APPLICATION_VARIABLES,
     DEPRECATED_LINE_VARIABLES,
+    ConfigError,
     Settings,
     documented_default,
     env_example,
@@ -33,7 +35,7 @@ from bridge.settings import (
 )
 from bridge.functions import FunctionRunner, check_function_map
 from bridge.records import CallRecord, RecordWriter
-from conftest import ROOT
+from conftest import ROOT, empty_env
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -192,6 +194,51 @@ def test_every_command_line_flag_is_documented() -> None:
         assert any(cell.startswith(f"`{flag}") for cell in documented), f"{CONFIGURATION} does not document {flag}"
 
 
+def test_the_startup_error_samples_are_what_main_prints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/configuration.md's sample errors, in order, each from main.py on such a config.json."""
+    import main
+
+    (documented,) = code_blocks(section("What startup checks", in_file=CONFIGURATION), "")
+    base = json.loads((ROOT / "config.json").read_text(encoding="utf-8"))
+    old_key = json.loads(json.dumps(base))
+    old_key["agent"]["speaking"] = old_key["agent"].pop("speak")  # the pre-v1 name
+    undeclared = json.loads(json.dumps(base))
+    undeclared["agent"]["think"]["functions"].append(
+        {"name": "refill", "description": "d", "parameters": {"type": "object", "properties": {}}}
+    )
+    configs: list[str | int] = [
+        json.dumps(old_key),
+        '{"type": "Settings",\n  "audio": {}\n"agent": {}}',  # a comma left out
+        150_000_000,  # bytes, as a sparse file
+        json.dumps(undeclared),
+    ]
+    monkeypatch.chdir(tmp_path)  # so --config config.json is named as the docs name it
+    monkeypatch.setenv("DEEPGRAM_API_KEY", "k")
+    monkeypatch.setenv("RECORD_CALLS", "false")
+    printed = []
+    for config in configs:
+        path = tmp_path / "config.json"
+        if isinstance(config, int):
+            with path.open("wb") as file:
+                file.truncate(config)
+        else:
+            path.write_text(config, encoding="utf-8")
+        assert main.main(["--config", "config.json", "--env-file", str(empty_env(tmp_path))]) == 2
+        printed.append(capsys.readouterr().err)
+    assert "".join(printed) == documented
+
+
+def test_the_optional_parameter_sample_is_what_startup_says() -> None:
+    _, declaration = readme_example_function()
+    sample = re.search(r"`(config\.json declares the optional parameter [^`]*)`", read_doc(FUNCTIONS))
+    assert sample, f"{FUNCTIONS} shows no sample of the optional-parameter error"
+    with pytest.raises(ConfigError) as caught:
+        check_function_map({"get_opening_hours": lambda: {}}, {"get_opening_hours": declaration})
+    assert str(caught.value) == sample.group(1)
+
+
 # ------------------------------------------------------------------------- quick start, TwiML
 
 def test_quick_start_commands() -> None:
@@ -231,6 +278,15 @@ def test_readme_twiml_is_what_main_prints() -> None:
 def test_the_quick_start_shows_the_twiml_main_prints_without_public_url() -> None:
     twiml = load_settings({"DEEPGRAM_API_KEY": "k"}).twiml
     assert twiml in code_blocks(section("Quick start"), "text")[0]
+
+
+def test_the_readme_shows_the_default_host_and_asks_nobody_to_set_it() -> None:
+    """HOST defaults to 127.0.0.1: the Quick start's banner shows it, and trying the browser
+    phone does not ask for it as if it had to be set."""
+    default = load_settings({"DEEPGRAM_API_KEY": "k"}).host
+    assert default == "127.0.0.1"
+    assert f"INFO    bridge serving on http://{default}:5000: " in code_blocks(section("Quick start"), "text")[0]
+    assert f"HOST={default}" not in section("Try it without a phone")
 
 
 def test_every_twiml_in_the_docs_streams_both_ways_and_ends_with_connect() -> None:
@@ -295,6 +351,170 @@ def test_every_relative_link_points_at_a_file_and_heading_that_exist(path: Path)
         if anchor and destination.suffix == ".md":
             anchors = heading_anchors(destination.read_text(encoding="utf-8"))
             assert anchor in anchors, f"{path.relative_to(ROOT)} links to {target}, which is no heading there"
+
+
+# ------------------------------------------------------------ what the docs name, exists
+
+def repository_files() -> list[str]:
+    """The repository's files (tracked, or new and not ignored), as paths from its root."""
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "--cached", "--others", "--exclude-standard"],
+        capture_output=True, text=True, check=True, timeout=30,
+    )
+    return [path for path in listed.stdout.splitlines() if (ROOT / path).exists()]  # not those deleted meanwhile
+
+
+def inline_code(text: str) -> list[str]:
+    """The text of every `inline code` span of Markdown outside its fenced code blocks."""
+    return re.findall(r"`([^`\n]+)`", without_code(text))
+
+
+def readme_citations(text: str) -> list[str]:
+    """The README sections ``text`` cites by name in prose: README's "X", README's *X*, the README, *X*."""
+    return re.findall(r"""README(?:'s|,)\s+["*“]([^"*”\n]+)["*”]""", text)
+
+
+def test_the_citation_finder_finds_each_way_of_citing() -> None:
+    text = 'see the README\'s "Quick start", the README, *Secrets in config.json*, or README\'s *Production*.'
+    assert readme_citations(text) == ["Quick start", "Secrets in config.json", "Production"]
+
+
+def test_every_readme_section_cited_in_prose_exists() -> None:
+    """A link to a README heading is checked by the link test; a section named in prose is checked here."""
+    headings = set(re.findall(r"^#+ (.*)$", without_code(README), flags=re.M))
+    sources = [*DOC_FILES, *sorted((ROOT / "bridge").rglob("*.py")), ROOT / "main.py"]
+    for path in sources:
+        for title in readme_citations(path.read_text(encoding="utf-8")):
+            assert title in headings, f"{path.relative_to(ROOT)} cites the README's {title!r}, which is no heading there"
+
+
+# Names in the docs that look like file paths but are none of the repository's, each with why.
+NOT_OUR_FILES = {
+    "_state.py": "h11's module, cited as the model of bridge/call/phase.py",
+    "asyncapi.yml": "Deepgram's published API specification",
+    "Calls.json": "Twilio's REST resource, not a file",
+}
+# Folders of the repository that hold the reader's own files: the docs name examples of them.
+READERS_FOLDERS = {"agents": "the reader's own agent files (NAME.json, numbers.json); the repository ships only a README"}
+
+
+def mentioned_paths(text: str) -> list[str]:
+    """The words of the inline code spans of ``text`` shaped like a relative file path."""
+    paths = []
+    for span in inline_code(text):
+        for word in span.split():
+            word = word.strip(",;:()'\"").rstrip(".")
+            if "://" in word or word.startswith(("/", "-", "$", "{", "~")):
+                continue
+            if re.fullmatch(r"(?:[\w.-]+/)+[\w.*<>-]*|[\w.-]+\.(?:py|md|json|jsonl|yaml|yml|txt|ini|html|toml)", word):
+                paths.append(word)
+    return paths
+
+
+def test_the_path_finder_finds_paths_and_only_paths() -> None:
+    text = "`bridge/settings.py`, `python -m bridge.fake_agent`, `main.py --port 5050`, `/twiml`, `https://x.io/a.py`, `data/`"
+    assert mentioned_paths(text) == ["bridge/settings.py", "main.py", "data/"]
+
+
+@pytest.mark.parametrize("path", DOC_FILES, ids=lambda path: str(path.relative_to(ROOT)))
+def test_every_file_path_the_docs_name_exists(path: Path) -> None:
+    """`bridge/settings.py`, `tests/fakes.py`, `deploy/kubernetes.yaml`, `phase.py`: each is in the
+    repository. Paths under a folder the repository doesn't have (`data/`, `calls/`: made at run
+    time) are the reader's, as are examples in a folder of the reader's own files."""
+    files = repository_files()
+    top = {file.split("/")[0] for file in files}
+    names = {file.rsplit("/", 1)[-1] for file in files}
+    missing = []
+    for mentioned in mentioned_paths(path.read_text(encoding="utf-8")):
+        first, slash, rest = mentioned.partition("/")
+        if mentioned in NOT_OUR_FILES or (slash and (first not in top or first in READERS_FOLDERS and rest)):
+            continue
+        if "*" in mentioned or "<" in mentioned:
+            continue  # a pattern (agents/*.json), not one file
+        found = (ROOT / mentioned).exists() if slash else mentioned in names or (ROOT / mentioned).exists()
+        if not found:
+            missing.append(mentioned)
+    assert missing == [], f"{path.relative_to(ROOT)} names files the repository does not have"
+
+
+# Repository paths cited in code that are known not to exist, each fixed where the code is owned.
+STALE_IN_CODE = {("bridge/call/consult.py", "bridge/warm_transfer.py")}
+
+
+def test_every_repository_path_the_code_and_tests_cite_exists() -> None:
+    """A docstring or comment naming tests/test_x.py or bridge/x.py sends the reader to it."""
+    missing = []
+    for file in repository_files():
+        if not (file.endswith(".py") or file in (".ci/run", "Dockerfile")) or file == "tests/test_docs.py":
+            continue  # this file names paths as data
+        text = (ROOT / file).read_text(encoding="utf-8")
+        for cited in re.findall(r"(?<![\w/.:-])((?:bridge|tests|bench|docs|deploy)/[\w./-]*[\w/])", text):
+            if not (ROOT / cited).exists() and (file, cited) not in STALE_IN_CODE:
+                missing.append(f"{file}: {cited}")
+    assert missing == []
+
+
+# Names in the docs' code that look like environment variables but are not settings, each with
+# why. Where the reason names a file of ours, the name is defined there (checked).
+NOT_SETTINGS = {
+    "LLM_API_KEY": "the reader's own variable in the ${NAME} example (docs/configuration.md)",
+    "UNPARSABLE_CLIENT_MESSAGE": "a Deepgram error code",
+    "CLIENT_MESSAGE_TIMEOUT": "a Deepgram error code",
+    "ERR_NGROK_4018": "ngrok's error for a missing authtoken",
+    "SO_REUSEPORT": "a socket option",
+    "AGENT_OPEN": "a timer of the call core, bridge/call/actions.py",
+    "HANGUP_GRACE": "a timer of the call core, bridge/call/actions.py",
+    "HANGUP_FALLBACK": "a timer of the call core, bridge/call/actions.py",
+    "NO_FEED": "the phone call's browser feed, bridge/call/browser.py",
+    "MAX_CONFIG_FILE_BYTES": "a limit in bridge/config.py",
+    "MAX_JSON_DEPTH": "a limit in bridge/config.py",
+    "MAX_NESTING": "a limit in bridge/functions.py",
+    "MAX_RESULT_CHARS": "a limit in bridge/functions.py",
+    "RELOAD_TIMEOUT_SECONDS": "a limit in bridge/server.py",
+}
+
+
+def mentioned_variables(text: str) -> set[str]:
+    """Names like environment variables (capitals, digits, an underscore) in the inline code of
+    ``text``, and those its code blocks assign (``NAME=value`` lines)."""
+    shaped = r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]*[A-Z0-9]\b"
+    names = {name for span in inline_code(text) for name in re.findall(shaped, span)}
+    return names | set(re.findall(r"^[ \t]*([A-Z][A-Z0-9]*_[A-Z0-9_]*[A-Z0-9])=", text, flags=re.M))
+
+
+def test_the_variable_finder_finds_inline_names_and_assignments() -> None:
+    text = "Set `TRANSFER_MODE` or `HOST`.\n\n```\nPUBLIC_URL=https://x\n```\nnot IN_PROSE\n"
+    assert mentioned_variables(text) == {"TRANSFER_MODE", "PUBLIC_URL"}
+
+
+def test_every_variable_the_docs_name_is_a_setting_or_explained() -> None:
+    old = {old_name for _, setting in environment_fields() for old_name in setting.old_names}
+    settings = documented_names() | old | set(DEPRECATED_LINE_VARIABLES)
+    for name, reason in NOT_SETTINGS.items():
+        assert name not in settings, f"{name} is a setting now: take it off NOT_SETTINGS"
+        source = re.search(r"bridge/[\w/]+\.py", reason)
+        if source:
+            defined = re.search(rf"^\s*{name}\b.*=", (ROOT / source.group()).read_text(encoding="utf-8"), flags=re.M)
+            assert defined, f"{name} is not defined in {source.group()}"
+    for path in DOC_FILES:
+        unknown = mentioned_variables(path.read_text(encoding="utf-8")) - settings - set(NOT_SETTINGS)
+        assert unknown == set(), f"{path.relative_to(ROOT)} names variables the bridge does not read"
+
+
+def test_the_layout_table_lists_every_module_and_top_level_entry() -> None:
+    """docs/development.md's layout table: a row for each bridge/*.py (a package, such as
+    bridge/call/, is one row) and for each file and folder at the top of the repository."""
+    layout = section("Project layout", in_file="docs/development.md")
+    rows = {path for cell in table_first_cells(layout) for path in re.findall(r"`([^`]+)`", cell)}
+    files = repository_files()
+    for module in (file for file in files if file.startswith("bridge/") and file.endswith(".py")):
+        package = module.rsplit("/", 1)[0] + "/"
+        if module == "bridge/__init__.py":
+            continue  # empty: it only makes bridge/ a package
+        assert module in rows or package in rows, f"the layout table has no row for {module}"
+    for entry in {file.split("/")[0] + ("/" if "/" in file else "") for file in files}:
+        covered = entry in rows or (entry.endswith("/") and any(row.startswith(entry) for row in rows))
+        assert covered, f"the layout table has no row for {entry}"
 
 
 def test_the_readme_is_short_and_starts_with_the_quick_start() -> None:

@@ -571,6 +571,36 @@ def test_startup_check_of_declared_functions() -> None:
         check_function_map({**pharmacy_functions.function_map, "refill": "refill_prescription"}, declared)
 
 
+def test_startup_refuses_a_declared_optional_parameter_the_function_does_not_take() -> None:
+    """An optional parameter is one the LLM may send: a function without it answers "Bad arguments"
+    to every call that does, so startup refuses it as it does a required one, unless **kwargs."""
+    declared = {"get_opening_hours": {"name": "get_opening_hours", "parameters": {
+        "type": "object", "properties": {"day": {"type": "string"}, "store": {"type": "string"}}, "required": ["day"],
+    }}}
+
+    def without_store(day: str) -> dict[str, str]:
+        return {"day": day}
+
+    def with_store(day: str, store: str = "") -> dict[str, str]:
+        return {"day": day, "store": store}
+
+    def with_anything(day: str, **more: Any) -> dict[str, str]:
+        return {"day": day}
+
+    with pytest.raises(ConfigError) as caught:
+        check_function_map({"get_opening_hours": without_store}, declared)
+    assert str(caught.value) == (
+        "config.json declares the optional parameter 'store' of function 'get_opening_hours', but the Python "
+        "function get_opening_hours() does not accept it, so every call that passes it would fail."
+    )
+    assert check_function_map({"get_opening_hours": with_store}, declared) == []
+    assert check_function_map({"get_opening_hours": with_anything}, declared) == []
+    # A required parameter that is not declared as a property too is still checked, as required.
+    declared["get_opening_hours"]["parameters"]["required"] = ["day", "week"]
+    with pytest.raises(ConfigError, match="^config.json marks parameter 'week' of function 'get_opening_hours' as required"):
+        check_function_map({"get_opening_hours": with_store}, declared)
+
+
 def test_startup_refuses_a_declared_function_that_does_not_exist(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,7 +84,7 @@ async def test_calls_past_max_calls_get_503(fake_agent: FakeAgent, make_bridge: 
             with pytest.raises(InvalidStatus) as refused:
                 await connect(twilio_url(server))
             assert refused.value.response.status_code == 503
-            assert any("MAX_CALLS is 2" in r.getMessage() for r in caplog.records)
+            assert "refused a call: 2 calls are live and MAX_CALLS is 2" in [r.getMessage() for r in caplog.records]
         await eventually(lambda: not server.calls)
         async with FakeTwilioCaller(twilio_url(server)) as three:  # room again once they hung up
             await three.start()
@@ -126,7 +127,14 @@ async def test_agent_refusing_the_key_ends_the_call(make_bridge: BridgeFactory, 
 async def test_agent_unreachable_ends_the_call(make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture) -> None:
     port = free_port()
     async with make_bridge(None, deepgram_agent_url=f"ws://127.0.0.1:{port}/") as server:
-        await expect_prompt_end(server, caplog, "cannot reach Deepgram")
+        await expect_prompt_end(server, caplog, "could not start the agent session: cannot reach Deepgram: ")
+
+
+def test_the_reason_deepgram_could_not_be_reached_says_so_once() -> None:
+    from bridge.session import _connect_failure
+
+    refused = ConnectionRefusedError(111, "Connection refused")
+    assert _connect_failure(refused) == "cannot reach Deepgram: [Errno 111] Connection refused"
 
 
 async def test_no_settings_applied_in_time_ends_the_call(make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture) -> None:
@@ -420,7 +428,8 @@ async def test_a_second_signal_ends_live_calls_at_once_and_writes_their_records(
     assert events[-1]["event"] == "summary" and events[-1]["ended_by"] == "server shutting down"
     text = log.read_text()
     assert "press Ctrl-C again, or send another SIGTERM, to end live calls now" in text
-    assert "second signal: ending 1 live calls now and writing their records" in text
+    assert "second signal: ending 1 live call now and writing their records" in text
+    assert re.search(r" draining: waiting up to 30 s for 1 live call$", text, flags=re.M), text  # one call: singular
 
 
 SECOND_SIGNAL_BACKSTOP_SCRIPT = """

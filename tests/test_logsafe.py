@@ -10,7 +10,7 @@ import unicodedata
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from bridge.logsafe import clean
+from bridge.logsafe import clean, counted
 
 SUFFIX = re.compile(r"…\(\+(\d+) chars\)\Z")
 # Every category, surrogates included (hypothesis leaves Cs out unless told), and extra weight on
@@ -102,3 +102,10 @@ def test_values_that_are_not_strings() -> None:
     assert clean({"code": "X\nY"}) == r"{'code': 'X\\nY'}"
     assert clean(ValueError("bad\nthing")) == r"bad\nthing"
     assert clean(Hostile()) == "<unprintable Hostile>"
+
+
+def test_counted_says_one_in_the_singular_and_the_rest_in_the_plural() -> None:
+    assert [counted(n, "live call") for n in (0, 1, 2)] == ["0 live calls", "1 live call", "2 live calls"]
+    assert [counted(n, "day") for n in (1.0, 0.5, 30.0)] == ["1 day", "0.5 days", "30 days"]
+    assert counted(1, "delivery", "deliveries") == "1 delivery" and counted(3, "delivery", "deliveries") == "3 deliveries"
+    assert counted(1, "call is live", "calls are live") == "1 call is live"

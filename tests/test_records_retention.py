@@ -47,7 +47,7 @@ def aged(path: Path, age_days: float) -> None:
 def retention_lines(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
     return [
         record.getMessage() for record in caplog.records
-        if record.name == "bridge.server" and record.levelno == level and "call records older than" in record.getMessage()
+        if record.name == "bridge.server" and record.levelno == level and " older than " in record.getMessage()
     ]
 
 
@@ -124,7 +124,7 @@ async def test_a_pass_runs_every_interval_and_says_nothing_when_nothing_was_dele
         await eventually(lambda: not later.exists(), what="the next pass to delete it")
     assert kept.exists()
     # Three passes deleted one record each; those in between deleted nothing and said nothing.
-    assert retention_lines(info_logs, logging.INFO) == ["deleted 1 call records older than 1 days"] * 3
+    assert retention_lines(info_logs, logging.INFO) == ["deleted 1 call record older than 1 day"] * 3
 
 
 async def test_a_pass_that_fails_logs_one_warning(tmp_path: Path, info_logs: pytest.LogCaptureFixture) -> None:

@@ -392,7 +392,7 @@ async def test_shutdown_waits_for_the_webhook_only_until_its_deadline(
         started = time.monotonic()
     assert time.monotonic() - started < 5.0  # not the 30 s attempt
     assert any(
-        "1 call summaries were not delivered to http://127.0.0.1:" in line and "/hooks/calls before shutdown" in line
+        "1 call summary was not delivered to http://127.0.0.1:" in line and "/hooks/calls before shutdown" in line
         for line in webhook_lines(caplog, logging.WARNING)
     )
 
