@@ -34,7 +34,7 @@ from urllib.parse import parse_qs
 from . import twilio
 from .agents import AGENT_NAME, AGENT_PARAMETER, AgentCatalog
 from .binding import BINDING_PARAMETER, binding_mac
-from .call_control import AMD_PATH, TWIML_PATH, AnsweringMachineCallback, form_parameters, signed_url
+from .call_control import AMD_PATH, TWIML_PATH, AnsweringMachineCallback, check_signature, form_parameters
 from .config import AgentConfig, ConfigError, Settings
 from .functions import FunctionRunner
 from .logsafe import clean
@@ -340,15 +340,8 @@ class BridgeServer:
         params = form_parameters(request)
         signed = False
         if settings.twilio_auth_token:
-            signature = request.header("x-twilio-signature")
-            if not twilio.webhook_signature_is_valid(
-                settings.twilio_auth_token,
-                signed_url(settings, request),
-                params if request.method == "POST" else {},
-                signature,
-            ):
-                logger.warning("refused a %s to %s: %s X-Twilio-Signature", request.method, TWIML_PATH, "invalid" if signature else "no")
-                return HttpReply(403, "Forbidden: invalid Twilio signature.\n")
+            if (refused := check_signature(settings, request, params)) is not None:
+                return refused
             signed = True
         stream_parameters = {
             name: values[0][:MAX_WEBHOOK_VALUE_CHARS]
