@@ -3,10 +3,11 @@
 Routes (``routes()`` lists the ones that are on; the startup banner and ``GET /`` show that list):
 ``/twilio`` (Twilio's Media Streams WebSocket, and the browser phone's), ``/twiml`` (GET or POST:
 a number's voice webhook, answered with the TwiML that connects the call to ``/twilio``),
-``/twilio/amd`` (only with Twilio's REST API on), ``GET /health``, ``GET /phone`` (only with
-``PHONE_PAGE=true``), ``GET /``, 404 for anything else. Admission happens in the
-HTTP handshake, before any Deepgram session opens: draining and ``MAX_CALLS`` answer 503, a bad
-Twilio signature or phone token 403. Each admitted connection becomes one ``CallSession``.
+``/twilio/amd`` and ``/twilio/recording`` (Twilio's callbacks, only with Twilio's REST API on),
+``GET /health``, ``GET /phone`` (only with ``PHONE_PAGE=true``), ``GET /``, 404 for anything
+else. Admission happens in the HTTP handshake, before any Deepgram session opens: draining and
+``MAX_CALLS`` answer 503, a bad Twilio signature or phone token 403. Each admitted connection
+becomes one ``CallSession``.
 Connections still in their HTTP request are bounded (``max_handshakes``), so a crowd of stalled
 clients can't use up the process's file descriptors. With ``RECORDS_RETENTION_DAYS`` set, the
 server also deletes old call records, at startup and then hourly (``records.delete_old_records``
@@ -40,6 +41,7 @@ from .functions import FunctionRunner
 from .logsafe import clean
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import METRICS_PATH, SHARE_SECONDS, Metrics, WorkerShare
+from .recordings import RECORDING_PATH, RecordingCallback
 from .records import RecordWriter, RetentionError, delete_old_records
 from .storage.shared import SharedState, shared_state
 from .storage.postgres import DatabaseUnavailable
@@ -87,6 +89,7 @@ def routes(settings: Settings) -> list[tuple[str, str]]:
         served.append((TWIML_PATH, "GET or POST: TwiML for a number's voice webhook"))
     if settings.rest_enabled:
         served.append((AMD_PATH, "Twilio's answering-machine callback for outbound calls"))
+        served.append((RECORDING_PATH, "Twilio's recording status callback for recorded calls"))
     if settings.phone_page:
         served.append(("/phone", "GET: the browser phone (needs the token main.py printed)"))
     served.append(("/health", "GET: health check"))
@@ -154,6 +157,7 @@ class BridgeServer:
             shared = shared_state(settings.state_dir, settings.database_url)
         self.shared = shared
         self.answering_machine = AnsweringMachineCallback(settings, self.services.rest, shared)
+        self.recordings = RecordingCallback(settings, shared, self.services.records, self.services.webhook)
         self.reuse_port = reuse_port
         self.calls: set[CallSession] = set()
         self._call_tasks: set[asyncio.Task[None]] = set()
@@ -251,6 +255,8 @@ class BridgeServer:
             return self._admit_call(request)
         if path == AMD_PATH and self.settings.rest_enabled:
             return self.answering_machine.handle(request)
+        if path == RECORDING_PATH and self.settings.rest_enabled:
+            return self.recordings.handle(request)
         if path == TWIML_PATH:
             return self._twiml(request)
         if request.method not in ("GET", "HEAD"):
@@ -464,6 +470,8 @@ class BridgeServer:
         if self._call_tasks:
             # Each call closes its sockets and writes its record, every step with a deadline.
             await asyncio.wait(list(self._call_tasks), timeout=END_CALLS_SECONDS)
+        # Before the webhook sender closes: a recording callback being acted on may still send.
+        await self.recordings.close()
         if self.services.webhook is not None:
             # After the calls ended, so the summaries of those the drain ended are sent too.
             await self.services.webhook.close(self.settings.webhook_drain_seconds)
