@@ -14,6 +14,11 @@ What lives here is what any bridge process can do for any call, with no call sta
   ``bridge_mode=voicemail``, which whichever process takes it plays as the voicemail message.
   The call's own parameters travel in the callback's query string (Twilio signs it too).
 
+What every Twilio callback needs lives here too, for this one and bridge/recordings.py's:
+``check_signature`` (signed for the public URL, or refused), ``claim_once`` (act on a callback
+once in the whole deployment, though Twilio's signatures can be replayed) and ``CallbackWork``
+(the work done after the callback has been answered, bounded and awaited at shutdown).
+
 docs/protocols.md section 7 has the REST API facts; section 4 the signatures.
 """
 
@@ -21,7 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
+from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 from . import twilio
@@ -127,6 +133,65 @@ def signed_url(settings: Settings, request: HttpRequest) -> str:
     return f"{settings.public_base_url}{request.path}" + (f"?{request.query}" if request.query else "")
 
 
+def check_signature(settings: Settings, request: HttpRequest, params: Mapping[str, list[str]]) -> HttpReply | None:
+    """None if ``request`` carries Twilio's signature for its public URL and ``params``; else the 403 to answer.
+
+    Needs the auth token (the callers check it is set). A POST's signature covers the form body,
+    a GET's only the URL with its query (docs/protocols.md section 4). A refusal logs one WARNING.
+    """
+    assert settings.twilio_auth_token
+    signature = request.header("x-twilio-signature")
+    body_params = params if request.method == "POST" else {}
+    if twilio.webhook_signature_is_valid(settings.twilio_auth_token, signed_url(settings, request), body_params, signature):
+        return None
+    logger.warning(
+        "refused a %s to %s: %s X-Twilio-Signature", clean(request.method, 10), request.path, "invalid" if signature else "no"
+    )
+    return HttpReply(403, "Forbidden: invalid Twilio signature.\n")
+
+
+async def claim_once(shared: SharedState | None, key: str, *, call_sid: str, what: str) -> bool:
+    """True if this is the first claim of ``key`` in the whole deployment: a replayed callback's is not.
+
+    ``shared.claim`` blocks, so it runs in a thread, within ``CLAIM_SECONDS``. A store that can't
+    answer (down, or too slow) is logged as one WARNING naming ``what`` was to be checked, and
+    counts as a first claim: acting twice on a replay is the lesser harm than not acting at all.
+    """
+    if shared is None:
+        return True
+    try:
+        async with asyncio.timeout(CLAIM_SECONDS):
+            return await asyncio.to_thread(shared.claim, key)
+    except (OSError, DatabaseUnavailable, TimeoutError) as exc:
+        logger.warning(
+            "[%s] could not check %s for a replay (%s); acting on it", clean(call_sid, 40), what, clean(exc, 200) or "timed out"
+        )
+        return True
+
+
+class CallbackWork:
+    """What callbacks do after they have been answered: at most ``limit`` tasks at once, awaited at shutdown."""
+
+    def __init__(self, limit: int = MAX_PENDING_CALLBACKS) -> None:
+        self.limit = limit
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def busy(self) -> bool:
+        """As much is going on as is allowed: answer 503, and Twilio retries the callback."""
+        return len(self.tasks) >= self.limit
+
+    def start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Wait up to ``timeout`` seconds for the work going on."""
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=timeout)
+
+
 class AnsweringMachineCallback:
     """``/twilio/amd``: Twilio's answering-machine verdict for an outbound call."""
 
@@ -134,21 +199,15 @@ class AnsweringMachineCallback:
         self.settings = settings
         self.rest = rest
         self.shared = shared
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.work = CallbackWork()
 
     def handle(self, request: HttpRequest) -> HttpReply:
         if request.method not in ("GET", "POST"):
             return HttpReply(405, "Method not allowed.\n", headers=(("Allow", "GET, POST"),))
         settings = self.settings
         params = form_parameters(request)
-        if settings.twilio_auth_token:
-            signature = request.header("x-twilio-signature")
-            body_params = params if request.method == "POST" else {}
-            if not twilio.webhook_signature_is_valid(
-                settings.twilio_auth_token, signed_url(settings, request), body_params, signature
-            ):
-                logger.warning("refused a %s to %s: %s X-Twilio-Signature", request.method, AMD_PATH, "invalid" if signature else "no")
-                return HttpReply(403, "Forbidden: invalid Twilio signature.\n")
+        if settings.twilio_auth_token and (refused := check_signature(settings, request, params)) is not None:
+            return refused
         call_sid = (params.get("CallSid") or [""])[0]
         account_sid = (params.get("AccountSid") or [""])[0]
         answered_by = (params.get("AnsweredBy") or [""])[0]
@@ -160,7 +219,7 @@ class AnsweringMachineCallback:
         if self.rest is None:
             logger.warning("[%s] a machine answered, but the REST API is off: the agent goes on", clean(call_sid, 40))
             return HttpReply(204, "")
-        if len(self.tasks) >= MAX_PENDING_CALLBACKS:
+        if self.work.busy:
             return HttpReply(503, "Busy; retry.\n")
         # The call's own parameters came back in our query string; Twilio's own are not among them.
         call_parameters = {
@@ -175,26 +234,14 @@ class AnsweringMachineCallback:
         key = settings.binding_key
         if key is not None and account_sid:
             call_parameters[BINDING_PARAMETER] = binding_mac(key, call_sid, account_sid)
-        task = asyncio.get_running_loop().create_task(self._redirect(call_sid, answered_by, call_parameters))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.work.start(self._redirect(call_sid, answered_by, call_parameters))
         return HttpReply(204, "")
-
-    async def _claim(self, call_sid: str) -> bool:
-        """This verdict is the first for its call anywhere in the deployment (a replay is not)."""
-        if self.shared is None:
-            return True
-        try:
-            async with asyncio.timeout(CLAIM_SECONDS):
-                return await asyncio.to_thread(self.shared.claim, f"amd-verdict:{call_sid}")
-        except (OSError, DatabaseUnavailable, TimeoutError) as exc:
-            # Leaving a voicemail matters more than refusing a replay during an outage of the store.
-            logger.warning("[%s] could not check the verdict for a replay (%s); acting on it", clean(call_sid, 40), clean(exc, 200) or "timed out")
-            return True
 
     async def _redirect(self, call_sid: str, answered_by: str, parameters: dict[str, str]) -> None:
         assert self.rest is not None
-        if not await self._claim(call_sid):
+        # The first verdict for its call anywhere in the deployment; leaving a voicemail matters
+        # more than refusing a replay during an outage of the store.
+        if not await claim_once(self.shared, f"amd-verdict:{call_sid}", call_sid=call_sid, what="the verdict"):
             logger.warning(
                 "[%s] a second answering-machine verdict for this call (a replay?): not acted on", clean(call_sid, 40)
             )
@@ -214,5 +261,4 @@ class AnsweringMachineCallback:
             logger.info("[%s] %s", clean(call_sid, 40), "a fax answered: hung up" if answered_by == "fax" else "a machine answered: leaving the voicemail message")
 
     async def close(self) -> None:
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=5)
+        await self.work.close()

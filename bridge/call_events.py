@@ -3,9 +3,10 @@
 ``EndReason`` is why a call ended: its ``text`` starts the record's ``ended_by`` sentence, and its
 value is the record's ``end_reason`` and the ``ended_by`` label of ``bridge_calls_total``.
 ``RecordEvent`` names the lines of a call record. Both are the one place these names are
-written: the state machine emits them, bridge/records.py writes them, bridge/metrics.py counts
-them and bridge/webhook.py sorts them into its payload, so rewording a log line can't change a
-label, and a test checks every reason has one.
+written: the state machine (and, for a recording's status, bridge/recordings.py) emits them,
+bridge/records.py writes them, bridge/metrics.py counts them and bridge/webhook.py sorts them
+into its payload, so rewording a log line can't change a label, and a test checks every reason
+has one.
 """
 
 from __future__ import annotations
@@ -109,3 +110,5 @@ class RecordEvent(enum.StrEnum):
     RECORDING_SKIPPED = "recording_skipped"
     RECORDING = "recording"  # Twilio's status callback, appended after the summary
     SUMMARY = "summary"
+    # Added by Twilio's recording callback (bridge/recordings.py), usually after the summary.
+    RECORDING = "recording"

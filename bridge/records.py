@@ -56,6 +56,9 @@ _MAX_FIELD_DEPTH: Final = 64
 _FILE_MODE: Final = 0o600
 _DIR_MODE: Final = 0o700
 _FILE_FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+# Adding to a record that must already be there (a recording's status, after the call): never
+# created, and never through a symlink, so a line can't land anywhere but in a record.
+_EXISTING_FILE_FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 # The name ``CallRecord.name_after`` gives a record: its start (UTC) and the callSid. Retention
@@ -116,6 +119,11 @@ def finite(value: Any, path: frozenset[int] = frozenset()) -> Any:
     return value
 
 
+def record_line(event: str, fields: dict[str, Any]) -> str:
+    """One record line: the time, ``event`` and ``fields`` (long strings cut), as strict JSON."""
+    return _encode({"time": _now(), "event": event, **bounded(fields)})
+
+
 def _encode(value: dict[str, Any]) -> str:
     """One strict JSON line: NaN, Infinity and lone surrogates are not JSON strict readers take."""
     try:
@@ -131,21 +139,47 @@ def _encode(value: dict[str, Any]) -> str:
     return line + "\n"
 
 
+_Done = Callable[[OSError | None], None]
+
+
+def _settle(future: asyncio.Future[OSError | None], error: OSError | None) -> None:
+    if not future.done():  # its waiter may have been cancelled meanwhile
+        future.set_result(error)
+
+
 class RecordWriter:
     """Appends lines to record files from one thread, in the order they were given."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Path, str, Callable[[OSError | None], None] | None] | None]
+        self._queue: queue.SimpleQueue[tuple[Path, str, _Done | None, bool] | None]
         self._queue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def append(self, path: Path, text: str, done: Callable[[OSError | None], None] | None = None) -> None:
+    def append(self, path: Path, text: str, done: _Done | None = None, *, must_exist: bool = False) -> None:
+        """Queue ``text`` (whole lines) for ``path``; ``done(error)`` is called from the writer thread once written.
+
+        With ``must_exist`` the file is not created: a missing one (or a symlink) is the
+        ``OSError`` given to ``done`` (``FileNotFoundError`` when it is missing).
+        """
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="call-records", daemon=True)
                 self._thread.start()
-        self._queue.put((path, text, done))
+        self._queue.put((path, text, done, must_exist))
+
+    async def write(self, path: Path, text: str, *, must_exist: bool = False) -> OSError | None:
+        """Append as ``append`` does, and return once it is on disk: None, or the error that stopped it."""
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[OSError | None] = loop.create_future()
+
+        def done(error: OSError | None) -> None:
+            # The loop may be gone (a shutdown cut short): the writer thread must live on regardless.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, written, error)
+
+        self.append(path, text, done, must_exist=must_exist)
+        return await written
 
     def close(self, timeout: float = 5.0) -> None:
         """Finish what is queued and stop the thread."""
@@ -168,15 +202,17 @@ class RecordWriter:
                     break
             stopping = None in batch
             by_file: dict[Path, list[str]] = {}
-            callbacks: list[tuple[Path, Callable[[OSError | None], None]]] = []
+            existing_only: dict[Path, bool] = {}  # every line for the file asked not to create it
+            callbacks: list[tuple[Path, _Done]] = []
             for item in batch:
                 if item is None:
                     continue
-                path, text, done = item
+                path, text, done, must_exist = item
                 by_file.setdefault(path, []).append(text)
+                existing_only[path] = existing_only.get(path, True) and must_exist
                 if done is not None:
                     callbacks.append((path, done))
-            errors = {path: _append(path, "".join(texts)) for path, texts in by_file.items()}
+            errors = {path: _append(path, "".join(texts), create=not existing_only[path]) for path, texts in by_file.items()}
             for path, done in callbacks:
                 done(errors[path])
             reported = {path for path, _ in callbacks}
@@ -210,11 +246,11 @@ def _open_record(path: Path) -> int:
         return os.open(path, _FILE_FLAGS, _FILE_MODE)
 
 
-def _append(path: Path, text: str) -> OSError | None:
+def _append(path: Path, text: str, *, create: bool = True) -> OSError | None:
     """Append whole lines, or nothing: a write cut short (a full disk) is undone."""
     data = text.encode("utf-8")
     try:
-        fd = _open_record(path)
+        fd = _open_record(path) if create else os.open(path, _EXISTING_FILE_FLAGS)
         try:
             start = os.lseek(fd, 0, os.SEEK_END)
             try:
@@ -263,7 +299,7 @@ class CallRecord:
         if self.events_dropped:  # full: don't even encode what will not be written
             self.events_dropped += 1
             return
-        line = _encode({"time": _now(), "event": event, **bounded(fields)})
+        line = record_line(event, fields)
         # json.dumps escapes everything outside ASCII, so characters are bytes here.
         if self.event_bytes + len(line) > self.max_bytes:
             # From the first event that does not fit, everything is dropped: what is written
@@ -301,19 +337,13 @@ class CallRecord:
             return None
         self.name_after(call_sid)
         assert self.path is not None
-        loop = asyncio.get_running_loop()
-        written: asyncio.Future[OSError | None] = loop.create_future()
-
-        def done(error: OSError | None) -> None:
-            loop.call_soon_threadsafe(written.set_result, error)
-
         # Set here too, so the count is current and present even in a summary built elsewhere.
         summary = {**summary, "record_events_dropped": self.events_dropped}
         self._lines.append(_encode(bounded(summary)))
-        self.writer.append(self.path, "".join(self._lines), done)
+        text = "".join(self._lines)
         self._lines.clear()
         self._finished = True
-        error = await written
+        error = await self.writer.write(self.path, text)
         if error is not None:
             raise error
         return self.path

@@ -3,10 +3,11 @@
 Routes (``routes()`` lists the ones that are on; the startup banner and ``GET /`` show that list):
 ``/twilio`` (Twilio's Media Streams WebSocket, and the browser phone's), ``/twiml`` (GET or POST:
 a number's voice webhook, answered with the TwiML that connects the call to ``/twilio``),
-``/twilio/amd`` (only with Twilio's REST API on), ``GET /health``, ``GET /phone`` (only with
-``PHONE_PAGE=true``), ``GET /``, 404 for anything else. Admission happens in the
-HTTP handshake, before any Deepgram session opens: draining and ``MAX_CALLS`` answer 503, a bad
-Twilio signature or phone token 403. Each admitted connection becomes one ``CallSession``.
+``/twilio/amd`` and ``/twilio/recording`` (Twilio's callbacks, only with Twilio's REST API on),
+``GET /health``, ``GET /phone`` (only with ``PHONE_PAGE=true``), ``GET /``, 404 for anything
+else. Admission happens in the HTTP handshake, before any Deepgram session opens: draining and
+``MAX_CALLS`` answer 503, a bad Twilio signature or phone token 403. Each admitted connection
+becomes one ``CallSession``.
 Connections still in their HTTP request are bounded (``max_handshakes``), so a crowd of stalled
 clients can't use up the process's file descriptors. With ``RECORDS_RETENTION_DAYS`` set, the
 server also deletes old call records, at startup and then hourly (``records.delete_old_records``
@@ -35,13 +36,14 @@ from urllib.parse import parse_qs
 from . import twilio
 from .agents import AGENT_NAME, AGENT_PARAMETER, AgentCatalog
 from .binding import BINDING_PARAMETER, binding_mac
-from .call_control import AMD_PATH, TWIML_PATH, AnsweringMachineCallback, form_parameters, signed_url
+from .call_control import AMD_PATH, TWIML_PATH, AnsweringMachineCallback, check_signature, form_parameters
 from .config import AgentConfig
 from .settings import ConfigError, Settings
 from .functions import FunctionRunner
 from .logsafe import clean, counted
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import METRICS_PATH, SHARE_SECONDS, Metrics, WorkerShare
+from .recordings import RECORDING_PATH, RecordingCallback
 from .records import RecordWriter, RetentionError, delete_old_records
 from .storage.shared import SharedState, shared_state
 from .storage.postgres import DatabaseUnavailable
@@ -92,6 +94,7 @@ def routes(settings: Settings) -> list[tuple[str, str]]:
         served.append((TWIML_PATH, "GET or POST: TwiML for a number's voice webhook"))
     if settings.rest_enabled:
         served.append((AMD_PATH, "Twilio's answering-machine callback for outbound calls"))
+        served.append((RECORDING_PATH, "Twilio's recording status callback for recorded calls"))
     if settings.phone_page:
         served.append(("/phone", "GET: the browser phone, with the token main.py printed"))
     served.append(("/health", "GET: health check"))
@@ -164,6 +167,7 @@ class BridgeServer:
             shared = shared_state(settings.state_dir, settings.database_url)
         self.shared = shared
         self.answering_machine = AnsweringMachineCallback(settings, self.services.rest, shared)
+        self.recordings = RecordingCallback(settings, shared, self.services.records, self.services.webhook)
         self.reuse_port = reuse_port
         self.calls: set[CallSession] = set()
         self._call_tasks: set[asyncio.Task[None]] = set()
@@ -261,6 +265,8 @@ class BridgeServer:
             return self._admit_call(request)
         if path == AMD_PATH and self.settings.rest_enabled:
             return self.answering_machine.handle(request)
+        if path == RECORDING_PATH and self.settings.rest_enabled:
+            return self.recordings.handle(request)
         if path == TWIML_PATH:
             return self._twiml(request)
         if request.method not in ("GET", "HEAD"):
@@ -350,15 +356,8 @@ class BridgeServer:
         params = form_parameters(request)
         signed = False
         if settings.twilio_auth_token:
-            signature = request.header("x-twilio-signature")
-            if not twilio.webhook_signature_is_valid(
-                settings.twilio_auth_token,
-                signed_url(settings, request),
-                params if request.method == "POST" else {},
-                signature,
-            ):
-                logger.warning("refused a %s to %s: %s X-Twilio-Signature", request.method, TWIML_PATH, "invalid" if signature else "no")
-                return HttpReply(403, "Forbidden: invalid Twilio signature.\n")
+            if (refused := check_signature(settings, request, params)) is not None:
+                return refused
             signed = True
         stream_parameters = {
             name: values[0][:MAX_WEBHOOK_VALUE_CHARS]
@@ -538,6 +537,8 @@ class BridgeServer:
         if self._call_tasks:
             # Each call closes its sockets and writes its record, every step with a deadline.
             await asyncio.wait(list(self._call_tasks), timeout=END_CALLS_SECONDS)
+        # Before the webhook sender closes: a recording callback being acted on may still send.
+        await self.recordings.close()
         if self.services.webhook is not None:
             # After the calls ended, so the summaries of those the drain ended are sent too.
             await self.services.webhook.close(self.settings.limits.webhook_drain_timeout_seconds)

@@ -38,7 +38,7 @@ from typing import Any, Generic, Protocol as TypingProtocol, TypeVar
 
 import h11
 from websockets.client import ClientProtocol
-from websockets.exceptions import InvalidHandshake, InvalidStatus
+from websockets.exceptions import InvalidStatus
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Protocol, State

@@ -25,6 +25,7 @@ from .errors import ProtocolError
 # Twilio's identifiers, where one goes into a URL path or is compared with a setting.
 ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
+RECORDING_SID = re.compile(r"RE[0-9a-fA-F]{32}")
 # The <Parameter> that tells a stream why it exists (the answering-machine callback sets it to
 # VOICEMAIL_MODE); the agent's own parameters stay untouched.
 MODE_PARAMETER = "bridge_mode"

@@ -1,4 +1,4 @@
-"""Twilio's REST API, as far as the bridge uses it: create a call, and update (redirect or end) one.
+"""Twilio's REST API, as far as the bridge uses it: create and update calls, start and update recordings.
 
 An async client on the stdlib and h11: each request opens its own connection (TLS for https),
 writes the request and reads the answer (bridge/http_client.py), and the connection is closed.
@@ -9,23 +9,26 @@ have to think about:
 - **Deadlines.** Each attempt (connect, TLS, send, answer) gets ``timeout`` seconds in all.
 - **Retries, and when not to.** 429 (honouring ``Retry-After``, capped), 5xx and connection
   failures are retried with exponential backoff and jitter, up to ``attempts`` in all. Creating a
-  call is *not* idempotent: once the request may have reached Twilio (it was written, then the
-  answer timed out, the connection dropped, or Twilio answered a 5xx other than 503), another
-  attempt could ring the person twice, so create retries only what certainly did nothing:
-  failures before the request was written, 429 and 503. Updating a call is safe to repeat.
+  call and starting a recording are *not* idempotent: once the request may have reached Twilio
+  (it was written, then the answer timed out, the connection dropped, or Twilio answered a 5xx
+  other than 503), another attempt could ring the person twice, or make a second recording, so
+  they retry only what certainly did nothing: failures before the request was written, 429 and
+  503. Updating a call or a recording is safe to repeat.
 - **Errors.** A final failure raises ``TwilioApiError`` with Twilio's ``code`` and ``message``
   (from its JSON error body) and logs exactly one warning line for the operation; attempts log at
-  DEBUG. Updating a call that is already over (HTTP 404, or error 21220) returns ``None``: the
-  caller wanted the call changed or ended, and it has ended.
+  DEBUG. Changing a call that is already over (HTTP 404, or error 21220), or its recording,
+  returns ``None``: the caller wanted the call changed, and it has ended.
 - **Secrets.** Logs and exception texts never carry the auth token, the Authorization header or
   the Account SID (paths are logged with it replaced by ``AC…``); text from Twilio is escaped
   with ``clean``. Answers are read up to ``MAX_RESPONSE_BYTES``; a longer one is not read on
   and counts as unreadable.
-- **Input.** Call SIDs are checked (``CA`` + 32 hex digits) before they go into a URL path, and
-  the Account SID when the client is made, so no caller text can change the path.
+- **Input.** Call SIDs (``CA`` + 32 hex digits) and Recording SIDs (``RE`` + 32 hex digits, or
+  ``Twilio.CURRENT``) are checked before they go into a URL path, and the Account SID when the
+  client is made, so no caller text can change the path; so is the SID of a new call or recording
+  in Twilio's answer, which later goes into a path.
 
 Each attempt is one ``http_client.post_once`` (a POST on a fresh connection, within a deadline),
-which the call webhook uses too. docs/protocols.md section 8 has the REST API facts this follows.
+which the call webhook uses too. docs/protocols.md section 7 has the REST API facts this follows.
 """
 
 from __future__ import annotations
@@ -37,13 +40,14 @@ import logging
 import re
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from .http_client import USER_AGENT, AttemptFailed, HttpAnswer, backoff_delay, post_once, retry_after_seconds
 from .logsafe import clean
-from .twilio import ACCOUNT_SID, CALL_SID
+from .twilio import ACCOUNT_SID, CALL_SID, RECORDING_SID
 
 logger = logging.getLogger("bridge.twilio_rest")
 
@@ -54,6 +58,13 @@ SAFE_PATH = re.compile(r"[A-Za-z0-9._~/-]*")
 MAX_TWIML_CHARS = 4000
 # The Twilio error that means "call is not in-progress": the call has already ended.
 CALL_NOT_IN_PROGRESS = 21220
+# The Recording SID that names whichever recording of the call is going on.
+CURRENT_RECORDING = "Twilio.CURRENT"
+RECORDING_CHANNELS = frozenset({"mono", "dual"})
+RECORDING_EVENTS = frozenset({"in-progress", "completed", "absent"})
+# What a recording can be set to, and how a pause is kept: "skip" leaves the span out.
+RECORDING_STATUSES = frozenset({"paused", "in-progress", "stopped"})
+PAUSE_BEHAVIORS = frozenset({"skip", "silence"})
 # Twilio's answers are a few KB; anything near this is not an answer we can use.
 MAX_RESPONSE_BYTES = 1024 * 1024
 # Backoff between attempts doubles from ``backoff`` up to this (three attempts never reach it).
@@ -92,7 +103,7 @@ class TwilioApiError(Exception):
 
     @property
     def may_have_acted(self) -> bool:
-        """Whether Twilio may have done what was asked (created the call) although this failed.
+        """Whether Twilio may have done what was asked (created the call, started the recording) although this failed.
 
         So it may when the request was sent and no answer came, the answer was a 2xx that could
         not be read, or a 5xx other than 503 (which, like 429, means Twilio did not act).
@@ -120,7 +131,9 @@ class _Operation:
 
     name: str  # for logs and errors: "create call", "update call CA…"
     tail: str  # the path after /Accounts/{AccountSid}/
-    create: bool  # True if repeating it could create a second call
+    # For an operation a repeat would do twice (a second call, a second recording): what Twilio
+    # may already have done once the request may have reached it. None: safe to repeat.
+    not_twice: str | None = None
 
 
 def _twilio_error(body: bytes) -> tuple[int | None, str | None]:
@@ -139,7 +152,7 @@ def _twilio_error(body: bytes) -> tuple[int | None, str | None]:
 
 
 class TwilioRestClient:
-    """Creates and updates calls through Twilio's REST API; safe to share between tasks."""
+    """Creates and updates calls and their recordings through Twilio's REST API; safe to share between tasks."""
 
     def __init__(
         self,
@@ -208,8 +221,8 @@ class TwilioRestClient:
 
         The call runs ``twiml`` (inline) or the TwiML at ``url`` (fetched with ``method``) once
         answered; give exactly one. Raises ``TwilioApiError`` if Twilio refuses or cannot be reached,
-        or if its yes can't be read (no JSON object with a ``sid``: ``may_have_acted`` says the
-        call may exist all the same).
+        or if its yes can't be read (no JSON object with a Call SID as its ``sid``: ``may_have_acted``
+        says the call may exist all the same).
         """
         if not to or not from_:
             raise ValueError("a call needs both a To and a From number")
@@ -230,13 +243,10 @@ class TwilioRestClient:
         # A list is sent as the same field once per value, as Twilio expects.
         fields.extend(("StatusCallbackEvent", event) for event in status_callback_event or ())
         _add(fields, "StatusCallbackMethod", status_callback_method)
-        operation = _Operation("create call", "Calls.json", create=True)
+        operation = _Operation("create call", "Calls.json", not_twice="created the call")
         answer, attempts = await self._post(operation, fields)
         if 200 <= answer.status < 300:
-            created = self._json_object(operation, answer, attempts)
-            if not isinstance(created.get("sid"), str):
-                raise self._failed(operation, answer.status, attempts, None, reason="Twilio's answer has no Call SID")
-            return created
+            return self._created(operation, answer, attempts, CALL_SID, "Call SID")
         raise self._failed(operation, answer.status, attempts, answer.body)
 
     async def update_call(
@@ -253,26 +263,92 @@ class TwilioRestClient:
         Returns Twilio's JSON, or ``None`` if the call is already over (HTTP 404 or error 21220),
         which is not a fault. Raises ``ValueError`` for a malformed Call SID, before any request.
         """
-        if not isinstance(call_sid, str) or not CALL_SID.fullmatch(call_sid):
-            raise ValueError(f"not a Twilio Call SID (CA + 32 hex digits): {clean(call_sid, 40)!r}")
+        _check_call_sid(call_sid)
         _check_twiml_or_url(twiml, url, required=status is None)
         fields: list[tuple[str, str]] = []
         _add(fields, "Twiml", twiml)
         _add(fields, "Url", url)
         _add(fields, "Method", method)
         _add(fields, "Status", status)
-        operation = _Operation(f"update call {call_sid}", f"Calls/{call_sid}.json", create=False)
+        operation = _Operation(f"update call {call_sid}", f"Calls/{call_sid}.json")
         answer, attempts = await self._post(operation, fields)
         if 200 <= answer.status < 300:
             return self._json_object(operation, answer, attempts)
-        code, message = _twilio_error(answer.body)
-        if answer.status == 404 or code == CALL_NOT_IN_PROGRESS:
-            logger.info(
-                "Twilio %s: the call is already over (HTTP %d, code %s: %s)",
-                operation.name, answer.status, code, clean(self._redact(message or ""), 200),
-            )
-            return None
-        raise self._failed(operation, answer.status, attempts, answer.body)
+        return self._call_over(operation, answer, attempts)
+
+    async def start_recording(
+        self,
+        call_sid: str,
+        *,
+        status_callback: str,
+        channels: str = "dual",
+        status_callback_events: Sequence[str] = ("in-progress", "completed", "absent"),
+    ) -> dict[str, Any] | None:
+        """Start recording a live call; returns Twilio's JSON, whose ``"sid"`` is the Recording SID.
+
+        Twilio POSTs the recording's status, signed, to ``status_callback`` at each of
+        ``status_callback_events``. ``channels="dual"`` puts the caller and the bridge on
+        separate channels. Returns ``None`` if the call is already over (HTTP 404 or error
+        21220). Like ``create_call``, never retried once the request may have reached Twilio, since
+        a second start would make a second recording: a ``TwilioApiError`` whose
+        ``may_have_acted`` is True says a recording may exist all the same. Raises ``ValueError``
+        (or ``TypeError`` for a bare string of events) before any request for bad arguments.
+        """
+        _check_call_sid(call_sid)
+        if isinstance(status_callback_events, str):
+            raise TypeError("status_callback_events is a list of event names, e.g. ['completed']")
+        if channels not in RECORDING_CHANNELS:
+            raise ValueError(f"recording channels are 'mono' or 'dual', not {clean(channels, 20)!r}")
+        unknown = [event for event in status_callback_events if event not in RECORDING_EVENTS]
+        if unknown:
+            raise ValueError(f"recording status events are in-progress, completed and absent, not {clean(unknown[0], 20)!r}")
+        if not status_callback:
+            raise ValueError("a recording needs a status callback URL")
+        fields: list[tuple[str, str]] = [("RecordingChannels", channels), ("RecordingStatusCallback", status_callback)]
+        fields.extend(("RecordingStatusCallbackEvent", event) for event in status_callback_events)
+        fields.append(("RecordingStatusCallbackMethod", "POST"))
+        operation = _Operation(
+            f"start recording call {call_sid}", f"Calls/{call_sid}/Recordings.json", not_twice="started the recording"
+        )
+        answer, attempts = await self._post(operation, fields)
+        if 200 <= answer.status < 300:
+            return self._created(operation, answer, attempts, RECORDING_SID, "Recording SID")
+        return self._call_over(operation, answer, attempts)
+
+    async def update_recording(
+        self,
+        call_sid: str,
+        recording_sid: str = CURRENT_RECORDING,
+        *,
+        status: str,
+        pause_behavior: str | None = None,
+    ) -> dict[str, Any] | None:
+        """Pause (``status="paused"``), resume (``"in-progress"``) or stop (``"stopped"``) a call's recording.
+
+        ``recording_sid`` is the one ``start_recording`` returned, or ``Twilio.CURRENT`` (the call's
+        recording going on). ``pause_behavior="skip"`` leaves the paused span out of the recording,
+        ``"silence"`` (Twilio's default) fills it with silence. Safe to retry. Returns Twilio's
+        JSON, or ``None`` if the call (or the recording) is already over: HTTP 404 or error 21220.
+        Raises ``ValueError`` for a malformed SID or an unknown status, before any request.
+        """
+        _check_call_sid(call_sid)
+        if not isinstance(recording_sid, str) or not (
+            recording_sid == CURRENT_RECORDING or RECORDING_SID.fullmatch(recording_sid)
+        ):
+            raise ValueError(f"not a Twilio Recording SID (RE + 32 hex digits, or Twilio.CURRENT): {clean(recording_sid, 40)!r}")
+        if status not in RECORDING_STATUSES:
+            raise ValueError(f"a recording's status is set to paused, in-progress or stopped, not {clean(status, 20)!r}")
+        if pause_behavior is not None and pause_behavior not in PAUSE_BEHAVIORS:
+            raise ValueError(f"a pause is 'skip' or 'silence', not {clean(pause_behavior, 20)!r}")
+        fields: list[tuple[str, str]] = [("Status", status)]
+        _add(fields, "PauseBehavior", pause_behavior)
+        operation = _Operation(
+            f"update recording {recording_sid} of call {call_sid}", f"Calls/{call_sid}/Recordings/{recording_sid}.json"
+        )
+        answer, attempts = await self._post(operation, fields)
+        if 200 <= answer.status < 300:
+            return self._json_object(operation, answer, attempts)
+        return self._call_over(operation, answer, attempts)
 
     async def close(self) -> None:
         """Nothing to release: each request has its own connection. Safe to call any number of times."""
@@ -287,7 +363,7 @@ class TwilioRestClient:
         """
         path = f"{self._account_path}/{operation.tail}"
         body = urlencode(fields).encode("ascii")  # urlencode quotes everything outside ASCII
-        create = operation.create
+        create = operation.not_twice is not None
         for attempt in range(1, self.attempts + 1):
             started = time.monotonic()
             try:
@@ -305,7 +381,7 @@ class TwilioRestClient:
                     continue
                 reason = failure.reason
                 if failure.retryable and create and failure.sent:
-                    reason += "; not retried, since Twilio may have created the call"
+                    reason += f"; not retried, since Twilio may have {operation.not_twice}"
                 raise self._failed(operation, failure.status, attempt, None, reason=reason, sent=failure.sent) from None
             logger.debug(
                 "Twilio %s: attempt %d/%d answered HTTP %d in %.2f s",
@@ -353,6 +429,26 @@ class TwilioRestClient:
             text = text.replace(self._auth_token, "…")
         return text
 
+    def _call_over(self, operation: _Operation, answer: HttpAnswer, attempts: int) -> None:
+        """A non-2xx answer: ``None`` if it says the call (or the recording) is already over (404, 21220), else it raises."""
+        code, message = _twilio_error(answer.body)
+        if answer.status == 404 or code == CALL_NOT_IN_PROGRESS:
+            logger.info(
+                "Twilio %s: already over (HTTP %d, code %s: %s)",
+                operation.name, answer.status, code, clean(self._redact(message or ""), 200),
+            )
+            return None
+        raise self._failed(operation, answer.status, attempts, answer.body)
+
+    def _created(
+        self, operation: _Operation, answer: HttpAnswer, attempts: int, sid: re.Pattern[str], what: str
+    ) -> dict[str, Any]:
+        """A 2xx answer to a create: its JSON object, whose ``"sid"`` must be a ``what`` (it goes into paths later)."""
+        created = self._json_object(operation, answer, attempts)
+        if not isinstance(created.get("sid"), str) or not sid.fullmatch(created["sid"]):
+            raise self._failed(operation, answer.status, attempts, None, reason=f"Twilio's answer has no {what}")
+        return created
+
     def _json_object(self, operation: _Operation, answer: HttpAnswer, attempts: int) -> dict[str, Any]:
         """A 2xx answer's JSON object; anything else raises (``may_have_acted``: Twilio said yes)."""
         if not answer.complete:
@@ -385,6 +481,11 @@ class TwilioRestClient:
         )
 
 
+def _check_call_sid(call_sid: str) -> None:
+    if not isinstance(call_sid, str) or not CALL_SID.fullmatch(call_sid):
+        raise ValueError(f"not a Twilio Call SID (CA + 32 hex digits): {clean(call_sid, 40)!r}")
+
+
 def _add(fields: list[tuple[str, str]], name: str, value: str | None) -> None:
     """Only the fields given are sent: Twilio treats an empty value differently from none."""
     if value is not None:
@@ -400,4 +501,4 @@ def _check_twiml_or_url(twiml: str | None, url: str | None, *, required: bool) -
         raise ValueError(f"inline TwiML is limited to {MAX_TWIML_CHARS} characters by Twilio, got {len(twiml)}")
 
 
-__all__ = ["TwilioApiError", "TwilioRestClient"]
+__all__ = ["CURRENT_RECORDING", "TwilioApiError", "TwilioRestClient"]

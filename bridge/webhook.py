@@ -1,6 +1,7 @@
 """The end-of-call webhook: each finished call's summary, POSTed as signed JSON to ``CALL_WEBHOOK_URL``.
 
-Three parts, each owning one thing:
+And, when calls are recorded, each finished recording (``recording_completed_payload``, sent by
+bridge/recordings.py through the same sender, signed the same way). Three parts, each owning one thing:
 
 - ``CallDigest`` (one per call) keeps what the payload needs and the call record does not hold in
   memory: the last ``MAX_TRANSCRIPT_TURNS`` turns, ``MAX_FUNCTION_CALLS`` function calls and
@@ -54,6 +55,7 @@ from .http_client import USER_AGENT, AttemptFailed, backoff_delay, post_once, re
 logger = logging.getLogger("bridge.webhook")
 
 EVENT: Final = "call.ended"
+RECORDING_EVENT: Final = "recording.completed"
 SIGNATURE_HEADER: Final = "X-Bridge-Signature"
 TIMESTAMP_HEADER: Final = "X-Bridge-Timestamp"
 # What one call's payload may hold; the oldest entries are the ones left out.
@@ -187,6 +189,35 @@ def call_ended_payload(
             omitted["custom_parameters"] = len(summary.get("custom_parameters") or {})
         else:
             return body  # only fixed-size fields are left: nothing more to take out
+
+
+def recording_completed_payload(
+    *,
+    call_sid: str,
+    recording_sid: str,
+    status: str,
+    url: str | None,
+    duration_seconds: int | None,
+    channels: int | None,
+    error_code: int | None,
+    delivery_id: str | None = None,
+) -> bytes:
+    """The webhook body for a call's recording that is done: Twilio said ``completed`` (it is ready
+    at ``url``) or ``absent`` (there is none: ``error_code`` 16101, too short, or 16102, silent).
+
+    Every value was checked by bridge/recordings.py, so the body is small: no cutting is needed.
+    """
+    return _compact({
+        "event": RECORDING_EVENT,
+        "id": delivery_id or uuid.uuid4().hex,
+        "call_sid": call_sid,
+        "recording_sid": recording_sid,
+        "status": status,
+        "url": url,
+        "duration_seconds": duration_seconds,
+        "channels": channels,
+        "error_code": error_code,
+    })
 
 
 class WebhookSender:

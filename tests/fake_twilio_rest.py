@@ -1,7 +1,9 @@
-"""A fake of Twilio's REST API (the Calls resource) on a real loopback socket, with scriptable faults.
+"""A fake of Twilio's REST API (calls and their recordings) on a real loopback socket, with scriptable faults.
 
-``FakeTwilioRest`` answers ``POST /2010-04-01/Accounts/{AccountSid}/Calls.json`` (create a call)
-and ``POST .../Calls/{CallSid}.json`` (update one) the way Twilio does: HTTP Basic auth checked
+``FakeTwilioRest`` answers ``POST /2010-04-01/Accounts/{AccountSid}/Calls.json`` (create a call),
+``POST .../Calls/{CallSid}.json`` (update one), ``POST .../Calls/{CallSid}/Recordings.json`` (start
+recording it) and ``POST .../Calls/{CallSid}/Recordings/{RecordingSid}.json`` (pause, resume or
+stop a recording) the way Twilio does: HTTP Basic auth checked
 against the Account SID and auth token it was given, form-encoded requests, JSON answers, and
 Twilio's JSON error bodies (``{"code", "message", "more_info", "status"}``). It records every
 request, so tests can assert on what a client sent, and it can be told to misbehave, one request
@@ -18,9 +20,11 @@ Usage::
         assert second.field("To") == "+15551230000"
 
 **Scripting faults.** ``fake.script(target, *steps)`` queues steps for requests that match
-``target``: ``"create"``, ``"update"``, a Call SID (updates of that call), an exact request path,
-or ``"*"`` (any request). The most specific non-empty queue is used (path, then Call SID, then
-operation, then ``"*"``); each matching request consumes one step, and once the queues are empty
+``target``: ``"create"``, ``"update"``, ``"start-recording"``, ``"update-recording"``, a Recording SID (updates
+of that recording), a Call SID (any request about that call: its updates and its recordings'),
+an exact request path, or ``"*"`` (any request). The most specific non-empty queue is used (path,
+then Recording SID, then Call SID, then operation, then ``"*"``); each matching request consumes
+one step, and once the queues are empty
 the fake answers normally again. A step is one of:
 
 - ``"normal"`` (or ``200``/``201``): answer as Twilio would (auth checked, the call created or updated);
@@ -35,15 +39,25 @@ Scripted steps other than ``"normal"`` are served without looking at auth or the
 
 **Reading what was sent.** ``fake.requests`` lists every ``RecordedRequest`` in arrival order
 (method, path, lower-cased headers, form fields as lists, Basic auth user and password, the
-operation and Call SID, and what the fake did with it). ``requests_for(operation, call_sid)``
-filters it; ``await fake.wait_for_requests(n, operation=...)`` waits (without polling) until
-``n`` matching requests have arrived, and returns them. ``fake.calls`` holds the calls it knows.
+operation, Call SID and Recording SID, and what the fake did with it). ``requests_for(operation,
+call_sid)`` filters it; ``await fake.wait_for_requests(n, operation=...)`` waits (without polling)
+until ``n`` matching requests have arrived, and returns them. ``fake.calls`` holds the calls it
+knows, ``fake.recordings`` the recordings it started (Recording SID -> the resource as last answered).
 
 **Calls' state.** Calls the fake created are known; ``add_call(sid)`` adds one (an inbound call,
 say). By default an update of an unknown call succeeds, as if the call existed; with
 ``unknown_calls_404=True`` it answers 404 with Twilio's code 20404. ``end_call(sid)`` (or an
 update with ``Status=completed``/``canceled``) ends a call, after which updates answer 400 with
 code 21220, "call is not in-progress", as Twilio does.
+
+**Recordings.** Starting one answers 201 with a recording resource as Twilio's (``sid`` ``RE`` + 32
+hex digits, ``call_sid``, ``status`` ``in-progress``, ``channels`` 1 or 2, ``source``
+``StartCallRecordingAPI``, ``start_time`` ...); for an unknown call it behaves like an update
+(succeeds, or 404 with ``unknown_calls_404``), for an ended call 400 with 21220. An update sets
+the recording's ``status`` (``paused`` / ``in-progress`` / ``stopped``); ``Twilio.CURRENT`` names
+the call's recording that is going on (none: 404), an unknown or stopped one is 404, and an ended
+call 21220. Ending a call completes its recordings. Form values Twilio would refuse (an unknown
+``RecordingChannels``, ``Status`` or ``PauseBehavior``) answer 400 with code 20001.
 """
 
 from __future__ import annotations
@@ -68,7 +82,7 @@ API_VERSION = "2010-04-01"
 MAX_REQUEST_BODY_BYTES = 1024 * 1024
 
 NORMAL, HANG, DROP, RESET = "normal", "hang", "drop", "reset"
-Operation = Literal["create", "update", "other"]
+Operation = Literal["create", "update", "start-recording", "update-recording", "other"]
 
 # Twilio's error codes for the statuses a script names by number alone.
 DEFAULT_ERRORS: dict[int, tuple[int, str]] = {
@@ -85,6 +99,9 @@ DEFAULT_ERRORS: dict[int, tuple[int, str]] = {
 }
 CALL_NOT_IN_PROGRESS = (21220, "Call is not in-progress. Cannot redirect.")
 ENDED_STATUSES = frozenset({"completed", "canceled", "failed", "busy", "no-answer"})
+CURRENT_RECORDING = "Twilio.CURRENT"
+LIVE_RECORDING_STATUSES = frozenset({"in-progress", "paused"})
+RECORDING_UPDATE_STATUSES = frozenset({"paused", "in-progress", "stopped"})
 
 
 @dataclass(frozen=True)
@@ -128,7 +145,8 @@ class RecordedRequest:
     password: str | None
     operation: Operation
     account_sid: str | None  # from the path
-    call_sid: str | None  # from the path, for an update
+    call_sid: str | None  # from the path, for an update or a recording
+    recording_sid: str | None = None  # from the path, for a recording's update
     outcome: int | str = ""  # the status answered, or "hang" / "drop" / "reset"
 
     def field(self, name: str) -> str | None:
@@ -163,12 +181,14 @@ class FakeTwilioRest:
         self.unknown_calls_404 = unknown_calls_404
         self.requests: list[RecordedRequest] = []
         self.calls: dict[str, dict[str, Any]] = {}  # Call SID -> the call resource as last answered
+        self.recordings: dict[str, dict[str, Any]] = {}  # Recording SID -> the recording as last answered
         self.port = 0
         self._scripts: dict[str, deque[Step]] = {}
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._arrived = asyncio.Condition()
         self._sids = (f"CA{n:032x}" for n in itertools.count(0xCA11))
+        self._recording_sids = (f"RE{n:032x}" for n in itertools.count(0xEC0D))
 
     @property
     def url(self) -> str:
@@ -194,7 +214,7 @@ class FakeTwilioRest:
     # -- configuration ----------------------------------------------------------------------
 
     def script(self, target: str, *steps: Step) -> None:
-        """Queue ``steps`` for requests matching ``target`` ("create", "update", a Call SID, a path, "*")."""
+        """Queue ``steps`` for requests matching ``target`` (an operation, a Recording or Call SID, a path, "*")."""
         for step in steps:
             if isinstance(step, str) and step not in (NORMAL, HANG, DROP, RESET):
                 raise ValueError(f"unknown script step {step!r}")
@@ -211,9 +231,12 @@ class FakeTwilioRest:
         return call
 
     def end_call(self, call_sid: str, status: str = "completed") -> None:
-        """End a call: updates of it then answer 400 with Twilio's code 21220."""
+        """End a call: updates of it then answer 400 with Twilio's code 21220; its recordings complete."""
         call = self.calls.get(call_sid) or self.add_call(call_sid)
         call["status"] = status
+        for recording in self.recordings.values():
+            if recording["call_sid"] == call_sid and recording["status"] in LIVE_RECORDING_STATUSES:
+                recording["status"] = "completed"
 
     # -- reading what arrived ---------------------------------------------------------------
 
@@ -319,7 +342,7 @@ class FakeTwilioRest:
         if headers.get("content-type", "").split(";")[0].strip() == "application/x-www-form-urlencoded":
             form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
         username, password = _basic_auth(headers.get("authorization"))
-        operation, account_sid, call_sid = _route(path)
+        operation, account_sid, call_sid, recording_sid = _route(path)
         recorded = RecordedRequest(
             method=request.method.decode("latin-1"),
             path=path,
@@ -331,6 +354,7 @@ class FakeTwilioRest:
             operation=operation,
             account_sid=account_sid,
             call_sid=call_sid,
+            recording_sid=recording_sid,
         )
         return recorded
 
@@ -342,7 +366,7 @@ class FakeTwilioRest:
             self._arrived.notify_all()
 
     def _next_step(self, request: RecordedRequest) -> Step:
-        for target in (request.path, request.call_sid, request.operation, "*"):
+        for target in (request.path, request.recording_sid, request.call_sid, request.operation, "*"):
             queue = self._scripts.get(target) if target else None
             if queue:
                 step = queue.popleft()
@@ -362,6 +386,11 @@ class FakeTwilioRest:
         if request.operation == "create":
             return self._create(request)
         assert request.call_sid is not None
+        if request.operation == "start-recording":
+            return self._start_recording(request, request.call_sid)
+        if request.operation == "update-recording":
+            assert request.recording_sid is not None
+            return self._update_recording(request, request.call_sid, request.recording_sid)
         return self._update(request, request.call_sid)
 
     def _create(self, request: RecordedRequest) -> Reply:
@@ -375,7 +404,8 @@ class FakeTwilioRest:
         self.calls[sid] = call
         return Reply(201, call)
 
-    def _update(self, request: RecordedRequest, call_sid: str) -> Reply:
+    def _live_call(self, request: RecordedRequest, call_sid: str) -> dict[str, Any] | Reply:
+        """The call a request changes, or Twilio's error: unknown (with ``unknown_calls_404``), or over."""
         call = self.calls.get(call_sid)
         if call is None:
             if self.unknown_calls_404:
@@ -383,6 +413,12 @@ class FakeTwilioRest:
             call = self.add_call(call_sid)
         if call["status"] in ENDED_STATUSES:
             return twilio_error(400, *CALL_NOT_IN_PROGRESS)
+        return call
+
+    def _update(self, request: RecordedRequest, call_sid: str) -> Reply:
+        call = self._live_call(request, call_sid)
+        if isinstance(call, Reply):
+            return call
         status = request.field("Status")
         if status:
             call["status"] = status
@@ -390,6 +426,57 @@ class FakeTwilioRest:
             call["status"] = "in-progress"
         call["date_updated"] = formatdate(usegmt=True)
         return Reply(200, dict(call))
+
+    def _start_recording(self, request: RecordedRequest, call_sid: str) -> Reply:
+        call = self._live_call(request, call_sid)
+        if isinstance(call, Reply):
+            return call
+        channels = request.field("RecordingChannels") or "mono"
+        events = request.form.get("RecordingStatusCallbackEvent", [])
+        if channels not in ("mono", "dual") or not set(events) <= {"in-progress", "completed", "absent"}:
+            return twilio_error(400, 20001, "Invalid RecordingChannels or RecordingStatusCallbackEvent")
+        sid = next(self._recording_sids)
+        now = formatdate(usegmt=True)
+        recording = {
+            "sid": sid,
+            "account_sid": self.account_sid,
+            "call_sid": call_sid,
+            "conference_sid": None,
+            "status": "in-progress",
+            "channels": 2 if channels == "dual" else 1,
+            "source": "StartCallRecordingAPI",
+            "track": request.field("RecordingTrack") or "both",
+            "start_time": now,
+            "date_created": now,
+            "date_updated": now,
+            "duration": "-1",
+            "price": None,
+            "price_unit": "USD",
+            "error_code": None,
+            "encryption_details": None,
+            "api_version": API_VERSION,
+            "uri": f"/{API_VERSION}/Accounts/{self.account_sid}/Calls/{call_sid}/Recordings/{sid}.json",
+        }
+        self.recordings[sid] = recording
+        return Reply(201, dict(recording))
+
+    def _update_recording(self, request: RecordedRequest, call_sid: str, recording_sid: str) -> Reply:
+        call = self._live_call(request, call_sid)
+        if isinstance(call, Reply):
+            return call
+        status, pause = request.field("Status"), request.field("PauseBehavior")
+        if status not in RECORDING_UPDATE_STATUSES or pause not in (None, "skip", "silence"):
+            return twilio_error(400, 20001, "Invalid Status or PauseBehavior")
+        if recording_sid == CURRENT_RECORDING:
+            live = [r for r in self.recordings.values() if r["call_sid"] == call_sid and r["status"] in LIVE_RECORDING_STATUSES]
+            recording = live[-1] if live else None
+        else:
+            recording = self.recordings.get(recording_sid)
+        if recording is None or recording["call_sid"] != call_sid or recording["status"] not in LIVE_RECORDING_STATUSES:
+            return _reply_for(404, request.path)
+        recording["status"] = status
+        recording["date_updated"] = formatdate(usegmt=True)
+        return Reply(200, dict(recording))
 
     def _call_resource(self, sid: str, status: str, **fields: Any) -> dict[str, Any]:
         now = formatdate(usegmt=True)
@@ -406,16 +493,21 @@ class FakeTwilioRest:
         }
 
 
-def _route(path: str) -> tuple[Operation, str | None, str | None]:
-    """The operation a path names, with the Account SID and Call SID in it."""
+def _route(path: str) -> tuple[Operation, str | None, str | None, str | None]:
+    """The operation a path names, with the Account SID, Call SID and Recording SID in it."""
     parts = path.split("?", 1)[0].split("/")
     # "", "2010-04-01", "Accounts", AC…, "Calls.json"  or  …, "Calls", "CA….json"
+    # or …, "Calls", CA…, "Recordings.json"  or  …, "Calls", CA…, "Recordings", "RE….json"
     if len(parts) >= 5 and parts[1] == API_VERSION and parts[2] == "Accounts":
         if len(parts) == 5 and parts[4] == "Calls.json":
-            return "create", parts[3], None
+            return "create", parts[3], None, None
         if len(parts) == 6 and parts[4] == "Calls" and parts[5].endswith(".json"):
-            return "update", parts[3], parts[5].removesuffix(".json")
-    return "other", None, None
+            return "update", parts[3], parts[5].removesuffix(".json"), None
+        if len(parts) == 7 and parts[4] == "Calls" and parts[6] == "Recordings.json":
+            return "start-recording", parts[3], parts[5], None
+        if len(parts) == 8 and parts[4] == "Calls" and parts[6] == "Recordings" and parts[7].endswith(".json"):
+            return "update-recording", parts[3], parts[5], parts[7].removesuffix(".json")
+    return "other", None, None, None
 
 
 def _basic_auth(header: str | None) -> tuple[str | None, str | None]:

@@ -41,7 +41,7 @@ from twilio.rest import Client
 
 from bridge import http_client
 from bridge.http_client import MAX_RETRY_AFTER_SECONDS, retry_after_seconds
-from bridge.twilio_rest import TwilioApiError, TwilioRestClient
+from bridge.twilio_rest import CURRENT_RECORDING, TwilioApiError, TwilioRestClient
 
 ACCOUNT_SID = DEFAULT_ACCOUNT_SID
 AUTH_TOKEN = DEFAULT_AUTH_TOKEN
@@ -51,6 +51,8 @@ TWIML = (
     '<Parameter name="a" value="b &amp; c"/></Stream></Connect></Response>'
 )
 LOGGER = "bridge.twilio_rest"
+RECORDING_CALLBACK = "https://bridge.example/twilio/recording?record=20261206T051502_" + CALL_SID + ".jsonl"
+RECORDING_EVENTS = ["in-progress", "completed", "absent"]
 
 # Every create_call field, with the values both clients are given.
 CREATE_FIELDS: dict[str, Any] = {
@@ -92,9 +94,9 @@ class RecordingHttpClient(HttpClient):
         return Response(self.status, json.dumps(self.payload))
 
 
-def official_request(status: int, run: Callable[[Client], object]) -> dict[str, Any]:
+def official_request(status: int, run: Callable[[Client], object], answer: dict[str, Any] | None = None) -> dict[str, Any]:
     """What Twilio's own package sends for ``run(client)``."""
-    http = RecordingHttpClient(status, {"sid": CALL_SID, "account_sid": ACCOUNT_SID, "status": "queued"})
+    http = RecordingHttpClient(status, answer or {"sid": CALL_SID, "account_sid": ACCOUNT_SID, "status": "queued"})
     # environment={}: a developer's TWILIO_REGION / TWILIO_EDGE must not change the URL.
     run(Client(ACCOUNT_SID, AUTH_TOKEN, http_client=http, environment={}))
     [recorded] = http.recorded
@@ -201,6 +203,77 @@ async def test_update_call_sends_what_twilios_package_sends(fake: FakeTwilioRest
     assert_same_request(ours, theirs)
     assert ours.call_sid == CALL_SID
     assert updated is not None and updated["sid"] == CALL_SID
+
+
+@pytest.mark.parametrize(
+    "channels, events", [("dual", RECORDING_EVENTS), ("mono", ["completed"])], ids=["dual-every-event", "mono-completed"]
+)
+async def test_start_recording_sends_what_twilios_package_sends(
+    fake: FakeTwilioRest, channels: str, events: list[str]
+) -> None:
+    started = await make_client(fake).start_recording(
+        CALL_SID, status_callback=RECORDING_CALLBACK, channels=channels, status_callback_events=events
+    )
+    theirs = official_request(
+        201,
+        lambda c: c.calls(CALL_SID).recordings.create(
+            recording_channels=channels,
+            recording_status_callback=RECORDING_CALLBACK,
+            recording_status_callback_event=events,
+            recording_status_callback_method="POST",
+        ),
+        answer={"sid": "RE" + "0" * 32, "call_sid": CALL_SID, "status": "in-progress"},
+    )
+    [ours] = fake.requests
+    assert_same_request(ours, theirs)
+    assert urlsplit(theirs["url"]).path.endswith(f"/Calls/{CALL_SID}/Recordings.json")
+    assert ours.form["RecordingStatusCallbackEvent"] == events  # repeated, in order
+    assert ours.operation == "start-recording" and ours.call_sid == CALL_SID
+    assert started is not None
+    assert started == fake.recordings[started["sid"]]
+    assert (started["call_sid"], started["status"], started["source"]) == (CALL_SID, "in-progress", "StartCallRecordingAPI")
+    assert started["channels"] == (2 if channels == "dual" else 1)
+
+
+async def test_start_recording_defaults_to_two_channels_and_every_status(fake: FakeTwilioRest) -> None:
+    await make_client(fake).start_recording(CALL_SID, status_callback=RECORDING_CALLBACK)
+    [ours] = fake.requests
+    assert ours.form == {
+        "RecordingChannels": ["dual"],
+        "RecordingStatusCallback": [RECORDING_CALLBACK],
+        "RecordingStatusCallbackEvent": RECORDING_EVENTS,
+        "RecordingStatusCallbackMethod": ["POST"],
+    }
+
+
+@pytest.mark.parametrize(
+    "which, fields",
+    [
+        ("current", {"status": "paused", "pause_behavior": "skip"}),
+        ("current", {"status": "in-progress"}),
+        ("by-sid", {"status": "paused", "pause_behavior": "silence"}),
+        ("by-sid", {"status": "stopped"}),
+    ],
+    ids=["pause-skip-current", "resume-current", "pause-silence-by-sid", "stop-by-sid"],
+)
+async def test_update_recording_sends_what_twilios_package_sends(
+    fake: FakeTwilioRest, which: str, fields: dict[str, str]
+) -> None:
+    client = make_client(fake)
+    started = await client.start_recording(CALL_SID, status_callback=RECORDING_CALLBACK)
+    assert started is not None
+    recording_sid = CURRENT_RECORDING if which == "current" else started["sid"]
+    updated = await client.update_recording(CALL_SID, recording_sid, **fields)
+    theirs = official_request(
+        200,
+        lambda c: c.calls(CALL_SID).recordings(recording_sid).update(**fields),
+        answer={"sid": started["sid"], "call_sid": CALL_SID, "status": fields["status"]},
+    )
+    [ours] = fake.requests_for("update-recording")
+    assert_same_request(ours, theirs)
+    assert urlsplit(theirs["url"]).path.endswith(f"/Calls/{CALL_SID}/Recordings/{recording_sid}.json")
+    assert ours.recording_sid == recording_sid
+    assert updated is not None and (updated["sid"], updated["status"]) == (started["sid"], fields["status"])
 
 
 async def test_default_api_url_is_twilios_host_over_tls(fake: FakeTwilioRest, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -462,6 +535,106 @@ async def test_concurrent_requests_share_one_client(fake: FakeTwilioRest) -> Non
     await client.close()  # idempotent
 
 
+async def start_recording(client: TwilioRestClient) -> dict[str, Any] | None:
+    return await client.start_recording(CALL_SID, status_callback=RECORDING_CALLBACK)
+
+
+@pytest.mark.parametrize("status, retried", [(503, True), (429, True), (500, False), (502, False)])
+async def test_start_recording_retries_only_statuses_that_mean_nothing_was_done(
+    fake: FakeTwilioRest, caplog: pytest.LogCaptureFixture, status: int, retried: bool
+) -> None:
+    fake.script("start-recording", status, NORMAL)
+    if retried:
+        started = await start_recording(make_client(fake))
+        assert started is not None and list(fake.recordings) == [started["sid"]]
+        assert [r.outcome for r in fake.requests] == [status, 201]
+        assert problems(caplog) == []
+    else:
+        # A 500 may come after the recording started: another attempt would make a second one.
+        with pytest.raises(TwilioApiError) as caught:
+            await start_recording(make_client(fake))
+        assert caught.value.status == status and caught.value.may_have_acted
+        assert len(fake.requests) == 1 and fake.pending_steps("start-recording") == 1
+        assert len(problems(caplog)) == 1
+
+
+@pytest.mark.parametrize("fault", [HANG, DROP, RESET])
+async def test_start_recording_that_may_have_reached_twilio_is_not_retried(
+    fake: FakeTwilioRest, caplog: pytest.LogCaptureFixture, fault: str
+) -> None:
+    fake.script("start-recording", fault, NORMAL)
+    with pytest.raises(TwilioApiError) as caught:
+        await start_recording(make_client(fake, timeout=0.2))
+    assert caught.value.may_have_acted
+    if fault == HANG:
+        assert "may have started the recording" in str(caught.value)
+    await fake.wait_for_requests(1)
+    assert [r.outcome for r in fake.requests] == [fault] and fake.pending_steps("start-recording") == 1
+    [line] = problems(caplog)
+    assert f"start recording call {CALL_SID}" in line.getMessage()
+
+
+@pytest.mark.parametrize("fault", [500, 503, DROP, HANG])
+async def test_update_recording_is_retried(fake: FakeTwilioRest, caplog: pytest.LogCaptureFixture, fault: int | str) -> None:
+    fake.add_call(CALL_SID)
+    client = make_client(fake, timeout=0.2)
+    started = await start_recording(client)
+    assert started is not None
+    fake.script("update-recording", fault, NORMAL)
+    updated = await client.update_recording(CALL_SID, started["sid"], status="paused", pause_behavior="skip")
+    assert updated is not None and updated["status"] == "paused"
+    assert [r.outcome for r in fake.requests_for("update-recording")] == [fault, 200]
+    assert problems(caplog) == []
+
+
+@pytest.mark.parametrize("ended", ["unknown-404", "ended-21220", "scripted-404"])
+@pytest.mark.parametrize("operation", ["start-recording", "update-recording"])
+async def test_recording_a_call_that_is_over_returns_none(
+    caplog: pytest.LogCaptureFixture, ended: str, operation: str
+) -> None:
+    async with FakeTwilioRest(unknown_calls_404=ended == "unknown-404") as fake:
+        if ended == "ended-21220":
+            fake.end_call(CALL_SID)
+        if ended == "scripted-404":
+            fake.script(operation, 404)
+        client = make_client(fake)
+        if operation == "start-recording":
+            result = await start_recording(client)
+        else:
+            result = await client.update_recording(CALL_SID, status="in-progress")
+        assert result is None
+        [request] = fake.requests
+        assert request.operation == operation
+        assert request.outcome == (400 if ended == "ended-21220" else 404)
+    assert problems(caplog) == []
+
+
+async def test_updating_a_recording_that_has_stopped_returns_none(fake: FakeTwilioRest) -> None:
+    client = make_client(fake)
+    started = await start_recording(client)
+    assert started is not None
+    assert await client.update_recording(CALL_SID, started["sid"], status="stopped") is not None
+    assert await client.update_recording(CALL_SID, started["sid"], status="in-progress") is None  # 404
+    assert await client.update_recording(CALL_SID, status="paused") is None  # no current recording: 404
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [Reply(201, {"status": "in-progress"}), Reply(201, {"sid": "RE123"}), Reply(201, {"sid": "RE" + "0" * 32 + "/../x"})],
+    ids=["no-sid", "short-sid", "sid-with-a-path"],
+)
+async def test_a_started_recording_without_a_recording_sid_raises(
+    fake: FakeTwilioRest, caplog: pytest.LogCaptureFixture, reply: Reply
+) -> None:
+    """The SID goes into the paths of later updates: only RE + 32 hex digits is taken."""
+    fake.script("start-recording", reply, NORMAL)
+    with pytest.raises(TwilioApiError) as caught:
+        await start_recording(make_client(fake))
+    assert caught.value.may_have_acted and "Recording SID" in str(caught.value)
+    assert len(fake.requests) == 1
+    assert len(problems(caplog)) == 1
+
+
 # -- 3. bad input -------------------------------------------------------------------------------
 
 
@@ -479,8 +652,55 @@ async def test_concurrent_requests_share_one_client(fake: FakeTwilioRest) -> Non
     ],
 )
 async def test_invalid_call_sid_is_refused_before_any_request(fake: FakeTwilioRest, call_sid: str) -> None:
+    client = make_client(fake)
     with pytest.raises(ValueError):
-        await make_client(fake).update_call(call_sid, status="completed")
+        await client.update_call(call_sid, status="completed")
+    with pytest.raises(ValueError):
+        await client.start_recording(call_sid, status_callback=RECORDING_CALLBACK)
+    with pytest.raises(ValueError):
+        await client.update_recording(call_sid, status="paused")
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    "recording_sid",
+    ["", "RE123", "RE" + "g" * 32, "re" + "0" * 32, "RE" + "0" * 32 + "/../../Calls", "../Recordings/RE" + "0" * 32,
+     "Twilio.CURRENT/..", "twilio.current", "CA" + "0" * 32],
+)
+async def test_invalid_recording_sid_is_refused_before_any_request(fake: FakeTwilioRest, recording_sid: str) -> None:
+    with pytest.raises(ValueError):
+        await make_client(fake).update_recording(CALL_SID, recording_sid, status="paused")
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"channels": "stereo"},
+        {"status_callback_events": ["completed", "failed"]},
+        {"status_callback": ""},
+    ],
+    ids=["channels", "event", "no-callback"],
+)
+async def test_start_recording_with_bad_arguments_is_refused(fake: FakeTwilioRest, kwargs: dict[str, Any]) -> None:
+    arguments: dict[str, Any] = {"status_callback": RECORDING_CALLBACK, **kwargs}
+    with pytest.raises(ValueError):
+        await make_client(fake).start_recording(CALL_SID, **arguments)
+    assert fake.requests == []
+
+
+async def test_a_bare_string_of_recording_events_is_refused(fake: FakeTwilioRest) -> None:
+    with pytest.raises(TypeError):
+        await make_client(fake).start_recording(CALL_SID, status_callback=RECORDING_CALLBACK, status_callback_events="completed")
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"status": "completed"}, {"status": "pause"}, {"status": "paused", "pause_behavior": "mute"}]
+)
+async def test_update_recording_with_bad_arguments_is_refused(fake: FakeTwilioRest, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        await make_client(fake).update_recording(CALL_SID, **kwargs)
     assert fake.requests == []
 
 
