@@ -25,14 +25,14 @@ from collections.abc import Mapping
 from urllib.parse import parse_qs, urlencode
 
 from . import twilio
-from .twilio import MODE_PARAMETER, VOICEMAIL_MODE
+from .twilio import MAX_TWIML_CHARS, MODE_PARAMETER, VOICEMAIL_MODE
 from .binding import BINDING_PARAMETER, binding_mac
 from .config import Settings
 from .logsafe import clean
 from .storage.shared import SharedState
 from .storage.postgres import DatabaseUnavailable
 from .transport import HttpReply, HttpRequest
-from .twilio_rest import MAX_TWIML_CHARS, TwilioApiError, TwilioRestClient
+from .twilio_rest import TwilioApiError, TwilioRestClient
 
 logger = logging.getLogger("bridge.call_control")
 
@@ -127,6 +127,23 @@ def signed_url(settings: Settings, request: HttpRequest) -> str:
     return f"{settings.public_base_url}{request.path}" + (f"?{request.query}" if request.query else "")
 
 
+def signature_refusal(settings: Settings, request: HttpRequest, params: dict[str, list[str]]) -> HttpReply | None:
+    """403 (and one warning line) unless Twilio signed ``request`` with TWILIO_AUTH_TOKEN; None if it did.
+
+    ``params`` are the request's ``form_parameters``: signed with the URL for a POST, in the
+    URL's query for a GET. Without an auth token nothing can be checked, so nothing is refused.
+    """
+    token = settings.twilio_auth_token
+    if not token:
+        return None
+    signature = request.header("x-twilio-signature")
+    signed_params = params if request.method == "POST" else {}
+    if twilio.webhook_signature_is_valid(token, signed_url(settings, request), signed_params, signature):
+        return None
+    logger.warning("refused a %s to %s: %s X-Twilio-Signature", request.method, request.path, "invalid" if signature else "no")
+    return HttpReply(403, "Forbidden: invalid Twilio signature.\n")
+
+
 class AnsweringMachineCallback:
     """``/twilio/amd``: Twilio's answering-machine verdict for an outbound call."""
 
@@ -141,14 +158,9 @@ class AnsweringMachineCallback:
             return HttpReply(405, "Method not allowed.\n", headers=(("Allow", "GET, POST"),))
         settings = self.settings
         params = form_parameters(request)
-        if settings.twilio_auth_token:
-            signature = request.header("x-twilio-signature")
-            body_params = params if request.method == "POST" else {}
-            if not twilio.webhook_signature_is_valid(
-                settings.twilio_auth_token, signed_url(settings, request), body_params, signature
-            ):
-                logger.warning("refused a %s to %s: %s X-Twilio-Signature", request.method, AMD_PATH, "invalid" if signature else "no")
-                return HttpReply(403, "Forbidden: invalid Twilio signature.\n")
+        refusal = signature_refusal(settings, request, params)
+        if refusal is not None:
+            return refusal
         call_sid = (params.get("CallSid") or [""])[0]
         account_sid = (params.get("AccountSid") or [""])[0]
         answered_by = (params.get("AnsweredBy") or [""])[0]

@@ -3,12 +3,12 @@
 Routes (``routes()`` lists the ones that are on; the startup banner and ``GET /`` show that list):
 ``/twilio`` (Twilio's Media Streams WebSocket, and the browser phone's), ``/twiml`` (GET or POST:
 a number's voice webhook, answered with the TwiML that connects the call to ``/twilio``),
-``/twilio/amd`` (only with Twilio's REST API on), ``GET /health``, ``GET /phone`` (only with
-``PHONE_PAGE=true``), ``GET /``, 404 for anything else. Admission happens in the
-HTTP handshake, before any Deepgram session opens: draining and ``MAX_CALLS`` answer 503, a bad
-Twilio signature or phone token 403. Each admitted connection becomes one ``CallSession``.
-Connections still in their HTTP request are bounded (``max_handshakes``), so a crowd of stalled
-clients can't use up the process's file descriptors. With ``RECORDS_RETENTION_DAYS`` set, the
+``/twilio/amd``, ``/twilio/transfer/key`` and ``/twilio/transfer/status`` (only with Twilio's
+REST API on), ``GET /health``, ``GET /phone`` (only with ``PHONE_PAGE=true``), ``GET /``, 404 for
+anything else. Admission happens in the HTTP handshake, before any Deepgram session opens:
+draining and ``MAX_CALLS`` answer 503, a bad Twilio signature or phone token 403. Each admitted
+connection becomes one ``CallSession``. Connections still in their HTTP request are bounded
+(``max_handshakes``), so a crowd of stalled clients can't use up the process's file descriptors. With ``RECORDS_RETENTION_DAYS`` set, the
 server also deletes old call records, at startup and then hourly (``records.delete_old_records``
 in a thread, so the event loop never waits on the disk), and it forgets old callback claims
 and notes (bridge/storage/shared.py) the same way.
@@ -34,7 +34,7 @@ from urllib.parse import parse_qs
 from . import twilio
 from .agents import AGENT_NAME, AGENT_PARAMETER, AgentCatalog
 from .binding import BINDING_PARAMETER, binding_mac
-from .call_control import AMD_PATH, TWIML_PATH, AnsweringMachineCallback, form_parameters, signed_url
+from .call_control import AMD_PATH, TWIML_PATH, AnsweringMachineCallback, form_parameters, signature_refusal
 from .config import AgentConfig, ConfigError, Settings
 from .functions import FunctionRunner
 from .logsafe import clean
@@ -44,7 +44,8 @@ from .records import RecordWriter, RetentionError, delete_old_records
 from .storage.shared import SharedState, shared_state
 from .storage.postgres import DatabaseUnavailable
 from .session import AgentConnector, CallServices, CallSession, caller_limits, rest_client, websocket_agent_connector
-from .transport import AcceptWebSocket, HttpReply, HttpRequest, PeerLimits, ServerPeer, start_server
+from .transport import AcceptWebSocket, DeferredReply, HttpReply, HttpRequest, PeerLimits, ServerPeer, start_server
+from .warm_transfer import TRANSFER_KEY_PATH, TRANSFER_STATUS_PATH, WarmTransferCallbacks, default_lines
 from .webhook import webhook_sender
 
 logger = logging.getLogger("bridge.server")
@@ -87,6 +88,8 @@ def routes(settings: Settings) -> list[tuple[str, str]]:
         served.append((TWIML_PATH, "GET or POST: TwiML for a number's voice webhook"))
     if settings.rest_enabled:
         served.append((AMD_PATH, "Twilio's answering-machine callback for outbound calls"))
+        served.append((TRANSFER_KEY_PATH, "POST: the key a pharmacist pressed, in a warm transfer"))
+        served.append((TRANSFER_STATUS_PATH, "POST: the pharmacist's call status, in a warm transfer"))
     if settings.phone_page:
         served.append(("/phone", "GET: the browser phone (needs the token main.py printed)"))
     served.append(("/health", "GET: health check"))
@@ -101,7 +104,9 @@ def routes(settings: Settings) -> list[tuple[str, str]]:
 def index_page(settings: Settings) -> str:
     """What ``GET /`` answers: the routes that are on, and nothing secret."""
     lines = ["Twilio <-> Deepgram Voice Agent bridge. Served here:", ""]
-    lines += [f"  {path:<13} {what}" for path, what in routes(settings)]
+    served = routes(settings)
+    width = max(len(path) for path, _ in served)
+    lines += [f"  {path:<{width}} {what}" for path, what in served]
     if settings.phone_page:
         lines += ["", "Browser phone: open /phone?token=... with the token main.py printed at startup."]
     return "\n".join(lines) + "\n"
@@ -154,6 +159,7 @@ class BridgeServer:
             shared = shared_state(settings.state_dir, settings.database_url)
         self.shared = shared
         self.answering_machine = AnsweringMachineCallback(settings, self.services.rest, shared)
+        self.warm_transfer = WarmTransferCallbacks(settings, shared, self.services.rest, default_lines)
         self.reuse_port = reuse_port
         self.calls: set[CallSession] = set()
         self._call_tasks: set[asyncio.Task[None]] = set()
@@ -245,12 +251,14 @@ class BridgeServer:
         """The routes this server answers (see ``routes``)."""
         return routes(self.settings)
 
-    def route(self, request: HttpRequest) -> HttpReply | AcceptWebSocket:
+    def route(self, request: HttpRequest) -> HttpReply | DeferredReply | AcceptWebSocket:
         path = request.path
         if path == "/twilio":
             return self._admit_call(request)
         if path == AMD_PATH and self.settings.rest_enabled:
             return self.answering_machine.handle(request)
+        if path in (TRANSFER_KEY_PATH, TRANSFER_STATUS_PATH) and self.settings.rest_enabled:
+            return self.warm_transfer.handle(request)
         if path == TWIML_PATH:
             return self._twiml(request)
         if request.method not in ("GET", "HEAD"):
@@ -338,18 +346,10 @@ class BridgeServer:
             logger.error("answered %s with 503: set PUBLIC_URL, the TwiML must name this bridge's public host", TWIML_PATH)
             return HttpReply(503, "PUBLIC_URL is not set, so the bridge cannot name its own host in TwiML.\n")
         params = form_parameters(request)
-        signed = False
-        if settings.twilio_auth_token:
-            signature = request.header("x-twilio-signature")
-            if not twilio.webhook_signature_is_valid(
-                settings.twilio_auth_token,
-                signed_url(settings, request),
-                params if request.method == "POST" else {},
-                signature,
-            ):
-                logger.warning("refused a %s to %s: %s X-Twilio-Signature", request.method, TWIML_PATH, "invalid" if signature else "no")
-                return HttpReply(403, "Forbidden: invalid Twilio signature.\n")
-            signed = True
+        refusal = signature_refusal(settings, request, params)
+        if refusal is not None:
+            return refusal
+        signed = bool(settings.twilio_auth_token)
         stream_parameters = {
             name: values[0][:MAX_WEBHOOK_VALUE_CHARS]
             for name in WEBHOOK_PARAMETERS
@@ -475,6 +475,7 @@ class BridgeServer:
             # After the calls ended, so the summaries of those the drain ended are sent too.
             await self.services.webhook.close(self.settings.webhook_drain_seconds)
         await self.answering_machine.close()
+        await self.warm_transfer.close()
         if self._server is not None:
             self._server.close()
         if self._metrics_server is not None:
