@@ -31,14 +31,14 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 from . import twilio
-from .twilio import MODE_PARAMETER, VOICEMAIL_MODE
+from .twilio import MAX_TWIML_CHARS, MODE_PARAMETER, VOICEMAIL_MODE
 from .binding import BINDING_PARAMETER, binding_mac
 from .settings import Settings
 from .logsafe import clean
 from .storage.shared import SharedState
 from .storage.postgres import DatabaseUnavailable
 from .transport import HttpReply, HttpRequest
-from .twilio_rest import MAX_TWIML_CHARS, TwilioApiError, TwilioRestClient
+from .twilio_rest import TwilioApiError, TwilioRestClient
 
 logger = logging.getLogger("bridge.call_control")
 

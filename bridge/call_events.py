@@ -108,7 +108,6 @@ class RecordEvent(enum.StrEnum):
     RECORDING_RESUMED = "recording_resumed"
     RECORDING_FAILED = "recording_failed"
     RECORDING_SKIPPED = "recording_skipped"
-    RECORDING = "recording"  # Twilio's status callback, appended after the summary
     SUMMARY = "summary"
     # Added by Twilio's recording callback (bridge/recordings.py), usually after the summary.
     RECORDING = "recording"

@@ -36,7 +36,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from .call_control import CallbackWork, check_signature, claim_once, form_parameters
 from .call_events import RecordEvent
-from .config import Settings
+from .settings import Settings
 from .logsafe import clean
 from .records import RECORD_NAME, RecordWriter, record_line
 from .storage.shared import SharedState

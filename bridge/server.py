@@ -3,11 +3,11 @@
 Routes (``routes()`` lists the ones that are on; the startup banner and ``GET /`` show that list):
 ``/twilio`` (Twilio's Media Streams WebSocket, and the browser phone's), ``/twiml`` (GET or POST:
 a number's voice webhook, answered with the TwiML that connects the call to ``/twilio``),
-``/twilio/amd`` and ``/twilio/recording`` (Twilio's callbacks, only with Twilio's REST API on),
-``GET /health``, ``GET /phone`` (only with ``PHONE_PAGE=true``), ``GET /``, 404 for anything
-else. Admission happens in the HTTP handshake, before any Deepgram session opens: draining and
-``MAX_CALLS`` answer 503, a bad Twilio signature or phone token 403. Each admitted connection
-becomes one ``CallSession``.
+``/twilio/amd``, ``/twilio/recording``, ``/twilio/transfer/key`` and ``/twilio/transfer/status``
+(Twilio's callbacks, only with Twilio's REST API on), ``GET /health``, ``GET /phone`` (only with
+``PHONE_PAGE=true``), ``GET /``, 404 for anything else. Admission happens in the HTTP handshake,
+before any Deepgram session opens: draining and ``MAX_CALLS`` answer 503, a bad Twilio signature
+or phone token 403. Each admitted connection becomes one ``CallSession``.
 Connections still in their HTTP request are bounded (``max_handshakes``), so a crowd of stalled
 clients can't use up the process's file descriptors. With ``RECORDS_RETENTION_DAYS`` set, the
 server also deletes old call records, at startup and then hourly (``records.delete_old_records``
@@ -48,7 +48,8 @@ from .records import RecordWriter, RetentionError, delete_old_records
 from .storage.shared import SharedState, shared_state
 from .storage.postgres import DatabaseUnavailable
 from .session import AgentConnector, CallServices, CallSession, caller_limits, rest_client, websocket_agent_connector
-from .transport import AcceptWebSocket, HttpReply, HttpRequest, PeerLimits, ServerPeer, start_server
+from .transport import AcceptWebSocket, DeferredReply, HttpReply, HttpRequest, PeerLimits, ServerPeer, start_server
+from .warm_transfer import TRANSFER_KEY_PATH, TRANSFER_STATUS_PATH, WarmTransferCallbacks, default_lines
 from .webhook import webhook_sender
 
 logger = logging.getLogger("bridge.server")
@@ -95,6 +96,8 @@ def routes(settings: Settings) -> list[tuple[str, str]]:
     if settings.rest_enabled:
         served.append((AMD_PATH, "Twilio's answering-machine callback for outbound calls"))
         served.append((RECORDING_PATH, "Twilio's recording status callback for recorded calls"))
+        served.append((TRANSFER_KEY_PATH, "POST: the key a pharmacist pressed, in a warm transfer"))
+        served.append((TRANSFER_STATUS_PATH, "POST: the pharmacist's call status, in a warm transfer"))
     if settings.phone_page:
         served.append(("/phone", "GET: the browser phone, with the token main.py printed"))
     served.append(("/health", "GET: health check"))
@@ -109,7 +112,9 @@ def routes(settings: Settings) -> list[tuple[str, str]]:
 def index_page(settings: Settings) -> str:
     """What ``GET /`` answers: the routes that are on, and nothing secret."""
     lines = ["Twilio <-> Deepgram Voice Agent bridge. Served here:", ""]
-    lines += [f"  {path:<13} {what}" for path, what in routes(settings)]
+    served = routes(settings)
+    width = max(len(path) for path, _ in served)
+    lines += [f"  {path:<{width}} {what}" for path, what in served]
     if settings.phone_page:
         lines += ["", "Browser phone: open /phone?token=... with the token main.py printed at startup."]
     return "\n".join(lines) + "\n"
@@ -168,6 +173,7 @@ class BridgeServer:
         self.shared = shared
         self.answering_machine = AnsweringMachineCallback(settings, self.services.rest, shared)
         self.recordings = RecordingCallback(settings, shared, self.services.records, self.services.webhook)
+        self.warm_transfer = WarmTransferCallbacks(settings, shared, self.services.rest, default_lines)
         self.reuse_port = reuse_port
         self.calls: set[CallSession] = set()
         self._call_tasks: set[asyncio.Task[None]] = set()
@@ -259,7 +265,7 @@ class BridgeServer:
         """The routes this server answers (see ``routes``)."""
         return routes(self.settings)
 
-    def route(self, request: HttpRequest) -> HttpReply | AcceptWebSocket:
+    def route(self, request: HttpRequest) -> HttpReply | DeferredReply | AcceptWebSocket:
         path = request.path
         if path == "/twilio":
             return self._admit_call(request)
@@ -267,6 +273,8 @@ class BridgeServer:
             return self.answering_machine.handle(request)
         if path == RECORDING_PATH and self.settings.rest_enabled:
             return self.recordings.handle(request)
+        if path in (TRANSFER_KEY_PATH, TRANSFER_STATUS_PATH) and self.settings.rest_enabled:
+            return self.warm_transfer.handle(request)
         if path == TWIML_PATH:
             return self._twiml(request)
         if request.method not in ("GET", "HEAD"):
@@ -543,6 +551,7 @@ class BridgeServer:
             # After the calls ended, so the summaries of those the drain ended are sent too.
             await self.services.webhook.close(self.settings.limits.webhook_drain_timeout_seconds)
         await self.answering_machine.close()
+        await self.warm_transfer.close()
         if self._server is not None:
             self._server.close()
         if self._metrics_server is not None:

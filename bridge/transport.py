@@ -751,6 +751,18 @@ class HttpReply:
 
 
 @dataclass(frozen=True, slots=True)
+class DeferredReply:
+    """A reply still being worked out: a callback that must ask the shared state first, say.
+
+    The connection answers with ``reply``'s result once it is done, and reads nothing more
+    meanwhile. The request's deadline (``handshake_timeout``) still runs: a connection whose reply
+    comes later is aborted, and the reply dropped. A ``reply`` that raises answers 500.
+    """
+
+    reply: asyncio.Future[HttpReply]
+
+
+@dataclass(frozen=True, slots=True)
 class AcceptWebSocket:
     """Upgrade this request; ``on_open`` gets the open peer."""
 
@@ -761,7 +773,7 @@ class AcceptWebSocket:
 class Router(TypingProtocol):
     """What the server gives each connection: the route for a request and the handshake count."""
 
-    def route(self, request: HttpRequest) -> HttpReply | AcceptWebSocket: ...
+    def route(self, request: HttpRequest) -> HttpReply | DeferredReply | AcceptWebSocket: ...
 
     def handshake_started(self, peer: ServerPeer) -> bool: ...
 
@@ -780,6 +792,7 @@ class ServerPeer(WebSocketPeer):
         self._request: HttpRequest | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._counted = False  # counted among the connections still in their handshake
+        self._deferred = False  # the request was read and its reply is being worked out
 
         self.peer_address = "?"
 
@@ -801,8 +814,8 @@ class ServerPeer(WebSocketPeer):
             self._split(data)
 
     def _http_data(self, data: bytes) -> None:
-        if self._http is None:
-            return  # answered already; the connection is closing
+        if self._http is None or self._deferred:
+            return  # answered already (the connection is closing), or the answer is on its way
         if len(self._head) + len(data) > MAX_HTTP_HEAD_BYTES + MAX_HTTP_BODY_BYTES:
             self._reply(HttpReply(413, "Request too large.\n"))
             return
@@ -866,8 +879,23 @@ class ServerPeer(WebSocketPeer):
             answer = HttpReply(500, "Internal error.\n")
         if isinstance(answer, HttpReply):
             self._reply(answer)
+        elif isinstance(answer, DeferredReply):
+            self._deferred = True
+            answer.reply.add_done_callback(self._deferred_reply_done)
         else:
             self._upgrade(answer)
+
+    def _deferred_reply_done(self, reply: asyncio.Future[HttpReply]) -> None:
+        if reply.cancelled():
+            self._reply(HttpReply(503, "Unavailable; retry.\n"))
+            return
+        error = reply.exception()
+        if error is not None:
+            path = self._request.path if self._request is not None else "?"
+            logger.error("the route for %s failed", clean(path, 80), exc_info=error)
+            self._reply(HttpReply(500, "Internal error.\n"))
+            return
+        self._reply(reply.result())
 
     def _reply(self, reply: HttpReply) -> None:
         """Send a plain HTTP response and close; the handshake timer still bounds the close."""

@@ -1,8 +1,9 @@
 """The Twilio Media Streams protocol, as plain functions with no I/O.
 
 Parsing what Twilio sends (docs/protocols.md section 1), building what we send back (section 2),
-the TwiML the bridge hands Twilio (section 3), and request signatures (section 4). The call
-session and the server call these; tests call them directly.
+the TwiML the bridge hands Twilio (section 3, and section 7 for a warm transfer's briefing and
+conference), and request signatures (section 4). The call session and the server call these;
+tests call them directly.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import hmac
 import json
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +32,8 @@ RECORDING_SID = re.compile(r"RE[0-9a-fA-F]{32}")
 # VOICEMAIL_MODE); the agent's own parameters stay untouched.
 MODE_PARAMETER = "bridge_mode"
 VOICEMAIL_MODE = "voicemail"
+# Twilio's limit on inline TwiML, a call's ``Twiml`` on create or update (docs/protocols.md section 7).
+MAX_TWIML_CHARS = 4000
 
 
 class TwilioProtocolError(ProtocolError):
@@ -228,4 +232,92 @@ def dial_twiml(number: str, *, say: str | None = None) -> str:
 
 
 def say_and_hang_up_twiml(say: str) -> str:
-    return f"<Response><Say>{escape(say)}</Say><Hangup/></Response>"
+    return f"<Response><Say>{xml_text(say)}</Say><Hangup/></Response>"
+
+
+# Characters XML 1.0 can't hold even escaped: C0 controls but tab, newline and CR; lone surrogates;
+# U+FFFE and U+FFFF. Twilio would refuse the whole document.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_text(text: str) -> str:
+    """``text`` as XML character data: escaped, without the characters XML can't hold."""
+    return escape(_NOT_XML.sub("", text))
+
+
+def _inline(twiml: str, what: str) -> str:
+    """``twiml``, if Twilio takes it inline; else ``ValueError`` with one sentence."""
+    if len(twiml) > MAX_TWIML_CHARS:
+        raise ValueError(f"the {what} TwiML is {len(twiml):,} characters long, over the {MAX_TWIML_CHARS:,} Twilio takes inline")
+    return twiml
+
+
+def briefing_twiml(briefing: str, key_url: str, *, gather_seconds: int = 10, no_answer: str) -> str:
+    """A warm transfer's first words to the pharmacist: ``briefing``, while one key is gathered.
+
+    The key goes to ``key_url`` (POST). With no key within ``gather_seconds`` of the briefing's
+    end, Twilio goes on to the next verb: ``no_answer``, then a hang-up. Sent inline, so it is
+    measured: ``ValueError`` over ``MAX_TWIML_CHARS``.
+    """
+    if not isinstance(gather_seconds, int) or gather_seconds < 1:
+        raise ValueError("gather_seconds is a whole number of seconds, at least 1")
+    gather = f'<Gather numDigits="1" action={quoteattr(key_url)} method="POST" timeout="{gather_seconds}">'
+    twiml = f"<Response>{gather}<Say>{xml_text(briefing)}</Say></Gather><Say>{xml_text(no_answer)}</Say><Hangup/></Response>"
+    return _inline(twiml, "briefing")
+
+
+def _xml_bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def conference_twiml(
+    name: str,
+    *,
+    say: str | None = None,
+    end_on_exit: bool = True,
+    start_on_enter: bool = True,
+    beep: bool = False,
+    wait_silence: bool = True,
+) -> str:
+    """Say ``say`` (if any), then join the conference ``name``.
+
+    ``wait_silence`` waits in silence (``waitUrl=""``) instead of Twilio's hold music until the
+    conference starts. Sent inline when a live call is moved into it, so it is measured:
+    ``ValueError`` over ``MAX_TWIML_CHARS``.
+    """
+    if not name:
+        raise ValueError("a conference needs a name")
+    spoken = f"<Say>{xml_text(say)}</Say>" if say else ""
+    attributes = (
+        f'startConferenceOnEnter="{_xml_bool(start_on_enter)}" endConferenceOnExit="{_xml_bool(end_on_exit)}" '
+        f'beep="{_xml_bool(beep)}"' + (' waitUrl=""' if wait_silence else "")
+    )
+    twiml = f"<Response>{spoken}<Dial><Conference {attributes}>{xml_text(name)}</Conference></Dial></Response>"
+    return _inline(twiml, "conference")
+
+
+# Unicode categories never spoken: controls, format characters (U+202E turns text around on
+# screen, U+200B hides in it), lone surrogates and unassigned code points (U+FFFE among them).
+_UNSPOKEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Cn"})
+# Of a summary, only this many times its limit is looked at: a model's megabyte costs no more.
+_SUMMARY_READ_FACTOR = 8
+
+
+def summary_for_briefing(summary: str, limit: int = 300) -> str:
+    """The model's summary of a call, fit to be spoken to the pharmacist and put into TwiML.
+
+    The model wrote it, so it is untrusted: whitespace of every kind becomes single spaces,
+    control and format characters go, and it is cut at a word boundary to ``limit`` characters
+    (within a word only if its first word is longer). It still needs escaping (``xml_text``).
+    """
+    if limit < 1:
+        raise ValueError("limit is at least 1")
+    head = summary[: limit * _SUMMARY_READ_FACTOR]
+    kept = "".join(
+        (" " if char.isspace() else "") if unicodedata.category(char) in _UNSPOKEN_CATEGORIES else char for char in head
+    )
+    text = " ".join(kept.split())
+    if len(text) <= limit:
+        return text
+    words, space, _ = text[: limit + 1].rpartition(" ")
+    return words if space and words else text[:limit]

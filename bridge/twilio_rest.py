@@ -47,15 +47,16 @@ from urllib.parse import urlencode, urlsplit
 
 from .http_client import USER_AGENT, AttemptFailed, HttpAnswer, backoff_delay, post_once, retry_after_seconds
 from .logsafe import clean
-from .twilio import ACCOUNT_SID, CALL_SID, RECORDING_SID
+from .twilio import ACCOUNT_SID, CALL_SID, MAX_TWIML_CHARS, RECORDING_SID
 
 logger = logging.getLogger("bridge.twilio_rest")
 
 API_VERSION = "2010-04-01"
 # A path prefix in the API URL (a proxy's, say) goes into every request target as it is.
 SAFE_PATH = re.compile(r"[A-Za-z0-9._~/-]*")
-# Twilio's limit on inline TwiML (docs/protocols.md section 7); longer is refused by Twilio anyway.
-MAX_TWIML_CHARS = 4000
+# How long a call created may ring unanswered (Twilio's ``Timeout``), in seconds.
+MIN_RING_SECONDS = 5
+MAX_RING_SECONDS = 600
 # The Twilio error that means "call is not in-progress": the call has already ended.
 CALL_NOT_IN_PROGRESS = 21220
 # The Recording SID that names whichever recording of the call is going on.
@@ -216,33 +217,41 @@ class TwilioRestClient:
         status_callback: str | None = None,
         status_callback_event: list[str] | None = None,
         status_callback_method: str | None = None,
+        timeout: int | None = None,
     ) -> dict[str, Any]:
         """Place a call from ``from_`` to ``to``; returns Twilio's JSON, whose ``"sid"`` is the Call SID.
 
         The call runs ``twiml`` (inline) or the TwiML at ``url`` (fetched with ``method``) once
-        answered; give exactly one. Raises ``TwilioApiError`` if Twilio refuses or cannot be reached,
-        or if its yes can't be read (no JSON object with a Call SID as its ``sid``: ``may_have_acted``
-        says the call may exist all the same).
+        answered; give exactly one. ``timeout`` is how many seconds it may ring unanswered
+        (``MIN_RING_SECONDS`` to ``MAX_RING_SECONDS``; Twilio's default is 60). Raises
+        ``TwilioApiError`` if Twilio refuses or cannot be reached, or if its yes can't be read (no
+        JSON object with a Call SID as its ``sid``: ``may_have_acted`` says the call may exist all the same).
         """
         if not to or not from_:
             raise ValueError("a call needs both a To and a From number")
         if isinstance(status_callback_event, str):
             # A bare string would be sent one character per field.
             raise TypeError("status_callback_event is a list of event names, e.g. ['initiated', 'completed']")
+        if timeout is not None and (
+            not isinstance(timeout, int) or isinstance(timeout, bool) or not MIN_RING_SECONDS <= timeout <= MAX_RING_SECONDS
+        ):
+            raise ValueError(f"a call's timeout is a whole number of seconds from {MIN_RING_SECONDS} to {MAX_RING_SECONDS}")
         _check_twiml_or_url(twiml, url, required=True)
+        # In the order Twilio's own package sends them, so the two requests are the same bytes.
         fields: list[tuple[str, str]] = [("To", to), ("From", from_)]
-        _add(fields, "Twiml", twiml)
-        _add(fields, "Url", url)
         _add(fields, "Method", method)
+        _add(fields, "StatusCallback", status_callback)
+        # A list is sent as the same field once per value, as Twilio expects.
+        fields.extend(("StatusCallbackEvent", event) for event in status_callback_event or ())
+        _add(fields, "StatusCallbackMethod", status_callback_method)
+        _add(fields, "Timeout", None if timeout is None else str(timeout))
         _add(fields, "MachineDetection", machine_detection)
         if async_amd:
             fields.append(("AsyncAmd", "true"))  # Twilio's (and its SDK's) spelling of a boolean
         _add(fields, "AsyncAmdStatusCallback", async_amd_status_callback)
         _add(fields, "AsyncAmdStatusCallbackMethod", async_amd_status_callback_method)
-        _add(fields, "StatusCallback", status_callback)
-        # A list is sent as the same field once per value, as Twilio expects.
-        fields.extend(("StatusCallbackEvent", event) for event in status_callback_event or ())
-        _add(fields, "StatusCallbackMethod", status_callback_method)
+        _add(fields, "Url", url)
+        _add(fields, "Twiml", twiml)
         operation = _Operation("create call", "Calls.json", not_twice="created the call")
         answer, attempts = await self._post(operation, fields)
         if 200 <= answer.status < 300:

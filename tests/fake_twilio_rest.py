@@ -36,6 +36,10 @@ the fake answers normally again. A step is one of:
 - ``"reset"``: read the request, then abort the connection (TCP RST).
 
 Scripted steps other than ``"normal"`` are served without looking at auth or the call's state.
+A normal create is checked as Twilio checks it: ``To``, ``From``, inline ``Twiml`` (at most 4000
+characters) or a ``Url``, and the values of the options the bridge sends (``Timeout``,
+``MachineDetection``, ``AsyncAmd``, the callback methods and events); a 400 with Twilio's JSON
+error answers anything else.
 
 **Reading what was sent.** ``fake.requests`` lists every ``RecordedRequest`` in arrival order
 (method, path, lower-cased headers, form fields as lists, Basic auth user and password, the
@@ -98,6 +102,18 @@ DEFAULT_ERRORS: dict[int, tuple[int, str]] = {
     504: (20504, "Gateway Timeout"),
 }
 CALL_NOT_IN_PROGRESS = (21220, "Call is not in-progress. Cannot redirect.")
+# What a create may hold besides To and From, as Twilio checks it (docs/protocols.md section 7).
+MAX_TWIML_CHARS = 4000
+TWIML_TOO_LONG = (32018, "Twiml size exceeded maximum allowed value of 4000 characters")
+NO_TWIML = (21205, "Url parameter is required.")
+CHOICES = {
+    "Method": {"GET", "POST"},
+    "StatusCallbackMethod": {"GET", "POST"},
+    "AsyncAmdStatusCallbackMethod": {"POST"},
+    "MachineDetection": {"Enable", "DetectMessageEnd"},
+    "AsyncAmd": {"true", "false"},
+    "StatusCallbackEvent": {"initiated", "ringing", "answered", "completed"},
+}
 ENDED_STATUSES = frozenset({"completed", "canceled", "failed", "busy", "no-answer"})
 CURRENT_RECORDING = "Twilio.CURRENT"
 LIVE_RECORDING_STATUSES = frozenset({"in-progress", "paused"})
@@ -185,7 +201,7 @@ class FakeTwilioRest:
         self.port = 0
         self._scripts: dict[str, deque[Step]] = {}
         self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._arrived = asyncio.Condition()
         self._sids = (f"CA{n:032x}" for n in itertools.count(0xCA11))
         self._recording_sids = (f"RE{n:032x}" for n in itertools.count(0xEC0D))
@@ -205,10 +221,15 @@ class FakeTwilioRest:
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._server is not None
         self._server.close()
-        # Hung connections wait forever by design; end them so the test's loop shuts down clean.
+        # Hung and kept-alive connections wait forever by design; end them so the test's loop shuts
+        # down clean. Aborted, not cancelled: asyncio's stream callback on Python 3.11 logs an error
+        # for a connection handler that ends cancelled.
+        for writer in list(self._handlers.values()):
+            writer.transport.abort()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=2)
         for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
+            task.cancel()  # still running after its connection was aborted: should not happen
         await self._server.wait_closed()
 
     # -- configuration ----------------------------------------------------------------------
@@ -277,7 +298,7 @@ class FakeTwilioRest:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._handlers.add(task)
+        self._handlers[task] = writer
         connection = h11.Connection(h11.SERVER)
         try:
             while True:
@@ -311,7 +332,7 @@ class FakeTwilioRest:
         except (ConnectionError, h11.RemoteProtocolError):
             return  # the client went away or sent garbage: nothing to answer
         finally:
-            self._handlers.discard(task)
+            self._handlers.pop(task, None)
             writer.close()
 
     async def _read_request(
@@ -399,6 +420,9 @@ class FakeTwilioRest:
             return twilio_error(400, 21201, "No 'To' number is specified")
         if not from_:
             return twilio_error(400, 21213, "No 'From' number is specified")
+        refusal = _create_refusal(request)
+        if refusal is not None:
+            return refusal
         sid = next(self._sids)
         call = self._call_resource(sid, "queued", to=to, **{"from": from_, "direction": "outbound-api"})
         self.calls[sid] = call
@@ -491,6 +515,24 @@ class FakeTwilioRest:
             "uri": f"/{API_VERSION}/Accounts/{self.account_sid}/Calls/{sid}.json",
             **fields,
         }
+
+
+def _create_refusal(request: RecordedRequest) -> Reply | None:
+    """Twilio's 400 for a create it would refuse beyond To and From: the TwiML, the options' values."""
+    twiml, url = request.field("Twiml"), request.field("Url")
+    if twiml is None and url is None:
+        return twilio_error(400, *NO_TWIML)
+    if twiml is not None and len(twiml) > MAX_TWIML_CHARS:
+        return twilio_error(400, *TWIML_TOO_LONG)
+    for name, allowed in CHOICES.items():
+        for value in request.form.get(name, []):
+            if value not in allowed:
+                return twilio_error(400, 20001, f"{name} must be one of {', '.join(sorted(allowed))}, not {value!r}")
+    timeout = request.field("Timeout")
+    if timeout is not None and not (timeout.isdigit() and 1 <= int(timeout) <= 600):
+        return twilio_error(400, 20001, f"Timeout must be a whole number of seconds up to 600, not {timeout!r}")
+    return None
+
 
 
 def _route(path: str) -> tuple[Operation, str | None, str | None, str | None]:

@@ -25,7 +25,6 @@ from typing import Any
 import pytest
 from websockets.frames import Frame, Opcode
 
-from bridge.server import BridgeServer
 from conftest import ROOT, BridgeFactory, empty_env, free_port, read_record, twilio_url
 from fakes import FakeAgent, FakeAgentSession, FakeTwilioCaller, eventually, media_event
 from test_transport import RawTwilio, raw_call

@@ -18,7 +18,6 @@ The hang-up fixes in the history each have tests here:
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import logging
 from collections import deque

@@ -17,7 +17,6 @@ from bridge.call import (
     DialPharmacist,
     EndCallLeg,
     HangUp,
-    MarkCaller,
     NoteCallerLeft,
     Record,
     StartRecording,

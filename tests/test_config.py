@@ -394,7 +394,6 @@ def test_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
 def test_ctrl_c_at_the_terminal_drains_the_workers(tmp_path: Path) -> None:
     """A terminal's Ctrl-C goes to its whole foreground process group; each worker must hear it once."""
     import signal
-    import time
 
     port = free_port()
     env = {**os.environ, "DEEPGRAM_API_KEY": "k", "RECORD_CALLS": "false", "LOG_LEVEL": "INFO"}

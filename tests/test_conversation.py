@@ -32,7 +32,6 @@ from bridge.call.keypad import MAX_DTMF_DIGITS
 from bridge.call import (
     ArmTimer,
     CancelTimer,
-    HangUp,
     Log,
     MarkCaller,
     Phase,

@@ -6,7 +6,6 @@ prints, the answers it gives, the records it writes) and fails when the docs dri
 
 from __future__ import annotations
 
-import ast
 import os
 import json
 import logging
@@ -469,6 +468,9 @@ NOT_SETTINGS = {
     "MAX_CONFIG_FILE_BYTES": "a limit in bridge/config.py",
     "MAX_JSON_DEPTH": "a limit in bridge/config.py",
     "MAX_NESTING": "a limit in bridge/functions.py",
+    "MAX_PENDING_CALLBACKS": "a limit in bridge/call_control.py",
+    "CLAIM_SECONDS": "a deadline in bridge/call_control.py",
+    "RECORD_NAME": "the pattern of a record file's name, bridge/records.py",
     "MAX_RESULT_CHARS": "a limit in bridge/functions.py",
     "RELOAD_TIMEOUT_SECONDS": "a limit in bridge/server.py",
 }

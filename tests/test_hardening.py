@@ -46,7 +46,7 @@ def http_get(port: int, path: str) -> tuple[int, dict[str, Any]]:
 
 
 def test_our_signature_matches_twilios_own_validator() -> None:
-    url = f"wss://bridge.example.ngrok.app/twilio"
+    url = "wss://bridge.example.ngrok.app/twilio"
     signature = expected_signature(TOKEN, url)
     assert RequestValidator(TOKEN).validate(url, {}, signature)
     assert not RequestValidator(TOKEN).validate(url, {}, expected_signature("other", url))

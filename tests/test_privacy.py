@@ -5,9 +5,7 @@ main.py process on 127.0.0.1 against the fake agent and a fake webhook receiver.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ from bridge.config import parse_agent_config
 from bridge.settings import ConfigError
 from conftest import ROOT
 from fakes import FakeAgent, FakeTwilioCaller, eventually
-from test_agents import MainProcess, bridge, call_at, two_agents, write
+from test_agents import MainProcess, bridge, two_agents, write
 from test_config import start_main
 from test_webhook import SECRET, FakeReceiver
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import connect
 from websockets.client import ClientProtocol
 from websockets.protocol import State
 from websockets.server import ServerProtocol
