@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine, Mapping
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlencode
 
 from . import twilio
@@ -41,6 +41,7 @@ from .transport import HttpReply, HttpRequest
 from .twilio_rest import TwilioApiError, TwilioRestClient
 
 logger = logging.getLogger("bridge.call_control")
+T = TypeVar("T")
 
 AMD_PATH = "/twilio/amd"
 TWIML_PATH = "/twiml"
@@ -181,15 +182,21 @@ class CallbackWork:
         """As much is going on as is allowed: answer 503, and Twilio retries the callback."""
         return len(self.tasks) >= self.limit
 
-    def start(self, work: Coroutine[Any, Any, None]) -> None:
+    def start(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.get_running_loop().create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Wait up to ``timeout`` seconds for the work going on."""
+        """Wait up to ``timeout`` seconds for the work going on; what is still waiting then is cancelled."""
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=timeout)
+        left = list(self.tasks)
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left)
 
 
 class AnsweringMachineCallback:

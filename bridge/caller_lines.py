@@ -2,13 +2,15 @@
 
 The agent's LLM writes everything else a caller hears; these few lines are the bridge's own, said
 when the LLM can't be asked (the agent is down) or shouldn't be (a silent caller, a voicemail
-machine). They belong to an agent, so that a Spanish agent says them in Spanish: each agent file
-may set its own in its ``bridge.lines`` section (docs/agents.md), and ``CallerLines()`` holds
-the English defaults.
+machine), and, in a warm transfer, what the pharmacist hears. They belong to an agent, so that a
+Spanish agent says them in Spanish: each agent file may set its own in its ``bridge.lines``
+section (docs/agents.md), and ``CallerLines()`` holds the English defaults. ``line_problem``
+checks one line as a file sets it.
 """
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, fields
 
 IDLE_REPROMPT = "Are you still there? I'm here if you need anything."
@@ -33,8 +35,18 @@ TRANSFER_DECLINED = (
     "I'm sorry, the pharmacist can't come to the phone right now. I can take a message, "
     "or have them call you back. What would you prefer?"
 )
-# A line is said aloud in one breath; longer is a mistake in the file.
+PHARMACIST_BRIEFING = (
+    "Hello, this is the pharmacy's phone assistant with a caller for a pharmacist: {summary}. "
+    "Press 1 to take the call, or 2 if you can't."
+)
+PHARMACIST_NO_ANSWER = "No key was pressed, so the caller stays with the assistant. Goodbye."
+PHARMACIST_CONNECTING = "Thank you. Connecting you to the caller now."
+PHARMACIST_DECLINED = "Thank you. The caller stays with the assistant. Goodbye."
+PHARMACIST_CALLER_LEFT = "Sorry, the caller has hung up in the meantime. Goodbye."
+# A line is said aloud in one breath; longer is a mistake in the file. The pharmacist's lines go
+# into TwiML sent inline, whose 4,000 characters the summary and the callback URL share.
 MAX_LINE_CHARS = 1000
+MAX_PHARMACIST_LINE_CHARS = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +62,28 @@ class CallerLines:
     recording_notice: str = RECORDING_NOTICE  # before the call is recorded (CALL_RECORDING)
     transfer_connecting: str = TRANSFER_CONNECTING  # a warm transfer: the pharmacist accepted
     transfer_declined: str = TRANSFER_DECLINED  # a warm transfer: the pharmacist declined or didn't answer
+    # A warm transfer, to the pharmacist: the briefing ({summary} is the model's), then one of the rest.
+    pharmacist_briefing: str = PHARMACIST_BRIEFING
+    pharmacist_no_answer: str = PHARMACIST_NO_ANSWER  # no key pressed after the briefing
+    pharmacist_connecting: str = PHARMACIST_CONNECTING  # pressed 1: they wait in the conference
+    pharmacist_declined: str = PHARMACIST_DECLINED  # pressed another key
+    pharmacist_caller_left: str = PHARMACIST_CALLER_LEFT  # pressed 1, but the caller had gone
 
 
 LINE_NAMES = tuple(field.name for field in fields(CallerLines))
+
+
+def line_problem(name: str, text: str) -> str | None:
+    """Why ``text`` can't be the line ``name``, in a few words; None if it can. ``text`` is one line
+    with its whitespace collapsed."""
+    limit = MAX_PHARMACIST_LINE_CHARS if name.startswith("pharmacist_") else MAX_LINE_CHARS
+    if len(text) > limit:
+        return f"must be at most {limit} characters, got {len(text)}"
+    if name == "pharmacist_briefing":
+        try:
+            fields_named = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+        except ValueError:
+            fields_named = set()
+        if fields_named != {"summary"}:
+            return "must hold {summary}, where the model's summary goes, and no other {field} (write a brace as {{ or }})"
+    return None

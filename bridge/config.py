@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .agent_schema import SchemaError, check_settings
-from .caller_lines import LINE_NAMES, MAX_LINE_CHARS
+from .caller_lines import LINE_NAMES, line_problem
 from .settings import ConfigError
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -170,8 +170,8 @@ def _bridge_section(value: Any, path: Path) -> BridgeSection:
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f'{path}: "bridge.lines.{name}" must be a sentence (text), got {text!r}.')
         said[name] = " ".join(text.split())
-        if len(said[name]) > MAX_LINE_CHARS:
-            raise ConfigError(f'{path}: "bridge.lines.{name}" must be at most {MAX_LINE_CHARS} characters, got {len(said[name])}.')
+        if (problem := line_problem(name, said[name])) is not None:
+            raise ConfigError(f'{path}: "bridge.lines.{name}" {problem}.')
     mode = section.get("transfer_mode")
     if mode is not None and mode not in TRANSFER_MODES:
         raise ConfigError(f'{path}: "bridge.transfer_mode" must be "cold" or "warm", got {mode!r}.')

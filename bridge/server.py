@@ -35,6 +35,7 @@ from urllib.parse import parse_qs
 
 from . import twilio
 from .agents import AGENT_NAME, AGENT_PARAMETER, AgentCatalog
+from .caller_lines import CallerLines
 from .binding import BINDING_PARAMETER, binding_mac
 from .call_control import AMD_PATH, TWIML_PATH, AnsweringMachineCallback, check_signature, form_parameters
 from .config import AgentConfig
@@ -49,7 +50,7 @@ from .storage.shared import SharedState, shared_state
 from .storage.postgres import DatabaseUnavailable
 from .session import AgentConnector, CallServices, CallSession, caller_limits, rest_client, websocket_agent_connector
 from .transport import AcceptWebSocket, DeferredReply, HttpReply, HttpRequest, PeerLimits, ServerPeer, start_server
-from .warm_transfer import TRANSFER_KEY_PATH, TRANSFER_STATUS_PATH, WarmTransferCallbacks, default_lines
+from .warm_transfer import TRANSFER_KEY_PATH, TRANSFER_STATUS_PATH, WarmTransferCallbacks
 from .webhook import webhook_sender
 
 logger = logging.getLogger("bridge.server")
@@ -157,6 +158,10 @@ class BridgeServer:
         self._metrics_writer: asyncio.Task[None] | None = None
         self.housekeeping_interval = housekeeping_interval
         self._housekeeping_task: asyncio.Task[None] | None = None
+        # What the processes share (a callback acts once; notes for a call): for Twilio's REST API only.
+        if shared is None and settings.rest_enabled:
+            shared = shared_state(settings.state_dir, settings.database_url)
+        self.shared = shared
         self.services = CallServices(
             settings=settings,
             functions=self.functions,
@@ -165,15 +170,12 @@ class BridgeServer:
             rest=rest_client(settings),
             metrics=self.metrics,
             webhook=webhook_sender(settings),
+            shared=shared,
         )
         self.caller_limits: PeerLimits = caller_limits(settings, TWILIO_MAX_MESSAGE_BYTES)
-        # What the processes share (a callback acts once; notes for a call): for Twilio's REST API only.
-        if shared is None and settings.rest_enabled:
-            shared = shared_state(settings.state_dir, settings.database_url)
-        self.shared = shared
         self.answering_machine = AnsweringMachineCallback(settings, self.services.rest, shared)
         self.recordings = RecordingCallback(settings, shared, self.services.records, self.services.webhook)
-        self.warm_transfer = WarmTransferCallbacks(settings, shared, self.services.rest, default_lines)
+        self.warm_transfer = WarmTransferCallbacks(settings, shared, self.services.rest, self._lines_for)
         self.reuse_port = reuse_port
         self.calls: set[CallSession] = set()
         self._call_tasks: set[asyncio.Task[None]] = set()
@@ -187,6 +189,10 @@ class BridgeServer:
         self._phone_html = PHONE_PAGE.read_text(encoding="utf-8") if settings.phone_page else ""
         self._index = index_page(settings)
         self._end_now: asyncio.Event | None = None  # set by a second signal: end live calls now
+
+    def _lines_for(self, agent_name: str) -> CallerLines:
+        """The lines of the agent named in a callback, from the agents as they are now (after reloads)."""
+        return (self.agents.agent(agent_name) or self.agents.default).lines
 
     @property
     def port(self) -> int:

@@ -43,10 +43,13 @@ from .call import (
     CancelTimer,
     ClearCaller,
     CloseAgent,
+    DialPharmacist,
+    EndCallLeg,
     HangUp,
     Identify,
     Log,
     MarkCaller,
+    NoteCallerLeft,
     OpenAgent,
     PauseCaller,
     Phase,
@@ -56,15 +59,21 @@ from .call import (
     SendToAgent,
     SendToCaller,
     StartFunction,
+    StartRecording,
+    StopWatchingForNote,
     Timer,
     TransferCall,
+    UpdateRecording,
+    WatchForNote,
 )
+from .call_requests import REST_SECONDS, CallRequests
 from .settings import Settings
 from .functions import FunctionOutcome, FunctionRunner
 from .logsafe import clean
 from .metrics import Metrics
 from .records import CallRecord, RecordWriter
-from .twilio_rest import TwilioApiError, TwilioRestClient
+from .storage.shared import SharedState
+from .twilio_rest import TwilioRestClient
 from .transport import AgentPeer, MessageQueue, PeerGone, PeerLimits, ServerPeer, handshake_status, open_websocket
 from .webhook import CallDigest, WebhookSender, call_ended_payload
 
@@ -75,9 +84,6 @@ logger = logging.getLogger("bridge.call")
 FUNCTION_GRACE_SECONDS = 2.0
 # What was queued for the agent (the caller's last words) gets this long to go out at the end.
 AGENT_FLUSH_SECONDS = 1.0
-# A REST update of the call (a transfer, the fallback line) gets this long (the REST client
-# retries within it).
-REDIRECT_SECONDS = 8.0
 
 AgentConnector = Callable[[], Awaitable[AgentPeer]]
 
@@ -131,6 +137,7 @@ class CallServices:
     rest: TwilioRestClient | None = None  # Twilio's REST API, when TWILIO_ACCOUNT_SID is set
     metrics: Metrics = field(default_factory=Metrics)  # the process's Prometheus metrics
     webhook: WebhookSender | None = None  # the end-of-call webhook, when CALL_WEBHOOK_URL is set
+    shared: SharedState | None = None  # what the processes share (warm transfers' notes), with the REST API
 
 
 def rest_client(settings: Settings) -> TwilioRestClient | None:
@@ -201,7 +208,12 @@ class CallSession:
         self._function_tasks: dict[str, asyncio.Task[None]] = {}
         self._cancel_reasons: dict[str, str] = {}
         self._fallback: RedirectCall | None = None  # where to send the caller before hanging up
-        self._transfer: asyncio.Task[None] | None = None
+        # What the call asked of Twilio's REST API and the shared state (call_requests.py): a
+        # transfer, the recording, a warm transfer's steps. Each is awaited before the record is
+        # written; the watch for a pharmacist's answer is cancelled when the call ends.
+        self.requests = CallRequests(settings, services.rest, services.shared, self.log)
+        self._requests: set[asyncio.Task[None]] = set()
+        self._watching: asyncio.Task[None] | None = None
 
     @property
     def ended(self) -> bool:
@@ -265,7 +277,22 @@ class CallSession:
                         self._fallback = fallback
                         self._hung_up.set_result(None)
                 case TransferCall(redirect=redirect):
-                    self._transfer = asyncio.create_task(self._transfer_call(redirect))
+                    self._request(self._transfer_call(redirect))
+                case StartRecording(call_sid=call_sid):
+                    self._request(self._start_recording(call_sid))
+                case UpdateRecording(call_sid=call_sid, pause=pause):
+                    self._request(self._update_recording(call_sid, pause))
+                case DialPharmacist() as dial:
+                    self._request(self._dial_pharmacist(dial))
+                case WatchForNote() as watch:
+                    self._stop_watching()
+                    self._watching = asyncio.create_task(self._watch_for_note(watch))
+                case StopWatchingForNote():
+                    self._stop_watching()
+                case NoteCallerLeft(caller_call_sid=caller_call_sid):
+                    self._request(self.requests.note_caller_left(caller_call_sid))
+                case EndCallLeg(call_sid=call_sid):
+                    self._request(self.requests.end_leg(call_sid))
                 case _:
                     raise AssertionError(f"unknown action {action!r}")
 
@@ -480,22 +507,39 @@ class CallSession:
 
     # ------------------------------------------------------------------------- call control
 
-    async def _redirect(self, redirect: RedirectCall) -> str | None:
-        """Send the machine's REST update (docs/protocols.md section 8); returns why it failed, if it did."""
-        rest = self.services.rest
-        if rest is None:
-            return "Twilio's REST API is not set up"
-        try:
-            async with asyncio.timeout(REDIRECT_SECONDS):
-                if await rest.update_call(redirect.call_sid, twiml=redirect.twiml) is None:
-                    return "the call had already ended"
-        except (TwilioApiError, ValueError, TimeoutError) as exc:
-            return clean(exc, 200) or type(exc).__name__
-        return None
+    def _request(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
+
+    def _stop_watching(self) -> None:
+        watching, self._watching = self._watching, None
+        if watching is not None:
+            watching.cancel()
+            # Awaited with the rest at the end of the call.
+            self._requests.add(watching)
+            watching.add_done_callback(self._requests.discard)
 
     async def _transfer_call(self, redirect: RedirectCall) -> None:
-        error = await self._redirect(redirect)
+        error = await self.requests.redirect(redirect)
         self._carry_out(self.call.transfer_finished(error, self.loop.time()))
+
+    async def _start_recording(self, call_sid: str) -> None:
+        path = self.record.path
+        recording_sid, error = await self.requests.start_recording(call_sid, path.name if path is not None else None)
+        self._carry_out(self.call.recording_started(recording_sid, error))
+
+    async def _update_recording(self, call_sid: str, pause: bool) -> None:
+        self._carry_out(self.call.recording_updated(pause, await self.requests.update_recording(call_sid, pause)))
+
+    async def _dial_pharmacist(self, dial: DialPharmacist) -> None:
+        pharmacist_sid, error = await self.requests.dial_pharmacist(dial)
+        self._carry_out(self.call.consult_dialled(pharmacist_sid, error, self.loop.time()))
+
+    async def _watch_for_note(self, watch: WatchForNote) -> None:
+        note = await self.requests.wait_for_note(watch)
+        self._watching = None
+        self._carry_out(self.call.consult_answered(note, self.loop.time()))
 
     # ------------------------------------------------------------------------------ ending
 
@@ -507,7 +551,7 @@ class CallSession:
             self._carry_out(self.call.failed(self.loop.time()))
         if self._fallback is not None:
             # Before the stream closes: with <Connect> as the last verb, closing it hangs up.
-            self._carry_out(self.call.fallback_finished(await self._redirect(self._fallback)))
+            self._carry_out(self.call.fallback_finished(await self.requests.redirect(self._fallback)))
         # The caller's socket closes now; the agent's once what was queued for it has gone out.
         self.caller.close()
         opening, self._agent_opening = self._agent_opening, None
@@ -527,12 +571,12 @@ class CallSession:
             await asyncio.wait(list(self._function_tasks.values()), timeout=FUNCTION_GRACE_SECONDS)
             for call_id in list(self._function_tasks):
                 self._cancel_function(call_id, "the call ended before it finished")
-        if self._transfer is not None and not self._transfer.done():
+        self._stop_watching()
+        if self._requests:
             # Twilio ends the stream as the call moves to <Dial>: let the REST answer be recorded.
-            await asyncio.wait((self._transfer,), timeout=REDIRECT_SECONDS)
-        tasks = [twilio_receiver, *self._agent_tasks, *self._function_tasks.values()]
-        if self._transfer is not None:
-            tasks.append(self._transfer)
+            # The same for the recording's start, and the pharmacist's leg hung up when the caller left.
+            await asyncio.wait(list(self._requests), timeout=REST_SECONDS)
+        tasks = [twilio_receiver, *self._agent_tasks, *self._function_tasks.values(), *self._requests]
         if opening is not None:
             tasks.append(opening)
         for task in tasks:

@@ -8,16 +8,20 @@ This module owns everything of that but the holder's side (bridge/session.py and
 
 - ``dial_pharmacist_request``: the ``TwilioRestClient.create_call`` arguments of the pharmacist's
   call: its inline TwiML (``twilio.briefing_twiml``), ring timeout, status callback and
-  answering-machine detection. ``PharmacistLines`` are the sentences the pharmacist hears.
+  answering-machine detection. What the pharmacist hears is the agent's (its ``pharmacist_*``
+  lines, bridge/caller_lines.py).
 - ``WarmTransferCallbacks``: the two routes Twilio calls back, which may reach any process or pod
   (no sticky sessions): ``TRANSFER_KEY_PATH``, the Gather's action with the key pressed, and
   ``TRANSFER_STATUS_PATH``, the call's status callback and its answering-machine verdict.
 - The notes they leave in the shared state (bridge/storage/shared.py) for the holder, under
-  ``note_key(caller)``: ``accepted``, or ``declined:<reason>``; ``parse_note`` reads one. The
-  holder leaves a note under ``caller_left_key(caller)`` when the caller hangs up first.
+  ``note_key(caller, attempt)``: ``accepted``, or ``declined:<reason>``. The first answer
+  stands: a later status never overwrites it. The holder leaves a note under
+  ``caller_left_key(caller)`` when the caller hangs up first. The notes' vocabulary is the call
+  core's (bridge/call/consult.py), which reads them.
 
-Nothing about a transfer is kept in memory: what the callbacks need (the caller's CallSid and the
-agent's name) travels in their URL's query string, which Twilio signs with the request.
+Nothing about a transfer is kept in memory: what the callbacks need (the caller's CallSid, the
+attempt and the agent's name) travels in their URL's query string, which Twilio signs with the
+request.
 docs/protocols.md section 7 has the REST, Gather and conference facts this follows.
 """
 
@@ -25,37 +29,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import string
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, fields
-from typing import Any, Final, TypeVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
 from urllib.parse import parse_qs, urlencode
 
 from . import twilio
 from .agents import AGENT_NAME, AGENT_PARAMETER
-from .call_control import MACHINE_VERDICTS, MAX_PENDING_CALLBACKS, check_signature, form_parameters
-from .settings import Settings
+from .call.consult import ACCEPTED, DECLINED_PREFIX, MAX_ATTEMPTS, caller_left_key, conference_name, note_key
+from .call_control import MACHINE_VERDICTS, CallbackWork, check_signature, form_parameters
+from .caller_lines import CallerLines
 from .logsafe import clean
+from .settings import Settings
 from .storage.postgres import DatabaseUnavailable
 from .storage.shared import SharedState
 from .transport import DeferredReply, HttpReply, HttpRequest
 from .twilio_rest import TwilioApiError, TwilioRestClient
 
 logger = logging.getLogger("bridge.warm_transfer")
-T = TypeVar("T")
 
 TRANSFER_KEY_PATH: Final = "/twilio/transfer/key"
 TRANSFER_STATUS_PATH: Final = "/twilio/transfer/status"
-# The query parameter naming the caller's call in both callback URLs (the agent's is AGENT_PARAMETER).
+# The query parameters naming the caller's call and the attempt in both callback URLs (the
+# agent's is AGENT_PARAMETER).
 CALLER_PARAMETER: Final = "caller"
-
-ACCEPTED: Final = "accepted"
-DECLINED_PREFIX: Final = "declined:"
-# Why a transfer was declined: a key other than 1, Twilio's call statuses, a machine, no key at all.
-DECLINE_REASONS: Final = frozenset({"declined", "busy", "no-answer", "failed", "canceled", "machine", "not-answered"})
-UNREADABLE: Final = "unreadable"  # what parse_note makes of a note that is none of the above
-# What the holder posts under caller_left_key (any note there means the caller has gone).
-CALLER_LEFT_NOTE: Final = "caller-left"
+ATTEMPT_PARAMETER: Final = "attempt"
 # The pharmacist's call statuses that end it unanswered (docs/protocols.md section 7).
 UNANSWERED_STATUSES: Final = frozenset({"busy", "no-answer", "failed", "canceled"})
 # One callback's reads and writes of the shared state, together: well inside the handshake
@@ -64,112 +62,29 @@ STORE_SECONDS: Final = 4.0
 # How long an "accepted" whose write failed or timed out is waited for before it is taken back.
 RETRACT_SECONDS: Final = 30.0
 ANSWER_EVENTS: Final = ("answered", "completed")
-MAX_LINE_CHARS: Final = 500
-
-
-# ------------------------------------------------------------------------------ shared keys
-
-
-def conference_name(caller_call_sid: str) -> str:
-    """The conference a transfer of this caller meets in."""
-    return f"transfer-{_call_sid(caller_call_sid)}"
-
-
-def note_key(caller_call_sid: str) -> str:
-    """Where the callbacks post the pharmacist's answer for the holder of this caller's stream."""
-    return f"warm-transfer:{_call_sid(caller_call_sid)}"
-
-
-def caller_left_key(caller_call_sid: str) -> str:
-    """Where the holder posts ``CALLER_LEFT_NOTE`` when this caller hung up during the transfer."""
-    return f"warm-transfer-caller-left:{_call_sid(caller_call_sid)}"
-
-
-def _call_sid(value: str) -> str:
-    if not isinstance(value, str) or not twilio.CALL_SID.fullmatch(value):
-        raise ValueError(f"not a Twilio Call SID (CA + 32 hex digits): {clean(value, 40)!r}")
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class TransferAnswer:
-    """The pharmacist's answer, as a note says it: accepted, or declined and why."""
-
-    accepted: bool
-    reason: str | None = None  # one of DECLINE_REASONS or UNREADABLE when declined; None when accepted
-
-
-def parse_note(text: str) -> TransferAnswer:
-    """The answer a note under ``note_key`` holds; anything unexpected is ``declined:unreadable``."""
-    note = text.strip() if isinstance(text, str) else ""
-    if note == ACCEPTED:
-        return TransferAnswer(True)
-    reason = note.removeprefix(DECLINED_PREFIX)
-    if note.startswith(DECLINED_PREFIX) and reason in DECLINE_REASONS:
-        return TransferAnswer(False, reason)
-    return TransferAnswer(False, UNREADABLE)
-
-
-# ------------------------------------------------------------------------- what the pharmacist hears
-
-
-@dataclass(frozen=True, slots=True)
-class PharmacistLines:
-    """What the pharmacist hears; ``briefing`` holds ``{summary}``, where the model's summary goes.
-
-    Raises ``ValueError`` (one sentence) for an empty or overlong line, or a briefing with any
-    other ``{field}`` (a literal brace is written ``{{`` or ``}}``).
-    """
-
-    briefing: str = (
-        "Hello, this is the pharmacy's phone assistant with a caller for a pharmacist: {summary}. "
-        "Press 1 to take the call, or 2 if you can't."
-    )
-    no_answer: str = "No key was pressed, so the caller stays with the assistant. Goodbye."
-    connecting: str = "Thank you. Connecting you to the caller now."
-    declined: str = "Thank you. The caller stays with the assistant. Goodbye."
-    caller_left: str = "Sorry, the caller has hung up in the meantime. Goodbye."
-
-    def __post_init__(self) -> None:
-        for line in fields(self):
-            text = getattr(self, line.name)
-            if not isinstance(text, str) or not text.strip() or len(text) > MAX_LINE_CHARS:
-                raise ValueError(f"the pharmacist's {line.name} line must be text of 1 to {MAX_LINE_CHARS} characters")
-        try:
-            names = {name for _, name, _, _ in string.Formatter().parse(self.briefing) if name is not None}
-        except ValueError:
-            names = set()
-        if names != {"summary"}:
-            raise ValueError("the pharmacist's briefing must hold {summary} and no other {field} (write a brace as {{ or }})")
-
-    def briefing_for(self, summary: str) -> str:
-        """The briefing with the model's ``summary`` in it, cleaned (``twilio.summary_for_briefing``)."""
-        return self.briefing.format(summary=twilio.summary_for_briefing(summary))
-
-
-DEFAULT_LINES: Final = PharmacistLines()
-
-
-def default_lines(agent_name: str) -> PharmacistLines:
-    """The English lines, for every agent: the ``lines_for`` of a bridge whose agents name none."""
-    return DEFAULT_LINES
 
 
 # ------------------------------------------------------------------------- the pharmacist's call
 
 
-def key_url(settings: Settings, caller_call_sid: str, agent_name: str) -> str:
-    """The public URL the pharmacist's key press is sent to: the caller and agent in its query."""
+def key_url(settings: Settings, caller_call_sid: str, attempt: int, agent_name: str) -> str:
+    """The public URL the pharmacist's key press is sent to: the caller, attempt and agent in its query."""
     if not isinstance(agent_name, str) or not AGENT_NAME.fullmatch(agent_name):
         raise ValueError(f"not an agent name: {clean(agent_name, 70)!r}")
-    query = urlencode([(AGENT_PARAMETER, agent_name), (CALLER_PARAMETER, _call_sid(caller_call_sid))])
-    return f"{settings.public_base_url}{TRANSFER_KEY_PATH}?{query}"
+    return f"{settings.public_base_url}{TRANSFER_KEY_PATH}?{_transfer_query(caller_call_sid, attempt, agent_name)}"
 
 
-def status_url(settings: Settings, caller_call_sid: str) -> str:
+def status_url(settings: Settings, caller_call_sid: str, attempt: int) -> str:
     """The public URL of the pharmacist's call's status callback and answering-machine verdict."""
-    query = urlencode([(CALLER_PARAMETER, _call_sid(caller_call_sid))])
-    return f"{settings.public_base_url}{TRANSFER_STATUS_PATH}?{query}"
+    return f"{settings.public_base_url}{TRANSFER_STATUS_PATH}?{_transfer_query(caller_call_sid, attempt)}"
+
+
+def _transfer_query(caller_call_sid: str, attempt: int, agent_name: str | None = None) -> str:
+    note_key(caller_call_sid, attempt)  # raises ValueError for a bad Call SID or attempt
+    pairs = [(CALLER_PARAMETER, caller_call_sid), (ATTEMPT_PARAMETER, str(attempt))]
+    if agent_name is not None:
+        pairs.insert(0, (AGENT_PARAMETER, agent_name))
+    return urlencode(pairs)
 
 
 def dial_pharmacist_request(
@@ -178,6 +93,7 @@ def dial_pharmacist_request(
     agent_name: str,
     briefing: str,
     *,
+    attempt: int,
     timeout: int,
     no_answer: str,
     gather_seconds: int = 10,
@@ -185,19 +101,19 @@ def dial_pharmacist_request(
     """The keyword arguments of ``TwilioRestClient.create_call`` that ring the pharmacist.
 
     Always ``TRANSFER_NUMBER``, from ``TWILIO_PHONE_NUMBER``, never a number the model gave.
-    ``briefing`` is the whole sentence (``PharmacistLines.briefing_for``); ``no_answer`` follows
-    it when no key comes; ``timeout`` is TRANSFER_TIMEOUT_SECONDS, the seconds it may ring.
+    ``briefing`` is the whole sentence (``consult.briefing_for``); ``no_answer`` follows it when
+    no key comes; ``timeout`` is how many seconds it may ring.
     Raises ``ValueError`` (one sentence, before anything is sent) for missing settings, a bad
     Call SID or agent name, or a briefing too long for Twilio's inline TwiML.
     """
     if not settings.transfer_number or not settings.twilio_phone_number:
         raise ValueError("a warm transfer needs TRANSFER_NUMBER and TWILIO_PHONE_NUMBER")
-    callback = status_url(settings, caller_call_sid)
+    callback = status_url(settings, caller_call_sid, attempt)
     return {
         "to": settings.transfer_number,
         "from_": settings.twilio_phone_number,
         "twiml": twilio.briefing_twiml(
-            briefing, key_url(settings, caller_call_sid, agent_name), gather_seconds=gather_seconds, no_answer=no_answer
+            briefing, key_url(settings, caller_call_sid, attempt, agent_name), gather_seconds=gather_seconds, no_answer=no_answer
         ),
         "timeout": timeout,
         "status_callback": callback,
@@ -219,6 +135,7 @@ class _Callback:
     """A callback that passed every check: whose transfer it is about, and Twilio's form."""
 
     caller: str  # the caller's CallSid, from our signed query
+    attempt: int  # which of the caller's warm transfers, from our signed query
     pharmacist: str  # the pharmacist's CallSid, from Twilio's form
     query: dict[str, list[str]]
     form: dict[str, list[str]]
@@ -226,14 +143,18 @@ class _Callback:
     def value(self, name: str) -> str:
         return (self.form.get(name) or [""])[0]
 
+    @property
+    def note_key(self) -> str:
+        return note_key(self.caller, self.attempt)
+
 
 class WarmTransferCallbacks:
     """``TRANSFER_KEY_PATH`` and ``TRANSFER_STATUS_PATH``, for any transfer, in any process.
 
-    ``lines_for(agent_name)`` gives the lines the pharmacist hears for that agent; it is handed
-    only names matching ``AGENT_NAME``. Work on the shared state runs in threads, within
-    ``store_seconds`` per callback, as tasks (at most ``MAX_PENDING_CALLBACKS``; more are
-    answered 503 and Twilio may retry) that ``close`` waits for at shutdown.
+    ``lines_for(agent_name)`` gives that agent's lines (the pharmacist hears its ``pharmacist_*``
+    ones); it is handed only names matching ``AGENT_NAME``. Work on the shared state runs in
+    threads, within ``store_seconds`` per callback, as tasks (``CallbackWork``: a bounded number,
+    more are answered 503 and Twilio may retry) that ``close`` waits for at shutdown.
     """
 
     def __init__(
@@ -241,7 +162,7 @@ class WarmTransferCallbacks:
         settings: Settings,
         shared: SharedState | None,
         rest: TwilioRestClient | None,
-        lines_for: Callable[[str], PharmacistLines],
+        lines_for: Callable[[str], CallerLines],
         *,
         store_seconds: float = STORE_SECONDS,
     ) -> None:
@@ -250,7 +171,7 @@ class WarmTransferCallbacks:
         self.shared = shared
         self.rest = rest
         self.lines_for = lines_for
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.work = CallbackWork()
 
     def handle(self, request: HttpRequest) -> HttpReply | DeferredReply:
         """One callback: 403 unless Twilio signed it for our account; 400 for a query we never wrote."""
@@ -259,7 +180,7 @@ class WarmTransferCallbacks:
         checked = self._check(request)
         if isinstance(checked, HttpReply):
             return checked
-        if len(self.tasks) >= MAX_PENDING_CALLBACKS:
+        if self.work.busy:
             return HttpReply(503, "Busy; retry.\n")
         if request.path == TRANSFER_KEY_PATH:
             return self._key_pressed(checked)
@@ -267,13 +188,7 @@ class WarmTransferCallbacks:
 
     async def close(self) -> None:
         """At shutdown: let the callbacks being answered finish; a retraction still waiting is dropped."""
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=self.store_seconds + 1)
-        left = list(self.tasks)
-        for task in left:
-            task.cancel()
-        if left:
-            await asyncio.wait(left)
+        await self.work.close(self.store_seconds + 1)
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -292,10 +207,13 @@ class WarmTransferCallbacks:
             return HttpReply(403, "Forbidden: another Twilio account.\n")
         query = parse_qs(request.query, keep_blank_values=True)
         caller = (query.get(CALLER_PARAMETER) or [""])[0]
+        attempt = (query.get(ATTEMPT_PARAMETER) or [""])[0]
         pharmacist = (form.get("CallSid") or [""])[0]
         if not twilio.CALL_SID.fullmatch(caller) or not twilio.CALL_SID.fullmatch(pharmacist):
             return HttpReply(400, "A caller and a CallSid are required.\n")
-        return _Callback(caller, pharmacist, query, form)
+        if not (attempt.isdigit() and 1 <= int(attempt) <= MAX_ATTEMPTS):
+            return HttpReply(400, "An attempt is required.\n")
+        return _Callback(caller, int(attempt), pharmacist, query, form)
 
     # -- the key pressed ------------------------------------------------------------------------
 
@@ -306,25 +224,31 @@ class WarmTransferCallbacks:
         lines = self.lines_for(agent)
         # The key itself is never logged or stored: only what it means.
         accepted = callback.value("Digits") == "1"
-        return DeferredReply(self._start(self._answer_key(callback, accepted, lines)))
+        return DeferredReply(self.work.start(self._answer_key(callback, accepted, lines)))
 
-    async def _answer_key(self, callback: _Callback, accepted: bool, lines: PharmacistLines) -> HttpReply:
+    async def _answer_key(self, callback: _Callback, accepted: bool, lines: CallerLines) -> HttpReply:
         caller = callback.caller
+        declined = twilio.say_and_hang_up_twiml(lines.pharmacist_declined)
         if not accepted:
-            await self._post_decline(caller, "declined")  # which logs it
-            return _twiml_reply(twilio.say_and_hang_up_twiml(lines.declined))
+            await self._answer(callback, "declined")  # which logs it
+            return _twiml_reply(declined)
+        caller_left = _twiml_reply(twilio.say_and_hang_up_twiml(lines.pharmacist_caller_left))
         shared = self.shared
         if shared is None:
             logger.warning("[%s] warm transfer: the pharmacist took the call, but no shared state is set up to tell the caller's process", caller)
-            return _twiml_reply(twilio.say_and_hang_up_twiml(lines.caller_left))
+            return caller_left
         posting: asyncio.Future[None] | None = None
         try:
             async with asyncio.timeout(self.store_seconds):
                 left = await asyncio.to_thread(shared.read, caller_left_key(caller))
                 if left is not None:
                     logger.info("[%s] warm transfer: the pharmacist took the call after the caller had hung up", caller)
-                    return _twiml_reply(twilio.say_and_hang_up_twiml(lines.caller_left))
-                posting = asyncio.ensure_future(asyncio.to_thread(shared.post, note_key(caller), ACCEPTED))
+                    return caller_left
+                if not await asyncio.to_thread(shared.claim, _answered_key(callback)):
+                    # A machine verdict (wrong, then) or a replayed key came first: its answer stands.
+                    logger.info("[%s] warm transfer: the pharmacist pressed 1 after the transfer was answered", caller)
+                    return _twiml_reply(declined)
+                posting = asyncio.ensure_future(asyncio.to_thread(shared.post, callback.note_key, ACCEPTED))
                 # Shielded: on a timeout the write goes on in its thread, and is taken back below.
                 await asyncio.shield(posting)
         except (OSError, DatabaseUnavailable, TimeoutError) as exc:
@@ -334,12 +258,12 @@ class WarmTransferCallbacks:
                 caller, clean(exc, 200) or "timed out",
             )
             if posting is not None:
-                self._start(self._retract(caller, posting))
-            return _twiml_reply(twilio.say_and_hang_up_twiml(lines.caller_left))
+                self.work.start(self._retract(callback, posting))
+            return caller_left
         logger.info("[%s] warm transfer: the pharmacist took the call; waiting for the caller in the conference", caller)
-        return _twiml_reply(twilio.conference_twiml(conference_name(caller), say=lines.connecting))
+        return _twiml_reply(twilio.conference_twiml(conference_name(caller), say=lines.pharmacist_connecting))
 
-    async def _retract(self, caller: str, posting: asyncio.Future[None]) -> None:
+    async def _retract(self, callback: _Callback, posting: asyncio.Future[None]) -> None:
         """An "accepted" whose write failed or timed out may still land: once done, decline over it.
 
         The pharmacist has been told the caller is gone, so a holder reading "accepted" would move
@@ -351,9 +275,9 @@ class WarmTransferCallbacks:
         except (OSError, DatabaseUnavailable):
             pass  # it failed: nothing to take back, but it may have been committed all the same
         except TimeoutError:
-            logger.warning("[%s] warm transfer: the shared state has still not answered; not taking the acceptance back", caller)
+            logger.warning("[%s] warm transfer: the shared state has still not answered; not taking the acceptance back", callback.caller)
             return
-        await self._post_decline(caller, "failed", unless_accepted=False)
+        await self._answer(callback, "failed", overwrite=True)
 
     # -- the call's status and answering-machine verdict ----------------------------------------
 
@@ -365,22 +289,22 @@ class WarmTransferCallbacks:
             if answered_by not in MACHINE_VERDICTS and answered_by != "fax":
                 logger.info("[%s] warm transfer: answered by %s", caller, clean(answered_by, 30))
                 return HttpReply(204, "")
-            self._start(self._machine_answered(callback))
+            self.work.start(self._machine_answered(callback))
             return HttpReply(204, "")
         if status in UNANSWERED_STATUSES:
             reason = status
         elif status == "completed":
-            reason = "not-answered"  # unless the pharmacist took the call, which _post_decline checks
+            reason = "not-answered"  # unless the pharmacist answered with a key first, which then stands
         else:
             return HttpReply(204, "")  # answered: the briefing is playing
-        self._start(self._post_decline(caller, reason))
+        self.work.start(self._answer(callback, reason))
         return HttpReply(204, "")
 
     async def _machine_answered(self, callback: _Callback) -> None:
         caller = callback.caller
         logger.info("[%s] warm transfer: a machine answered the pharmacist's phone", caller)
-        if await self._post_decline(caller, "machine") is False:
-            return  # a person pressed 1 before the verdict came: it was wrong
+        if await self._answer(callback, "machine") is False:
+            return  # a person pressed a key before the verdict came: it was wrong
         if self.rest is None:
             return
         try:
@@ -390,22 +314,24 @@ class WarmTransferCallbacks:
 
     # -- the shared state -----------------------------------------------------------------------
 
-    async def _post_decline(self, caller: str, reason: str, *, unless_accepted: bool = True) -> bool | None:
-        """Post ``declined:<reason>``, unless the pharmacist already took the call.
+    async def _answer(self, callback: _Callback, reason: str, *, overwrite: bool = False) -> bool | None:
+        """Post ``declined:<reason>`` as this attempt's answer, unless it has one: the first stands.
 
-        True if posted, False if the pharmacist had taken the call, None if the shared state failed
-        (logged once here).
+        Which answer is first is decided by a claim, atomic across processes, so a key and a status
+        arriving together at two processes can't both be taken. ``overwrite`` posts all the same
+        (an acceptance taken back). True if posted, False if the attempt was answered already,
+        None if the shared state failed (logged once here).
         """
+        caller = callback.caller
         shared = self.shared
         if shared is None:
             return None
-        key = note_key(caller)
         try:
             async with asyncio.timeout(self.store_seconds):
-                if unless_accepted and await asyncio.to_thread(shared.read, key) == ACCEPTED:
-                    logger.info("[%s] warm transfer: the pharmacist took the call; %s changes nothing", caller, reason)
+                if not overwrite and not await asyncio.to_thread(shared.claim, _answered_key(callback)):
+                    logger.info("[%s] warm transfer: already answered; %s changes nothing", caller, reason)
                     return False
-                await asyncio.to_thread(shared.post, key, DECLINED_PREFIX + reason)
+                await asyncio.to_thread(shared.post, callback.note_key, DECLINED_PREFIX + reason)
         except (OSError, DatabaseUnavailable, TimeoutError) as exc:
             logger.warning(
                 "[%s] warm transfer: could not tell the caller's process that it was declined (%s): %s",
@@ -415,11 +341,10 @@ class WarmTransferCallbacks:
         logger.info("[%s] warm transfer declined: %s", caller, reason)
         return True
 
-    def _start(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        task = asyncio.get_running_loop().create_task(work)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
+
+def _answered_key(callback: _Callback) -> str:
+    """The claim that makes one answer (a key, a status, a verdict) the attempt's first."""
+    return f"answered:{callback.note_key}"
 
 
 def _twiml_reply(twiml: str) -> HttpReply:

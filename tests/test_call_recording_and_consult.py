@@ -23,6 +23,7 @@ from bridge.call import (
     Timer,
     TransferCall,
     UpdateRecording,
+    StopWatchingForNote,
     WatchForNote,
 )
 from bridge.caller_lines import CallerLines
@@ -164,9 +165,38 @@ def test_a_warm_transfer_keeps_the_caller_with_the_agent_while_the_pharmacist_is
     out = ask_for_the_pharmacist(h)
     [answer] = [m for m in json_sent(out) if m["type"] == "FunctionCallResponse"]
     assert "fetching the pharmacist" in json.loads(answer["content"])["result"]
-    assert of(out, DialPharmacist) == [DialPharmacist(CALL_SID, "default", "Ann Lee, asking about order 12")]
+    lines = CallerLines()
+    briefing = lines.pharmacist_briefing.format(summary="Ann Lee, asking about order 12")
+    assert of(out, DialPharmacist) == [DialPharmacist(CALL_SID, "default", 1, briefing, lines.pharmacist_no_answer)]
     assert not of(out, TransferCall) and not of(out, HangUp)
-    assert of(h.take(h.call.consult_dialled(PHARMACIST, None, h.now)), WatchForNote) == [WatchForNote(CALL_SID)]
+    assert of(h.take(h.call.consult_dialled(PHARMACIST, None, h.now)), WatchForNote) == [WatchForNote(CALL_SID, 1)]
+
+
+def test_the_models_summary_is_cleaned_and_cut_between_words_for_the_briefing() -> None:
+    h = warm()
+    summary = "Ann\u202e Lee\x00 " + "asks about order twelve " * 40
+    [dial] = of(h.agent(request(("t1", "transfer_call", {"reason": "refill", "summary": summary}))), DialPharmacist)
+    said = dial.briefing.split(": ", 1)[1].rsplit(". Press 1", 1)[0]
+    assert said.startswith("Ann Lee asks about order twelve") and "\u202e" not in said and "\x00" not in said
+    assert len(said) <= 300 and said.endswith(("asks", "about", "order", "twelve"))
+    # A summary with nothing left to say once cleaned: the pharmacist hears the reason instead.
+    h = warm()
+    [dial] = of(h.agent(request(("t1", "transfer_call", {"reason": "a refill", "summary": "\u200b\u2066 \x07"}))), DialPharmacist)
+    assert ": a refill. Press 1" in dial.briefing
+
+
+def test_every_attempt_has_its_own_note_and_a_call_has_at_most_five() -> None:
+    h = warm()
+    for attempt in range(1, 6):
+        [dial] = of(ask_for_the_pharmacist(h), DialPharmacist)
+        assert dial.attempt == attempt
+        assert of(h.take(h.call.consult_dialled(PHARMACIST, None, h.now)), WatchForNote) == [WatchForNote(CALL_SID, attempt)]
+        out = h.take(h.call.consult_answered("declined:declined", h.now))
+        assert of(out, StopWatchingForNote) and of(out, EndCallLeg) == [EndCallLeg(PHARMACIST)]
+    out = ask_for_the_pharmacist(h)
+    assert not of(out, DialPharmacist)
+    [answer] = [m for m in json_sent(out) if m["type"] == "FunctionCallResponse"]
+    assert "too often" in json.loads(answer["content"])["error"]
 
 
 def test_accepted_the_caller_is_moved_into_the_conference_once_the_agents_line_is_heard() -> None:
@@ -201,7 +231,7 @@ def test_no_answer_in_time_counts_as_declined() -> None:
     ask_for_the_pharmacist(h)
     h.take(h.call.consult_dialled(PHARMACIST, None, h.now))
     out = h.fire(Timer.CONSULT)
-    assert of(out, EndCallLeg) == [EndCallLeg(PHARMACIST)]
+    assert of(out, EndCallLeg) == [EndCallLeg(PHARMACIST)] and of(out, StopWatchingForNote)
     assert records(out, "transfer_declined")[0].fields["reason"] == "no-answer"
 
 

@@ -10,6 +10,7 @@ the notes they leave are read back through ``DirectoryState``, as the caller's p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -33,20 +34,14 @@ from bridge.config import load_agent_config
 from bridge.server import BridgeServer, routes
 from bridge.storage.shared import DirectoryState
 from bridge.twilio_rest import TwilioRestClient
+from bridge.call.consult import TransferAnswer, briefing_for, caller_left_key, conference_name, note_key, parse_note
+from bridge.caller_lines import CallerLines, line_problem
 from bridge.warm_transfer import (
-    DEFAULT_LINES,
     TRANSFER_KEY_PATH,
     TRANSFER_STATUS_PATH,
-    PharmacistLines,
-    TransferAnswer,
     WarmTransferCallbacks,
-    caller_left_key,
-    conference_name,
-    default_lines,
     dial_pharmacist_request,
     key_url,
-    note_key,
-    parse_note,
     status_url,
 )
 from conftest import ROOT, BridgeFactory, bridge_settings
@@ -59,6 +54,7 @@ PHARMACIST = "CA" + "0a" * 16
 AGENT = "default"
 HOSTILE = '"><Hangup/>&amp; <Dial>+19005550000</Dial>\nline two\r\n\u202eesrever\u200b ' + "amoxicillin " * 420
 LOGGER = "bridge.warm_transfer"
+LINES = CallerLines()
 
 
 def warm_settings(fake: FakeTwilioRest, **extra: Any) -> dict[str, Any]:
@@ -80,12 +76,12 @@ def verdict_form(answered_by: str) -> dict[str, str]:
     return {"AccountSid": DEFAULT_ACCOUNT_SID, "CallSid": PHARMACIST, "AnsweredBy": answered_by, "MachineDetectionDuration": "2210"}
 
 
-def public_key_url(caller: str = CALLER) -> str:
-    return f"{PUBLIC}{TRANSFER_KEY_PATH}?agent={AGENT}&caller={caller}"
+def public_key_url(caller: str = CALLER, attempt: int = 1) -> str:
+    return f"{PUBLIC}{TRANSFER_KEY_PATH}?agent={AGENT}&caller={caller}&attempt={attempt}"
 
 
-def public_status_url(caller: str = CALLER) -> str:
-    return f"{PUBLIC}{TRANSFER_STATUS_PATH}?caller={caller}"
+def public_status_url(caller: str = CALLER, attempt: int = 1) -> str:
+    return f"{PUBLIC}{TRANSFER_STATUS_PATH}?caller={caller}&attempt={attempt}"
 
 
 def post(port: int, url: str, form: dict[str, str], signature: str | None, method: str = "POST") -> tuple[int, str, str]:
@@ -107,9 +103,9 @@ async def callback(port: int, url: str, form: dict[str, str], token: str) -> tup
     return await asyncio.to_thread(post, port, url, form, signed(token, url, form))
 
 
-def note(tmp_path: Path, caller: str = CALLER) -> str | None:
+def note(tmp_path: Path, caller: str = CALLER, attempt: int = 1) -> str | None:
     """What the caller's process reads."""
-    return DirectoryState(tmp_path / "state").read(note_key(caller))
+    return DirectoryState(tmp_path / "state").read(note_key(caller, attempt))
 
 
 def twiml_of(body: str) -> ET.Element:
@@ -134,9 +130,9 @@ def said_and_hung_up(body: str) -> str:
 def test_a_hostile_summary_is_spoken_as_text_and_never_becomes_twiml() -> None:
     """Quotes, tags, entities, newlines, U+202E and 5,000 characters: one Say, one Hangup, plain words."""
     assert len(HOSTILE) > 5000
-    briefing = DEFAULT_LINES.briefing_for(HOSTILE)
-    url = f"{PUBLIC}{TRANSFER_KEY_PATH}?agent=default&caller={CALLER}"
-    twiml = twilio.briefing_twiml(briefing, url, no_answer=DEFAULT_LINES.no_answer)
+    briefing = briefing_for(LINES.pharmacist_briefing, HOSTILE, "a refill")
+    url = public_key_url()
+    twiml = twilio.briefing_twiml(briefing, url, no_answer=LINES.pharmacist_no_answer)
     response = ET.fromstring(twiml)
     assert shape(response) == ["Gather", "Say", "Hangup"]
     gather = response[0]
@@ -144,13 +140,13 @@ def test_a_hostile_summary_is_spoken_as_text_and_never_becomes_twiml() -> None:
     assert shape(gather) == ["Say"]
     assert len(list(response.iter("Hangup"))) == 1 and not list(response.iter("Dial"))
     spoken = gather[0].text or ""
-    before, after = DEFAULT_LINES.briefing.split("{summary}")
+    before, after = LINES.pharmacist_briefing.split("{summary}")
     summary = spoken.removeprefix(before).removesuffix(after)
     assert spoken == before + summary + after
     assert summary.startswith('"><Hangup/>&amp; <Dial>+19005550000</Dial> line two esrever amoxicillin')
     assert len(summary) <= 300 and summary.endswith(" amoxicillin")  # cut between words
     assert not any(unicodedata.category(char) in ("Cc", "Cf") for char in spoken)
-    assert response[1].text == DEFAULT_LINES.no_answer
+    assert response[1].text == LINES.pharmacist_no_answer
 
 
 @hypothesis_settings(max_examples=300, deadline=None)
@@ -179,7 +175,7 @@ def test_summary_cuts_between_words_and_within_a_word_only_if_it_must() -> None:
 
 
 def test_inline_twiml_over_twilios_4000_characters_is_refused_before_it_is_sent() -> None:
-    url = f"{PUBLIC}{TRANSFER_KEY_PATH}?agent=default&caller={CALLER}"
+    url = public_key_url()
     fixed = len(twilio.briefing_twiml("", url, no_answer="n"))
     assert len(twilio.briefing_twiml("x" * (4000 - fixed), url, no_answer="n")) == 4000
     with pytest.raises(ValueError, match=r"briefing TwiML is 4,001 characters long, over the 4,000"):
@@ -203,16 +199,15 @@ def test_conference_twiml() -> None:
     assert moved[0][0].text == "a&b"
 
 
-def test_pharmacist_lines_are_checked_once_when_made() -> None:
-    lines = PharmacistLines(briefing="Caller {{VIP}}: {summary}. Press 1.")
-    assert lines.briefing_for("needs {help} {summary}") == "Caller {VIP}: needs {help} {summary}. Press 1."
+def test_pharmacist_lines_are_checked_when_an_agent_file_sets_them() -> None:
+    assert briefing_for("Caller {{VIP}}: {summary}. Press 1.", "needs {help} {summary}", "r") == (
+        "Caller {VIP}: needs {help} {summary}. Press 1.")
+    assert line_problem("pharmacist_briefing", "Caller {{VIP}}: {summary}. Press 1.") is None
     for bad in ("no summary here", "{summary} and {name}", "{summary} {", "{summary.__class__}", "{0} {summary}"):
-        with pytest.raises(ValueError, match="must hold {summary}"):
-            PharmacistLines(briefing=bad)
-    with pytest.raises(ValueError, match="declined line"):
-        PharmacistLines(declined="  ")
-    with pytest.raises(ValueError, match="connecting line"):
-        PharmacistLines(connecting="x" * 501)
+        assert "must hold {summary}" in (line_problem("pharmacist_briefing", bad) or "")
+    assert line_problem("pharmacist_connecting", "x" * 501) == "must be at most 500 characters, got 501"
+    assert line_problem("transfer_declined", "x" * 501) is None  # a caller's line may be longer
+    assert line_problem("idle_goodbye", "{summary}") is None  # only the briefing is a template
 
 
 def test_notes_are_read_without_ever_raising() -> None:
@@ -221,21 +216,23 @@ def test_notes_are_read_without_ever_raising() -> None:
         assert parse_note(f"declined:{reason}") == TransferAnswer(False, reason)
     for junk in ("", "ACCEPTED", "accepted!", "declined:", "declined:maybe", "declined:busy:x", "\x00", "é" * 5000):
         assert parse_note(junk) == TransferAnswer(False, "unreadable")
-    assert parse_note(None) == TransferAnswer(False, "unreadable")  # type: ignore[arg-type]
+    assert parse_note(None) is None  # no note yet
 
 
 def test_callback_urls_carry_only_what_was_checked(tmp_path: Path) -> None:
     settings = bridge_settings(tmp_path, public_url="https://bridge.example.ngrok.app/ignored")
-    assert key_url(settings, CALLER, "night-shift_2") == (
-        f"https://bridge.example.ngrok.app{TRANSFER_KEY_PATH}?agent=night-shift_2&caller={CALLER}")
-    assert status_url(settings, CALLER) == f"https://bridge.example.ngrok.app{TRANSFER_STATUS_PATH}?caller={CALLER}"
-    for caller, agent in (("CA123", "default"), (CALLER + "&x=1", "default"), ("ca" + CALLER[2:], "default"),
-                          (CALLER, "a b"), (CALLER, "x" * 65), (CALLER, ""), (CALLER, "a&caller=CA1")):
+    assert key_url(settings, CALLER, 2, "night-shift_2") == (
+        f"https://bridge.example.ngrok.app{TRANSFER_KEY_PATH}?agent=night-shift_2&caller={CALLER}&attempt=2")
+    assert status_url(settings, CALLER, 1) == f"https://bridge.example.ngrok.app{TRANSFER_STATUS_PATH}?caller={CALLER}&attempt=1"
+    for caller, attempt, agent in (("CA123", 1, "default"), (CALLER + "&x=1", 1, "default"), ("ca" + CALLER[2:], 1, "default"),
+                                   (CALLER, 1, "a b"), (CALLER, 1, "x" * 65), (CALLER, 1, ""), (CALLER, 1, "a&caller=CA1"),
+                                   (CALLER, 0, "default"), (CALLER, 6, "default"), (CALLER, True, "default")):
         with pytest.raises(ValueError):
-            key_url(settings, caller, agent)
+            key_url(settings, caller, attempt, agent)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        note_key("CA" + "g" * 32)
-    assert (note_key(CALLER), caller_left_key(CALLER)) == (f"warm-transfer:{CALLER}", f"warm-transfer-caller-left:{CALLER}")
+        note_key("CA" + "g" * 32, 1)
+    assert (note_key(CALLER, 1), note_key(CALLER, 2), caller_left_key(CALLER)) == (
+        f"warm-transfer:{CALLER}:1", f"warm-transfer:{CALLER}:2", f"warm-transfer-caller-left:{CALLER}")
 
 
 # ---------------------------------------------------------------------- the pharmacist's call
@@ -261,14 +258,14 @@ async def test_the_pharmacists_call_is_byte_for_byte_what_twilios_package_sends(
     """TRANSFER_NUMBER from TWILIO_PHONE_NUMBER, the briefing inline, ring timeout, callbacks, AMD."""
     async with FakeTwilioRest() as fake:
         settings = bridge_settings(tmp_path, **warm_settings(fake))
-        lines = DEFAULT_LINES
         request = dial_pharmacist_request(
-            settings, CALLER, AGENT, lines.briefing_for(HOSTILE), timeout=25, no_answer=lines.no_answer
+            settings, CALLER, AGENT, briefing_for(LINES.pharmacist_briefing, HOSTILE, "r"),
+            attempt=1, timeout=25, no_answer=LINES.pharmacist_no_answer,
         )
         client = TwilioRestClient(fake.account_sid, fake.auth_token, fake.url, timeout=2)
         created = await client.create_call(**request)
         ours = (await fake.wait_for_requests(1))[0]
-        callback = status_url(settings, CALLER)
+        callback = status_url(settings, CALLER, 1)
         theirs_created = await asyncio.to_thread(
             lambda: twilio_package(fake).calls.create(
                 to=TRANSFER, from_=OUR_NUMBER, twiml=request["twiml"], timeout=25, status_callback=callback,
@@ -285,7 +282,7 @@ async def test_the_pharmacists_call_is_byte_for_byte_what_twilios_package_sends(
     assert ours.field("To") == TRANSFER and ours.field("Timeout") == "25"
     assert ours.form["StatusCallbackEvent"] == ["answered", "completed"]
     gather = ET.fromstring(ours.field("Twiml") or "")[0]
-    assert gather.get("action") == key_url(settings, CALLER, AGENT)
+    assert gather.get("action") == key_url(settings, CALLER, 1, AGENT)
     assert created["sid"] == fake.created_sids[0] and theirs_created.sid == fake.created_sids[1]
 
 
@@ -325,7 +322,7 @@ async def test_create_call_takes_a_ring_timeout_only_in_twilios_range() -> None:
 def test_the_pharmacists_call_needs_its_numbers(tmp_path: Path) -> None:
     settings = bridge_settings(tmp_path, public_url=PUBLIC, transfer_number=TRANSFER)
     with pytest.raises(ValueError, match="TRANSFER_NUMBER and TWILIO_PHONE_NUMBER"):
-        dial_pharmacist_request(settings, CALLER, AGENT, "b", timeout=20, no_answer="n")
+        dial_pharmacist_request(settings, CALLER, AGENT, "b", attempt=1, timeout=20, no_answer="n")
 
 
 # ---------------------------------------------------------------------------- the key pressed
@@ -351,7 +348,7 @@ async def test_pressing_1_posts_accepted_and_puts_the_pharmacist_into_the_confer
         status, content_type, body = await callback(server.port, public_key_url(), key_form("1"), fake.auth_token)
     assert (status, content_type) == (200, "text/xml")
     response = twiml_of(body)
-    assert shape(response) == ["Say", "Dial"] and response[0].text == DEFAULT_LINES.connecting
+    assert shape(response) == ["Say", "Dial"] and response[0].text == LINES.pharmacist_connecting
     [conference] = list(response[1])
     assert conference.text == conference_name(CALLER)
     # The pharmacist waits in silence; the conference ends when they leave.
@@ -365,7 +362,7 @@ async def test_any_other_key_declines(make_bridge: BridgeFactory, tmp_path: Path
     caplog.set_level(logging.DEBUG)
     async with FakeTwilioRest() as fake, make_bridge(**warm_settings(fake)) as server:
         status, _, body = await callback(server.port, public_key_url(), key_form(digits), fake.auth_token)
-    assert status == 200 and said_and_hung_up(body) == DEFAULT_LINES.declined
+    assert status == 200 and said_and_hung_up(body) == LINES.pharmacist_declined
     assert note(tmp_path) == "declined:declined"
     assert "Digits" not in caplog.text and "Gather" not in caplog.text  # the key itself is never logged
 
@@ -377,7 +374,7 @@ async def test_pressing_1_after_the_caller_hung_up_is_one_sentence_and_no_confer
         assert server.shared is not None
         server.shared.post(caller_left_key(CALLER), "caller-left")  # the holder's note
         status, _, body = await callback(server.port, public_key_url(), key_form("1"), fake.auth_token)
-    assert status == 200 and said_and_hung_up(body) == DEFAULT_LINES.caller_left
+    assert status == 200 and said_and_hung_up(body) == LINES.pharmacist_caller_left
     assert note(tmp_path) is None
 
 
@@ -390,7 +387,7 @@ async def test_a_shared_state_that_fails_sends_the_pharmacist_away_not_into_a_co
     blocked.write_text("")
     async with FakeTwilioRest() as fake, make_bridge(state_dir=blocked, **warm_settings(fake)) as server:
         status, _, body = await callback(server.port, public_key_url(), key_form("1"), fake.auth_token)
-    assert status == 200 and said_and_hung_up(body) == DEFAULT_LINES.caller_left
+    assert status == 200 and said_and_hung_up(body) == LINES.pharmacist_caller_left
     warnings = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "shared state failed" in warnings[0].getMessage()
 
@@ -431,7 +428,9 @@ def gated_bridge(tmp_path: Path, fake: FakeTwilioRest, state: GatedState, store_
     """The real server on ``state``, with a callback deadline short enough for a test."""
     settings = bridge_settings(tmp_path, **warm_settings(fake))
     server = BridgeServer(settings, load_agent_config(ROOT / "config.json", os.environ), {}, shared=state)
-    server.warm_transfer = WarmTransferCallbacks(settings, state, server.services.rest, default_lines, store_seconds=store_seconds)
+    server.warm_transfer = WarmTransferCallbacks(
+        settings, state, server.services.rest, lambda agent: LINES, store_seconds=store_seconds
+    )
     return server
 
 
@@ -443,7 +442,7 @@ async def test_an_acceptance_written_too_late_is_taken_back(tmp_path: Path) -> N
         slow = GatedState(tmp_path / "state", gate_posts=True)
         async with gated_bridge(tmp_path, fake, slow, 0.3) as server:
             status, _, body = await callback(server.port, public_key_url(), key_form("1"), fake.auth_token)
-            assert status == 200 and said_and_hung_up(body) == DEFAULT_LINES.caller_left
+            assert status == 200 and said_and_hung_up(body) == LINES.pharmacist_caller_left
             assert note(tmp_path) is None
             slow.release.set()
             await eventually(lambda: note(tmp_path) == "declined:failed", what="the acceptance taken back")
@@ -457,7 +456,7 @@ async def test_bytes_after_a_request_whose_answer_is_pending_are_not_a_second_re
         async with gated_bridge(tmp_path, fake, slow, 5.0) as server:
             form = key_form("1")
             body = urllib.parse.urlencode(form).encode()
-            head = (f"POST {TRANSFER_KEY_PATH}?agent={AGENT}&caller={CALLER} HTTP/1.1\r\nHost: x\r\n"
+            head = (f"POST {TRANSFER_KEY_PATH}?agent={AGENT}&caller={CALLER}&attempt=1 HTTP/1.1\r\nHost: x\r\n"
                     f"X-Twilio-Signature: {signed(fake.auth_token, public_key_url(), form)}\r\n"
                     f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n\r\n")
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
@@ -531,7 +530,7 @@ async def test_a_person_answering_changes_nothing(
     async with FakeTwilioRest() as fake, make_bridge(**warm_settings(fake)) as server:
         # Answered at once, with no work left behind: nothing to wait for.
         assert (await callback(server.port, public_status_url(), verdict_form(answered_by), fake.auth_token))[0] == 204
-        assert not server.warm_transfer.tasks
+        assert not server.warm_transfer.work.tasks
     assert note(tmp_path) is None and fake.requests == []
     assert f"answered by {answered_by}" in caplog.text
 
@@ -564,7 +563,7 @@ async def test_forged_tampered_or_foreign_callbacks_are_refused_and_post_nothing
         ]
         statuses = [(await asyncio.to_thread(post, port, url, form, signature))[0] for url, form, signature in attempts]
         get = await asyncio.to_thread(post, port, public_key_url(), {}, signed(token, public_key_url(), {}), "GET")
-        assert not server.warm_transfer.tasks  # refused before any work began
+        assert not server.warm_transfer.work.tasks  # refused before any work began
         assert statuses == [403] * len(attempts) and get[0] == 405
         assert note(tmp_path) is None and note(tmp_path, other_caller) is None and fake.requests == []
         assert (await callback(port, public_key_url(other_caller), key, token))[0] == 200
@@ -573,8 +572,13 @@ async def test_forged_tampered_or_foreign_callbacks_are_refused_and_post_nothing
 
 async def test_a_signed_query_the_bridge_never_wrote_is_a_bad_request(make_bridge: BridgeFactory, tmp_path: Path) -> None:
     async with FakeTwilioRest() as fake, make_bridge(**warm_settings(fake)) as server:
-        for url in (f"{PUBLIC}{TRANSFER_KEY_PATH}?caller={CALLER}", f"{PUBLIC}{TRANSFER_KEY_PATH}?agent=a%20b&caller={CALLER}",
-                    f"{PUBLIC}{TRANSFER_STATUS_PATH}?caller=CA123"):
+        for url in (f"{PUBLIC}{TRANSFER_KEY_PATH}?caller={CALLER}&attempt=1",
+                    f"{PUBLIC}{TRANSFER_KEY_PATH}?agent=a%20b&caller={CALLER}&attempt=1",
+                    f"{PUBLIC}{TRANSFER_STATUS_PATH}?caller=CA123&attempt=1",
+                    f"{PUBLIC}{TRANSFER_KEY_PATH}?agent={AGENT}&caller={CALLER}",
+                    f"{PUBLIC}{TRANSFER_STATUS_PATH}?caller={CALLER}&attempt=0",
+                    f"{PUBLIC}{TRANSFER_STATUS_PATH}?caller={CALLER}&attempt=6",
+                    f"{PUBLIC}{TRANSFER_STATUS_PATH}?caller={CALLER}&attempt=%201"):
             assert (await callback(server.port, url, key_form("1"), fake.auth_token))[0] == 400
         assert (await callback(server.port, public_key_url(), {**key_form("1"), "CallSid": "CA1"}, fake.auth_token))[0] == 400
     assert note(tmp_path) is None
@@ -592,13 +596,59 @@ async def test_callbacks_reaching_another_process_sharing_the_state_work(make_br
         # The caller hangs up during the dialling: A posts it, B tells the pharmacist who presses 1.
         holder.shared.post(caller_left_key(CALLER), "caller-left")
         status, _, body = await callback(port, public_key_url(), key_form("1"), token)
-        assert status == 200 and said_and_hung_up(body) == DEFAULT_LINES.caller_left
+        assert status == 200 and said_and_hung_up(body) == LINES.pharmacist_caller_left
         # Another transfer: the pharmacist takes it at B; A reads the acceptance; a late status at B keeps it.
         assert (await callback(port, public_key_url(second_caller), key_form("1"), token))[0] == 200
-        assert parse_note(holder.shared.read(note_key(second_caller)) or "") == TransferAnswer(True)
+        assert parse_note(holder.shared.read(note_key(second_caller, 1)) or "") == TransferAnswer(True)
         assert (await callback(holder.port, public_status_url(second_caller), status_form("no-answer"), token))[0] == 204
         assert (await callback(port, public_status_url(CALLER), status_form("busy"), token))[0] == 204
-        await eventually(lambda: holder.shared.read(note_key(CALLER)) is not None, what="the busy at B reaching A")  # type: ignore[union-attr]
+        await eventually(lambda: holder.shared.read(note_key(CALLER, 1)) is not None, what="the busy at B reaching A")  # type: ignore[union-attr]
     assert parse_note(note(tmp_path, CALLER) or "") == TransferAnswer(False, "busy")
     assert note(tmp_path, second_caller) == "accepted"
 
+
+
+# ---------------------------------------------------------------------- answers and attempts
+
+
+async def test_the_first_answer_stands_and_keeps_its_reason(make_bridge: BridgeFactory, tmp_path: Path) -> None:
+    """The pharmacist pressed 2, then hung up: ``completed`` (no key, it would say) doesn't replace the
+    decline; a machine verdict after a key ends no leg; a 1 after a machine verdict moves nobody."""
+    async with FakeTwilioRest() as fake, make_bridge(**warm_settings(fake)) as server:
+        token, port = fake.auth_token, server.port
+        assert (await callback(port, public_key_url(), key_form("2"), token))[0] == 200
+        for form in (status_form("completed"), verdict_form("machine_start")):
+            assert (await callback(port, public_status_url(), form, token))[0] == 204
+        # Attempt 2: a machine, then a key (the verdict was wrong, but it came first).
+        assert (await callback(port, public_status_url(attempt=2), verdict_form("machine_start"), token))[0] == 204
+        await eventually(lambda: note(tmp_path, attempt=2) is not None, what="the machine's decline")
+        status, _, body = await callback(port, public_key_url(attempt=2), key_form("1"), token)
+    assert note(tmp_path) == "declined:declined"
+    assert note(tmp_path, attempt=2) == "declined:machine"
+    assert status == 200 and said_and_hung_up(body) == LINES.pharmacist_declined
+    # Only attempt 2's machine is hung up on: attempt 1 had a person's answer already.
+    assert [request.operation for request in fake.requests] == ["update"]
+
+
+async def test_each_attempt_has_its_own_answer(make_bridge: BridgeFactory, tmp_path: Path) -> None:
+    """Attempt 1 declined; a late status of attempt 1 while attempt 2 rings, and attempt 2 is accepted:
+    each answer lands under its own attempt, so the second is never read as the first's."""
+    async with FakeTwilioRest() as fake, make_bridge(**warm_settings(fake)) as server:
+        token, port = fake.auth_token, server.port
+        assert (await callback(port, public_status_url(attempt=1), status_form("busy"), token))[0] == 204
+        await eventually(lambda: note(tmp_path, attempt=1) is not None, what="attempt 1's answer")
+        assert note(tmp_path, attempt=2) is None
+        assert (await callback(port, public_status_url(attempt=1), status_form("completed"), token))[0] == 204
+        assert (await callback(port, public_key_url(attempt=2), key_form("1"), token))[0] == 200
+    assert (note(tmp_path, attempt=1), note(tmp_path, attempt=2)) == ("declined:busy", "accepted")
+
+
+async def test_the_pharmacist_hears_the_agents_own_lines(tmp_path: Path) -> None:
+    """The key URL names the agent; its file's ``bridge.lines`` are what the pharmacist hears."""
+    config = load_agent_config(ROOT / "config.json", os.environ)
+    spanish = dataclasses.replace(config, lines={"pharmacist_connecting": "Gracias. Le paso con la persona que llama."})
+    async with FakeTwilioRest() as fake:
+        settings = bridge_settings(tmp_path, **warm_settings(fake))
+        async with BridgeServer(settings, spanish, {}) as server:
+            status, _, body = await callback(server.port, public_key_url(), key_form("1"), fake.auth_token)
+    assert status == 200 and twiml_of(body)[0].text == "Gracias. Le paso con la persona que llama."

@@ -29,6 +29,7 @@ from .actions import (
     SendToCaller,
     StartFunction,
     StartRecording,
+    StopWatchingForNote,
     Timer,
     TransferCall,
     UpdateRecording,
@@ -40,8 +41,10 @@ from .phase import Phase
 from ..call_events import CallEnd, EndReason, RecordEvent
 
 __all__ = [
-    "MAX_ERROR_RESUMES", "NO_ACTIONS", "Action", "ArmTimer", "Call", "CallEnd",
-    "CancelFunction", "CancelTimer", "ClearCaller", "CloseAgent", "DialPharmacist", "EndCallLeg", "NoteCallerLeft", "WatchForNote", "EndReason", "HangUp", "Identify", "Log",
-    "MarkCaller", "OpenAgent", "PauseCaller", "Phase", "Record", "RecordEvent", "RedirectCall", "ResumeCaller",
-    "SendToAgent", "SendToCaller", "StartFunction", "StartRecording", "Timer", "TransferCall", "UpdateRecording",
+    "MAX_ERROR_RESUMES", "NO_ACTIONS", "Action", "ArmTimer", "Call", "CallEnd", "CancelFunction",
+    "CancelTimer", "ClearCaller", "CloseAgent", "DialPharmacist", "EndCallLeg", "EndReason",
+    "HangUp", "Identify", "Log", "MarkCaller", "NoteCallerLeft", "OpenAgent", "PauseCaller",
+    "Phase", "Record", "RecordEvent", "RedirectCall", "ResumeCaller", "SendToAgent", "SendToCaller",
+    "StartFunction", "StartRecording", "StopWatchingForNote", "Timer", "TransferCall",
+    "UpdateRecording", "WatchForNote",
 ]

@@ -178,15 +178,23 @@ class DialPharmacist:
     """Call TRANSFER_NUMBER for a warm transfer and brief the pharmacist; report ``consult_dialled``."""
 
     caller_call_sid: str
-    agent_name: str
-    summary: str
+    agent_name: str  # whose lines the callbacks answer the pharmacist with
+    attempt: int  # this call's warm transfers are numbered from 1: each has its own note
+    briefing: str  # what the pharmacist hears, the model's summary in it
+    no_answer: str  # what they hear when they press no key
 
 
 @dataclass(frozen=True, slots=True)
 class WatchForNote:
-    """Read the note the pharmacist's answer leaves for this call until there is one; report ``consult_answered``."""
+    """Read the note the pharmacist's answer leaves for this attempt until there is one; report ``consult_answered``."""
 
     caller_call_sid: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopWatchingForNote:
+    """The transfer is over (answered, timed out or the caller gone): stop reading for its note."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +233,7 @@ Action = (
     | UpdateRecording
     | DialPharmacist
     | WatchForNote
+    | StopWatchingForNote
     | NoteCallerLeft
     | EndCallLeg
 )

@@ -22,21 +22,97 @@ ACCEPTED    the caller's move (the departure)
 
 The caller hanging up while the pharmacist is dialled or briefed ends the pharmacist's leg and
 leaves a note saying so, so a pharmacist who then presses 1 hears that the caller has gone.
+
+This module also owns the notes' vocabulary, shared with the callbacks that write them: the keys
+(``note_key``, ``caller_left_key``), what a note says (``accepted``, ``declined:<reason>``) and
+``parse_note``. Each attempt of a call has its own ``note_key``: a pharmacist who declined the
+first attempt, or a late callback of it, says nothing about the second.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final
 
-from .actions import Action, ArmTimer, CancelTimer, DialPharmacist, EndCallLeg, NoteCallerLeft, Timer, WatchForNote
+from .. import twilio
+from ..logsafe import clean
+from .actions import (
+    Action,
+    ArmTimer,
+    CancelTimer,
+    DialPharmacist,
+    EndCallLeg,
+    NoteCallerLeft,
+    StopWatchingForNote,
+    Timer,
+    WatchForNote,
+)
 
-ACCEPTED_NOTE = "accepted"
+ACCEPTED: Final = "accepted"
+DECLINED_PREFIX: Final = "declined:"
+# Why a transfer was declined: a key other than 1, Twilio's call statuses, a machine, no key at all.
+DECLINE_REASONS: Final = frozenset({"declined", "busy", "no-answer", "failed", "canceled", "machine", "not-answered"})
+UNREADABLE: Final = "unreadable"  # what parse_note makes of a note that is none of the above
+# What the holder posts under caller_left_key (any note there means the caller has gone).
+CALLER_LEFT_NOTE: Final = "caller-left"
+# Attempts of one call are numbered from 1; a call asking more often than this is refused.
+MAX_ATTEMPTS: Final = 5
+# Of the model's summary, at most this much is read to the pharmacist.
+SUMMARY_CHARS: Final = 300
+
+
+def _call_sid(value: str) -> str:
+    if not isinstance(value, str) or not twilio.CALL_SID.fullmatch(value):
+        raise ValueError(f"not a Twilio Call SID (CA + 32 hex digits): {clean(value, 40)!r}")
+    return value
 
 
 def conference_name(caller_call_sid: str) -> str:
-    """The conference a warm transfer meets in, named for the caller's call."""
-    return f"transfer-{caller_call_sid}"
+    """The conference a warm transfer of this caller meets in."""
+    return f"transfer-{_call_sid(caller_call_sid)}"
+
+
+def note_key(caller_call_sid: str, attempt: int) -> str:
+    """Where the callbacks leave the pharmacist's answer to this attempt, for the caller's process."""
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or not 1 <= attempt <= MAX_ATTEMPTS:
+        raise ValueError(f"a warm transfer's attempt is a number from 1 to {MAX_ATTEMPTS}")
+    return f"warm-transfer:{_call_sid(caller_call_sid)}:{attempt}"
+
+
+def caller_left_key(caller_call_sid: str) -> str:
+    """Where the caller's process leaves ``CALLER_LEFT_NOTE`` when the caller hung up during a transfer."""
+    return f"warm-transfer-caller-left:{_call_sid(caller_call_sid)}"
+
+
+@dataclass(frozen=True, slots=True)
+class TransferAnswer:
+    """The pharmacist's answer, as a note says it: accepted, or declined and why."""
+
+    accepted: bool
+    reason: str | None = None  # one of DECLINE_REASONS or UNREADABLE when declined; None when accepted
+
+
+def parse_note(text: str | None) -> TransferAnswer | None:
+    """The answer a note under ``note_key`` holds: None for no note yet; anything unexpected is
+    ``declined:unreadable``."""
+    if text is None:
+        return None
+    note = text.strip() if isinstance(text, str) else ""
+    if note == ACCEPTED:
+        return TransferAnswer(True)
+    reason = note.removeprefix(DECLINED_PREFIX)
+    if note.startswith(DECLINED_PREFIX) and reason in DECLINE_REASONS:
+        return TransferAnswer(False, reason)
+    return TransferAnswer(False, UNREADABLE)
+
+
+def briefing_for(template: str, summary: str, fallback: str) -> str:
+    """The briefing the pharmacist hears: ``template`` with the model's ``summary`` in it, cleaned
+    (``twilio.summary_for_briefing``: the model wrote it, so it is untrusted); ``fallback`` (the
+    transfer's reason) if nothing of the summary is left to say."""
+    said = twilio.summary_for_briefing(summary, SUMMARY_CHARS) or twilio.summary_for_briefing(fallback, SUMMARY_CHARS)
+    return template.format(summary=said)
 
 
 class ConsultStage(enum.Enum):
@@ -46,31 +122,31 @@ class ConsultStage(enum.Enum):
     ACCEPTED = "accepted: moving the caller"
 
 
-@dataclass(frozen=True, slots=True)
-class ConsultAnswer:
-    accepted: bool
-    reason: str | None = None  # why not: declined, busy, no-answer, failed, canceled, machine, not-answered
-
-
 class Consult:
-    __slots__ = ("stage", "pharmacist_sid", "dialled_at", "_timeout")
+    __slots__ = ("stage", "pharmacist_sid", "dialled_at", "attempts", "_timeout")
 
     def __init__(self, timeout_seconds: float) -> None:
         self.stage = ConsultStage.IDLE
         self.pharmacist_sid: str | None = None
         self.dialled_at: float | None = None
+        self.attempts = 0  # warm transfers this call has begun
         self._timeout = timeout_seconds
 
     @property
     def under_way(self) -> bool:
         return self.stage is not ConsultStage.IDLE
 
-    def dial(self, caller_call_sid: str, agent_name: str, summary: str, now: float) -> list[Action]:
+    @property
+    def attempts_left(self) -> bool:
+        return self.attempts < MAX_ATTEMPTS
+
+    def dial(self, caller_call_sid: str, agent_name: str, briefing: str, no_answer: str, now: float) -> list[Action]:
         self.stage = ConsultStage.DIALLING
         self.dialled_at = now
+        self.attempts += 1
         return [
             ArmTimer(Timer.CONSULT, now + self._timeout),
-            DialPharmacist(caller_call_sid, agent_name, summary),
+            DialPharmacist(caller_call_sid, agent_name, self.attempts, briefing, no_answer),
         ]
 
     def dialled(self, pharmacist_sid: str | None, caller_call_sid: str) -> list[Action]:
@@ -79,19 +155,20 @@ class Consult:
             return []
         self.stage = ConsultStage.RINGING
         self.pharmacist_sid = pharmacist_sid
-        return [WatchForNote(caller_call_sid)]
+        return [WatchForNote(caller_call_sid, self.attempts)]
 
-    def accepted(self) -> bool:
+    def accepted(self) -> list[Action]:
+        """The pharmacist pressed 1: the caller is to be moved (departure.py)."""
         if self.stage is not ConsultStage.RINGING:
-            return False
+            return []
         self.stage = ConsultStage.ACCEPTED
-        return True
+        return [CancelTimer(Timer.CONSULT), StopWatchingForNote()]
 
     def declined(self) -> list[Action]:
         """Declined, unanswered, failed or timed out: the pharmacist's leg ends, the consult is over."""
         leg = self.pharmacist_sid
         self._reset()
-        actions: list[Action] = [CancelTimer(Timer.CONSULT)]
+        actions: list[Action] = [CancelTimer(Timer.CONSULT), StopWatchingForNote()]
         if leg is not None:
             actions.append(EndCallLeg(leg))
         return actions
@@ -113,15 +190,3 @@ class Consult:
     def _reset(self) -> None:
         self.stage = ConsultStage.IDLE
         self.pharmacist_sid = None
-
-
-def parse_note(text: str | None) -> ConsultAnswer | None:
-    """The note the pharmacist's answer left for the call: ``accepted`` or ``declined:<why>``; None for none."""
-    if text is None:
-        return None
-    if text == ACCEPTED_NOTE:
-        return ConsultAnswer(True)
-    kind, _, why = text.partition(":")
-    if kind == "declined" and why.replace("-", "").isalpha() and len(why) <= 32:
-        return ConsultAnswer(False, why)
-    return ConsultAnswer(False, "unreadable")

@@ -85,7 +85,7 @@ from .injections import Injection, Injections
 from .keypad import KEYPAD_REDACTED, Keypad, keys_in
 from .phase import Phase, PhaseEvent, PhaseMachine
 from .privacy import TranscriptPolicy, TranscriptStorage
-from .consult import Consult, ConsultStage, conference_name, parse_note
+from .consult import Consult, ConsultStage, briefing_for, conference_name, parse_note
 from .recording import Recording
 from .playback import EchoedMark, Playback
 from ..call_events import CallEnd, EndReason, RecordEvent
@@ -94,8 +94,6 @@ from .stats import CallStats
 
 # How long a hung-up caller's last audio may wait for an agent still opening.
 TAIL_FLUSH_SECONDS = 1.0
-# The model's summary of the call for the pharmacist's briefing: a sentence or two.
-SUMMARY_CHARS = 300
 # Transcript text kept for the resume history and sent to the browser page.
 MAX_TEXT_CHARS = 8000
 # The Twilio tracks a keypad press may come from: the caller's.
@@ -777,8 +775,11 @@ class Call:
         """The caller stays with the agent while the pharmacist is called and briefed (consult.py)."""
         if self.consult.under_way or self.departure.pending is not None:
             return self._builtin_refused(call, "A pharmacist is already being called for this caller; wait for the answer.")
+        if not self.consult.attempts_left:
+            return self._builtin_refused(call, "The pharmacist has been called too often on this call; offer to take a message.")
         assert self.stream is not None and self._agent is not None
-        summary = _argument_text(call.arguments, "summary", SUMMARY_CHARS) or reason
+        # Uncut: consult.briefing_for cleans it and cuts it between words.
+        summary = _argument_text(call.arguments, "summary", None) or reason
         answer = {
             "result": "The pharmacist is being called and told why. Tell the caller you are fetching the pharmacist "
             "and ask them to stay on the line; you will be told whether the pharmacist takes the call."
@@ -794,7 +795,10 @@ class Call:
                  "outcome": "ok", "duration_seconds": 0.0, "withdrawn": False},
             ),
             Record(RecordEvent.TRANSFER_DIALLING, {"mode": "warm", "reason": self.privacy.reason(reason)}),
-            *self.consult.dial(self.stream.call_sid, self._agent.name, summary, now),
+            *self.consult.dial(
+                self.stream.call_sid, self._agent.name, briefing_for(self.lines.pharmacist_briefing, summary, reason),
+                self.lines.pharmacist_no_answer, now,
+            ),
         ]
 
     def consult_dialled(self, pharmacist_sid: str | None, error: str | None, now: float) -> Sequence[Action]:
@@ -817,10 +821,9 @@ class Call:
         if not answer.accepted:
             return self._settle(self._consult_declined(answer.reason or "declined", None), now)
         assert self.stream is not None
-        self.consult.accepted()
         waited = now - (self.consult.dialled_at or now)
         actions: list[Action] = [
-            CancelTimer(Timer.CONSULT),
+            *self.consult.accepted(),
             Log(logging.INFO, "the pharmacist accepted after %.1f s; the caller is moved once the agent's line is heard", (waited,)),
             Record(RecordEvent.TRANSFER_ACCEPTED, {"seconds_waited": round(waited, 3)}),
         ]
@@ -1146,8 +1149,8 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def _argument_text(arguments: str, name: str, limit: int = 200) -> str | None:
-    """A short text argument of a function call, if the agent gave one."""
+def _argument_text(arguments: str, name: str, limit: int | None = 200) -> str | None:
+    """A text argument of a function call, if the agent gave one: cut to ``limit`` (None: whole)."""
     try:
         value = json.loads(arguments)
     except (ValueError, RecursionError):
