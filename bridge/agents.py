@@ -342,6 +342,12 @@ def check_functions(
                 f"{agent.source} declares transfer_call, but transfer needs TWILIO_ACCOUNT_SID, "
                 "TWILIO_AUTH_TOKEN and TRANSFER_NUMBER in .env (or remove transfer_call from the functions)."
             )
+        warm = (agent.config.transfer_mode or settings.transfer_mode) == "warm"
+        if warm and "transfer_call" in agent.config.client_functions and not settings.twilio_phone_number:
+            raise ConfigError(
+                f"{agent.source} transfers warm, which needs TWILIO_PHONE_NUMBER in .env: the bridge calls the "
+                "pharmacist from it."
+            )
     # A function that only some agent declares is no cause for a warning.
     sources = catalog.default.source if len(catalog.agents) == 1 else f"{catalog.default.source} or {AGENTS_DIR}/"
     return check_function_map(function_map, catalog.client_functions(), sources)

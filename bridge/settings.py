@@ -424,6 +424,8 @@ def _check_together(values: dict[str, Any]) -> None:
     if metrics_port is not None and metrics_port == port:
         raise ConfigError(f"METRICS_PORT must differ from the port the bridge listens on ({port}); leave it empty to serve /metrics there.")
     _check_webhook(values)
+    if values.get("call_recording", "off") != "off" and not (values.get("twilio_account_sid") and values.get("twilio_auth_token")):
+        raise ConfigError("CALL_RECORDING needs TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN: calls are recorded through Twilio's REST API.")
     if values.get("transfer_mode") == "warm" and values.get("transfer_number") and not values.get("twilio_phone_number"):
         raise ConfigError("TRANSFER_MODE=warm needs TWILIO_PHONE_NUMBER: the bridge calls the pharmacist from it.")
 

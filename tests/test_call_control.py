@@ -913,6 +913,19 @@ def test_declaring_transfer_call_without_its_settings_is_a_startup_error(tmp_pat
     assert "TRANSFER_NUMBER" in done.stderr
 
 
+def test_an_agent_that_transfers_warm_without_our_number_is_a_startup_error(tmp_path: Path) -> None:
+    """The agent file, not .env, asks for warm transfers: still one sentence at startup, naming the file."""
+    config = json.loads(config_with_transfer(tmp_path).read_text())
+    config["bridge"] = {"transfer_mode": "warm"}
+    path = tmp_path / "warm.json"
+    path.write_text(json.dumps(config))
+    env = {"DEEPGRAM_API_KEY": "k", "TWILIO_ACCOUNT_SID": "AC" + "a" * 32, "TWILIO_AUTH_TOKEN": "t",
+           "PUBLIC_URL": HOST, "TRANSFER_NUMBER": TRANSFER}
+    done = run_main(["--config", str(path), "--port", "0"], env, tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert done.stderr == "error: warm.json transfers warm, which needs TWILIO_PHONE_NUMBER in .env: the bridge calls the pharmacist from it.\n"
+
+
 def test_startup_says_once_which_call_control_features_are_off() -> None:
     """One line per feature that is off, naming what turns it on; none when all are on."""
     from bridge.settings import load_settings
@@ -937,6 +950,8 @@ def test_startup_says_once_which_call_control_features_are_off() -> None:
     ({"TRANSFER_NUMBER": "555-1234"}, "TRANSFER_NUMBER must be a phone number in E.164"),
     ({"FALLBACK_NUMBER": "+0123"}, "FALLBACK_NUMBER must be a phone number in E.164"),
     ({"TWILIO_API_URL": "ftp://x"}, "TWILIO_API_URL must be an http(s)"),
+    ({"CALL_RECORDING": "dual"}, "CALL_RECORDING needs TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN"),
+    ({"TRANSFER_MODE": "warm", "TRANSFER_NUMBER": TRANSFER}, "TRANSFER_MODE=warm needs TWILIO_PHONE_NUMBER"),
 ])
 def test_call_control_settings_are_validated_in_one_sentence(env: dict[str, str], expected: str) -> None:
     """Each bad call-control setting is refused at load time with one sentence naming it."""
