@@ -209,7 +209,10 @@ class AgentChoice:
 
 def make_agent(name: str, source: str, config: AgentConfig, default_lines: CallerLines = CallerLines()) -> Agent:
     """The agent of ``config``: its own lines over ``default_lines`` (the bridge's, from the settings)."""
-    return Agent(name, source, config, compile_template(config.settings, source), replace(default_lines, **config.lines))
+    lines = replace(default_lines, **config.lines)
+    if config.twilio_say is not None:
+        lines = replace(lines, twilio_say=config.twilio_say)
+    return Agent(name, source, config, compile_template(config.settings, source), lines)
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,7 +84,7 @@ class CallRequests:
         try:
             request = dial_pharmacist_request(
                 self.settings, dial.caller_call_sid, dial.agent_name, dial.briefing,
-                attempt=dial.attempt, timeout=ring, no_answer=dial.no_answer,
+                attempt=dial.attempt, timeout=ring, no_answer=dial.no_answer, voice=dial.voice,
             )
         except ValueError as exc:
             return None, str(exc)

@@ -5,13 +5,16 @@ when the LLM can't be asked (the agent is down) or shouldn't be (a silent caller
 machine), and, in a warm transfer, what the pharmacist hears. They belong to an agent, so that a
 Spanish agent says them in Spanish: each agent file may set its own in its ``bridge.lines``
 section (docs/agents.md), and ``CallerLines()`` holds the English defaults. ``line_problem``
-checks one line as a file sets it.
+checks one line as a file sets it. Twilio reads the fallback and pharmacist lines with its own
+text-to-speech, in the language and voice of the agent's ``bridge.twilio_say``.
 """
 
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+
+from .twilio import SayVoice
 
 IDLE_REPROMPT = "Are you still there? I'm here if you need anything."
 IDLE_GOODBYE = "I haven't heard anything for a while, so I'll end the call now. Please call again any time. Goodbye."
@@ -68,9 +71,11 @@ class CallerLines:
     pharmacist_connecting: str = PHARMACIST_CONNECTING  # pressed 1: they wait in the conference
     pharmacist_declined: str = PHARMACIST_DECLINED  # pressed another key
     pharmacist_caller_left: str = PHARMACIST_CALLER_LEFT  # pressed 1, but the caller had gone
+    # How Twilio reads the lines it says (fallback_*, pharmacist_*); the agent's voice says the rest.
+    twilio_say: SayVoice = field(default_factory=SayVoice)
 
 
-LINE_NAMES = tuple(field.name for field in fields(CallerLines))
+LINE_NAMES = tuple(line.name for line in fields(CallerLines) if line.type == "str")
 
 
 def line_problem(name: str, text: str) -> str | None:

@@ -24,6 +24,7 @@ from typing import Any
 from .agent_schema import SchemaError, check_settings
 from .caller_lines import LINE_NAMES, line_problem
 from .settings import ConfigError
+from .twilio import SAY_LANGUAGE, SAY_VOICE, SayVoice
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -46,6 +47,7 @@ class AgentConfig:
     sensitive_parameters: dict[str, frozenset[str]] = field(default_factory=dict)
     lines: dict[str, str] = field(default_factory=dict)  # the "bridge.lines" the file sets
     transfer_mode: str | None = None  # "bridge.transfer_mode", if the file sets one
+    twilio_say: SayVoice | None = None  # "bridge.twilio_say", if the file sets one
 
 
 def _substitute(value: Any, environ: Mapping[str, str], path: Path) -> Any:
@@ -142,6 +144,7 @@ def parse_agent_config(text: str, path: Path, environ: Mapping[str, str]) -> Age
         sensitive_parameters=sensitive_parameters,
         lines=bridge_section.lines,
         transfer_mode=bridge_section.transfer_mode,
+        twilio_say=bridge_section.twilio_say,
     )
 
 
@@ -156,13 +159,14 @@ class BridgeSection:
 
     lines: dict[str, str] = field(default_factory=dict)  # the lines it sets; the rest are the defaults
     transfer_mode: str | None = None
+    twilio_say: SayVoice | None = None
 
 
 def _bridge_section(value: Any, path: Path) -> BridgeSection:
     if value is None:
         return BridgeSection()
     section = _object(value, '"bridge"', path)
-    _known_keys(section, ("lines", "transfer_mode"), '"bridge"', path)
+    _known_keys(section, ("lines", "transfer_mode", "twilio_say"), '"bridge"', path)
     lines = _object(section.get("lines", {}), '"bridge.lines"', path)
     _known_keys(lines, LINE_NAMES, '"bridge.lines"', path)
     said: dict[str, str] = {}
@@ -175,7 +179,22 @@ def _bridge_section(value: Any, path: Path) -> BridgeSection:
     mode = section.get("transfer_mode")
     if mode is not None and mode not in TRANSFER_MODES:
         raise ConfigError(f'{path}: "bridge.transfer_mode" must be "cold" or "warm", got {mode!r}.')
-    return BridgeSection(said, mode)
+    return BridgeSection(said, mode, _twilio_say(section.get("twilio_say"), path))
+
+
+def _twilio_say(value: Any, path: Path) -> SayVoice | None:
+    """``bridge.twilio_say``: the language and voice Twilio reads this agent's lines in."""
+    if value is None:
+        return None
+    say = _object(value, '"bridge.twilio_say"', path)
+    _known_keys(say, ("language", "voice"), '"bridge.twilio_say"', path)
+    for key, pattern, example in (("language", SAY_LANGUAGE, "es-ES"), ("voice", SAY_VOICE, "Polly.Lucia-Neural")):
+        if key in say and not (isinstance(say[key], str) and pattern.fullmatch(say[key])):
+            raise ConfigError(
+                f'{path}: "bridge.twilio_say.{key}" must be one of Twilio\'s <Say> {key} names, '
+                f"like {example!r}, got {str(say[key])[:60]!r}."
+            )
+    return SayVoice(language=say.get("language", ""), voice=say.get("voice", ""))
 
 
 def _known_keys(value: dict[str, Any], known: tuple[str, ...], where: str, path: Path) -> None:

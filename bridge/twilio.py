@@ -225,14 +225,40 @@ def connect_twiml(stream_url: str, parameters: Mapping[str, str] | None = None, 
     return (XML_DECLARATION if declaration else "") + f"<Response><Connect>{stream}</Connect></Response>"
 
 
-def dial_twiml(number: str, *, say: str | None = None) -> str:
+# <Say>'s language: a BCP-47-style tag as Twilio writes them ("es-ES", "pt-BR", "cmn-CN").
+SAY_LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8}){0,2}")
+# <Say>'s voice: "man", "woman", "Polly.Lucia-Neural", "Google.es-ES-Standard-A".
+SAY_VOICE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
+class SayVoice:
+    """How Twilio reads a line aloud: ``<Say>``'s ``language`` and ``voice``, each Twilio's default
+    (en-US, its default voice) when empty. Twilio, not the agent, speaks the fallback lines and
+    everything the pharmacist hears, so an agent in another language names a voice that speaks it."""
+
+    language: str = ""
+    voice: str = ""
+
+    def say(self, text: str) -> str:
+        """``text`` as one ``<Say>`` element."""
+        attributes = "".join(
+            f" {name}={quoteattr(value)}" for name, value in (("voice", self.voice), ("language", self.language)) if value
+        )
+        return f"<Say{attributes}>{xml_text(text)}</Say>"
+
+
+DEFAULT_SAY = SayVoice()
+
+
+def dial_twiml(number: str, *, say: str | None = None, voice: SayVoice = DEFAULT_SAY) -> str:
     """Say ``say`` (if any), then dial ``number``: a transfer, or the fallback line."""
-    spoken = f"<Say>{escape(say)}</Say>" if say else ""
+    spoken = voice.say(say) if say else ""
     return f"<Response>{spoken}<Dial>{escape(number)}</Dial></Response>"
 
 
-def say_and_hang_up_twiml(say: str) -> str:
-    return f"<Response><Say>{xml_text(say)}</Say><Hangup/></Response>"
+def say_and_hang_up_twiml(say: str, *, voice: SayVoice = DEFAULT_SAY) -> str:
+    return f"<Response>{voice.say(say)}<Hangup/></Response>"
 
 
 # Characters XML 1.0 can't hold even escaped: C0 controls but tab, newline and CR; lone surrogates;
@@ -252,7 +278,9 @@ def _inline(twiml: str, what: str) -> str:
     return twiml
 
 
-def briefing_twiml(briefing: str, key_url: str, *, gather_seconds: int = 10, no_answer: str) -> str:
+def briefing_twiml(
+    briefing: str, key_url: str, *, gather_seconds: int = 10, no_answer: str, voice: SayVoice = DEFAULT_SAY
+) -> str:
     """A warm transfer's first words to the pharmacist: ``briefing``, while one key is gathered.
 
     The key goes to ``key_url`` (POST). With no key within ``gather_seconds`` of the briefing's
@@ -262,7 +290,7 @@ def briefing_twiml(briefing: str, key_url: str, *, gather_seconds: int = 10, no_
     if not isinstance(gather_seconds, int) or gather_seconds < 1:
         raise ValueError("gather_seconds is a whole number of seconds, at least 1")
     gather = f'<Gather numDigits="1" action={quoteattr(key_url)} method="POST" timeout="{gather_seconds}">'
-    twiml = f"<Response>{gather}<Say>{xml_text(briefing)}</Say></Gather><Say>{xml_text(no_answer)}</Say><Hangup/></Response>"
+    twiml = f"<Response>{gather}{voice.say(briefing)}</Gather>{voice.say(no_answer)}<Hangup/></Response>"
     return _inline(twiml, "briefing")
 
 
@@ -278,6 +306,7 @@ def conference_twiml(
     start_on_enter: bool = True,
     beep: bool = False,
     wait_silence: bool = True,
+    voice: SayVoice = DEFAULT_SAY,
 ) -> str:
     """Say ``say`` (if any), then join the conference ``name``.
 
@@ -287,7 +316,7 @@ def conference_twiml(
     """
     if not name:
         raise ValueError("a conference needs a name")
-    spoken = f"<Say>{xml_text(say)}</Say>" if say else ""
+    spoken = voice.say(say) if say else ""
     attributes = (
         f'startConferenceOnEnter="{_xml_bool(start_on_enter)}" endConferenceOnExit="{_xml_bool(end_on_exit)}" '
         f'beep="{_xml_bool(beep)}"' + (' waitUrl=""' if wait_silence else "")

@@ -97,6 +97,7 @@ def dial_pharmacist_request(
     timeout: int,
     no_answer: str,
     gather_seconds: int = 10,
+    voice: twilio.SayVoice = twilio.DEFAULT_SAY,
 ) -> dict[str, Any]:
     """The keyword arguments of ``TwilioRestClient.create_call`` that ring the pharmacist.
 
@@ -113,7 +114,8 @@ def dial_pharmacist_request(
         "to": settings.transfer_number,
         "from_": settings.twilio_phone_number,
         "twiml": twilio.briefing_twiml(
-            briefing, key_url(settings, caller_call_sid, attempt, agent_name), gather_seconds=gather_seconds, no_answer=no_answer
+            briefing, key_url(settings, caller_call_sid, attempt, agent_name), gather_seconds=gather_seconds, no_answer=no_answer,
+            voice=voice,
         ),
         "timeout": timeout,
         "status_callback": callback,
@@ -228,11 +230,11 @@ class WarmTransferCallbacks:
 
     async def _answer_key(self, callback: _Callback, accepted: bool, lines: CallerLines) -> HttpReply:
         caller = callback.caller
-        declined = twilio.say_and_hang_up_twiml(lines.pharmacist_declined)
+        declined = twilio.say_and_hang_up_twiml(lines.pharmacist_declined, voice=lines.twilio_say)
         if not accepted:
             await self._answer(callback, "declined")  # which logs it
             return _twiml_reply(declined)
-        caller_left = _twiml_reply(twilio.say_and_hang_up_twiml(lines.pharmacist_caller_left))
+        caller_left = _twiml_reply(twilio.say_and_hang_up_twiml(lines.pharmacist_caller_left, voice=lines.twilio_say))
         shared = self.shared
         if shared is None:
             logger.warning("[%s] warm transfer: the pharmacist took the call, but no shared state is set up to tell the caller's process", caller)
@@ -261,7 +263,7 @@ class WarmTransferCallbacks:
                 self.work.start(self._retract(callback, posting))
             return caller_left
         logger.info("[%s] warm transfer: the pharmacist took the call; waiting for the caller in the conference", caller)
-        return _twiml_reply(twilio.conference_twiml(conference_name(caller), say=lines.pharmacist_connecting))
+        return _twiml_reply(twilio.conference_twiml(conference_name(caller), say=lines.pharmacist_connecting, voice=lines.twilio_say))
 
     async def _retract(self, callback: _Callback, posting: asyncio.Future[None]) -> None:
         """An "accepted" whose write failed or timed out may still land: once done, decline over it.

@@ -465,6 +465,27 @@ async def test_a_caller_is_sent_to_the_fallback_before_the_stream_closes_when_th
     assert lines[-1]["ended_by"].startswith("agent unavailable")
 
 
+async def test_twilio_says_the_fallback_in_the_agents_own_language_and_voice(make_bridge: BridgeFactory, tmp_path: Path) -> None:
+    """An agent's ``bridge.twilio_say`` is the language and voice of the fallback's ``<Say>``."""
+    settings = json.loads((ROOT / "config.json").read_text())
+    settings["bridge"] = {
+        "lines": {"fallback_goodbye": "Lo siento, no está disponible. Adiós."},
+        "twilio_say": {"language": "es-ES", "voice": "Polly.Lucia-Neural"},
+    }
+    (tmp_path / "spanish.json").write_text(json.dumps(settings))
+    async with FakeTwilioRest() as fake, FakeAgent(refuse_status=401) as agent, make_bridge(
+        agent, config_path=tmp_path / "spanish.json", **rest_settings(fake)
+    ) as server:
+        async with signed_caller(server, fake) as caller:
+            await caller.start()
+            await asyncio.wait_for(caller.closed.wait(), 5)
+    [update] = fake.requests
+    assert_update(
+        update, fake, caller.call_sid,
+        '<Response><Say voice="Polly.Lucia-Neural" language="es-ES">Lo siento, no está disponible. Adiós.</Say><Hangup/></Response>',
+    )
+
+
 async def test_a_fallback_twilio_refuses_is_recorded_and_the_call_still_ends(
     make_bridge: BridgeFactory, tmp_path: Path
 ) -> None:

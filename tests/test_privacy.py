@@ -132,6 +132,17 @@ async def test_each_agent_says_its_own_lines(tmp_path: Path) -> None:
         ({"lines": {"voicemail": 7}}, '"bridge.lines.voicemail" must be a sentence (text), got 7.'),
         ({"lines": {"voicemail": "x" * 1001}}, '"bridge.lines.voicemail" must be at most 1000 characters, got 1001.'),
         ({"transfer_mode": "lukewarm"}, '"bridge.transfer_mode" must be "cold" or "warm", got \'lukewarm\'.'),
+        ({"twilio_say": "es-ES"}, '"bridge.twilio_say" must be a JSON object.'),
+        ({"twilio_say": {"lang": "es-ES"}}, '"bridge.twilio_say" has an unknown key \'lang\' (did you mean "language"?).'),
+        (
+            {"twilio_say": {"language": "Spanish"}},
+            '"bridge.twilio_say.language" must be one of Twilio\'s <Say> language names, like \'es-ES\', got \'Spanish\'.',
+        ),
+        (
+            {"twilio_say": {"voice": '"/><Hangup/>'}},
+            '"bridge.twilio_say.voice" must be one of Twilio\'s <Say> voice names, like \'Polly.Lucia-Neural\', '
+            'got \'"/><Hangup/>\'.',
+        ),
     ],
 )
 def test_the_bridge_section_of_an_agent_file_is_checked(bridge_section: dict[str, Any], expected: str) -> None:

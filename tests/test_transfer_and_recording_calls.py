@@ -17,7 +17,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from conftest import BridgeFactory, read_record
+from conftest import ROOT, BridgeFactory, read_record
 from fake_twilio_rest import FakeTwilioRest
 from fakes import FakeAgent, FakeAgentSession, eventually
 from test_call_control import (
@@ -60,8 +60,13 @@ async def test_a_warm_transfer_briefs_the_pharmacist_and_moves_the_caller_once_t
 ) -> None:
     """The pharmacist's call is created as Twilio wants it, with the summary in the briefing; their
     key press reaches the bridge; the caller hears the agent say so and is then moved into the
-    conference the pharmacist waits in."""
-    async with FakeTwilioRest() as fake, make_bridge(fake_agent, **warm_call_settings(fake)) as server:
+    conference the pharmacist waits in. Twilio reads the briefing in the agent's ``twilio_say`` voice."""
+    agent_file = json.loads((ROOT / "config.json").read_text())
+    agent_file["bridge"] = {"twilio_say": {"language": "en-GB", "voice": "Polly.Amy"}}
+    (tmp_path / "agent.json").write_text(json.dumps(agent_file))
+    async with FakeTwilioRest() as fake, make_bridge(
+        fake_agent, config_path=tmp_path / "agent.json", **warm_call_settings(fake)
+    ) as server:
         async with call_with_agent(server, fake, fake_agent) as (caller, session):
             fake.add_call(caller.call_sid)
             await ask_for_a_warm_transfer(session)
@@ -86,6 +91,7 @@ async def test_a_warm_transfer_briefs_the_pharmacist_and_moves_the_caller_once_t
     assert (create.field("MachineDetection"), create.field("AsyncAmd")) == ("Enable", "true")
     briefing = gather[0].text or ""
     assert briefing == LINES.pharmacist_briefing.format(summary=SUMMARY)
+    assert gather[0].attrib == {"voice": "Polly.Amy", "language": "en-GB"}
     assert move.call_sid == caller.call_sid
     conference = ET.fromstring(move.field("Twiml") or "").find("Dial/Conference")
     assert conference is not None and conference.text == conference_name(caller.call_sid)

@@ -187,6 +187,25 @@ def test_inline_twiml_over_twilios_4000_characters_is_refused_before_it_is_sent(
         twilio.conference_twiml("transfer-x", say="<" * 1000)
 
 
+def test_every_say_speaks_in_the_agents_voice_as_the_twilio_package_writes_it() -> None:
+    """``<Say voice language>`` as the twilio package's own ``VoiceResponse.say`` writes it."""
+    from twilio.twiml.voice_response import VoiceResponse
+
+    voice = twilio.SayVoice(language="es-ES", voice="Polly.Lucia-Neural")
+    oracle = VoiceResponse()
+    oracle.say("Adiós & <gracias>", voice="Polly.Lucia-Neural", language="es-ES")
+    [expected] = list(ET.fromstring(str(oracle)))
+    built = [
+        *ET.fromstring(twilio.say_and_hang_up_twiml("Adiós & <gracias>", voice=voice)).iter("Say"),
+        *ET.fromstring(twilio.dial_twiml("+15550001111", say="Adiós & <gracias>", voice=voice)).iter("Say"),
+        *ET.fromstring(twilio.conference_twiml("c", say="Adiós & <gracias>", voice=voice)).iter("Say"),
+        *ET.fromstring(twilio.briefing_twiml("Adiós & <gracias>", "https://h/k", no_answer="Adiós & <gracias>", voice=voice)).iter("Say"),
+    ]
+    assert len(built) == 5
+    assert all((say.attrib, say.text) == (expected.attrib, expected.text) for say in built)
+    assert ET.fromstring(twilio.say_and_hang_up_twiml("Bye"))[0].attrib == {}, "Twilio's default voice unless an agent names one"
+
+
 def test_conference_twiml() -> None:
     response = ET.fromstring(twilio.conference_twiml(conference_name(CALLER), say='Connecting "you" & <them>'))
     assert shape(response) == ["Say", "Dial"] and response[0].text == 'Connecting "you" & <them>'
@@ -646,9 +665,14 @@ async def test_each_attempt_has_its_own_answer(make_bridge: BridgeFactory, tmp_p
 async def test_the_pharmacist_hears_the_agents_own_lines(tmp_path: Path) -> None:
     """The key URL names the agent; its file's ``bridge.lines`` are what the pharmacist hears."""
     config = load_agent_config(ROOT / "config.json", os.environ)
-    spanish = dataclasses.replace(config, lines={"pharmacist_connecting": "Gracias. Le paso con la persona que llama."})
+    spanish = dataclasses.replace(
+        config, lines={"pharmacist_connecting": "Gracias. Le paso con la persona que llama."},
+        twilio_say=twilio.SayVoice(language="es-ES"),
+    )
     async with FakeTwilioRest() as fake:
         settings = bridge_settings(tmp_path, **warm_settings(fake))
         async with BridgeServer(settings, spanish, {}) as server:
             status, _, body = await callback(server.port, public_key_url(), key_form("1"), fake.auth_token)
-    assert status == 200 and twiml_of(body)[0].text == "Gracias. Le paso con la persona que llama."
+    said = twiml_of(body)[0]
+    assert status == 200 and said.text == "Gracias. Le paso con la persona que llama."
+    assert said.attrib == {"language": "es-ES"}

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..agent_protocol import FunctionCall
 from ..call_events import CallEnd
+from ..twilio import DEFAULT_SAY, SayVoice
 
 
 class Timer(enum.Enum):
@@ -182,6 +183,7 @@ class DialPharmacist:
     attempt: int  # this call's warm transfers are numbered from 1: each has its own note
     briefing: str  # what the pharmacist hears, the model's summary in it
     no_answer: str  # what they hear when they press no key
+    voice: SayVoice = DEFAULT_SAY  # the language and voice Twilio reads both in (the agent's twilio_say)
 
 
 @dataclass(frozen=True, slots=True)

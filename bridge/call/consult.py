@@ -140,13 +140,16 @@ class Consult:
     def attempts_left(self) -> bool:
         return self.attempts < MAX_ATTEMPTS
 
-    def dial(self, caller_call_sid: str, agent_name: str, briefing: str, no_answer: str, now: float) -> list[Action]:
+    def dial(
+        self, caller_call_sid: str, agent_name: str, briefing: str, no_answer: str, now: float,
+        voice: twilio.SayVoice = twilio.DEFAULT_SAY,
+    ) -> list[Action]:
         self.stage = ConsultStage.DIALLING
         self.dialled_at = now
         self.attempts += 1
         return [
             ArmTimer(Timer.CONSULT, now + self._timeout),
-            DialPharmacist(caller_call_sid, agent_name, self.attempts, briefing, no_answer),
+            DialPharmacist(caller_call_sid, agent_name, self.attempts, briefing, no_answer, voice),
         ]
 
     def dialled(self, pharmacist_sid: str | None, caller_call_sid: str) -> list[Action]:

@@ -797,7 +797,7 @@ class Call:
             Record(RecordEvent.TRANSFER_DIALLING, {"mode": "warm", "reason": self.privacy.reason(reason)}),
             *self.consult.dial(
                 self.stream.call_sid, self._agent.name, briefing_for(self.lines.pharmacist_briefing, summary, reason),
-                self.lines.pharmacist_no_answer, now,
+                self.lines.pharmacist_no_answer, now, self.lines.twilio_say,
             ),
         ]
 
@@ -1120,9 +1120,9 @@ class Call:
         number = self.settings.fallback_number
         if number:
             self._fallback_target = "fallback number"
-            return RedirectCall(call_sid, twilio.dial_twiml(number, say=self.lines.fallback_transfer))
+            return RedirectCall(call_sid, twilio.dial_twiml(number, say=self.lines.fallback_transfer, voice=self.lines.twilio_say))
         self._fallback_target = "apology and hang-up"
-        return RedirectCall(call_sid, twilio.say_and_hang_up_twiml(self.lines.fallback_goodbye))
+        return RedirectCall(call_sid, twilio.say_and_hang_up_twiml(self.lines.fallback_goodbye, voice=self.lines.twilio_say))
 
     def summary(self) -> dict[str, Any]:
         """The summary line's fields that this call knows."""
