@@ -836,3 +836,23 @@ async def test_dockerfile_healthcheck_command_really_checks_health(fake_agent: A
         assert await asyncio.to_thread(run, server.port) == 0
         server.draining = True  # /health answers 503 while draining: the check must fail
         assert await asyncio.to_thread(run, server.port) != 0
+
+
+def test_architecture_names_every_event_and_action_of_the_call_core() -> None:
+    """docs/architecture.md's lists of the core's events and actions are complete: a new event
+    method of ``Call`` or a new action type fails here until the page names it."""
+    import inspect
+    import typing
+
+    from bridge.call import actions
+
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    properties = {name for name, value in vars(Call).items() if isinstance(value, property)}
+    events = {
+        name for name, method in inspect.getmembers(Call, inspect.isfunction)
+        if not name.startswith("_") and name not in properties and name != "summary"
+    }
+    action_types = {kind.__name__ for kind in typing.get_args(actions.Action)}
+    assert len(events) > 20 and len(action_types) > 20
+    missing = sorted(name for name in events | action_types if f"`{name}`" not in page)
+    assert not missing, f"docs/architecture.md does not name {missing}"

@@ -6,6 +6,7 @@ main.py process on 127.0.0.1 against the fake agent and a fake webhook receiver.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from test_webhook import SECRET, FakeReceiver
 CALLER = "+15551234567"
 SAID = "My number is 415 555 0134 and my e-mail is ann.lee@example.com"
 PRIVATE = ("415 555 0134", "0134", "ann.lee", "example.com", "Ann Lee", "5551234567")
+# What the bridge writes of its own (request ids, times, durations) can hold "0134" by chance.
+BRIDGE_OWN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|\d+[.,:]\d+")
 
 
 def config_with_a_sensitive_name(directory: Path) -> Path:
@@ -77,7 +80,7 @@ async def test_each_store_transcripts_mode_keeps_what_it_says_in_the_record_the_
         return
     for where, text in stored.items():
         for private in PRIVATE:
-            assert private not in text, f"{mode}: {private!r} in the {where}"
+            assert private not in BRIDGE_OWN.sub("#", text), f"{mode}: {private!r} in the {where}"
     if mode == "redacted":
         assert transcript == ["My number is [redacted] and my e-mail is [redacted]", "Thank you."]
         assert json.loads(order["arguments"]) == {"customer_name": "[redacted]", "drug_name": "Ibuprofen", "quantity": "[redacted]"}
