@@ -52,6 +52,9 @@ def _refuse_constant(name: str) -> Any:
     raise AgentProtocolError("non-finite-number", f"a frame from Deepgram holds {name}, which JSON does not allow")
 
 
+_AGENT_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def parse_message(text: str) -> dict[str, Any]:
     """Parse a text frame from the agent; every valid one is an object with a string ``type``.
 
@@ -60,7 +63,7 @@ def parse_message(text: str) -> dict[str, Any]:
     in a string becomes U+FFFD, so every string handed on can be encoded as UTF-8.
     """
     try:
-        message = jsontext.loads(text, parse_constant=_refuse_constant)
+        message = jsontext.loads(text, _AGENT_DECODER)
     except (json.JSONDecodeError, RecursionError):
         raise AgentProtocolError("not-json", "a text frame from Deepgram is not JSON") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):

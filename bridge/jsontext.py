@@ -27,9 +27,15 @@ def valid_text(text: str) -> str:
     return LONE_SURROGATE.sub(REPLACEMENT, text)
 
 
-def loads(text: str, **options: Any) -> Any:
-    """``json.loads(text, **options)``, with every string of the result valid Unicode."""
-    value = json.loads(text, **options)
+_PLAIN: Final = json.JSONDecoder()
+
+
+def loads(text: str, decoder: json.JSONDecoder = _PLAIN) -> Any:
+    """``decoder.decode(text)`` (by default plain ``json.loads``), every string of the result valid Unicode.
+
+    A decoder with options is made once by its module, not per frame as ``json.loads(text, **options)`` would.
+    """
+    value = decoder.decode(text)
     if "\\u" in text and _SURROGATE_ESCAPE.search(text) is not None:
         value = _repaired(value)
     return value

@@ -168,6 +168,13 @@ class CallLog(logging.LoggerAdapter[logging.Logger]):
 class CallSession:
     """One call, from the Twilio handshake to the written record."""
 
+    # One a call, alive for its whole length: slots instead of a dict save memory per call.
+    __slots__ = (
+        "caller", "services", "settings", "loop", "started", "log", "call", "record", "digest", "_timers", "_hung_up",
+        "agent", "_agent_opening", "_agent_tasks", "_to_agent", "_to_agent_bytes", "_agent_backlogged",
+        "_may_read_caller", "_function_tasks", "_cancel_reasons", "_fallback", "requests", "_requests", "_watching",
+    )
+
     def __init__(
         self,
         caller: ServerPeer,

@@ -103,6 +103,13 @@ INBOUND_TRACKS = frozenset({"inbound_track", "inbound"})
 class Call:
     """One call's rules. See the module docstring for the machines it is made of."""
 
+    # Like each of its machines, slots instead of a dict: one a call, for its whole length.
+    __slots__ = (
+        "settings", "_agents", "_agent", "_settings_json", "lines", "_page", "control", "_phase", "stream", "_end",
+        "_caller_left", "_fallback_target", "_warm_reason", "link", "inbound", "playback", "departure", "keypad",
+        "silence", "injections", "functions", "history", "stats", "privacy", "recording", "consult",
+    )
+
     def __init__(
         self,
         settings: Settings,

@@ -40,6 +40,8 @@ class ResumeHistory:
     one per turn for as long as it lasts, and text is half the memory of dicts.
     """
 
+    __slots__ = ("_entries", "_replay")
+
     def __init__(self) -> None:
         self._entries: list[_HistoryEntry] = []
         # Keys of what a new session was given as context, which Deepgram may echo as History.
