@@ -6,6 +6,8 @@ messages it delivers must be the ones websockets' own parser (``receive_data`` a
 ``events_received``, its public Sans-I/O API) makes of the same bytes; so must what it answers
 (pongs, the close frame) and the state it ends in. Both sides are checked: a server receives masked
 frames from its client (``ServerPeer``), a client plain ones from its server (``AgentPeer``).
+The last tests hold the peer to what it keeps of a frame still arriving, and to what its keepalive
+makes of a peer it isn't reading.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import given, settings, strategies as st
 from websockets.client import ClientProtocol
-from websockets.frames import Frame, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
 from bridge.transport import AcceptWebSocket, HttpRequest, PeerLimits, ServerPeer, WebSocketPeer
+from fakes import eventually
 from test_transport import MemoryTransport, agent_peer_answered
 
 URI = parse_uri("ws://bridge.test/twilio")
@@ -258,3 +261,85 @@ def test_what_the_peer_keeps_of_reads_that_end_inside_a_frame_stays_small(masked
 
     peak = asyncio.run(feed())
     assert peak < 4 * step, f"{peak:,} bytes at the peak"
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["server-side", "client-side"])
+def test_a_large_frame_in_many_reads_is_kept_as_its_reads_and_joined_once(masked: bool) -> None:
+    """A 4 MB frame in 64 KB reads: until its last read is in, the peer holds the reads themselves,
+    not a copy made again at each read (which costs time quadratic in the frame's size); then it
+    delivers the one message, intact."""
+    body = random.Random(16).randbytes(4 * 1024 * 1024)
+    frame = Frame(Opcode.BINARY, body).serialize(mask=masked)
+    step = 65536
+    reads = [frame[pos : pos + step] for pos in range(0, len(frame), step)]
+    delivered: list[bytes] = []
+
+    async def feed() -> None:
+        peer, _ = open_peer(masked, PeerLimits(8 << 20, frames_per_second=1e9, frame_burst=10**9, ping_interval=None))
+        peer.take = lambda message: delivered.append(message) or True  # type: ignore[func-returns-value]
+        try:
+            for count, read in enumerate(reads[:-1], 1):
+                peer.data_received(read)
+                held = peer._pending
+                assert len(held) == count and all(a is b for a, b in zip(held, reads)), f"copied at read {count}"
+            peer.data_received(reads[-1])
+            assert peer._pending == []
+        finally:
+            peer.connection_lost(None)
+
+    asyncio.run(feed())
+    assert delivered == [body]
+
+
+# ------------------------------------------------------------------ the keepalive while reading is paused
+
+KEEPALIVE = dict(ping_interval=0.05, ping_timeout=0.05, stall_timeout=60.0)
+
+
+def failed_by_keepalive(peer: WebSocketPeer) -> bool:
+    assert peer.protocol is not None
+    close = peer.protocol.close_sent
+    return close is not None and close.code == CloseCode.INTERNAL_ERROR
+
+
+def test_a_peer_not_read_because_its_receiver_is_behind_is_not_failed_as_silent() -> None:
+    """Reading paused for the inbox (the call's coroutine is behind): no pong could be read, so no 1011.
+
+    A control peer, opened right after it and given the same frame in one read, but read at once,
+    goes silent too: the keepalive fails it. Its failure is the event the test waits for; by then
+    the keepalive has judged the paused peer at the same moments (its timers were armed first).
+    """
+    frame = Frame(Opcode.BINARY, b"a" * 600).serialize(mask=True)
+
+    async def run() -> None:
+        limits = PeerLimits(MAX_MESSAGE, 100.0, 100, inbox_max_bytes=512, **KEEPALIVE)
+        behind, behind_transport = open_peer(True, limits)
+        control, _ = open_peer(True, limits)
+        behind.take = lambda message: False  # the receiver is busy: messages wait in the inbox
+        control.take = lambda message: True
+        try:
+            behind.data_received(frame)
+            control.data_received(frame)
+            assert not behind_transport.reading, "the full inbox paused reading"
+            await eventually(lambda: failed_by_keepalive(control), 3, "the silent control peer's 1011")
+            assert not failed_by_keepalive(behind), "a peer we weren't reading was failed as silent"
+        finally:
+            behind.connection_lost(None)
+            control.connection_lost(None)
+
+    asyncio.run(run())
+
+
+def test_a_silent_peer_that_does_not_read_our_writes_is_still_failed_by_the_keepalive() -> None:
+    """Our writes to it being stuck pauses reading too, but that is the peer's doing, not ours:
+    it proves nothing about the peer being alive, and a silent one gets its 1011."""
+
+    async def run() -> None:
+        peer, _ = open_peer(True, PeerLimits(MAX_MESSAGE, 100.0, 100, **KEEPALIVE))
+        try:
+            peer.pause_writing()  # what asyncio calls when the socket's send buffer is full
+            await eventually(lambda: failed_by_keepalive(peer), 3, "the keepalive's 1011")
+        finally:
+            peer.connection_lost(None)
+
+    asyncio.run(run())
