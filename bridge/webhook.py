@@ -221,7 +221,7 @@ def recording_completed_payload(
 
 
 class WebhookSender:
-    """Delivers call summaries to one URL from a bounded queue, one at a time; see the module docstring."""
+    """Delivers webhook events (call summaries, finished recordings) to one URL from a bounded queue, one at a time; see the module docstring."""
 
     def __init__(
         self,
@@ -289,7 +289,7 @@ class WebhookSender:
         if self._closed:
             # Only a call still ending after the shutdown's deadline gets here; its record has it all.
             self.dropped += 1
-            logger.debug("a call summary came after the webhook sender closed: not sent")
+            logger.debug("a webhook event came after the webhook sender closed: not sent")
             return False
         if len(self._queue) >= self.queue_max or self._queued_bytes + len(body) > self.queue_max_bytes:
             self.dropped += 1
@@ -297,7 +297,7 @@ class WebhookSender:
             if not self._full:
                 self._full = True
                 logger.warning(
-                    "webhook queue is full (%s, %s waiting for %s): new call summaries are "
+                    "webhook queue is full (%s, %s waiting for %s): new webhook events are "
                     "dropped until there is room (their call records are on disk); nothing more is logged until then",
                     counted(len(self._queue), "delivery", "deliveries"), counted(self._queued_bytes, "byte"), self.target,
                 )
@@ -331,7 +331,7 @@ class WebhookSender:
         if left:
             logger.warning(
                 "%s not delivered to %s before shutdown (waited %.1f s); their call records are on disk",
-                counted(left, "call summary was", "call summaries were"), self.target, timeout,
+                counted(left, "webhook event was", "webhook events were"), self.target, timeout,
             )
         self._queue.clear()
         self._queued_bytes = 0
@@ -358,7 +358,7 @@ class WebhookSender:
             if self._full and len(self._queue) <= self.queue_max // 2:
                 logger.info(
                     "webhook queue has room again; %s dropped while it was full",
-                    counted(self._dropped_while_full, "call summary was", "call summaries were"),
+                    counted(self._dropped_while_full, "webhook event was", "webhook events were"),
                 )
                 self._full = False
                 self._dropped_while_full = 0
@@ -439,7 +439,7 @@ class WebhookSender:
         if status not in self._refusals_logged:
             self._refusals_logged.add(status)
             logger.warning(
-                "the webhook receiver %s refused a call summary with HTTP %d (%s); not retried, and further "
+                "the webhook receiver %s refused a webhook event with HTTP %d (%s); not retried, and further "
                 "HTTP %d refusals are not logged until a delivery gets through",
                 self.target, status, clean(body.decode("utf-8", "replace"), 200) or "no body", status,
             )

@@ -392,7 +392,7 @@ async def test_shutdown_waits_for_the_webhook_only_until_its_deadline(
         started = time.monotonic()
     assert time.monotonic() - started < 5.0  # not the 30 s attempt
     assert any(
-        "1 call summary was not delivered to http://127.0.0.1:" in line and "/hooks/calls before shutdown" in line
+        "1 webhook event was not delivered to http://127.0.0.1:" in line and "/hooks/calls before shutdown" in line
         for line in webhook_lines(caplog, logging.WARNING)
     )
 
@@ -457,7 +457,7 @@ async def test_a_4xx_is_not_retried_and_each_status_is_logged_once(
     assert sender.failed == 4
     warnings = webhook_lines(caplog, logging.WARNING)
     assert len(warnings) == 2, warnings
-    assert "refused a call summary with HTTP 400 ({\"error\": \"nope\"}); not retried" in warnings[0]
+    assert "refused a webhook event with HTTP 400 ({\"error\": \"nope\"}); not retried" in warnings[0]
     assert "HTTP 422" in warnings[1]
     [recovered] = webhook_lines(caplog, logging.INFO)
     assert "4 deliveries failed meanwhile" in recovered
@@ -493,7 +493,7 @@ async def test_a_refusal_with_a_huge_body_is_a_refusal_logged_with_the_start_of_
     await sender.close(1.0)
     assert len(receiver.requests) == 1  # a refusal: not retried
     [warning] = webhook_lines(caplog, logging.WARNING)
-    assert "refused a call summary with HTTP 400 (refused xxxxxxxx" in warning and len(warning) < 600
+    assert "refused a webhook event with HTTP 400 (refused xxxxxxxx" in warning and len(warning) < 600
 
 
 async def seconds_to_give_up(sender: WebhookSender) -> float:
@@ -570,7 +570,7 @@ async def test_a_full_queue_drops_and_counts_with_one_warning_then_one_line_when
     assert [request.json["n"] for request in receiver.requests] == [0, 1]
     full = [line for line in webhook_lines(caplog, logging.WARNING) if "queue is full" in line]
     assert len(full) == 1 and "(2 deliveries" in full[0]
-    assert any("room again; 4 call summaries were dropped" in line for line in webhook_lines(caplog, logging.INFO))
+    assert any("room again; 4 webhook events were dropped" in line for line in webhook_lines(caplog, logging.INFO))
 
 
 async def test_close_sends_what_is_queued_and_counts_what_it_could_not(
@@ -593,7 +593,7 @@ async def test_close_sends_what_is_queued_and_counts_what_it_could_not(
     await sender.close(0.3)
     assert time.monotonic() - started < 3.0  # not the 30 s attempt
     [left] = webhook_lines(caplog, logging.WARNING)
-    assert left.startswith("3 call summaries were not delivered")
+    assert left.startswith("3 webhook events were not delivered")
     assert not sender.submit(b"{}")  # closed: dropped, never queued
 
 
