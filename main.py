@@ -43,7 +43,7 @@ from dotenv import load_dotenv
 from bridge.agents import AgentCatalog, check_functions, load_catalog, retention_warnings
 from bridge.binding import BINDING_PARAMETER
 from bridge.call_control import outbound_call, place_call
-from bridge.settings import E164, ConfigError, Settings, load_settings
+from bridge.settings import E164, ConfigError, Settings, default_of, environment_fields, load_settings
 from bridge.logsafe import clean
 from bridge.storage.postgres import check_database_url, describe
 from bridge.records import make_private_dirs
@@ -60,10 +60,25 @@ DEFAULT_ENV_FILE = HERE / ".env"
 logger = logging.getLogger("bridge")
 
 
+def setting_default(name: str) -> Any:
+    """The default the settings table gives the environment variable ``name``."""
+    [default] = [default_of(item) for item, setting in environment_fields() if setting.name == name]
+    return default
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Bridge Twilio phone calls to the Deepgram Voice Agent API.")
-    parser.add_argument("--host", help="address to listen on (env HOST, default 0.0.0.0)")
-    parser.add_argument("--port", type=int, help="port to listen on (env PORT, default 5000)")
+    parser = argparse.ArgumentParser(
+        description="Bridge Twilio phone calls to the Deepgram Voice Agent API.",
+        epilog=(
+            "commands:\n"
+            "  python main.py                  run the bridge (the options above)\n"
+            "  python main.py call +1555...    place an outbound call the running bridge takes\n"
+            "                                  (python main.py call --help for its options)"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--host", help=f"address to listen on (env HOST, default {setting_default('HOST')})")
+    parser.add_argument("--port", type=int, help=f"port to listen on (env PORT, default {setting_default('PORT')})")
     parser.add_argument("--config", type=Path, default=HERE / "config.json", help="the agent (default config.json)")
     parser.add_argument("--env-file", type=Path, default=DEFAULT_ENV_FILE, help="settings file (default .env)")
     parser.add_argument("--workers", type=int, default=1, help="server processes sharing the port (default 1)")

@@ -1840,3 +1840,33 @@ def test_the_phase_changes_only_as_its_table_allows() -> None:
                     machine.move(event)
     assert TRANSITIONS[Phase.ENDED] == {}
     assert all(PhaseEvent.ENDED in TRANSITIONS[phase] for phase in Phase if phase is not Phase.ENDED)
+
+
+@pytest.mark.parametrize("mode", ["redacted", "none"])
+def test_a_function_error_and_a_transfer_reason_keep_the_callers_words_only_as_the_mode_says(mode: str) -> None:
+    """Besides turns, arguments and results, the model writes the caller's words into a transfer's
+    reason, and a function's error may quote them: under STORE_TRANSCRIPTS=redacted and none, no
+    record line and no log line holds them (docs/privacy.md)."""
+    from bridge.call import TransferCall
+
+    private = ("415 555 0134", "0134", "ann.lee", "example.com")
+    said = "order 415 555 0134 for ann.lee@example.com"
+    h = ready(store_transcripts=mode, **REST)
+    h.agent(request(("f1", "get_drug_info", {"drug_name": "ibuprofen"})))
+    h.finished("f1", outcome(error=f"no {said}"))
+    h.agent(request(("t1", "transfer_call", {"reason": f"wants {said}"})))
+    h.advance_to(h.now + 2.0)
+    assert of(h.actions, TransferCall)
+    h.take(h.call.transfer_finished(None, h.now))
+    lines = [record.fields for record in records(h.actions)]
+    logged = [log.message % log.args for log in logs(h.actions)]
+    for private_text in private:
+        assert private_text not in json.dumps(lines), f"{private_text!r} in a record line"
+        assert not any(private_text in line for line in logged), f"{private_text!r} in a log line"
+    [failed] = [line for line in lines if line.get("name") == "get_drug_info"]
+    [transferred] = records(h.actions, "transferred")
+    if mode == "redacted":
+        assert failed["error"] == "no order [redacted] for [redacted]"
+        assert transferred.fields["reason"] == "wants order [redacted] for [redacted]"
+    else:
+        assert failed["error"] == "[redacted]" and transferred.fields["reason"] is None

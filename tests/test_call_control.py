@@ -584,6 +584,16 @@ def outbound_env(fake: FakeTwilioRest) -> dict[str, str]:
     }
 
 
+def test_main_help_names_the_call_command_and_the_real_defaults() -> None:
+    """``python main.py --help`` is where a newcomer looks: it lists ``call`` and the defaults startup uses."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "--help"], env=child_env(), capture_output=True, text=True, timeout=20
+    )
+    assert done.returncode == 0, done.stderr
+    assert "python main.py call +1" in done.stdout and "python main.py call --help" in done.stdout
+    assert "default 127.0.0.1" in done.stdout and "default 5000" in done.stdout
+
+
 async def test_an_outbound_call_request_is_exact(tmp_path: Path) -> None:
     """``main.py call`` sends one create request, exactly as section 7 says, and prints the Call SID."""
     async with FakeTwilioRest() as fake:
