@@ -1870,3 +1870,48 @@ def test_a_function_error_and_a_transfer_reason_keep_the_callers_words_only_as_t
         assert transferred.fields["reason"] == "wants order [redacted] for [redacted]"
     else:
         assert failed["error"] == "[redacted]" and transferred.fields["reason"] is None
+
+
+def test_a_binding_holds_for_one_call_of_one_account_only() -> None:
+    """The MAC covers the AccountSid as well as the CallSid: a stream naming the same CallSid under
+    another account (which TWILIO_ACCOUNT_SID, when unset, would not catch) is not bound."""
+    from bridge.binding import binding_key, binding_matches
+
+    key = binding_key(None, "t0ken")
+    assert key is not None
+    mac = binding_mac(key, CALL_SID, "AC" + "a" * 32)
+    assert binding_matches(key, CALL_SID, "AC" + "a" * 32, mac)
+    assert not binding_matches(key, CALL_SID, "AC" + "b" * 32, mac)
+    assert not binding_matches(key, "CA" + "e" * 32, "AC" + "a" * 32, mac)
+
+
+def test_allow_unbound_call_control_lets_an_unbound_stream_be_transferred() -> None:
+    """The operator's opt-in (for a TwiML Bin) is what it says: REST acts on the unbound stream."""
+    from bridge.call import TransferCall
+
+    h = Harness(**REST, allow_unbound_call_control=True)
+    h.connected()
+    h.start(bound=False)
+    h.agent_connected()
+    h.agent(WELCOME)
+    h.agent(APPLIED)
+    h.agent(request(("t1", "transfer_call", {"reason": "pharmacist"})))
+    h.advance_to(h.now + 2.0)
+    assert [transfer.redirect.call_sid for transfer in of(h.actions, TransferCall)] == [CALL_SID]
+
+
+def test_an_unbound_stream_gets_no_warm_transfer_either() -> None:
+    """The pharmacist is never dialled for a call whose stream isn't bound: the agent hears why."""
+    from bridge.call import DialPharmacist, TransferCall
+
+    h = Harness(**REST, transfer_mode="warm", twilio_phone_number="+15550002222", public_url="https://bridge.example")
+    h.connected()
+    h.start(bound=False)
+    h.agent_connected()
+    h.agent(WELCOME)
+    h.agent(APPLIED)
+    out = h.agent(request(("t1", "transfer_call", {"reason": "pharmacist", "summary": "Ann, order 12"})))
+    h.advance_to(h.now + 40.0)
+    assert not of(h.actions, DialPharmacist) and not of(h.actions, TransferCall)
+    [answer] = [m for m in json_sent(out) if m.get("type") == "FunctionCallResponse"]
+    assert "not available" in json.loads(answer["content"])["error"]
