@@ -775,6 +775,9 @@ def test_the_documented_examples_are_valid_agents_that_do_what_the_docs_say(tmp_
 
     greeting_example, numbers, spanish = [b for b in json_blocks() if "agent" in b or "+15550009999" in b][:3]
     greeting_example = merged(BASE, greeting_example)
+    # Deepgram keeps a call's data for model improvement unless told not to: the example says so
+    # itself, so a reader who copies only the keys shown doesn't lose it.
+    assert spanish.get("mip_opt_out") is True and BASE.get("mip_opt_out") is True
     settings, text = compile_template(greeting_example, "config.json").render({"From": "+15551230000"})
     documented = "I see you're calling from +15551230000. How can I help?"
     assert settings["agent"]["greeting"].endswith(documented) and f'{documented}"' in DOC

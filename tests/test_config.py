@@ -729,3 +729,17 @@ def test_phone_startup_lists_the_routes_and_says_what_unsigned_twilio_exposes(tm
     )
     assert "anyone who finds this address can open agent sessions on your Deepgram account" in log
     assert "/twilio" in index and "/health" in index and "/phone" not in index
+
+
+def test_relative_folders_are_taken_from_the_project_folder_wherever_the_bridge_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CALLS_DIR and STATE_DIR as PHARMACY_DB: a relative path is the project's, not the current
+    directory's (started from /, "calls" must not become /calls)."""
+    from bridge.settings import PROJECT_DIR
+
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings({"DEEPGRAM_API_KEY": "k", "CALLS_DIR": "records/here", "STATE_DIR": "shared"})
+    assert settings.calls_dir == PROJECT_DIR / "records" / "here"
+    assert settings.state_dir == PROJECT_DIR / "shared"
+    assert load_settings({"DEEPGRAM_API_KEY": "k", "CALLS_DIR": str(tmp_path / "abs")}).calls_dir == tmp_path / "abs"

@@ -677,6 +677,9 @@ def test_dockerfile_runs_as_a_non_root_user_with_a_healthcheck() -> None:
     assert ("EXPOSE", "5000") in instructions
     assert ("STOPSIGNAL", "SIGTERM") in instructions
     assert json.loads(next(args for op, args in instructions if op == "CMD")) == ["python", "main.py"]
+    # The bridge's own default (127.0.0.1) would be unreachable through the published port.
+    environment = " ".join(args for op, args in instructions if op == "ENV")
+    assert re.search(r"(?:^|\s)HOST=0\.0\.0\.0(?:\s|$)", environment), "the image must listen on every interface"
 
 
 def test_dockerfile_installs_and_copies_what_the_bridge_needs() -> None:
@@ -791,6 +794,8 @@ def test_kubernetes_example_drains_before_it_is_killed() -> None:
     grace = pod["terminationGracePeriodSeconds"]
     assert grace >= 30 and grace >= pre_stop + drain + 5, "terminationGracePeriodSeconds must cover preStop + DRAIN_TIMEOUT_SECONDS"
 
+    # The bridge's own default (127.0.0.1) would be unreachable from outside the pod.
+    assert env.get("HOST") == "0.0.0.0", "the pod must listen on every interface"
     assert any("secretRef" in source for source in container["envFrom"]), "keys come from a Secret"
     assert "DEEPGRAM_API_KEY" not in env and "TWILIO_AUTH_TOKEN" not in env, "keys belong in the Secret"
     # The manifest's values (with the Secret's keys) must be settings the bridge accepts.

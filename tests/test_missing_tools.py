@@ -1,9 +1,9 @@
 """A machine without the browser tests' tools: a plain run says what to install, CI's run fails.
 
 tests/test_phone_page.py needs Debian's chromium, espeak-ng and sox. These run that module in a
-pytest of their own with a PATH where espeak-ng and sox can't be found, once as a developer would
-(the tests are skipped, and the summary says what to install) and once as CI does (``CI`` set:
-the run fails with that sentence).
+pytest of their own with a PATH where espeak-ng and sox can't be found and Chromium's path naming
+nothing, once as a developer would (the tests are skipped, and the summary says what to install)
+and once as CI does (``CI`` set: the run fails with that sentence).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-INSTALL = "espeak-ng and sox are not installed: sudo apt-get install espeak-ng sox"
+INSTALL = "Debian's chromium, espeak-ng and sox are not installed: sudo apt-get install chromium espeak-ng sox"
 
 
 def test_missing_browser_tools_are_named_locally_and_fail_ci(tmp_path: Path) -> None:
@@ -22,6 +22,7 @@ def test_missing_browser_tools_are_named_locally_and_fail_ci(tmp_path: Path) -> 
     bare.mkdir()
     env = {name: value for name, value in os.environ.items() if name not in ("CI", "PYTEST_XDIST_WORKER")}
     env["PATH"] = str(bare)
+    env["PHONE_TEST_CHROMIUM"] = str(bare / "chromium")  # not there
     # The browser tests only: the access checks would start a bridge, which takes a while.
     command = [sys.executable, "-m", "pytest", "-n", "0", "tests/test_phone_page.py", "-k", "not token"]
     runs = {

@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
+# Debian's Chromium; tests/test_missing_tools.py points this elsewhere to see a machine without it.
+CHROMIUM = os.environ.get("PHONE_TEST_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"
 TOKEN = "phone-test-token-7f3a9c"
 SPEECH = "I would like to order ibuprofen please"
