@@ -722,6 +722,22 @@ LAYOUT_PROBLEMS_JS = """
   const status = document.getElementById("statusLine"), header = document.querySelector("header");
   if (!inside(rect(status), rect(header)) || rect(status).right > window.innerWidth + slack)
     problems.push(`the status line ${fmt(rect(status))} is not inside the header ${fmt(rect(header))} on a ${window.innerWidth} px screen`);
+
+  // 5. A wide screen shows the whole page in one window: every card ends inside it; the latency
+  //    tables take at most 60% of their column, and the function calls (what a developer trying
+  //    their functions reads) the rest, never under 150 px.
+  if (window.matchMedia("(min-width: 981px) and (min-height: 560px)").matches) {
+    for (const section of sections) {
+      if (rect(section).bottom > window.innerHeight + slack)
+        problems.push(`${label(section)} ${fmt(rect(section))} ends below the ${window.innerHeight} px window`);
+    }
+    const functions = document.querySelector(".fn-card"), latency = document.querySelector(".lat-card");
+    const column = rect(functions.parentElement);
+    if (rect(functions).height < 150 - slack)
+      problems.push(`${label(functions)} ${fmt(rect(functions))} is under its 150 px`);
+    if (rect(latency).height > 0.6 * column.height + slack)
+      problems.push(`${label(latency)} ${fmt(rect(latency))} takes over 60% of its ${Math.round(column.height)} px column`);
+  }
   return {problems, checked};
 }
 """
