@@ -861,3 +861,13 @@ def test_architecture_names_every_event_and_action_of_the_call_core() -> None:
     assert len(events) > 20 and len(action_types) > 20
     missing = sorted(name for name in events | action_types if f"`{name}`" not in page)
     assert not missing, f"docs/architecture.md does not name {missing}"
+
+
+def test_the_housekeeping_the_docs_call_hourly_runs_every_hour() -> None:
+    """Retention and the shared state's forgetting are documented as hourly: that is the server's interval."""
+    from bridge.server import HOUSEKEEPING_INTERVAL_SECONDS
+
+    assert "at startup and hourly" in (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert "every hour while it serves" in (ROOT / "docs" / "call-records.md").read_text(encoding="utf-8")
+    assert "the hourly housekeeping" in (ROOT / "docs" / "privacy.md").read_text(encoding="utf-8")
+    assert HOUSEKEEPING_INTERVAL_SECONDS == 3600
