@@ -579,10 +579,12 @@ class CallSession:
             for call_id in list(self._function_tasks):
                 self._cancel_function(call_id, "the call ended before it finished")
         self._stop_watching()
-        if self._requests:
-            # Twilio ends the stream as the call moves to <Dial>: let the REST answer be recorded.
-            # The same for the recording's start, and the pharmacist's leg hung up when the caller left.
-            await asyncio.wait(list(self._requests), timeout=REST_SECONDS)
+        # Twilio ends the stream as the call moves to <Dial>: let the REST answer be recorded.
+        # The same for the recording's start, and the pharmacist's leg hung up when the caller left,
+        # including one a request still under way asks for when it answers (hence the loop).
+        deadline = self.loop.time() + REST_SECONDS
+        while self._requests and (left := deadline - self.loop.time()) > 0:
+            await asyncio.wait(list(self._requests), timeout=left)
         tasks = [twilio_receiver, *self._agent_tasks, *self._function_tasks.values(), *self._requests]
         if opening is not None:
             tasks.append(opening)

@@ -28,6 +28,8 @@ one step, and once the queues are empty
 the fake answers normally again. A step is one of:
 
 - ``"normal"`` (or ``200``/``201``): answer as Twilio would (auth checked, the call created or updated);
+- an ``asyncio.Event``: answer normally once the test sets it (``fake.held`` lists the requests
+  waiting so; a request made while a call is being created, say);
 - another ``int`` status: that status with a Twilio-style JSON error body (e.g. ``500``, ``404``);
 - ``Reply(status, body, headers)``: exactly this answer; ``twilio_error(status, code, message)``
   and ``rate_limited(retry_after)`` build common ones;
@@ -129,7 +131,7 @@ class Reply:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
-Step = int | str | Reply
+Step = int | str | Reply | asyncio.Event
 
 
 def twilio_error(status: int, code: int | None, message: str, *, headers: Mapping[str, str] | None = None) -> Reply:
@@ -200,6 +202,7 @@ class FakeTwilioRest:
         self.recordings: dict[str, dict[str, Any]] = {}  # Recording SID -> the recording as last answered
         self.port = 0
         self._scripts: dict[str, deque[Step]] = {}
+        self.held: list[RecordedRequest] = []  # requests waiting for an Event step to be set
         self._server: asyncio.Server | None = None
         self._handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._arrived = asyncio.Condition()
@@ -308,6 +311,13 @@ class FakeTwilioRest:
                 request, body = received
                 recorded = self._record(request, body)
                 step = self._next_step(recorded)
+                if isinstance(step, asyncio.Event):
+                    self.held.append(recorded)
+                    async with self._arrived:
+                        self._arrived.notify_all()
+                    await step.wait()
+                    self.held.remove(recorded)
+                    step = NORMAL
                 if step == HANG:
                     recorded.outcome = HANG
                     await self._publish(recorded)

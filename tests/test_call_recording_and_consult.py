@@ -257,3 +257,66 @@ def test_a_move_twilio_refuses_after_acceptance_ends_the_waiting_pharmacists_leg
     out = h.take(h.call.transfer_finished("Twilio said 400", h.now))
     assert of(out, EndCallLeg) == [EndCallLeg(PHARMACIST)] and injected(out) == [CallerLines().transfer_failed]
     assert not h.hangups
+
+
+def test_a_caller_who_leaves_before_the_pharmacists_call_exists_still_gets_that_call_ended() -> None:
+    """The caller hangs up while the create request is under way (no Call SID yet): the pharmacist's
+    call is hung up as soon as its SID arrives, even though the caller's call has ended."""
+    h = warm()
+    ask_for_the_pharmacist(h)
+    out = h.stop()
+    assert of(out, NoteCallerLeft) == [NoteCallerLeft(CALL_SID)] and not of(out, EndCallLeg) and h.hangups
+    assert of(h.take(h.call.consult_dialled(PHARMACIST, None, h.now)), EndCallLeg) == [EndCallLeg(PHARMACIST)]
+    assert not of(h.take(h.call.consult_dialled(PHARMACIST, None, h.now)), EndCallLeg), "ended once"
+
+
+def test_the_consult_waits_transfer_timeout_seconds_and_the_record_says_when_it_was_accepted() -> None:
+    h = Harness(**REST, transfer_mode="warm", transfer_timeout_seconds=17.0)
+    h.open()
+    asked_at = h.now
+    ask_for_the_pharmacist(h)
+    assert h.armed[Timer.CONSULT] == asked_at + 17.0
+    h.take(h.call.consult_dialled(PHARMACIST, None, h.now))
+    h.at(asked_at + 6.5)
+    out = h.take(h.call.consult_answered("accepted", h.now))
+    assert records(out, "transfer_accepted") == [Record("transfer_accepted", {"seconds_waited": 6.5})]
+
+
+def test_the_caller_is_moved_only_once_the_connecting_line_has_played_however_long_it_is() -> None:
+    """Accepted: the move waits for the mark after the agent's line, not for a fixed grace."""
+    h = warm()
+    ask_for_the_pharmacist(h)
+    h.take(h.call.consult_dialled(PHARMACIST, None, h.now))
+    h.take(h.call.consult_answered("accepted", h.now))
+    h.advance(2.0)  # the agent's voice takes a moment to start saying the injected line
+    assert not of(h.actions, TransferCall), "moved before the caller heard the line"
+    mark = h.turn(8000 * 8)  # eight seconds of "The pharmacist can take your call now..."
+    h.advance(6.0)
+    assert not of(h.actions, TransferCall), "moved while the caller was still hearing the line"
+    assert of(h.echo(mark), TransferCall)
+
+
+def test_a_stream_twilio_ends_before_the_move_answers_still_records_a_warm_transfer() -> None:
+    """Twilio usually ends the stream as it moves the call, before the REST answer: still mode warm."""
+    h = warm()
+    ask_for_the_pharmacist(h)
+    h.take(h.call.consult_dialled(PHARMACIST, None, h.now))
+    h.take(h.call.consult_answered("accepted", h.now))
+    h.echo(h.turn(800))
+    h.stop()
+    out = h.take(h.call.transfer_finished(None, h.now))
+    assert records(out, "transferred") == [Record("transferred", {"reason": "refill", "mode": "warm"})]
+
+
+def test_an_agent_file_that_transfers_warm_does_so_on_a_cold_bridge() -> None:
+    """``bridge.transfer_mode`` in an agent's file beats the process's TRANSFER_MODE for its calls."""
+    from bridge.agents import AgentCatalog
+    from bridge.call import Call
+    from bridge.config import AgentConfig
+    from test_call import AGENT_SETTINGS
+
+    h = Harness(**REST, transfer_mode="cold")
+    h.call = Call(h.settings, AgentCatalog.single(AgentConfig(settings=AGENT_SETTINGS, client_functions={}, transfer_mode="warm")))
+    h.open()
+    out = ask_for_the_pharmacist(h)
+    assert of(out, DialPharmacist) and not of(out, TransferCall)

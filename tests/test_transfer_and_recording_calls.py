@@ -153,6 +153,26 @@ async def test_a_caller_hanging_up_during_the_briefing_ends_the_pharmacists_leg_
     assert note(tmp_path, caller.call_sid) is None
 
 
+async def test_a_caller_who_hangs_up_while_the_pharmacists_call_is_being_created_still_gets_it_ended(
+    fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """Twilio answers the create only after the caller has left: the new call, which nobody would
+    be put through to, is hung up all the same, before the caller's record is written."""
+    create_answers = asyncio.Event()
+    async with FakeTwilioRest() as fake, make_bridge(fake_agent, **warm_call_settings(fake)) as server:
+        fake.script("create", create_answers)
+        async with call_with_agent(server, fake, fake_agent) as (caller, session):
+            await ask_for_a_warm_transfer(session)
+            await eventually(lambda: fake.held, what="the pharmacist's call being created")
+            await caller.stop()
+            state = DirectoryState(tmp_path / "state")
+            await eventually(lambda: state.read(caller_left_key(caller.call_sid)) == CALLER_LEFT_NOTE, what="the caller gone")
+            create_answers.set()
+            await eventually(lambda: not server.calls, what="the call to end")
+        [hang_up] = fake.requests_for("update")
+    assert hang_up.call_sid == fake.created_sids[0] and hang_up.form_pairs() == [("Status", "completed")]
+
+
 async def test_a_recorded_call_starts_after_the_notice_is_heard_and_skips_keypad_digits(
     fake_agent: FakeAgent, make_bridge: BridgeFactory, tmp_path: Path
 ) -> None:

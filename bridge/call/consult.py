@@ -118,6 +118,8 @@ def briefing_for(template: str, summary: str, fallback: str) -> str:
 class ConsultStage(enum.Enum):
     IDLE = "idle"
     DIALLING = "dialling the pharmacist"
+    # The caller left before the pharmacist's call had a SID: that call is ended once it has one.
+    ABANDONED = "the caller left while the pharmacist's call was being placed"
     RINGING = "waiting for the pharmacist's answer"
     ACCEPTED = "accepted: moving the caller"
 
@@ -153,7 +155,10 @@ class Consult:
         ]
 
     def dialled(self, pharmacist_sid: str | None, caller_call_sid: str) -> list[Action]:
-        """The pharmacist's call exists (its SID); watch for their answer."""
+        """The pharmacist's call exists (its SID); watch for their answer, or end it if the caller has left."""
+        if self.stage is ConsultStage.ABANDONED:
+            self._reset()
+            return [EndCallLeg(pharmacist_sid)] if pharmacist_sid is not None else []
         if self.stage is not ConsultStage.DIALLING or pharmacist_sid is None:
             return []
         self.stage = ConsultStage.RINGING
@@ -178,8 +183,12 @@ class Consult:
 
     def caller_left(self, caller_call_sid: str) -> list[Action]:
         """The caller hung up while the pharmacist was dialled or briefed (or moved)."""
-        if self.stage is ConsultStage.IDLE:
+        if self.stage in (ConsultStage.IDLE, ConsultStage.ABANDONED):
             return []
+        if self.stage is ConsultStage.DIALLING:
+            # Nobody is put through to silence: the call being placed is ended as soon as it exists.
+            self.stage = ConsultStage.ABANDONED
+            return [NoteCallerLeft(caller_call_sid), CancelTimer(Timer.CONSULT), StopWatchingForNote()]
         accepted = self.stage is ConsultStage.ACCEPTED
         actions: list[Action] = [NoteCallerLeft(caller_call_sid)]
         if not accepted:  # an accepted pharmacist is in the conference the caller was moved to

@@ -810,6 +810,8 @@ class Call:
 
     def consult_dialled(self, pharmacist_sid: str | None, error: str | None, now: float) -> Sequence[Action]:
         """The REST create of the pharmacist's call answered: its SID, or why it failed."""
+        if self.consult.stage is ConsultStage.ABANDONED:
+            return self.consult.dialled(pharmacist_sid, "")  # the caller left meanwhile: that call is ended
         if self.consult.stage is not ConsultStage.DIALLING or self._phase.ended:
             return NO_ACTIONS
         if error is not None or pharmacist_sid is None:
@@ -828,7 +830,8 @@ class Call:
         if not answer.accepted:
             return self._settle(self._consult_declined(answer.reason or "declined", None), now)
         assert self.stream is not None
-        waited = now - (self.consult.dialled_at or now)
+        dialled_at = self.consult.dialled_at
+        waited = now - dialled_at if dialled_at is not None else 0.0
         actions: list[Action] = [
             *self.consult.accepted(),
             Log(logging.INFO, "the pharmacist accepted after %.1f s; the caller is moved once the agent's line is heard", (waited,)),
