@@ -1335,6 +1335,7 @@ def test_a_resumable_close_starts_a_resume(code: int | None) -> None:
         OpenAgent(resuming=True),
     ]
     assert h.call.phase is Phase.RESUMING and h.hangups == [] and h.call.summary()["errors"] == 1
+    assert not h.call.agent_ready, "audio does not flow both ways while the session is being reopened"
 
 
 @pytest.mark.parametrize("code", [1000, 1002, 1003, 1007, 1008, 1009, 1010, 1015, 4000])

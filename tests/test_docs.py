@@ -871,3 +871,21 @@ def test_the_housekeeping_the_docs_call_hourly_runs_every_hour() -> None:
     assert "every hour while it serves" in (ROOT / "docs" / "call-records.md").read_text(encoding="utf-8")
     assert "the hourly housekeeping" in (ROOT / "docs" / "privacy.md").read_text(encoding="utf-8")
     assert HOUSEKEEPING_INTERVAL_SECONDS == 3600
+
+
+def test_the_phase_table_in_architecture_md_is_the_machines_table() -> None:
+    """Each phase's row says where the phase can go: the same moves, to the same phases, as
+    phase.TRANSITIONS allows (one arrow per move), so a move added to either shows in both."""
+    from bridge.call.phase import TRANSITIONS, Phase
+
+    names = {"waiting for start": Phase.WAITING_FOR_START, "opening the agent": Phase.OPENING_AGENT,
+             "opening": Phase.OPENING_AGENT, "conversing": Phase.CONVERSING, "resuming": Phase.RESUMING,
+             "ended": Phase.ENDED}
+    architecture = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (waiting for start|opening the agent|conversing|resuming|ended) \|[^|]*\| ([^|]*) \|$", architecture, re.M)
+    assert {names[phase] for phase, _ in rows} == set(Phase) and len(rows) == len(Phase), rows
+    for phase, leaves in rows:
+        targets = re.findall(r"→ ([a-z]+)", leaves)
+        moves = TRANSITIONS[names[phase]]
+        assert len(targets) == len(moves), f"{phase}: the docs give {len(targets)} moves, the table {len(moves)}"
+        assert {names[target] for target in targets} == set(moves.values()), phase
