@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 import bridge.call as call_module
 import bridge.call.stats as call_stats
-from bridge import agent_protocol
+from bridge import agent_protocol, twilio
 from bridge.agent_protocol import FunctionCall
 from bridge.call import (
     CallEnd,
@@ -1916,3 +1916,105 @@ def test_an_unbound_stream_gets_no_warm_transfer_either() -> None:
     assert not of(h.actions, DialPharmacist) and not of(h.actions, TransferCall)
     [answer] = [m for m in json_sent(out) if m.get("type") == "FunctionCallResponse"]
     assert "not available" in json.loads(answer["content"])["error"]
+
+
+# ------------------------------------------------------------------ every line in the agent's words
+
+OWN_LINES = {
+    name: f"({name} in the agent's own words)"
+    for name in ("idle_reprompt", "idle_goodbye", "transfer_failed", "fallback_transfer", "fallback_goodbye",
+                 "voicemail", "recording_notice", "transfer_connecting", "transfer_declined")
+}
+
+
+def with_own_lines(**overrides: Any) -> Harness:
+    """A call whose agent's file sets every line the caller can hear (docs/agents.md)."""
+    from bridge.agents import AgentCatalog
+    from bridge.config import AgentConfig
+
+    h = Harness(**overrides)
+    h.call = Call(h.settings, AgentCatalog.single(AgentConfig(settings=AGENT_SETTINGS, client_functions={}, lines=OWN_LINES)))
+    return h
+
+
+def injected_texts(actions: Iterable[Any]) -> list[str]:
+    return [m["message"] for m in json_sent(actions) if m.get("type") == "InjectAgentMessage"]
+
+
+def said_by_silence(line: str) -> list[str]:
+    h = with_own_lines(idle_reprompt_seconds=5.0, idle_hangup_seconds=10.0)
+    h.open()
+    h.advance(5.0)
+    if line == "idle_reprompt":
+        return injected_texts(h.actions)
+    h.advance(10.0)
+    return injected_texts(h.actions)[1:]
+
+
+def said_after_a_failed_transfer(line: str) -> list[str]:
+    h = with_own_lines(**REST)
+    h.open()
+    h.agent(request(("t1", "transfer_call", {"reason": "pharmacist"})))
+    h.advance(2.0)
+    return injected_texts(h.take(h.call.transfer_finished("Twilio said 400", h.now)))
+
+
+def said_by_the_fallback(line: str) -> list[str]:
+    h = with_own_lines(**REST, fallback_number="+15550003333" if line == "fallback_transfer" else None)
+    h.open()
+    [hang_up] = of(h.agent_closed(1000), HangUp)
+    assert hang_up.fallback is not None
+    return [said for said in OWN_LINES.values() if f">{said}</Say>" in hang_up.fallback.twiml]
+
+
+def said_as_the_greeting(line: str) -> list[str]:
+    h = with_own_lines(**REST, call_recording="dual" if line == "recording_notice" else "off")
+    h.connected()
+    h.start({twilio.MODE_PARAMETER: twilio.VOICEMAIL_MODE} if line == "voicemail" else None)
+    h.agent_connected()
+    [settings] = [m for m in json_sent(h.agent(WELCOME)) if m.get("type") == "Settings"]
+    return [settings["agent"]["greeting"].removesuffix(f" {GREETING}")]
+
+
+def said_in_a_warm_transfer(line: str) -> list[str]:
+    h = with_own_lines(**REST, transfer_mode="warm", twilio_phone_number="+15550002222", public_url="https://bridge.example")
+    h.open()
+    h.agent(request(("t1", "transfer_call", {"reason": "refill", "summary": "Ann, order 12"})))
+    h.take(h.call.consult_dialled("CA" + "f" * 32, None, h.now))
+    note = "accepted" if line == "transfer_connecting" else "declined:busy"
+    return injected_texts(h.take(h.call.consult_answered(note, h.now)))
+
+
+@pytest.mark.parametrize(
+    "line, scene",
+    [
+        ("idle_reprompt", said_by_silence),
+        ("idle_goodbye", said_by_silence),
+        ("transfer_failed", said_after_a_failed_transfer),
+        ("fallback_transfer", said_by_the_fallback),
+        ("fallback_goodbye", said_by_the_fallback),
+        ("voicemail", said_as_the_greeting),
+        ("recording_notice", said_as_the_greeting),
+        ("transfer_connecting", said_in_a_warm_transfer),
+        ("transfer_declined", said_in_a_warm_transfer),
+    ],
+)
+def test_every_line_a_caller_hears_is_the_agents_own(line: str, scene: Any) -> None:
+    """Whatever the process's defaults, a call hears the lines its agent's file sets, each where it belongs."""
+    assert scene(line) == [OWN_LINES[line]]
+
+
+def test_the_caller_is_read_again_only_when_the_last_reason_to_hold_them_back_is_gone() -> None:
+    """Held audio at its cap and a backed-up agent socket both stop reading the caller: one
+    PauseCaller for both, and one ResumeCaller, once neither holds."""
+    from bridge.call import PauseCaller, ResumeCaller
+    from bridge.call.inbound import InboundAudio
+
+    inbound = InboundAudio(160, max_held_bytes=320)
+    assert not inbound.audio(bytes(160), 0.0)
+    assert of(inbound.audio(bytes(160), 0.0), PauseCaller) == [PauseCaller()]  # the held audio is at its cap
+    assert inbound.agent_backlog(True) == []  # already paused: no second pause
+    assert not of(inbound.forward(1.0), ResumeCaller), "the agent socket is still backed up"
+    assert inbound.reading_paused
+    assert inbound.agent_backlog(False) == [ResumeCaller()]
+    assert not inbound.reading_paused and inbound.agent_backlog(False) == []

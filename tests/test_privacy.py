@@ -186,6 +186,11 @@ def test_old_variable_names_still_work_with_one_warning_each(tmp_path: Path) -> 
     for old, new in (("INBOUND_BUFFER_BYTES", "INBOUND_CHUNK_BYTES"), ("DRAIN_SECONDS", "DRAIN_TIMEOUT_SECONDS")):
         assert log.count(f"{old} is now called {new}") == 1, log
     assert log.count("IDLE_REPROMPT_MESSAGE is deprecated") == 1
+    # And the old variable still does what it did: the default agent says it.
+    from bridge.settings import load_settings
+
+    old = load_settings({"DEEPGRAM_API_KEY": "k", "IDLE_REPROMPT_MESSAGE": "Still there?", "INBOUND_BUFFER_BYTES": "800"})
+    assert old.caller_lines.idle_reprompt == "Still there?" and old.inbound_chunk_bytes == 800
 
 
 def test_allowing_unbound_call_control_is_said_at_startup(tmp_path: Path) -> None:
