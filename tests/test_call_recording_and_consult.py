@@ -164,6 +164,15 @@ def ask_for_the_pharmacist(h: Harness) -> list[Any]:
     return h.agent(request(("t1", "transfer_call", {"reason": "refill", "summary": "Ann Lee, asking about order 12"})))
 
 
+def accepted_warm() -> Harness:
+    """A warm transfer whose pharmacist has just pressed 1."""
+    h = warm()
+    ask_for_the_pharmacist(h)
+    h.take(h.call.consult_dialled(PHARMACIST, None, h.now))
+    h.take(h.call.consult_answered("accepted", h.now))
+    return h
+
+
 def test_a_warm_transfer_keeps_the_caller_with_the_agent_while_the_pharmacist_is_dialled() -> None:
     h = warm()
     out = ask_for_the_pharmacist(h)
@@ -249,10 +258,7 @@ def test_the_caller_hanging_up_while_the_pharmacist_is_dialled_ends_the_pharmaci
 
 
 def test_a_move_twilio_refuses_after_acceptance_ends_the_waiting_pharmacists_leg() -> None:
-    h = warm()
-    ask_for_the_pharmacist(h)
-    h.take(h.call.consult_dialled(PHARMACIST, None, h.now))
-    h.take(h.call.consult_answered("accepted", h.now))
+    h = accepted_warm()
     h.echo(h.turn(800))
     out = h.take(h.call.transfer_finished("Twilio said 400", h.now))
     assert of(out, EndCallLeg) == [EndCallLeg(PHARMACIST)] and injected(out) == [CallerLines().transfer_failed]
@@ -284,10 +290,7 @@ def test_the_consult_waits_transfer_timeout_seconds_and_the_record_says_when_it_
 
 def test_the_caller_is_moved_only_once_the_connecting_line_has_played_however_long_it_is() -> None:
     """Accepted: the move waits for the mark after the agent's line, not for a fixed grace."""
-    h = warm()
-    ask_for_the_pharmacist(h)
-    h.take(h.call.consult_dialled(PHARMACIST, None, h.now))
-    h.take(h.call.consult_answered("accepted", h.now))
+    h = accepted_warm()
     h.advance(2.0)  # the agent's voice takes a moment to start saying the injected line
     assert not of(h.actions, TransferCall), "moved before the caller heard the line"
     mark = h.turn(8000 * 8)  # eight seconds of "The pharmacist can take your call now..."
@@ -298,10 +301,7 @@ def test_the_caller_is_moved_only_once_the_connecting_line_has_played_however_lo
 
 def test_a_stream_twilio_ends_before_the_move_answers_still_records_a_warm_transfer() -> None:
     """Twilio usually ends the stream as it moves the call, before the REST answer: still mode warm."""
-    h = warm()
-    ask_for_the_pharmacist(h)
-    h.take(h.call.consult_dialled(PHARMACIST, None, h.now))
-    h.take(h.call.consult_answered("accepted", h.now))
+    h = accepted_warm()
     h.echo(h.turn(800))
     h.stop()
     out = h.take(h.call.transfer_finished(None, h.now))
