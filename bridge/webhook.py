@@ -221,7 +221,8 @@ def recording_completed_payload(
 
 
 class WebhookSender:
-    """Delivers webhook events (call summaries, finished recordings) to one URL from a bounded queue, one at a time; see the module docstring."""
+    """Delivers webhook events (call summaries, finished recordings) to one URL from a bounded queue,
+    one at a time; see the module docstring."""
 
     def __init__(
         self,

@@ -155,15 +155,17 @@ class Consult:
         ]
 
     def dialled(self, pharmacist_sid: str | None, caller_call_sid: str) -> list[Action]:
-        """The pharmacist's call exists (its SID); watch for their answer, or end it if the caller has left."""
-        if self.stage is ConsultStage.ABANDONED:
-            self._reset()
-            return [EndCallLeg(pharmacist_sid)] if pharmacist_sid is not None else []
+        """The pharmacist's call exists (its SID); watch for their answer."""
         if self.stage is not ConsultStage.DIALLING or pharmacist_sid is None:
             return []
         self.stage = ConsultStage.RINGING
         self.pharmacist_sid = pharmacist_sid
         return [WatchForNote(caller_call_sid, self.attempts)]
+
+    def placed_after_the_caller_left(self, pharmacist_sid: str | None) -> list[Action]:
+        """The create of an abandoned consult answered: the call, if it was made, is ended."""
+        self._reset()
+        return [EndCallLeg(pharmacist_sid)] if pharmacist_sid is not None else []
 
     def accepted(self) -> list[Action]:
         """The pharmacist pressed 1: the caller is to be moved (departure.py)."""

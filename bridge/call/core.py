@@ -811,7 +811,7 @@ class Call:
     def consult_dialled(self, pharmacist_sid: str | None, error: str | None, now: float) -> Sequence[Action]:
         """The REST create of the pharmacist's call answered: its SID, or why it failed."""
         if self.consult.stage is ConsultStage.ABANDONED:
-            return self.consult.dialled(pharmacist_sid, "")  # the caller left meanwhile: that call is ended
+            return self.consult.placed_after_the_caller_left(pharmacist_sid)
         if self.consult.stage is not ConsultStage.DIALLING or self._phase.ended:
             return NO_ACTIONS
         if error is not None or pharmacist_sid is None:
