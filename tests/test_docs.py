@@ -889,3 +889,13 @@ def test_the_phase_table_in_architecture_md_is_the_machines_table() -> None:
         moves = TRANSITIONS[names[phase]]
         assert len(targets) == len(moves), f"{phase}: the docs give {len(targets)} moves, the table {len(moves)}"
         assert {names[target] for target in targets} == set(moves.values()), phase
+
+
+@pytest.mark.parametrize("path", DOC_FILES, ids=lambda path: str(path.relative_to(ROOT)))
+def test_every_repository_path_in_the_docs_prose_and_code_blocks_exists(path: Path) -> None:
+    """Not only inline code: a path under one of our folders written in prose or in a code block
+    (``python bench/runner.py``, "see tests/fakes.py") sends the reader to it as well."""
+    text = path.read_text(encoding="utf-8")
+    cited = re.findall(r"(?<![\w/.:-])((?:bridge|tests|bench|docs|deploy)/[\w./-]*[\w/])", text)
+    missing = sorted({name for name in cited if "*" not in name and not (ROOT / name).exists()})
+    assert missing == [], f"{path.relative_to(ROOT)} names files the repository does not have"
