@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from bridge.call import (
     DialPharmacist,
     EndCallLeg,
@@ -320,3 +322,18 @@ def test_an_agent_file_that_transfers_warm_does_so_on_a_cold_bridge() -> None:
     h.open()
     out = ask_for_the_pharmacist(h)
     assert of(out, DialPharmacist) and not of(out, TransferCall)
+
+
+@pytest.mark.parametrize("stage", ["dialling", "ringing"])
+@pytest.mark.parametrize("ending", ["shutdown", "agent gone"])
+def test_a_call_that_ends_any_other_way_during_the_consult_ends_the_pharmacists_call_too(stage: str, ending: str) -> None:
+    """Not only the caller's hang-up: a shutdown, or an agent that can't go on, leaves nobody to put through."""
+    h = warm()
+    ask_for_the_pharmacist(h)
+    if stage == "ringing":
+        h.take(h.call.consult_dialled(PHARMACIST, None, h.now))
+    out = h.shutdown() if ending == "shutdown" else h.agent_closed(1000)
+    assert of(out, HangUp) and of(out, NoteCallerLeft) == [NoteCallerLeft(CALL_SID)]
+    if stage == "dialling":
+        out = h.take(h.call.consult_dialled(PHARMACIST, None, h.now))
+    assert of(out, EndCallLeg) == [EndCallLeg(PHARMACIST)]

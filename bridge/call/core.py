@@ -830,8 +830,8 @@ class Call:
         if not answer.accepted:
             return self._settle(self._consult_declined(answer.reason or "declined", None), now)
         assert self.stream is not None
-        dialled_at = self.consult.dialled_at
-        waited = now - dialled_at if dialled_at is not None else 0.0
+        assert self.consult.dialled_at is not None  # set by the dial this answer is for
+        waited = now - self.consult.dialled_at
         actions: list[Action] = [
             *self.consult.accepted(),
             Log(logging.INFO, "the pharmacist accepted after %.1f s; the caller is moved once the agent's line is heard", (waited,)),
@@ -1122,6 +1122,10 @@ class Call:
                 redirect = self._fallback_redirect(self.stream.call_sid)
             else:
                 actions += self.control.refused("sending the caller to the fallback line")
+        if self.stream is not None and self.consult.stage in (ConsultStage.DIALLING, ConsultStage.RINGING):
+            # Ended with a pharmacist being dialled or briefed (a shutdown, the agent gone): nobody
+            # will be put through, so their call ends too, as when the caller hangs up.
+            actions += self.consult.caller_left(self.stream.call_sid)
         actions.append(HangUp(self._end, redirect))
         return actions
 
