@@ -119,9 +119,12 @@ async def test_a_pass_runs_every_interval_and_says_nothing_when_nothing_was_dele
         await eventually(lambda: retention_lines(info_logs, logging.INFO), what="the startup pass")
         # Turns older than a day 0.3 s from now: the passes until then (about six) delete nothing.
         ageing = record_file(calls, "CAageing", 1 - 0.3 / DAY)
-        await eventually(lambda: not ageing.exists(), what="a later pass to delete the record that aged")
+        # On the pass's line, not the file's absence: a pass deletes, then says so.
+        await eventually(lambda: len(retention_lines(info_logs, logging.INFO)) >= 2, what="a later pass to delete the record that aged")
+        assert not ageing.exists()
         later = record_file(calls, "CAlater", 3)  # appears while serving
-        await eventually(lambda: not later.exists(), what="the next pass to delete it")
+        await eventually(lambda: len(retention_lines(info_logs, logging.INFO)) >= 3, what="the next pass to delete it")
+        assert not later.exists()
     assert kept.exists()
     # Three passes deleted one record each; those in between deleted nothing and said nothing.
     assert retention_lines(info_logs, logging.INFO) == ["deleted 1 call record older than 1 day"] * 3
