@@ -184,7 +184,7 @@ class Consult:
         return actions
 
     def caller_left(self, caller_call_sid: str) -> list[Action]:
-        """The caller hung up while the pharmacist was dialled or briefed (or moved)."""
+        """The call ended (the caller hung up, or not) while the pharmacist was dialled or briefed (or moved)."""
         if self.stage in (ConsultStage.IDLE, ConsultStage.ABANDONED):
             return []
         if self.stage is ConsultStage.DIALLING:

@@ -356,8 +356,6 @@ class Call:
             end = CallEnd(EndReason.TRANSFERRED)
         self._caller_left = end
         actions = list(self.inbound.caller_left(now))
-        if self.stream is not None:
-            actions += self.consult.caller_left(self.stream.call_sid)
         if self._phase.phase is Phase.OPENING_AGENT:
             # The agent may still take what the caller said: wait a moment for it.
             actions.append(ArmTimer(Timer.TAIL_FLUSH, now + TAIL_FLUSH_SECONDS))
@@ -1122,9 +1120,9 @@ class Call:
                 redirect = self._fallback_redirect(self.stream.call_sid)
             else:
                 actions += self.control.refused("sending the caller to the fallback line")
-        if self.stream is not None and self.consult.stage in (ConsultStage.DIALLING, ConsultStage.RINGING):
-            # Ended with a pharmacist being dialled or briefed (a shutdown, the agent gone): nobody
-            # will be put through, so their call ends too, as when the caller hangs up.
+        if self.stream is not None:
+            # However the call ended (the caller hung up, a shutdown, the agent gone), nobody will
+            # be put through to a pharmacist being dialled or briefed: their call ends too.
             actions += self.consult.caller_left(self.stream.call_sid)
         actions.append(HangUp(self._end, redirect))
         return actions
