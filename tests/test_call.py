@@ -371,10 +371,10 @@ class Harness:
         return self.take(self.call.failed(self.now))
 
     # -- common stretches
-    def open(self, params: dict[str, str] | None = None) -> list[Any]:
+    def open(self, params: dict[str, str] | None = None, *, bound: bool = True) -> list[Any]:
         """Connected, started (with ``params``), agent session ready; the actions of the step that made it ready."""
         self.connected()
-        self.start(params)
+        self.start(params, bound=bound)
         self.agent_connected()
         self.agent(WELCOME)
         return self.agent(APPLIED)
@@ -1891,11 +1891,7 @@ def test_allow_unbound_call_control_lets_an_unbound_stream_be_transferred() -> N
     from bridge.call import TransferCall
 
     h = Harness(**REST, allow_unbound_call_control=True)
-    h.connected()
-    h.start(bound=False)
-    h.agent_connected()
-    h.agent(WELCOME)
-    h.agent(APPLIED)
+    h.open(bound=False)
     h.agent(request(("t1", "transfer_call", {"reason": "pharmacist"})))
     h.advance_to(h.now + 2.0)
     assert [transfer.redirect.call_sid for transfer in of(h.actions, TransferCall)] == [CALL_SID]
@@ -1906,11 +1902,7 @@ def test_an_unbound_stream_gets_no_warm_transfer_either() -> None:
     from bridge.call import DialPharmacist, TransferCall
 
     h = Harness(**REST, transfer_mode="warm", twilio_phone_number="+15550002222", public_url="https://bridge.example")
-    h.connected()
-    h.start(bound=False)
-    h.agent_connected()
-    h.agent(WELCOME)
-    h.agent(APPLIED)
+    h.open(bound=False)
     out = h.agent(request(("t1", "transfer_call", {"reason": "pharmacist", "summary": "Ann, order 12"})))
     h.advance_to(h.now + 40.0)
     assert not of(h.actions, DialPharmacist) and not of(h.actions, TransferCall)
@@ -1927,17 +1919,23 @@ OWN_LINES = {
 }
 
 
-def with_own_lines(**overrides: Any) -> Harness:
-    """A call whose agent's file sets every line the caller can hear (docs/agents.md)."""
+def with_agent(file: dict[str, Any], **overrides: Any) -> Harness:
+    """A call whose one agent's file sets what ``file`` gives (its "bridge" section's parts)."""
     from bridge.agents import AgentCatalog
     from bridge.config import AgentConfig
 
     h = Harness(**overrides)
-    h.call = Call(h.settings, AgentCatalog.single(AgentConfig(settings=AGENT_SETTINGS, client_functions={}, lines=OWN_LINES)))
+    h.call = Call(h.settings, AgentCatalog.single(AgentConfig(settings=AGENT_SETTINGS, client_functions={}, **file)))
     return h
 
 
+def with_own_lines(**overrides: Any) -> Harness:
+    """A call whose agent's file sets every line the caller can hear (docs/agents.md)."""
+    return with_agent({"lines": OWN_LINES}, **overrides)
+
+
 def injected_texts(actions: Iterable[Any]) -> list[str]:
+    """What the bridge told the agent to say (InjectAgentMessage), in order."""
     return [m["message"] for m in json_sent(actions) if m.get("type") == "InjectAgentMessage"]
 
 

@@ -38,10 +38,12 @@ from test_call import (
     STARTED,
     Harness,
     dtmf_frame,
+    injected_texts,
     json_sent,
     of,
     records,
     request,
+    with_agent,
 )
 
 ACCOUNT = "AC" + "a" * 32
@@ -55,10 +57,6 @@ def recorded(**overrides: Any) -> Harness:
     h = Harness(**REST, call_recording="dual", **overrides)
     h.open()
     return h
-
-
-def injected(actions: list[Any]) -> list[str]:
-    return [m["message"] for m in json_sent(actions) if m.get("type") == "InjectAgentMessage"]
 
 
 # ----------------------------------------------------------------------------- recording
@@ -97,7 +95,7 @@ def test_a_notice_cut_by_a_barge_in_is_said_again_and_only_then_recording_starts
     h.agent(STARTED)
     h.speak(b"\x01" * 800)
     out = h.agent(DONE)  # the agent's answer to the caller: then the notice again
-    assert injected(out) == [NOTICE]
+    assert injected_texts(out) == [NOTICE]
     [answer_mark] = [mark.name for mark in of(out, MarkCaller)]
     second = h.turn(800)  # the notice, said
     # Twilio plays the answer before the notice: its mark is no proof the notice was heard.
@@ -113,7 +111,7 @@ def test_a_caller_who_talks_over_the_notice_every_time_is_not_recorded() -> None
         out = h.echo(mark)
         if attempt < 2:
             h.agent(STARTED)
-            assert injected(h.agent(DONE)) == [NOTICE]
+            assert injected_texts(h.agent(DONE)) == [NOTICE]
     assert records(out, "recording_skipped")
     h.turn(800)
     assert not of(h.actions, StartRecording)
@@ -126,7 +124,7 @@ def test_an_agent_without_a_greeting_is_given_the_notice_to_say_once_ready() -> 
     settings = {**AGENT_SETTINGS, "agent": {k: v for k, v in AGENT_SETTINGS["agent"].items() if k != "greeting"}}
     h = Harness(**REST, call_recording="dual")
     h.call = Call(h.settings, catalog_of(settings))
-    assert injected(h.open()) == [NOTICE]
+    assert injected_texts(h.open()) == [NOTICE]
     assert of(h.echo(h.turn(800)), StartRecording)
 
 
@@ -219,7 +217,7 @@ def test_accepted_the_caller_is_moved_into_the_conference_once_the_agents_line_i
     ask_for_the_pharmacist(h)
     h.take(h.call.consult_dialled(PHARMACIST, None, h.now))
     out = h.take(h.call.consult_answered("accepted", h.now))
-    assert injected(out) == [CallerLines().transfer_connecting]
+    assert injected_texts(out) == [CallerLines().transfer_connecting]
     assert not of(out, TransferCall), "not before the agent's line"
     mark = h.turn(800)  # "The pharmacist can take your call now..."
     [transfer] = of(h.echo(mark), TransferCall)
@@ -235,7 +233,7 @@ def test_declined_the_leg_ends_and_the_agent_tells_the_caller() -> None:
     h.take(h.call.consult_dialled(PHARMACIST, None, h.now))
     out = h.take(h.call.consult_answered("declined:busy", h.now))
     assert of(out, EndCallLeg) == [EndCallLeg(PHARMACIST)]
-    assert injected(out) == [CallerLines().transfer_declined]
+    assert injected_texts(out) == [CallerLines().transfer_declined]
     assert records(out, "transfer_declined") == [Record("transfer_declined", {"mode": "warm", "reason": "busy"})]
     assert not of(h.actions, HangUp) and not of(h.actions, TransferCall)
     assert of(ask_for_the_pharmacist(h), DialPharmacist), "the agent may try again"
@@ -263,7 +261,7 @@ def test_a_move_twilio_refuses_after_acceptance_ends_the_waiting_pharmacists_leg
     h = accepted_warm()
     h.echo(h.turn(800))
     out = h.take(h.call.transfer_finished("Twilio said 400", h.now))
-    assert of(out, EndCallLeg) == [EndCallLeg(PHARMACIST)] and injected(out) == [CallerLines().transfer_failed]
+    assert of(out, EndCallLeg) == [EndCallLeg(PHARMACIST)] and injected_texts(out) == [CallerLines().transfer_failed]
     assert not h.hangups
 
 
@@ -312,13 +310,7 @@ def test_a_stream_twilio_ends_before_the_move_answers_still_records_a_warm_trans
 
 def test_an_agent_file_that_transfers_warm_does_so_on_a_cold_bridge() -> None:
     """``bridge.transfer_mode`` in an agent's file beats the process's TRANSFER_MODE for its calls."""
-    from bridge.agents import AgentCatalog
-    from bridge.call import Call
-    from bridge.config import AgentConfig
-    from test_call import AGENT_SETTINGS
-
-    h = Harness(**REST, transfer_mode="cold")
-    h.call = Call(h.settings, AgentCatalog.single(AgentConfig(settings=AGENT_SETTINGS, client_functions={}, transfer_mode="warm")))
+    h = with_agent({"transfer_mode": "warm"}, **REST, transfer_mode="cold")
     h.open()
     out = ask_for_the_pharmacist(h)
     assert of(out, DialPharmacist) and not of(out, TransferCall)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from bridge.config import parse_agent_config
-from bridge.settings import ConfigError
+from bridge.settings import ConfigError, load_settings
 from conftest import ROOT
 from fakes import FakeAgent, FakeTwilioCaller, eventually
 from test_agents import MainProcess, bridge, two_agents, write
@@ -188,8 +188,6 @@ def test_old_variable_names_still_work_with_one_warning_each(tmp_path: Path) -> 
         assert log.count(f"{old} is now called {new}") == 1, log
     assert log.count("IDLE_REPROMPT_MESSAGE is deprecated") == 1
     # And the old variable still does what it did: the default agent says it.
-    from bridge.settings import load_settings
-
     old = load_settings({"DEEPGRAM_API_KEY": "k", "IDLE_REPROMPT_MESSAGE": "Still there?", "INBOUND_BUFFER_BYTES": "800"})
     assert old.caller_lines.idle_reprompt == "Still there?" and old.inbound_chunk_bytes == 800
 
