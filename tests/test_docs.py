@@ -899,3 +899,11 @@ def test_every_repository_path_in_the_docs_prose_and_code_blocks_exists(path: Pa
     cited = re.findall(r"(?<![\w/.:-])((?:bridge|tests|bench|docs|deploy)/[\w./-]*[\w/])", text)
     missing = sorted({name for name in cited if "*" not in name and not (ROOT / name).exists()})
     assert missing == [], f"{path.relative_to(ROOT)} names files the repository does not have"
+
+
+def test_the_wait_for_rest_requests_call_control_md_states_is_the_sessions() -> None:
+    """An ending call waits this long for its REST requests (a pharmacist's call still being created)."""
+    from bridge.call_requests import REST_SECONDS
+
+    page = " ".join((ROOT / "docs" / "call-control.md").read_text(encoding="utf-8").split())
+    assert f"within the {REST_SECONDS:g} seconds an ending call waits for its REST requests" in page
